@@ -1,0 +1,31 @@
+"""User-facing errors: one line each, printed by the CLI without a traceback."""
+
+from __future__ import annotations
+
+
+class VaeDistError(Exception):
+    """A problem with the user's input or environment that the user can fix.
+
+    The CLI prints ``error: <message>`` and exits with status 2; anything else is a bug
+    and keeps its traceback.
+    """
+
+
+class ConfigError(VaeDistError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+class DataError(VaeDistError):
+    """The MNIST files are missing, truncated or not MNIST."""
+
+
+class ArtifactError(VaeDistError):
+    """The artifact directory cannot be used as asked."""
+
+
+class CheckpointError(VaeDistError):
+    """No usable checkpoint, or one that does not match the run."""
+
+
+class TrainingError(VaeDistError):
+    """Training cannot go on (for example a non-finite loss)."""

@@ -1,0 +1,357 @@
+"""The Learner: ``fit`` orders epochs, train steps, validation, logging and checkpoints.
+
+``train_step`` owns one optimizer step; ``fit`` only orders step -> log -> validate ->
+checkpoint. Metrics are accumulated on the device as sums and reduced across ranks only
+when they are reported, so a step never waits for the host (no ``.item()`` per step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vae_dist import artifacts, images
+from vae_dist.checkpoint import Checkpointer
+from vae_dist.config import TrainingConfig
+from vae_dist.distributed import any_rank
+from vae_dist.errors import TrainingError
+from vae_dist.loss import negative_elbo
+from vae_dist.model import VAE
+from vae_dist.noise import eval_noise, train_noise
+from vae_dist.signals import Preempted, StopRequest
+from vae_dist.tracking import Tracker
+
+# How often ranks agree on a stop request when there are several: each agreement is an
+# all-reduce and a host sync, so it is not done every step.
+STOP_SYNC_EVERY = 10
+# A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
+ACTIVE_UNIT_THRESHOLD = 0.01
+NUM_PREVIEW = 32
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    images_batch: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    recon_loss: str,
+    kl_weight: float,
+    max_grad_norm: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, clip, Adam step. Returns (sums, loss) still on the device:
+    sums = [sum of per-image objective, sum of recon, sum of kl] over this rank's batch."""
+    out = model(images_batch, eps)
+    parts = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=recon_loss, kl_weight=kl_weight)
+    accelerator.backward(parts.loss)
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.stack([parts.total.sum(), parts.recon.sum(), parts.kl.sum()]).detach()
+    return sums, parts.loss.detach()
+
+
+@dataclass
+class Position:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    batches_done: int = 0  # optimizer steps already taken in that epoch
+    global_step: int = 0
+    train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # partial epoch, all ranks
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wandb_run_id: Optional[str] = None
+
+
+class Learner:
+    """Trains a VAE with Accelerate: prepare, fit, validate, checkpoint, summarise."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: VAE,
+        optimizer: torch.optim.Optimizer,
+        config: TrainingConfig,
+        *,
+        artifact_dir: Path,
+        tracker: Tracker,
+        checkpointer: Checkpointer,
+        resume: bool = False,
+        run_id: str = "",
+        preview_images: Optional[torch.Tensor] = None,
+    ):
+        self.acc = accelerator
+        self.model: nn.Module = model
+        self.optimizer = optimizer
+        self.config = config
+        self.artifact_dir = artifact_dir
+        self.tracker = tracker
+        self.checkpointer = checkpointer
+        self.resume = resume
+        self.run_id = run_id
+        self.preview_images = preview_images
+        self.say: Callable[[str], None] = accelerator.print
+        self.position = Position(wandb_run_id=run_id)
+        self.latent = model.latent_size
+
+    # ----------------------------------------------------------------- fit
+
+    def fit(self, train_loader: DataLoader, valid_loader: DataLoader) -> nn.Module:
+        """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model."""
+        cfg, acc = self.config, self.acc
+        sampler = train_loader.sampler  # EpochShuffleSampler: the order is a function of (seed, epoch)
+        num_train = len(train_loader.dataset)  # type: ignore[arg-type]
+        self.model, self.optimizer, train_loader, valid_loader = acc.prepare(
+            self.model, self.optimizer, train_loader, valid_loader
+        )
+        self.valid_noise = eval_noise(cfg.seed, len(valid_loader.dataset), self.latent).to(acc.device)  # type: ignore[arg-type]
+        steps_per_epoch = self.steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise TrainingError(
+                f"the training set is smaller than one global batch ({cfg.data.batch_size} x {acc.num_processes}"
+                " processes); lower --batch-size or raise --limit-train-samples"
+            )
+        if self.resume:
+            found = self.checkpointer.load_latest()
+            if found is not None:
+                self.position = Position(**found.state)
+                self.say(
+                    f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
+                    f"batch {self.position.batches_done}/{steps_per_epoch}, step {self.position.global_step}"
+                )
+        pos = self.position
+        self.tracker.start(cfg, pos.wandb_run_id or self.run_id, self.artifact_dir)
+
+        with StopRequest() as stop:
+            while pos.epoch < cfg.epochs and not self._max_steps_reached():
+                epoch = pos.epoch
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                train_loader.set_epoch(epoch)  # type: ignore[attr-defined]
+                noise = train_noise(cfg.seed, epoch, num_train, self.latent).to(acc.device)
+                # Resuming mid-epoch: the same permutation, minus the batches already done.
+                loader = acc.skip_first_batches(train_loader, pos.batches_done) if pos.batches_done else train_loader
+                # Sums of this rank's samples; a resumed partial epoch's totals sit on rank 0.
+                sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
+                if acc.is_main_process:
+                    sums += torch.tensor(pos.train_sums, dtype=torch.float64, device=acc.device)
+                self.bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
+                interval = torch.zeros(2, dtype=torch.float64, device=acc.device)
+                bar = tqdm(
+                    total=steps_per_epoch,
+                    initial=pos.batches_done,
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    disable=not acc.is_local_main_process,
+                    dynamic_ncols=True,
+                    leave=False,
+                )
+                t0 = time.perf_counter()
+                samples_this_run = 0
+                stopped_by: Optional[int] = None
+                for images_batch, index in loader:
+                    eps = noise[index]  # each sample's own noise, wherever it landed
+                    step_sums, loss = train_step(
+                        self.model,
+                        self.optimizer,
+                        acc,
+                        images_batch,
+                        eps,
+                        recon_loss=cfg.loss.recon_loss,
+                        kl_weight=self._kl_weight(pos.global_step, steps_per_epoch),
+                        max_grad_norm=cfg.optimizer.max_grad_norm,
+                    )
+                    n = images_batch.shape[0]
+                    sums[:3] += step_sums
+                    sums[3] += n
+                    interval[0] += step_sums[0]
+                    interval[1] += n
+                    # Remember the first step whose loss was not finite, without a host sync.
+                    self.bad_step = torch.where(
+                        (self.bad_step < 0) & ~torch.isfinite(loss), torch.full_like(self.bad_step, pos.global_step + 1), self.bad_step
+                    )
+                    pos.global_step += 1
+                    pos.batches_done += 1
+                    samples_this_run += n * acc.num_processes
+                    bar.update(1)
+                    if pos.global_step % cfg.log_every_steps == 0:
+                        self._log_interval(interval, bar, samples_this_run / (time.perf_counter() - t0))
+                    if self._stop_agreed(stop, pos.global_step):
+                        stopped_by = stop.signum
+                        break
+                    if cfg.checkpoint_every_steps and pos.global_step % cfg.checkpoint_every_steps == 0:
+                        self._checkpoint(sums)
+                    if self._max_steps_reached():
+                        break
+                bar.close()
+                train_seconds = time.perf_counter() - t0
+                if stopped_by is not None:
+                    self._check_finite()
+                    path = self._checkpoint(sums)
+                    self.tracker.finish()
+                    raise Preempted(stopped_by, str(path))
+                epoch_done = pos.batches_done >= steps_per_epoch
+                self._end_epoch(sums, valid_loader, train_seconds, samples_this_run, epoch_done)
+
+        self.tracker.finish()
+        return acc.unwrap_model(self.model)
+
+    # ------------------------------------------------------------ pieces
+
+    def _kl_weight(self, step: int, steps_per_epoch: int) -> float:
+        """Linear KL warm-up from 0 to kl_weight over kl_warmup_epochs; a function of the
+        step alone, so a resumed run gets the same weights."""
+        w, warm = self.config.loss.kl_weight, self.config.loss.kl_warmup_epochs
+        if warm <= 0:
+            return w
+        return w * min(1.0, step / (warm * steps_per_epoch))
+
+    def _max_steps_reached(self) -> bool:
+        m = self.config.max_steps
+        return m is not None and self.position.global_step >= m
+
+    def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
+        if self.acc.num_processes == 1:
+            return stop.requested
+        if step % STOP_SYNC_EVERY:
+            return False
+        return any_rank(self.acc, stop.requested)
+
+    def _check_finite(self) -> None:
+        """Raise on every rank if any rank saw a non-finite loss; names the first such step."""
+        bad = self.acc.gather(self.bad_step.reshape(1))
+        bad = bad[bad >= 0]
+        if bad.numel():
+            last = self.checkpointer.complete()
+            kept = f"; the last good checkpoint {last[0].path} is kept" if last else ""
+            raise TrainingError(f"loss became non-finite at step {int(bad.min())}{kept}")
+
+    def _log_interval(self, interval: torch.Tensor, bar: Any, samples_per_second: float) -> None:
+        self._check_finite()
+        total = self.acc.reduce(interval, reduction="sum") if self.acc.num_processes > 1 else interval
+        loss = (total[0] / total[1].clamp_min(1)).item()
+        interval.zero_()
+        bar.set_postfix(loss=f"{loss:.2f}", samples_s=f"{samples_per_second:,.0f}")
+        self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
+
+    def _reduced_train_sums(self, sums: torch.Tensor) -> list[float]:
+        total = self.acc.reduce(sums.clone(), reduction="sum") if self.acc.num_processes > 1 else sums
+        return [float(v) for v in total.tolist()]
+
+    def _checkpoint(self, sums: torch.Tensor) -> Path:
+        self._check_finite()
+        pos = self.position
+        pos.train_sums = self._reduced_train_sums(sums)
+        state = {
+            "epoch": pos.epoch,
+            "batches_done": pos.batches_done,
+            "global_step": pos.global_step,
+            "train_sums": pos.train_sums,
+            "history": pos.history,
+            "wandb_run_id": pos.wandb_run_id,
+        }
+        return self.checkpointer.save(pos.global_step, state)
+
+    def _end_epoch(
+        self, sums: torch.Tensor, valid_loader: DataLoader, train_seconds: float, samples: int, epoch_done: bool
+    ) -> None:
+        pos, acc = self.position, self.acc
+        self._check_finite()
+        total, recon, kl, count = self._reduced_train_sums(sums)
+        t0 = time.perf_counter()
+        valid = self.validate(valid_loader)
+        valid_seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": pos.epoch + 1,
+            "step": pos.global_step,
+            "complete_epoch": epoch_done,
+            "train/loss": total / max(count, 1),
+            "train/recon": recon / max(count, 1),
+            "train/kl": kl / max(count, 1),
+            "train/samples": int(count),
+            **valid,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/kl_weight": self._kl_weight(pos.global_step, self.steps_per_epoch),
+            "epoch_seconds": train_seconds + valid_seconds,
+            "valid_seconds": valid_seconds,
+            "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+        }
+        # A partial epoch's row (max_steps) is replaced when the epoch is finished later.
+        pos.history = [r for r in pos.history if r["epoch"] != row["epoch"]] + [row]
+        if acc.is_main_process:
+            artifacts.write_metrics(self.artifact_dir, pos.history)
+        self.tracker.log({k: v for k, v in row.items() if k not in ("epoch", "step", "complete_epoch")}, step=pos.global_step)
+        self._previews(pos.epoch + 1, pos.global_step)
+        self.say(
+            f"epoch {pos.epoch + 1}: train/loss {row['train/loss']:.3f}  valid/loss {row['valid/loss']:.3f} "
+            f"(recon {row['valid/recon']:.3f}, kl {row['valid/kl']:.3f})  {row['epoch_seconds']:.1f} s, "
+            f"{row['samples_per_second']:,.0f} samples/s"
+        )
+        if epoch_done:
+            pos.epoch += 1
+            pos.batches_done = 0
+            sums.zero_()
+        self._checkpoint(sums)
+
+    @torch.no_grad()
+    def validate(self, valid_loader: DataLoader) -> dict[str, float]:
+        """Exact sample-weighted means over the whole test split, at any process count.
+
+        ``gather_for_metrics`` per batch drops the samples Accelerate repeats to even out
+        the last round, so every test sample is counted exactly once.
+        """
+        cfg = self.config
+        self.model.eval()
+        parts_all: list[torch.Tensor] = []
+        mus: list[torch.Tensor] = []
+        for images_batch, index in valid_loader:
+            out = self.model(images_batch, self.valid_noise[index])
+            p = negative_elbo(
+                out.logits, out.mu, out.logvar, images_batch, kind=cfg.loss.recon_loss, kl_weight=cfg.loss.kl_weight
+            )
+            per_sample, mu = self.acc.gather_for_metrics((torch.stack([p.total, p.recon, p.kl], dim=1), out.mu.float()))
+            parts_all.append(per_sample)
+            mus.append(mu)
+        self.model.train()
+        per_sample = torch.cat(parts_all).double()
+        mu = torch.cat(mus)
+        means = per_sample.mean(dim=0).tolist()
+        active = int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if mu.shape[0] > 1 else 0
+        return {
+            "valid/loss": means[0],
+            "valid/recon": means[1],
+            "valid/kl": means[2],
+            "valid/active_units": active,
+            "valid/samples": int(per_sample.shape[0]),
+        }
+
+    @torch.no_grad()
+    def _previews(self, epoch: int, step: int) -> None:
+        """Test images beside their reconstructions, and samples from the prior, as PNGs
+        under images/ and in W&B. Main process only, on the unwrapped model: no collective."""
+        if not self.acc.is_main_process or self.preview_images is None:
+            return
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
+        device = next(model.parameters()).device
+        x = self.preview_images.to(device)
+        recon = torch.sigmoid(model.decode(model.encode(x)[0]).float())  # decode the posterior mean
+        z = torch.randn(64, self.latent, generator=torch.Generator().manual_seed(self.config.seed)).to(device)
+        samples = torch.sigmoid(model.decode(z).float())
+        model.train()
+        pictures = {
+            "valid/reconstructions": images.side_by_side(x.cpu(), recon.cpu()),
+            "valid/samples": images.image_grid(samples.cpu(), nrow=8),
+        }
+        for key, picture in pictures.items():
+            images.save_png(picture, self.artifact_dir / artifacts.IMAGES / f"epoch-{epoch:03d}-{key.split('/')[1]}.png")
+        self.tracker.log_images(pictures, step=step)

@@ -1,0 +1,120 @@
+"""The VAE: an encoder to (mu, logvar), a decoder to pixel logits, built from ModelConfig.
+
+The model knows nothing of devices, ranks, logging or randomness: the reparameterisation
+noise is passed in by the caller, which owns the seeded generator.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from vae_dist.config import ModelConfig
+
+PIXELS = 28 * 28
+
+
+class VAEOutput(NamedTuple):
+    logits: torch.Tensor  # (B, 1, 28, 28) Bernoulli logits; sigmoid gives the mean image
+    mu: torch.Tensor  # (B, L) posterior mean
+    logvar: torch.Tensor  # (B, L) posterior log-variance
+
+
+class ConvEncoder(nn.Module):
+    """The original's encoder: two 3x3 stride-2 convolutions, 28 -> 14 -> 7, then two heads."""
+
+    def __init__(self, latent: int, channels: tuple[int, ...]):
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
+            nn.Flatten(),
+        )
+        self.mu = nn.Linear(c2 * 7 * 7, latent)
+        self.logvar = nn.Linear(c2 * 7 * 7, latent)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.mu(h), self.logvar(h)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of the encoder. output_padding=1 makes each transposed conv exactly double
+    the side (7 -> 14 -> 28); without it the sides come out 13 and 25, the original's bug."""
+
+    def __init__(self, latent: int, channels: tuple[int, ...]):
+        super().__init__()
+        c1, c2 = channels
+        self.c2 = c2
+        self.fc = nn.Linear(latent, c2 * 7 * 7)
+        self.deconv = nn.Sequential(
+            nn.ReLU(),
+            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 14, 14)
+            nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1),  # (B, 1, 28, 28)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.fc(z).view(-1, self.c2, 7, 7))
+
+
+class MlpEncoder(nn.Module):
+    """784-400-(mu, logvar), the canonical PyTorch VAE example's encoder."""
+
+    def __init__(self, latent: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, hidden), nn.ReLU())
+        self.mu = nn.Linear(hidden, latent)
+        self.logvar = nn.Linear(hidden, latent)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc(x)
+        return self.mu(h), self.logvar(h)
+
+
+class MlpDecoder(nn.Module):
+    def __init__(self, latent: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, PIXELS))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(-1, 1, 28, 28)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        latent = config.latent_size
+        assert latent is not None  # resolved by ModelConfig.validate
+        if config.kind == "conv":
+            self.encoder: nn.Module = ConvEncoder(latent, config.conv_channels)
+            self.decoder: nn.Module = ConvDecoder(latent, config.conv_channels)
+        else:
+            self.encoder = MlpEncoder(latent, config.hidden_size)
+            self.decoder = MlpDecoder(latent, config.hidden_size)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "VAE":
+        return cls(config)
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.config.latent_size)  # type: ignore[arg-type]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None) -> VAEOutput:
+        """x: (B, 1, 28, 28) in [0, 1]; eps: (B, L) standard normal noise, drawn by the caller
+        so that runs are reproducible (None draws from the global RNG, for ad-hoc use)."""
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
+        return VAEOutput(self.decode(z), mu, logvar)

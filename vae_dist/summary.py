@@ -1,0 +1,43 @@
+"""The end-of-run summary: every metric per epoch, best and worst marked (as burn-train's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (key, True when lower is better)
+SUMMARY_METRICS = (
+    ("train/loss", True),
+    ("train/recon", True),
+    ("train/kl", True),
+    ("valid/loss", True),
+    ("valid/recon", True),
+    ("valid/kl", True),
+)
+
+
+def format_summary(history: list[dict[str, Any]]) -> str:
+    """A plain-text table: one row per epoch, one column per metric; in each column the
+    best value is marked '*' and the worst '!' (lower loss is better)."""
+    if not history:
+        return "no epochs completed"
+    keys = [(k, low) for k, low in SUMMARY_METRICS if any(k in row for row in history)]
+    marks: dict[tuple[int, str], str] = {}
+    for key, lower_better in keys:
+        vals = [(row[key], i) for i, row in enumerate(history) if key in row]
+        if len(vals) > 1:
+            best = min(vals) if lower_better else max(vals)
+            worst = max(vals) if lower_better else min(vals)
+            marks[(best[1], key)] = "*"
+            marks[(worst[1], key)] = "!"
+    header = ["epoch", "step"] + [k for k, _ in keys]
+    rows = []
+    for i, row in enumerate(history):
+        cells = [str(row.get("epoch", i + 1)), str(row.get("step", ""))]
+        for key, _ in keys:
+            cells.append(f"{row[key]:.3f}{marks.get((i, key), ' ')}" if key in row else "-")
+        rows.append(cells)
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    out = ["Summary (nats per image; * best, ! worst)", line(header), sep] + [line(r) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,150 @@
+"""``train(config)``: the canonical Accelerate order, from a config to a saved model.
+
+Accelerator -> artifact directory -> config.json -> data -> seed -> model -> optimizer
+-> Learner.fit (which prepares) -> model.safetensors, loss curves and the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+
+from vae_dist import artifacts, data, images
+from vae_dist.checkpoint import Checkpointer
+from vae_dist.config import TrainingConfig, resume_mismatch
+from vae_dist.distributed import on_main_then_share
+from vae_dist.errors import ConfigError, VaeDistError
+from vae_dist.learner import NUM_PREVIEW, Learner
+from vae_dist.model import VAE
+from vae_dist.summary import format_summary
+from vae_dist.tracking import Tracker, new_run_id, resolve_mode, wandb_available
+
+# Collectives give up after this long, so a rank that died on another node cannot leave
+# the rest waiting for torch's default 30 minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = config.cpu
+    if not cpu and world > 1 and not torch.cuda.is_available():
+        # Without this, `accelerate launch --multi_gpu` on a machine with no GPU starts N
+        # independent single-process trainings that all believe they are the main one.
+        cpu = True
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)")
+    log_with = "wandb" if config.wandb_mode != "disabled" and wandb_available() else None
+    try:
+        return Accelerator(
+            cpu=cpu,
+            mixed_precision=config.mixed_precision,
+            log_with=log_with,
+            dataloader_config=DataLoaderConfiguration(even_batches=True),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+            dynamo_backend="inductor" if config.compile else None,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"cannot set up the accelerator: {str(e).splitlines()[0]}") from None
+
+
+def data_dir_for(accelerator: Accelerator, config: TrainingConfig) -> Path:
+    """The folder of IDX files: the given one, or a download made by the main process
+    while the others wait (torchvision writes straight to the final paths)."""
+    if config.data.data_dir:
+        return Path(config.data.data_dir).expanduser()
+    return on_main_then_share(accelerator, lambda: data.download(config.data.cache_dir))
+
+
+def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    folder = data_dir_for(accelerator, config)
+    train = data.load_split(folder, "train").images
+    test = data.load_split(folder, "test").images
+    if config.data.limit_train_samples:
+        train = train[: config.data.limit_train_samples]
+    if config.data.limit_eval_samples:
+        test = test[: config.data.limit_eval_samples]
+    return train, test
+
+
+def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train as configured; returns the path of the saved model.safetensors."""
+    acc = make_accelerator(config)
+    say = acc.print
+    root = on_main_then_share(
+        acc, lambda: artifacts.prepare_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
+    )
+    if resume:
+        saved = TrainingConfig.from_json_file(root / artifacts.CONFIG)
+        mismatch = resume_mismatch(saved, config)
+        if mismatch:
+            raise ConfigError(f"cannot resume: {mismatch}")
+    on_main_then_share(acc, lambda: artifacts.write_config(root, config))
+
+    train_images, test_images = load_images(acc, config)
+    workers = config.data.num_workers
+    if acc.device.type == "cuda":
+        # The dataset lives on the GPU and each batch is one index there: no host copies,
+        # and so no loader workers (they cannot share CUDA tensors).
+        train_images, test_images, workers = train_images.to(acc.device), test_images.to(acc.device), 0
+    set_seed(config.seed)  # the same initial weights on every rank
+    model = VAE.from_config(config.model)
+    opt_cfg = config.optimizer
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=opt_cfg.learning_rate, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,  # type: ignore[arg-type]
+        weight_decay=opt_cfg.weight_decay,
+    )
+    train_loader = data.make_loader(
+        data.MnistImages(train_images), config.data.batch_size, shuffle_seed=config.seed, drop_last=True,
+        num_workers=workers,
+    )
+    valid_loader = data.make_loader(
+        data.MnistImages(test_images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False,
+        num_workers=workers,
+    )
+    global_batch = config.data.batch_size * acc.num_processes
+    say(
+        f"training {config.model.kind} VAE (latent {config.model.latent_size}) on {len(train_images)} images, "
+        f"{acc.num_processes} process(es) on {acc.device.type}: global batch {global_batch} "
+        f"= {config.data.batch_size} per process x {acc.num_processes}, {len(train_images) // global_batch} steps per epoch"
+    )
+
+    tracker = Tracker(acc, resolve_mode(config.wandb_mode, say) if acc.is_main_process else "disabled", say)
+    learner = Learner(
+        acc,
+        model,
+        optimizer,
+        config,
+        artifact_dir=root,
+        tracker=tracker,
+        checkpointer=Checkpointer(acc, root / artifacts.CHECKPOINTS, config.keep_checkpoints, say),
+        resume=resume,
+        run_id=new_run_id(),
+        preview_images=test_images[:NUM_PREVIEW].float().div(255.0).cpu(),
+    )
+    t0 = time.perf_counter()
+    try:
+        trained = learner.fit(train_loader, valid_loader)
+    except VaeDistError:
+        tracker.finish()
+        raise
+    # Every rank takes part in gathering the weights (needed for sharded models); one writes.
+    state = acc.get_state_dict(learner.model)
+    path = root / artifacts.MODEL
+
+    def finish() -> None:
+        artifacts.save_model_file(path, state, config)
+        history = learner.position.history
+        images.save_png(images.loss_curves(history), root / artifacts.LOSS_CURVES)
+        say(format_summary(history))
+        say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
+
+    on_main_then_share(acc, finish)
+    acc.wait_for_everyone()
+    del trained
+    return path
