@@ -199,3 +199,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# Commands that use a trained model register themselves on `app`.
+from vae_dist import cli_visual  # noqa: E402,F401

@@ -230,8 +230,9 @@ class TrainingConfig(_Section):
     """Log the running train loss every N steps (each log is one host sync)."""
     cpu: bool = False
     """Train on the CPU even where a GPU exists."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision of the forward pass."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """Autocast precision; None follows the launcher (accelerate config), else no. The
+    precision actually used is what config.json records."""
     compile: bool = False
     """Run the model through torch.compile."""
     wandb_project: str = "vae-dist"

@@ -7,6 +7,7 @@ when they are reported, so a step never waits for the host (no ``.item()`` per s
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from vae_dist.tracking import Tracker
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
 STOP_SYNC_EVERY = 10
+# Test hook: raise on rank R at global step S ("R:S"), to prove one rank's failure ends the job.
+FAIL_HOOK_ENV = "VAE_DIST_TEST_FAIL_AT"
 # A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
 NUM_PREVIEW = 32
@@ -159,6 +162,7 @@ class Learner:
                 samples_this_run = 0
                 stopped_by: Optional[int] = None
                 for images_batch, index in loader:
+                    self._fault_hook(pos.global_step)
                     eps = noise[index]  # each sample's own noise, wherever it landed
                     step_sums, loss = train_step(
                         self.model,
@@ -206,6 +210,11 @@ class Learner:
         return acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------ pieces
+
+    def _fault_hook(self, step: int) -> None:
+        spec = os.environ.get(FAIL_HOOK_ENV)
+        if spec and spec == f"{self.acc.process_index}:{step}":
+            raise RuntimeError(f"test fault injected on rank {self.acc.process_index} at step {step}")
 
     def _kl_weight(self, step: int, steps_per_epoch: int) -> float:
         """Linear KL warm-up from 0 to kl_weight over kl_warmup_epochs; a function of the

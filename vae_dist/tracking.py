@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from accelerate import Accelerator
 
@@ -113,11 +113,12 @@ class Tracker:
         if not self.enabled:
             return
         try:
-            self.accelerator.end_training()
+            # Not accelerator.end_training(): that also destroys the process group, which
+            # the run still needs to save the model.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
         except Exception as e:
             self.say(f"W&B did not close cleanly ({type(e).__name__}: {e})")
         self.enabled = False
 
-
-def run_id_for(previous: Optional[str]) -> str:
-    return previous or new_run_id()

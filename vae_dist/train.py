@@ -6,6 +6,7 @@ Accelerator -> artifact directory -> config.json -> data -> seed -> model -> opt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from datetime import timedelta
@@ -19,7 +20,7 @@ from vae_dist import artifacts, data, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig, resume_mismatch
 from vae_dist.distributed import on_main_then_share
-from vae_dist.errors import ConfigError, VaeDistError
+from vae_dist.errors import ConfigError
 from vae_dist.learner import NUM_PREVIEW, Learner
 from vae_dist.model import VAE
 from vae_dist.summary import format_summary
@@ -75,6 +76,17 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as configured; returns the path of the saved model.safetensors."""
     acc = make_accelerator(config)
+    try:
+        return _train(acc, config, resume=resume, overwrite=overwrite)
+    finally:
+        # Closes W&B and destroys the process group: without it gloo ranks often abort
+        # at interpreter exit ("terminate called without an active exception").
+        acc.end_training()
+
+
+def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite: bool) -> Path:
+    # Record the precision actually in force (the launcher may have chosen it).
+    config = dataclasses.replace(config, mixed_precision=acc.mixed_precision)
     say = acc.print
     root = on_main_then_share(
         acc, lambda: artifacts.prepare_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
@@ -128,11 +140,7 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
         preview_images=test_images[:NUM_PREVIEW].float().div(255.0).cpu(),
     )
     t0 = time.perf_counter()
-    try:
-        trained = learner.fit(train_loader, valid_loader)
-    except VaeDistError:
-        tracker.finish()
-        raise
+    trained = learner.fit(train_loader, valid_loader)
     # Every rank takes part in gathering the weights (needed for sharded models); one writes.
     state = acc.get_state_dict(learner.model)
     path = root / artifacts.MODEL
