@@ -149,7 +149,10 @@ def evaluate(
     iw_samples: int = typer.Option(0, "--iw-samples", help="Also estimate the test NLL with K importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Test loss, reconstruction and KL of a trained model (nats per image)."""
+    """Test loss, reconstruction and KL of a trained model (nats per image).
+
+    Runs on the CPU; under `accelerate launch --multi_gpu -m vae_dist evaluate ...` the
+    test split is sharded across the processes (each sample counted once)."""
     from vae_dist.artifacts import load_model_file
     from vae_dist.evaluate import elbo_terms, iw_nll, test_images
 
@@ -160,9 +163,11 @@ def evaluate(
     model, cfg = load_model_file(artifact_dir)
     images = test_images(cfg, data_dir, limit_eval_samples)
     result: dict[str, Any] = elbo_terms(model, cfg, images)
-    if iw_samples:
+    if iw_samples and os.environ.get("RANK", "0") == "0":
         result["iw_nll"] = iw_nll(model, cfg, images, iw_samples)
         result["iw_samples"] = iw_samples
+    if os.environ.get("RANK", "0") != "0":
+        return  # under accelerate launch, one process reports
     if as_json:
         print(json.dumps(result))
     else:

@@ -15,7 +15,7 @@ import torch
 from vae_dist import data
 from vae_dist.artifacts import load_model_file
 from vae_dist.config import TrainingConfig
-from vae_dist.loss import gaussian_log_prob, negative_elbo, reconstruction
+from vae_dist.loss import gaussian_log_prob, reconstruction
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise
 
@@ -31,19 +31,37 @@ def test_images(config: TrainingConfig, data_dir: Optional[str], limit: Optional
     return images[:n] if n else images
 
 
-@torch.no_grad()
-def elbo_terms(model: VAE, config: TrainingConfig, images: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """The validation numbers of training: same noise per sample (keyed by its index),
-    same KL weight, sample-weighted means over every image."""
-    noise = eval_noise(config.seed, images.shape[0], model.latent_size)
-    sums = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].float().div(255.0)
-        out = model(x, noise[start : start + batch_size])
-        p = negative_elbo(out.logits, out.mu, out.logvar, x, kind=config.loss.recon_loss, kl_weight=config.loss.kl_weight)
-        sums += torch.stack([p.total.sum(), p.recon.sum(), p.kl.sum()]).double()
-    n = images.shape[0]
-    return {"loss": sums[0].item() / n, "recon": sums[1].item() / n, "kl": sums[2].item() / n, "samples": n}
+def elbo_terms(
+    model: VAE, config: TrainingConfig, images: torch.Tensor, *, cpu: bool = True
+) -> dict[str, float]:
+    """The validation numbers exactly as training computes them: the same function, the
+    same per-sample noise (keyed by index), the same KL weight. Under `accelerate launch`
+    the test split is sharded across the processes and gathered back, so the result is
+    the same at any process count."""
+    from accelerate import Accelerator
+
+    from vae_dist.data import MnistImages, make_loader
+    from vae_dist.learner import validate
+
+    acc = Accelerator(cpu=cpu)
+    try:
+        loader = make_loader(
+            MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0
+        )
+        loader = acc.prepare_data_loader(loader)
+        model = model.to(acc.device)  # no DDP wrapper: evaluation has no gradients to sync
+        noise = eval_noise(config.seed, images.shape[0], model.latent_size).to(acc.device)
+        v = validate(acc, model, loader, noise, config.loss)
+    finally:
+        acc.end_training()
+    return {
+        "loss": v["valid/loss"],
+        "recon": v["valid/recon"],
+        "kl": v["valid/kl"],
+        "samples": v["valid/samples"],
+        "active_units": v["valid/active_units"],
+        "processes": acc.num_processes,
+    }
 
 
 @torch.no_grad()

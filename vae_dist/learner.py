@@ -8,6 +8,7 @@ when they are reported, so a step never waits for the host (no ``.item()`` per s
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from vae_dist import artifacts, images
 from vae_dist.checkpoint import Checkpointer
-from vae_dist.config import TrainingConfig
+from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.distributed import any_rank
 from vae_dist.errors import TrainingError
 from vae_dist.loss import negative_elbo
@@ -33,7 +34,8 @@ from vae_dist.tracking import Tracker
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
 STOP_SYNC_EVERY = 10
-# Test hook: raise on rank R at global step S ("R:S"), to prove one rank's failure ends the job.
+# Test hook: "R:S" raises on rank R at global step S (one rank's failure must end the job);
+# "R:S:kill" SIGKILLs that rank there instead (a kill at a chosen moment, for resume tests).
 FAIL_HOOK_ENV = "VAE_DIST_TEST_FAIL_AT"
 # A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -62,6 +64,40 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     sums = torch.stack([parts.total.sum(), parts.recon.sum(), parts.kl.sum()]).detach()
     return sums, parts.loss.detach()
+
+
+@torch.no_grad()
+def validate(
+    accelerator: Accelerator, model: nn.Module, loader: DataLoader, noise: torch.Tensor, loss: LossConfig
+) -> dict[str, float]:
+    """Exact sample-weighted means over the whole test split, at any process count.
+
+    ``gather_for_metrics`` per batch drops the samples Accelerate repeats to even out
+    the last round, so every test sample is counted exactly once; each sample's noise is
+    ``noise[index]``, the same whichever rank holds it.
+    """
+    was_training = model.training
+    model.eval()
+    rows: list[torch.Tensor] = []
+    mus: list[torch.Tensor] = []
+    for images_batch, index in loader:
+        out = model(images_batch, noise[index])
+        p = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=loss.recon_loss, kl_weight=loss.kl_weight)
+        per_sample, mu = accelerator.gather_for_metrics((torch.stack([p.total, p.recon, p.kl], dim=1), out.mu.float()))
+        rows.append(per_sample)
+        mus.append(mu)
+    model.train(was_training)
+    per_sample = torch.cat(rows).double()  # (N, 3): summed in float64 so the order of ranks does not matter
+    mu = torch.cat(mus)
+    means = per_sample.mean(dim=0).tolist()
+    active = int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if mu.shape[0] > 1 else 0
+    return {
+        "valid/loss": means[0],
+        "valid/recon": means[1],
+        "valid/kl": means[2],
+        "valid/active_units": active,
+        "valid/samples": int(per_sample.shape[0]),
+    }
 
 
 @dataclass
@@ -213,8 +249,13 @@ class Learner:
 
     def _fault_hook(self, step: int) -> None:
         spec = os.environ.get(FAIL_HOOK_ENV)
-        if spec and spec == f"{self.acc.process_index}:{step}":
-            raise RuntimeError(f"test fault injected on rank {self.acc.process_index} at step {step}")
+        if not spec:
+            return
+        rank, at, *kind = spec.split(":")
+        if int(rank) == self.acc.process_index and int(at) == step:
+            if kind == ["kill"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
 
     def _kl_weight(self, step: int, steps_per_epoch: int) -> float:
         """Linear KL warm-up from 0 to kl_weight over kl_warmup_epochs; a function of the
@@ -311,37 +352,8 @@ class Learner:
             sums.zero_()
         self._checkpoint(sums)
 
-    @torch.no_grad()
     def validate(self, valid_loader: DataLoader) -> dict[str, float]:
-        """Exact sample-weighted means over the whole test split, at any process count.
-
-        ``gather_for_metrics`` per batch drops the samples Accelerate repeats to even out
-        the last round, so every test sample is counted exactly once.
-        """
-        cfg = self.config
-        self.model.eval()
-        parts_all: list[torch.Tensor] = []
-        mus: list[torch.Tensor] = []
-        for images_batch, index in valid_loader:
-            out = self.model(images_batch, self.valid_noise[index])
-            p = negative_elbo(
-                out.logits, out.mu, out.logvar, images_batch, kind=cfg.loss.recon_loss, kl_weight=cfg.loss.kl_weight
-            )
-            per_sample, mu = self.acc.gather_for_metrics((torch.stack([p.total, p.recon, p.kl], dim=1), out.mu.float()))
-            parts_all.append(per_sample)
-            mus.append(mu)
-        self.model.train()
-        per_sample = torch.cat(parts_all).double()
-        mu = torch.cat(mus)
-        means = per_sample.mean(dim=0).tolist()
-        active = int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if mu.shape[0] > 1 else 0
-        return {
-            "valid/loss": means[0],
-            "valid/recon": means[1],
-            "valid/kl": means[2],
-            "valid/active_units": active,
-            "valid/samples": int(per_sample.shape[0]),
-        }
+        return validate(self.acc, self.model, valid_loader, self.valid_noise, self.config.loss)
 
     @torch.no_grad()
     def _previews(self, epoch: int, step: int) -> None:
