@@ -190,7 +190,7 @@ class Learner:
                     total=steps_per_epoch,
                     initial=pos.batches_done,
                     desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    disable=not acc.is_local_main_process,
+                    disable=not acc.is_main_process,
                     dynamic_ncols=True,
                     leave=False,
                 )
