@@ -30,7 +30,11 @@ IMAGES = "images"
 LOSS_CURVES = "loss_curves.png"
 WANDB = "wandb"
 # Everything a run writes; --overwrite removes these and nothing else.
-OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, "wandb_run_id")
+OWNED = (
+    CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB,
+    # written by the sample / reconstruct / interpolate commands
+    "samples.png", "manifold.png", "reconstructions.png", "interpolation.png",
+)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -69,7 +69,7 @@ def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
         int(manifest["global_step"])
         dict(manifest["state"])
         return manifest
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON not an object
         return None
 
 
@@ -143,7 +143,17 @@ class Checkpointer:
         through safetensors, so nothing from the folder is unpickled as code.
         """
         candidates = self.complete()
+        # A sealed folder that fails the size check (truncated, a file missing) is said, not skipped silently.
+        good = {f.path.name for f in candidates}
+        broken = sorted(
+            p.name for p in (self.directory.iterdir() if self.directory.is_dir() else [])
+            if p.is_dir() and not p.name.startswith(TMP_PREFIX) and p.name not in good
+        )
+        for name in broken:
+            self.log(f"checkpoint {name} is unusable (no valid manifest, or a file is missing or of the wrong size); skipping it")
         if not candidates:
+            if broken:
+                raise CheckpointError(f"no usable checkpoint in {self.directory}: {', '.join(broken)} failed the integrity check")
             torn = [p.name for p in self.directory.glob(f"{TMP_PREFIX}*")] if self.directory.is_dir() else []
             if torn:
                 raise CheckpointError(f"no complete checkpoint in {self.directory} (only unfinished: {', '.join(torn)})")

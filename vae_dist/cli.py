@@ -19,6 +19,14 @@ import typer
 
 from vae_dist.errors import VaeDistError
 
+# typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
+# click's classes, so both families are caught (else a bad flag ends in a traceback).
+try:
+    from typer._click.exceptions import UsageError as _TyperUsageError
+    from typer.exceptions import Abort as _TyperAbort, Exit as _TyperExit
+except ImportError:  # older typer: click's own classes
+    _TyperUsageError, _TyperAbort, _TyperExit = click.exceptions.UsageError, click.exceptions.Abort, click.exceptions.Exit
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -83,30 +91,30 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="JSON config file (a saved config.json works as is); flags override it."),
-    artifact_dir: Optional[str] = typer.Option(None, "--artifact-dir", help="Output folder [default: artifacts/vae-mnist]."),
+    artifact_dir: Optional[str] = typer.Option(None, "--artifact-dir", help="Output folder (default: artifacts/vae-mnist)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the four MNIST IDX files; omit to download."),
-    model: Optional[ModelKind] = typer.Option(None, "--model", help="Architecture [default: conv]."),
-    latent_size: Optional[int] = typer.Option(None, "--latent-size", help="Latent dimensions [default: conv 64, mlp 20]."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training set [default: 10]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch per process [default: 64]."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Adam learning rate [default: 1e-4]."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Loader workers per process [default: 4]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise [default: 42]."),
-    recon_loss: Optional[ReconLoss] = typer.Option(None, "--recon-loss", help="Likelihood [default: bce]."),
-    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Weight of the KL term [default: 1]."),
-    kl_warmup_epochs: Optional[float] = typer.Option(None, "--kl-warmup-epochs", help="Linear KL warm-up length [default: 0]."),
+    model: Optional[ModelKind] = typer.Option(None, "--model", help="Architecture (default: conv)."),
+    latent_size: Optional[int] = typer.Option(None, "--latent-size", help="Latent dimensions (default: conv 64, mlp 20)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training set (default: 10)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch per process (default: 64)."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Adam learning rate (default: 1e-4)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Loader workers per process (default: 4)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise (default: 42)."),
+    recon_loss: Optional[ReconLoss] = typer.Option(None, "--recon-loss", help="Likelihood (default: bce)."),
+    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Weight of the KL term (default: 1)."),
+    kl_warmup_epochs: Optional[float] = typer.Option(None, "--kl-warmup-epochs", help="Linear KL warm-up length (default: 0)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
     limit_train_samples: Optional[int] = typer.Option(None, "--limit-train-samples", help="Use the first N training images."),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", help="Use the first N test images."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Clear a previous vae_dist run in the artifact directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
-    checkpoint_every_steps: Optional[int] = typer.Option(None, "--checkpoint-every-steps", help="0 = once per epoch [default: 0]."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Complete checkpoints kept [default: 2]."),
-    log_every_steps: Optional[int] = typer.Option(None, "--log-every-steps", help="Train-loss logging interval [default: 50]."),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="W&B project [default: vae-dist]."),
-    wandb_mode: Optional[WandbMode] = typer.Option(None, "--wandb-mode", help="[default: online, offline without an API key]."),
+    checkpoint_every_steps: Optional[int] = typer.Option(None, "--checkpoint-every-steps", help="0 = once per epoch (default: 0)."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Complete checkpoints kept (default: 2)."),
+    log_every_steps: Optional[int] = typer.Option(None, "--log-every-steps", help="Train-loss logging interval (default: 50)."),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="W&B project (default: vae-dist)."),
+    wandb_mode: Optional[WandbMode] = typer.Option(None, "--wandb-mode", help="(default: online, offline without an API key)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU (with accelerate launch: gloo CPU ranks)."),
-    mixed_precision: Optional[Precision] = typer.Option(None, "--mixed-precision", help="Autocast precision [default: no]."),
+    mixed_precision: Optional[Precision] = typer.Option(None, "--mixed-precision", help="Autocast precision (default: no)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
 ) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
@@ -144,7 +152,7 @@ def train(
 @app.command()
 def evaluate(
     artifact_dir: Path = typer.Argument(..., help="A folder written by `train` (or its model.safetensors)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder [default: the one used in training]."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder (default: the one used in training)."),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", help="Use the first N test images."),
     iw_samples: int = typer.Option(0, "--iw-samples", help="Also estimate the test NLL with K importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -184,11 +192,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     from vae_dist.signals import Preempted
 
     try:
-        app(args=argv, prog_name="vae-dist", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        rc = app(args=argv, prog_name="vae-dist", standalone_mode=False)
+        # typer >= 0.22 turns KeyboardInterrupt (a second Ctrl-C) and typer.Exit into a
+        # returned exit code when standalone_mode=False; dropping it would exit 0.
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+            if rc == 130:
+                print("interrupted", file=sys.stderr)
+            sys.exit(rc)
+    except (click.exceptions.Exit, _TyperExit) as e:
         sys.exit(e.exit_code)
-    except click.exceptions.UsageError as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
+    except (click.exceptions.UsageError, _TyperUsageError) as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `vae-dist`: the help (rich prints it itself)
+            if e.format_message():
+                print(e.format_message(), file=sys.stderr)
+        else:
+            print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
     except VaeDistError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -201,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 file=sys.stderr,
             )
         sys.exit(128 + e.signum)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, _TyperAbort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 

@@ -1,5 +1,140 @@
-"""Commands that use a trained model to make pictures (sample, reconstruct, interpolate)."""
+"""Commands that use a trained model to make pictures (sample, reconstruct, interpolate).
+
+Each loads only ``model.safetensors`` (weights plus the training config, no pickle), runs
+on the CPU in one process, writes one PNG and prints its path. The pictures themselves
+come from ``vae_dist.inference``; this module only parses, checks and saves.
+"""
 
 from __future__ import annotations
 
-from vae_dist.cli import app  # noqa: F401
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+from vae_dist.cli import app
+from vae_dist.errors import VaeDistError
+
+if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
+    import torch
+
+# Beyond these the PNG gets absurd (and the decode slow) long before it gets useful.
+MAX_IMAGES = 10_000
+MAX_GRID_SIZE = 100
+MAX_STEPS = 1_000
+
+ARTIFACT_HELP = "A folder written by `train` (or its model.safetensors)."
+DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
+
+
+def _load(artifact_dir: Path) -> tuple[Any, Any]:
+    from vae_dist.artifacts import load_model_file
+
+    return load_model_file(artifact_dir)
+
+
+def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:
+    """--out as given, else ``default_name`` in the artifact folder (beside the model file
+    when the argument is the file itself)."""
+    if out is not None:
+        target = out.expanduser()
+        if target.is_dir():
+            raise VaeDistError(f"--out {target} is a directory; give a file name such as {target / default_name}")
+        return target
+    src = artifact_dir.expanduser()
+    return (src if src.is_dir() else src.parent) / default_name
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise VaeDistError(f"{flag} must be between {low} and {high} (got {value})")
+
+
+def _save(picture: Any, path: Path) -> None:
+    from vae_dist.images import save_png
+
+    try:
+        written = save_png(picture, path)
+    except OSError as e:
+        raise VaeDistError(f"cannot write {path}: {e.strerror or e}") from None
+    print(written)
+
+
+def _all_test_images(cfg: Any, data_dir: Optional[str]) -> torch.Tensor:
+    from vae_dist.evaluate import test_images
+
+    # limit 0 = the whole test split, not the slice the model was validated on.
+    return test_images(cfg, data_dir, 0)
+
+
+@app.command()
+def sample(
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    num: int = typer.Option(64, "--num", help="Number of samples from the prior."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the latent draws (same seed, same picture)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/samples.png, or manifold.png)."),
+    manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space instead (needs --latent-size 2)."),
+    grid_size: int = typer.Option(20, "--grid-size", help="Images per side of the --manifold grid."),
+) -> None:
+    """Decode random draws from the prior into a grid of digits."""
+    from vae_dist import images, inference
+
+    _check_range("--num", num, 1, MAX_IMAGES)
+    _check_range("--grid-size", grid_size, 1, MAX_GRID_SIZE)
+    model, _ = _load(artifact_dir)
+    if manifold:
+        target = _output_path(artifact_dir, out, "manifold.png")
+        picture = images.image_grid(inference.manifold(model, grid_size), nrow=grid_size)
+    else:
+        target = _output_path(artifact_dir, out, "samples.png")
+        picture = images.image_grid(inference.prior_samples(model, num, seed), nrow=math.ceil(math.sqrt(num)))
+    _save(picture, target)
+
+
+@app.command()
+def reconstruct(
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    num: int = typer.Option(32, "--num", help="Number of test images (the first N)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/reconstructions.png)."),
+) -> None:
+    """The first N test images, each above its reconstruction (decoded posterior mean)."""
+    from vae_dist import images, inference
+
+    _check_range("--num", num, 1, MAX_IMAGES)
+    model, cfg = _load(artifact_dir)
+    target = _output_path(artifact_dir, out, "reconstructions.png")
+    test = _all_test_images(cfg, data_dir)
+    if num > test.shape[0]:
+        raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
+    x = test[:num].float().div(255.0)
+    _save(images.side_by_side(x, inference.reconstructions(model, x), nrow=min(8, num)), target)
+
+
+@app.command()
+def interpolate(
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    index_from: int = typer.Option(..., "--from", help="Index of the test image to start from."),
+    index_to: int = typer.Option(..., "--to", help="Index of the test image to end at."),
+    steps: int = typer.Option(10, "--steps", help="Decoded points on the line, ends included."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/interpolation.png)."),
+) -> None:
+    """One row: test image I, the decodings along the straight latent line from I to J, image J."""
+    from vae_dist import images, inference
+
+    _check_range("--steps", steps, 2, MAX_STEPS)
+    model, cfg = _load(artifact_dir)
+    target = _output_path(artifact_dir, out, "interpolation.png")
+    test = _all_test_images(cfg, data_dir)
+    n = test.shape[0]
+    for flag, index in (("--from", index_from), ("--to", index_to)):
+        if not 0 <= index < n:
+            raise VaeDistError(f"{flag} {index} is not a test image index (0 to {n - 1})")
+    ends = test[[index_from, index_to]].float().div(255.0)
+    path = inference.interpolate(model, ends[0], ends[1], steps)
+    import torch
+
+    row = torch.cat([ends[:1], path, ends[1:]])
+    _save(images.image_grid(row, nrow=row.shape[0]), target)

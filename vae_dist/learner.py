@@ -37,6 +37,9 @@ STOP_SYNC_EVERY = 10
 # Test hook: "R:S" raises on rank R at global step S (one rank's failure must end the job);
 # "R:S:kill" SIGKILLs that rank there instead (a kill at a chosen moment, for resume tests).
 FAIL_HOOK_ENV = "VAE_DIST_TEST_FAIL_AT"
+# Test hook: "N" multiplies the batch of the N-th optimizer step (1-based, the number that
+# errors and checkpoint folders use) by NaN on every rank, to test non-finite detection.
+NAN_HOOK_ENV = "VAE_DIST_TEST_NAN_AT"
 # A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
 NUM_PREVIEW = 32
@@ -200,6 +203,8 @@ class Learner:
                 for images_batch, index in loader:
                     self._fault_hook(pos.global_step)
                     eps = noise[index]  # each sample's own noise, wherever it landed
+                    if os.environ.get(NAN_HOOK_ENV) == str(pos.global_step + 1):
+                        images_batch = images_batch * float("nan")
                     step_sums, loss = train_step(
                         self.model,
                         self.optimizer,
@@ -371,7 +376,8 @@ class Learner:
         model.train()
         pictures = {
             "valid/reconstructions": images.side_by_side(x.cpu(), recon.cpu()),
-            "valid/samples": images.image_grid(samples.cpu(), nrow=8),
+            # Not "valid/samples": that key is the validation sample count.
+            "prior/samples": images.image_grid(samples.cpu(), nrow=8),
         }
         for key, picture in pictures.items():
             images.save_png(picture, self.artifact_dir / artifacts.IMAGES / f"epoch-{epoch:03d}-{key.split('/')[1]}.png")

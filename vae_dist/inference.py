@@ -1,0 +1,112 @@
+"""What a trained VAE can show: samples from the prior, reconstructions, latent walks.
+
+Pure functions of a model and tensors: no files, no CLI, no global RNG. Each runs under
+``torch.no_grad`` with the model in eval mode (its previous mode is restored afterwards)
+and returns mean images, ``sigmoid(decoder logits)``, as float32 CPU tensors shaped
+(N, 1, 28, 28) with values in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+
+from vae_dist.errors import VaeDistError
+from vae_dist.model import VAE
+
+__all__ = ["prior_samples", "reconstructions", "interpolate", "manifold"]
+
+F = TypeVar("F", bound=Callable[..., torch.Tensor])
+
+
+def _inference(fn: F) -> F:
+    """no_grad + eval mode for the call, then the model's previous mode back."""
+
+    @functools.wraps(fn)
+    def wrapper(model: VAE, *args, **kwargs):  # type: ignore[no-untyped-def]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _device(model: VAE) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _decode_means(model: VAE, z: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(model.decode(z.to(_device(model))).float()).cpu()
+
+
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    """(N,1,28,28) or (1,28,28) or (28,28), uint8 0-255 or float 0-1 -> float (N,1,28,28)."""
+    x = images
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"expected MNIST images shaped (N, 1, 28, 28), got {tuple(images.shape)}")
+    x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+    return x
+
+
+def _posterior_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
+    return model.encode(_as_batch(images).to(_device(model)))[0]
+
+
+@_inference
+def prior_samples(model: VAE, n: int, seed: int) -> torch.Tensor:
+    """``n`` decodings of z ~ N(0, I) drawn from a generator seeded with ``seed``:
+    the same model and seed give the identical tensor."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    z = torch.randn(n, model.latent_size, generator=torch.Generator().manual_seed(seed))
+    return _decode_means(model, z)
+
+
+@_inference
+def reconstructions(model: VAE, images: torch.Tensor) -> torch.Tensor:
+    """Each image encoded, its posterior mean decoded (no sampling noise)."""
+    return _decode_means(model, _posterior_means(model, images))
+
+
+@_inference
+def interpolate(model: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` decodings at evenly spaced points on the straight line from the posterior
+    mean of ``x_from`` to that of ``x_to``, both ends included."""
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
+    ends = _posterior_means(model, torch.cat([_as_batch(x_from)[:1], _as_batch(x_to)[:1]]))
+    t = torch.linspace(0.0, 1.0, steps, device=ends.device, dtype=ends.dtype).unsqueeze(1)
+    return _decode_means(model, (1 - t) * ends[0] + t * ends[1])
+
+
+def manifold_grid(n_per_side: int) -> torch.Tensor:
+    """The (n*n, 2) latent points of the manifold picture, row-major: rows run from high
+    to low z2 (top to bottom), columns from low to high z1. The coordinates are the
+    standard normal quantiles of an even grid in (0, 1), as in Kingma & Welling (2014)."""
+    if n_per_side < 1:
+        raise ValueError(f"n_per_side must be >= 1, got {n_per_side}")
+    u = torch.linspace(0.05, 0.95, n_per_side) if n_per_side > 1 else torch.tensor([0.5])
+    q = torch.distributions.Normal(0.0, 1.0).icdf(u)
+    z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
+    return torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
+
+
+@_inference
+def manifold(model: VAE, n_per_side: int) -> torch.Tensor:
+    """Decodings over an n x n grid of the 2-D latent space (see ``manifold_grid``)."""
+    if model.latent_size != 2:
+        raise VaeDistError(
+            f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
+            f"{model.latent_size} (train one with --latent-size 2)"
+        )
+    return _decode_means(model, manifold_grid(n_per_side))
