@@ -7,18 +7,17 @@ vae_dist only ever deletes what it made: a marker file proves a directory is our
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
+from vae_dist.fileio import atomic_write
 from vae_dist.model import VAE
 
 MARKER = ".vae_dist"
@@ -38,22 +37,8 @@ OWNED = (
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write text so that a kill never leaves half a file."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Path:
@@ -126,9 +111,8 @@ def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], config: Tra
     """Final weights as safetensors with the config JSON in the metadata, so the one
     file rebuilds the model with no pickle and no config.json beside it."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "vae_dist_config": config.to_json()})
-    os.replace(tmp, path)
+    blob = save(tensors, metadata={"format": "pt", "vae_dist_config": config.to_json()})
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:

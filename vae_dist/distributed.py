@@ -47,3 +47,13 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def main_print(accelerator: Accelerator) -> Callable[[str], None]:
+    """print on the global main process only (``accelerator.print`` prints once per machine)."""
+
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, flush=True)
+
+    return say

@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 from vae_dist import data
-from vae_dist.artifacts import load_model_file
 from vae_dist.config import TrainingConfig
 from vae_dist.loss import gaussian_log_prob, reconstruction
 from vae_dist.model import VAE

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
+
+from vae_dist.fileio import atomic_write
 
 __all__ = ["image_grid", "side_by_side", "save_png", "loss_curves"]
 
@@ -72,6 +72,8 @@ def image_grid(images: torch.Tensor, nrow: int) -> Image.Image:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
     x = _as_image_batch(images)
     # make_grid repeats a single channel to three; channel 0 is the grey value.
+    from torchvision.utils import make_grid  # here: importing torchvision costs ~1 s per process
+
     grid = make_grid(x, nrow=nrow, padding=PADDING, pad_value=0.0)
     return _grid_to_pil(grid)
 
@@ -103,31 +105,15 @@ def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, nrow: i
             o = torch.cat([o, blank])
             r = torch.cat([r, blank])
         tiles.extend([o, r])
+    from torchvision.utils import make_grid
+
     grid = make_grid(torch.cat(tiles), nrow=nrow, padding=PADDING, pad_value=0.0)
     return _grid_to_pil(grid)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write ``image`` as PNG at ``path`` atomically; create parent directories."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file must be in the same directory: os.replace is only atomic
-    # within one filesystem, and readers (or a crash) must never see half a PNG.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        # Also on KeyboardInterrupt / SIGTERM-as-exception: leave no debris.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from vae_dist import artifacts, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import LossConfig, TrainingConfig
-from vae_dist.distributed import any_rank
+from vae_dist.distributed import any_rank, main_print
 from vae_dist.errors import TrainingError
 from vae_dist.loss import negative_elbo
 from vae_dist.model import VAE
@@ -142,7 +142,7 @@ class Learner:
         self.resume = resume
         self.run_id = run_id
         self.preview_images = preview_images
-        self.say: Callable[[str], None] = accelerator.print
+        self.say: Callable[[str], None] = main_print(accelerator)
         self.position = Position(wandb_run_id=run_id)
         self.latent = model.latent_size
 

@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, se
 from vae_dist import artifacts, data, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig, resume_mismatch
-from vae_dist.distributed import on_main_then_share
+from vae_dist.distributed import main_print, on_main_then_share
 from vae_dist.errors import ConfigError
 from vae_dist.learner import NUM_PREVIEW, Learner
 from vae_dist.model import VAE
@@ -87,7 +87,9 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite: bool) -> Path:
     # Record the precision actually in force (the launcher may have chosen it).
     config = dataclasses.replace(config, mixed_precision=acc.mixed_precision)
-    say = acc.print
+    say = main_print(acc)
+    # Data first: a wrong --data-dir must fail before anything is created on disk.
+    train_images, test_images = load_images(acc, config)
     root = on_main_then_share(
         acc, lambda: artifacts.prepare_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
     )
@@ -98,7 +100,6 @@ def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite:
             raise ConfigError(f"cannot resume: {mismatch}")
     on_main_then_share(acc, lambda: artifacts.write_config(root, config))
 
-    train_images, test_images = load_images(acc, config)
     workers = config.data.num_workers
     if acc.device.type == "cuda":
         # The dataset lives on the GPU and each batch is one index there: no host copies,
