@@ -328,3 +328,19 @@ def test_make_loader_does_not_touch_global_rng(test_split):
     for _ in loader:
         pass
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_download_failure_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    """No network: one DataError that says what failed and points at --data-dir."""
+    import torchvision.datasets
+
+    from vae_dist.data import download
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DataError) as e:
+        download(tmp_path / "cache")
+    msg = str(e.value)
+    assert "\n" not in msg and "could not download MNIST" in msg and "--data-dir" in msg
