@@ -138,8 +138,12 @@ class MnistImages(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.images.is_cuda:
+            # A copy from pinned memory is asynchronous; from pageable memory it would wait
+            # for every kernel already queued, i.e. a host sync on every step.
+            idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         # uint8 -> [0, 1] here, on whatever device the tensor lives on.
-        batch = self.images[idx.to(self.images.device)].float().div_(255.0)
+        batch = self.images[idx].float().div_(255.0)
         return batch, idx
 
 
