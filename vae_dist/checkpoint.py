@@ -121,9 +121,18 @@ class Checkpointer:
             }
             manifest = {"format": FORMAT, "global_step": global_step, "files": files, "state": state}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            if final.exists():  # the same step saved again (e.g. after a resume): replace it
-                shutil.rmtree(final)
+            replaced = None
+            if final.exists():
+                # The same step saved again (a stop right after a checkpoint): move the old
+                # one aside under a name complete() still accepts, so a kill between the
+                # two renames leaves a complete checkpoint either way.
+                replaced = final.with_name(final.name + "-replaced")
+                if replaced.exists():
+                    shutil.rmtree(replaced)
+                os.replace(final, replaced)
             os.replace(tmp, final)
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
             _fsync_dir(self.directory)
             # Old ones go only now that the new one is complete.
             complete = {f.path.name: f.global_step for f in self.complete()}

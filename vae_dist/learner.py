@@ -166,86 +166,39 @@ class Learner:
         if self.resume:
             found = self.checkpointer.load_latest()
             if found is not None:
-                self.position = Position(**found.state)
+                state = dict(found.state)
+                # Mid-epoch, batches_done counts global batches of the saving run's size.
+                saved_world = state.pop("num_processes", acc.num_processes)
+                if state["batches_done"] and saved_world != acc.num_processes:
+                    raise TrainingError(
+                        f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
+                        f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
+                    )
+                self.position = Position(**state)
                 self.say(
                     f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
                     f"batch {self.position.batches_done}/{steps_per_epoch}, step {self.position.global_step}"
                 )
+            else:
+                self.say("--resume: no checkpoint written yet; starting from step 0")
         pos = self.position
         self.tracker.start(cfg, pos.wandb_run_id or self.run_id, self.artifact_dir)
 
         with StopRequest() as stop:
             while pos.epoch < cfg.epochs and not self._max_steps_reached():
-                epoch = pos.epoch
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
-                train_loader.set_epoch(epoch)  # type: ignore[attr-defined]
-                noise = train_noise(cfg.seed, epoch, num_train, self.latent).to(acc.device)
-                # Resuming mid-epoch: the same permutation, minus the batches already done.
-                loader = acc.skip_first_batches(train_loader, pos.batches_done) if pos.batches_done else train_loader
-                # Sums of this rank's samples; a resumed partial epoch's totals sit on rank 0.
-                sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
-                if acc.is_main_process:
-                    sums += torch.tensor(pos.train_sums, dtype=torch.float64, device=acc.device)
-                self.bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
-                interval = torch.zeros(2, dtype=torch.float64, device=acc.device)
-                bar = tqdm(
-                    total=steps_per_epoch,
-                    initial=pos.batches_done,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    disable=not acc.is_main_process,
-                    dynamic_ncols=True,
-                    leave=False,
-                )
-                t0 = time.perf_counter()
-                samples_this_run = 0
-                stopped_by: Optional[int] = None
-                for images_batch, index in loader:
-                    self._fault_hook(pos.global_step)
-                    eps = noise[index]  # each sample's own noise, wherever it landed
-                    if os.environ.get(NAN_HOOK_ENV) == str(pos.global_step + 1):
-                        images_batch = images_batch * float("nan")
-                    step_sums, loss = train_step(
-                        self.model,
-                        self.optimizer,
-                        acc,
-                        images_batch,
-                        eps,
-                        recon_loss=cfg.loss.recon_loss,
-                        kl_weight=self._kl_weight(pos.global_step, steps_per_epoch),
-                        max_grad_norm=cfg.optimizer.max_grad_norm,
-                    )
-                    n = images_batch.shape[0]
-                    sums[:3] += step_sums
-                    sums[3] += n
-                    interval[0] += step_sums[0]
-                    interval[1] += n
-                    # Remember the first step whose loss was not finite, without a host sync.
-                    self.bad_step = torch.where(
-                        (self.bad_step < 0) & ~torch.isfinite(loss), torch.full_like(self.bad_step, pos.global_step + 1), self.bad_step
-                    )
-                    pos.global_step += 1
-                    pos.batches_done += 1
-                    samples_this_run += n * acc.num_processes
-                    bar.update(1)
-                    if pos.global_step % cfg.log_every_steps == 0:
-                        self._log_interval(interval, bar, samples_this_run / (time.perf_counter() - t0))
-                    if self._stop_agreed(stop, pos.global_step):
-                        stopped_by = stop.signum
-                        break
-                    if cfg.checkpoint_every_steps and pos.global_step % cfg.checkpoint_every_steps == 0:
-                        self._checkpoint(sums)
-                    if self._max_steps_reached():
-                        break
-                bar.close()
-                train_seconds = time.perf_counter() - t0
+                sums, train_seconds, samples, stopped_by = self._train_epoch(train_loader, sampler, num_train, stop)
                 if stopped_by is not None:
                     self._check_finite()
                     path = self._checkpoint(sums)
                     self.tracker.finish()
                     raise Preempted(stopped_by, str(path))
                 epoch_done = pos.batches_done >= steps_per_epoch
-                self._end_epoch(sums, valid_loader, train_seconds, samples_this_run, epoch_done)
+                if not epoch_done and not self._max_steps_reached():
+                    # Would otherwise loop on the same epoch for ever.
+                    raise TrainingError(
+                        f"the training loader ended after {pos.batches_done} of {steps_per_epoch} batches"
+                    )
+                self._end_epoch(sums, valid_loader, train_seconds, samples, epoch_done)
 
         self.tracker.finish()
         return acc.unwrap_model(self.model)
@@ -261,6 +214,85 @@ class Learner:
             if kind == ["kill"]:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
+
+    def _train_epoch(
+        self, train_loader: DataLoader, sampler: Any, num_train: int, stop: StopRequest
+    ) -> tuple[torch.Tensor, float, int, Optional[int]]:
+        """Optimizer steps until the epoch ends, max_steps, or an agreed stop request.
+
+        Returns (this rank's sums [objective, recon, kl, count], seconds, samples seen by
+        all ranks, the stop signal or None)."""
+        cfg, acc, pos = self.config, self.acc, self.position
+        epoch, steps_per_epoch = pos.epoch, self.steps_per_epoch
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # type: ignore[attr-defined]
+        noise = train_noise(cfg.seed, epoch, num_train, self.latent).to(acc.device)
+        # Resuming mid-epoch: the same permutation, minus the batches already done.
+        loader = acc.skip_first_batches(train_loader, pos.batches_done) if pos.batches_done else train_loader
+        # Sums of this rank's samples; a resumed partial epoch's totals sit on rank 0.
+        sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
+        if acc.is_main_process:
+            sums += torch.tensor(pos.train_sums, dtype=torch.float64, device=acc.device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
+        interval = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=pos.batches_done,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        t0 = time.perf_counter()
+        samples = 0
+        try:
+            for images_batch, index in loader:
+                self._fault_hook(pos.global_step)
+                eps = noise[index]  # each sample's own noise, wherever it landed
+                if os.environ.get(NAN_HOOK_ENV) == str(pos.global_step + 1):
+                    images_batch = images_batch * float("nan")
+                step_sums, loss = train_step(
+                    self.model,
+                    self.optimizer,
+                    acc,
+                    images_batch,
+                    eps,
+                    recon_loss=cfg.loss.recon_loss,
+                    kl_weight=self._kl_weight(pos.global_step, steps_per_epoch),
+                    max_grad_norm=cfg.optimizer.max_grad_norm,
+                )
+                n = images_batch.shape[0]
+                sums[:3] += step_sums
+                sums[3] += n
+                interval[0] += step_sums[0]
+                interval[1] += n
+                # Remember the first step whose loss was not finite, without a host sync.
+                self.bad_step = torch.where(
+                    (self.bad_step < 0) & ~torch.isfinite(loss),
+                    torch.full_like(self.bad_step, pos.global_step + 1),
+                    self.bad_step,
+                )
+                pos.global_step += 1
+                pos.batches_done += 1
+                samples += n * acc.num_processes
+                bar.update(1)
+                if pos.global_step % cfg.log_every_steps == 0:
+                    self._log_interval(interval, bar, samples / (time.perf_counter() - t0))
+                if self._stop_agreed(stop, pos.global_step):
+                    return sums, time.perf_counter() - t0, samples, stop.signum
+                if self._max_steps_reached():
+                    break
+                # The end of an epoch (or of the run) is checkpointed by _end_epoch.
+                if (
+                    cfg.checkpoint_every_steps
+                    and pos.global_step % cfg.checkpoint_every_steps == 0
+                    and pos.batches_done < steps_per_epoch
+                ):
+                    self._checkpoint(sums)
+        finally:
+            bar.close()  # also on errors, so the message does not land on the bar's line
+        return sums, time.perf_counter() - t0, samples, None
 
     def _kl_weight(self, step: int, steps_per_epoch: int) -> float:
         """Linear KL warm-up from 0 to kl_weight over kl_warmup_epochs; a function of the
@@ -313,6 +345,7 @@ class Learner:
             "train_sums": pos.train_sums,
             "history": pos.history,
             "wandb_run_id": pos.wandb_run_id,
+            "num_processes": self.acc.num_processes,
         }
         return self.checkpointer.save(pos.global_step, state)
 
