@@ -46,6 +46,7 @@ from vae_dist.errors import VaeDistError  # noqa: E402
 from vae_dist.config import DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig  # noqa: E402
 from vae_dist.loss import negative_elbo  # noqa: E402
 from vae_dist.model import VAE  # noqa: E402
+from vae_dist.train import make_optimizer  # noqa: E402
 
 # Targets (see README): the trainer may cost at most this much over the bare loop on CPU...
 CPU_MAX_TRAINER_OVER_BARE = 1.15
@@ -136,7 +137,7 @@ def trainer_config(
     """The config `vae-dist train` would build from the equivalent flags."""
     return TrainingConfig(
         model=ModelConfig(kind=args.model),
-        optimizer=OptimizerConfig(learning_rate=args.learning_rate),
+        optimizer=OptimizerConfig(learning_rate=args.learning_rate, fused=args.fused_adam),
         data=DataConfig(data_dir=str(args.data_dir), batch_size=args.batch_size, num_workers=args.num_workers),
         loss=LossConfig(recon_loss=recon_loss),
         artifact_dir=str(artifact_dir),
@@ -146,6 +147,7 @@ def trainer_config(
         cpu=args.device == "cpu",
         mixed_precision=args.mixed_precision,
         compile=args.compile,
+        fused_adam=args.fused_adam,
         wandb_mode="disabled",
     )
 
@@ -153,7 +155,7 @@ def trainer_config(
 def run_trainer(config: TrainingConfig) -> tuple[list[dict[str, Any]], float]:
     """Train through vae_dist.train.train (stdout diverted to stderr); returns
     (metrics.jsonl rows, wall seconds of the whole train() call)."""
-    from vae_dist.train import train
+    from vae_dist.train import train  # noqa: F811
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
@@ -187,12 +189,20 @@ def measure_trainer(args: argparse.Namespace) -> dict[str, Any]:
 class BareStep:
     """One optimizer step with no framework: forward, negative_elbo, backward, Adam."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, recon_loss: str = "bce"):
+    def __init__(
+        self, args: argparse.Namespace, device: torch.device, recon_loss: str = "bce", usual_adam: bool = False
+    ):
         torch.manual_seed(args.seed)
         self.device = device
         self.model = VAE.from_config(ModelConfig(kind=args.model)).to(device)
         self.forward: Callable[..., Any] = torch.compile(self.model) if args.compile else self.model
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate)
+        # The floor uses the trainer's optimizer (make_optimizer, fused with --fused-adam);
+        # the usual way, the canonical example's plain torch.optim.Adam.
+        self.optimizer = (
+            torch.optim.Adam(self.model.parameters(), lr=args.learning_rate)
+            if usual_adam
+            else make_optimizer(self.model, OptimizerConfig(learning_rate=args.learning_rate, fused=args.fused_adam))
+        )
         self.recon_loss = recon_loss
         self.bf16 = args.mixed_precision == "bf16"
 
@@ -274,7 +284,7 @@ def measure_reference(args: argparse.Namespace, device: torch.device) -> dict[st
     dataset = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor(), download=False)
     torch.manual_seed(args.seed)  # the DataLoader's shuffle draws from the global RNG
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
-    step = BareStep(args, device)
+    step = BareStep(args, device, usual_adam=True)
     steps_per_epoch = len(loader)
 
     def batches(limit: Optional[int]) -> Iterator[torch.Tensor]:
@@ -366,6 +376,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         num_workers=args.num_workers,
         compile=args.compile,
+        fused_adam=args.fused_adam,
         mixed_precision=args.mixed_precision,
         data_dir=str(args.data_dir),
     )
@@ -410,6 +421,7 @@ def time_to_quality(
         learning_rate=args.learning_rate,
         num_workers=args.num_workers,
         compile=args.compile,
+        fused_adam=args.fused_adam,
         mixed_precision=args.mixed_precision,
         seed=args.seed,
         target_valid_loss=target,
@@ -462,7 +474,7 @@ def render(result: dict[str, Any]) -> str:
     if result["mode"] == "time_to_quality":
         lines += [
             f"setup       {result['model']} VAE, bce, batch {result['batch_size']}, lr {result['learning_rate']:g}, "
-            f"compile {result['compile']}, precision {result['mixed_precision']}",
+            f"compile {result['compile']}, fused Adam {result['fused_adam']}, precision {result['mixed_precision']}",
             f"target      valid/loss <= {result['target_valid_loss']:g} within {result['max_epochs']} epoch(s)",
             "valid/loss  " + ", ".join(f"{v:.2f}" for v in result["valid_loss_by_epoch"]),
         ]
@@ -474,7 +486,7 @@ def render(result: dict[str, Any]) -> str:
     lines += [
         f"setup       {result['model']} VAE, batch {result['batch_size']}, lr {result['learning_rate']:g}, "
         f"{result['train_samples']} images, {result['steps_per_epoch']} steps/epoch, workers {result['num_workers']}, "
-        f"compile {result['compile']}, precision {result['mixed_precision']}",
+        f"compile {result['compile']}, fused Adam {result['fused_adam']}, precision {result['mixed_precision']}",
         "",
         f"{'figure':<32} {'value':>12}  per-epoch values",
         f"{'-' * 32} {'-' * 12}  {'-' * 30}",
@@ -514,6 +526,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the trainer and the reference "
                    "loader (the trainer uses 0 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (trainer: compile=True)")
+    p.add_argument("--fused-adam", action="store_true", help="fused Adam kernel in the trainer and the floor (the reference keeps plain Adam)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: torch's "
                    "choice, usually the number of cores)")

@@ -156,6 +156,10 @@ class OptimizerConfig(_Section):
     """L2 penalty added to the gradient (torch.optim.Adam semantics)."""
     max_grad_norm: Optional[float] = None
     """Clip the global gradient norm to this value; None disables clipping."""
+    fused: bool = False
+    """Use torch's fused Adam kernel: faster (2-core CPU, MLP step 4.5 -> 3.0 ms), but its
+    rounding lets runs at different process counts drift apart (20 CPU steps, 1x64 vs
+    2x32: 8.7e-4 apart instead of 2.2e-6), so it is off by default."""
     _prefix: str = _prefix_field("optimizer.")
 
     def validate(self) -> None:
@@ -300,6 +304,7 @@ RESUMABLE_FIELDS = frozenset(
         "cpu",
         "mixed_precision",
         "compile",
+        "optimizer.fused",
         "wandb_project",
         "wandb_mode",
         "data.data_dir",
