@@ -147,7 +147,6 @@ def trainer_config(
         cpu=args.device == "cpu",
         mixed_precision=args.mixed_precision,
         compile=args.compile,
-        fused_adam=args.fused_adam,
         wandb_mode="disabled",
     )
 
