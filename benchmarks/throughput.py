@@ -365,20 +365,24 @@ def check_targets(result: dict[str, Any], device: torch.device) -> dict[str, Opt
     return checks
 
 
-def throughput(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    result: dict[str, Any] = {"mode": "throughput", **environment(device)}
-    result.update(
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings every result records."""
+    return dict(
         model=args.model,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        epochs=args.epochs,
         num_workers=args.num_workers,
         compile=args.compile,
         fused_adam=args.fused_adam,
         mixed_precision=args.mixed_precision,
         data_dir=str(args.data_dir),
     )
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    result: dict[str, Any] = {"mode": "throughput", **environment(device)}
+    result.update(**run_settings(args), epochs=args.epochs)
     images = vdata.load_split(args.data_dir, "train").images
     result["train_samples"] = int(images.shape[0])
 
@@ -414,18 +418,7 @@ def time_to_quality(
     device = resolve_device(args.device)
     result: dict[str, Any] = {"mode": "time_to_quality", **environment(device)}
     result.update(
-        model=args.model,
-        recon_loss="bce",
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        num_workers=args.num_workers,
-        compile=args.compile,
-        fused_adam=args.fused_adam,
-        mixed_precision=args.mixed_precision,
-        seed=args.seed,
-        target_valid_loss=target,
-        max_epochs=max_epochs,
-        data_dir=str(args.data_dir),
+        **run_settings(args), recon_loss="bce", seed=args.seed, target_valid_loss=target, max_epochs=max_epochs
     )
     log(f"time to quality: training up to {max_epochs} epoch(s) until valid/loss <= {target:g}")
     with tempfile.TemporaryDirectory(prefix="vae_dist_bench_ttq_") as tmp:

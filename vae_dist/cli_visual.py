@@ -68,6 +68,14 @@ def _all_test_images(cfg: Any, data_dir: Optional[str]) -> torch.Tensor:
     return test_images(cfg, data_dir, 0)
 
 
+def _model_and_test_images(
+    artifact_dir: Path, data_dir: Optional[str], out: Optional[Path], default_name: str
+) -> tuple[Any, Path, "torch.Tensor"]:
+    """The model, where its picture goes, and the whole test split (uint8)."""
+    model, cfg = _load(artifact_dir)
+    return model, _output_path(artifact_dir, out, default_name), _all_test_images(cfg, data_dir)
+
+
 @app.command()
 def sample(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
@@ -103,9 +111,7 @@ def reconstruct(
     from vae_dist import images, inference
 
     _check_range("--num", num, 1, MAX_IMAGES)
-    model, cfg = _load(artifact_dir)
-    target = _output_path(artifact_dir, out, "reconstructions.png")
-    test = _all_test_images(cfg, data_dir)
+    model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
     x = test[:num].float().div(255.0)
@@ -125,9 +131,7 @@ def interpolate(
     from vae_dist import images, inference
 
     _check_range("--steps", steps, 2, MAX_STEPS)
-    model, cfg = _load(artifact_dir)
-    target = _output_path(artifact_dir, out, "interpolation.png")
-    test = _all_test_images(cfg, data_dir)
+    model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "interpolation.png")
     n = test.shape[0]
     for flag, index in (("--from", index_from), ("--to", index_to)):
         if not 0 <= index < n:
