@@ -7,6 +7,7 @@ when they are reported, so a step never waits for the host (no ``.item()`` per s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -164,23 +165,7 @@ class Learner:
                 " processes); lower --batch-size or raise --limit-train-samples"
             )
         if self.resume:
-            found = self.checkpointer.load_latest()
-            if found is not None:
-                state = dict(found.state)
-                # Mid-epoch, batches_done counts global batches of the saving run's size.
-                saved_world = state.pop("num_processes", acc.num_processes)
-                if state["batches_done"] and saved_world != acc.num_processes:
-                    raise TrainingError(
-                        f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
-                        f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
-                    )
-                self.position = Position(**state)
-                self.say(
-                    f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
-                    f"batch {self.position.batches_done}/{steps_per_epoch}, step {self.position.global_step}"
-                )
-            else:
-                self.say("--resume: no checkpoint written yet; starting from step 0")
+            self._restore(steps_per_epoch)
         pos = self.position
         self.tracker.start(cfg, pos.wandb_run_id or self.run_id, self.artifact_dir)
 
@@ -214,6 +199,27 @@ class Learner:
             if kind == ["kill"]:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
+
+    def _restore(self, steps_per_epoch: int) -> None:
+        """Load the newest usable checkpoint into the prepared objects and take its position."""
+        acc = self.acc
+        found = self.checkpointer.load_latest()
+        if found is not None:
+            state = dict(found.state)
+            # Mid-epoch, batches_done counts global batches of the saving run's size.
+            saved_world = state.pop("num_processes", acc.num_processes)
+            if state["batches_done"] and saved_world != acc.num_processes:
+                raise TrainingError(
+                    f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
+                    f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
+                )
+            self.position = Position(**state)
+            self.say(
+                f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
+                f"batch {self.position.batches_done}/{steps_per_epoch}, step {self.position.global_step}"
+            )
+        else:
+            self.say("--resume: no checkpoint written yet; starting from step 0")
 
     def _train_epoch(
         self, train_loader: DataLoader, sampler: Any, num_train: int, stop: StopRequest
@@ -338,15 +344,7 @@ class Learner:
         self._check_finite()
         pos = self.position
         pos.train_sums = self._reduced_train_sums(sums)
-        state = {
-            "epoch": pos.epoch,
-            "batches_done": pos.batches_done,
-            "global_step": pos.global_step,
-            "train_sums": pos.train_sums,
-            "history": pos.history,
-            "wandb_run_id": pos.wandb_run_id,
-            "num_processes": self.acc.num_processes,
-        }
+        state = {**dataclasses.asdict(pos), "num_processes": self.acc.num_processes}
         return self.checkpointer.save(pos.global_step, state)
 
     def _end_epoch(
