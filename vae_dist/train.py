@@ -146,7 +146,7 @@ def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite:
         preview_images=test_images[:NUM_PREVIEW].float().div(255.0).cpu(),
     )
     t0 = time.perf_counter()
-    trained = learner.fit(train_loader, valid_loader)
+    learner.fit(train_loader, valid_loader)
     # Every rank takes part in gathering the weights (needed for sharded models); one writes.
     state = acc.get_state_dict(learner.model)
     path = root / artifacts.MODEL
@@ -160,5 +160,4 @@ def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite:
 
     on_main_then_share(acc, finish)
     acc.wait_for_everyone()
-    del trained
     return path
