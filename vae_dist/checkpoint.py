@@ -83,15 +83,19 @@ class Checkpointer:
         self.log = log
         self.saves = 0
 
+    def _sealed_folders(self) -> list[Path]:
+        """Checkpoint folders that are not unfinished writes (those keep the .tmp- prefix)."""
+        if not self.directory.is_dir():
+            return []
+        return [p for p in self.directory.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)]
+
     def complete(self) -> list[Found]:
         """Complete, intact checkpoints, newest first."""
         found = []
-        if self.directory.is_dir():
-            for p in self.directory.iterdir():
-                if p.is_dir() and not p.name.startswith(TMP_PREFIX):
-                    m = read_manifest(p)
-                    if m is not None:
-                        found.append(Found(p, int(m["global_step"]), m["state"]))
+        for p in self._sealed_folders():
+            m = read_manifest(p)
+            if m is not None:
+                found.append(Found(p, int(m["global_step"]), m["state"]))
         return sorted(found, key=lambda f: (f.global_step, f.path.name), reverse=True)
 
     def save(self, global_step: int, state: dict[str, Any]) -> Path:
@@ -154,10 +158,7 @@ class Checkpointer:
         candidates = self.complete()
         # A sealed folder that fails the size check (truncated, a file missing) is said, not skipped silently.
         good = {f.path.name for f in candidates}
-        broken = sorted(
-            p.name for p in (self.directory.iterdir() if self.directory.is_dir() else [])
-            if p.is_dir() and not p.name.startswith(TMP_PREFIX) and p.name not in good
-        )
+        broken = sorted(p.name for p in self._sealed_folders() if p.name not in good)
         for name in broken:
             self.log(f"checkpoint {name} is unusable (no valid manifest, or a file is missing or of the wrong size); skipping it")
         if not candidates:

@@ -173,10 +173,10 @@ def evaluate(
     model, cfg = load_model_file(artifact_dir)
     images = test_images(cfg, data_dir, limit_eval_samples)
     result: dict[str, Any] = elbo_terms(model, cfg, images)
-    if iw_samples and os.environ.get("RANK", "0") == "0":
+    if iw_samples and _is_rank_zero():
         result["iw_nll"] = iw_nll(model, cfg, images, iw_samples)
         result["iw_samples"] = iw_samples
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_rank_zero():
         return  # under accelerate launch, one process reports
     if as_json:
         print(json.dumps(result))

@@ -146,6 +146,9 @@ class Learner:
         self.say: Callable[[str], None] = main_print(accelerator)
         self.position = Position(wandb_run_id=run_id)
         self.latent = model.latent_size
+        # Test hooks, read once: the step loop should not consult the environment.
+        self._fail_at = os.environ.get(FAIL_HOOK_ENV)
+        self._nan_at = os.environ.get(NAN_HOOK_ENV)
 
     # ----------------------------------------------------------------- fit
 
@@ -191,10 +194,9 @@ class Learner:
     # ------------------------------------------------------------ pieces
 
     def _fault_hook(self, step: int) -> None:
-        spec = os.environ.get(FAIL_HOOK_ENV)
-        if not spec:
+        if not self._fail_at:
             return
-        rank, at, *kind = spec.split(":")
+        rank, at, *kind = self._fail_at.split(":")
         if int(rank) == self.acc.process_index and int(at) == step:
             if kind == ["kill"]:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -256,7 +258,7 @@ class Learner:
             for images_batch, index in loader:
                 self._fault_hook(pos.global_step)
                 eps = noise[index]  # each sample's own noise, wherever it landed
-                if os.environ.get(NAN_HOOK_ENV) == str(pos.global_step + 1):
+                if self._nan_at == str(pos.global_step + 1):
                     images_batch = images_batch * float("nan")
                 step_sums, loss = train_step(
                     self.model,
