@@ -46,7 +46,7 @@ from vae_dist.errors import VaeDistError  # noqa: E402
 from vae_dist.config import DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig  # noqa: E402
 from vae_dist.loss import negative_elbo  # noqa: E402
 from vae_dist.model import VAE  # noqa: E402
-from vae_dist.train import make_optimizer  # noqa: E402
+from vae_dist.train import make_optimizer, set_flush_denormal  # noqa: E402
 
 # Targets (see README): the trainer may cost at most this much over the bare loop on CPU...
 CPU_MAX_TRAINER_OVER_BARE = 1.15
@@ -147,6 +147,7 @@ def trainer_config(
         cpu=args.device == "cpu",
         mixed_precision=args.mixed_precision,
         compile=args.compile,
+        flush_denormal=args.flush_denormal,
         wandb_mode="disabled",
     )
 
@@ -195,8 +196,8 @@ class BareStep:
         self.device = device
         self.model = VAE.from_config(ModelConfig(kind=args.model)).to(device)
         self.forward: Callable[..., Any] = torch.compile(self.model) if args.compile else self.model
-        # The floor uses the trainer's optimizer (make_optimizer, fused with --fused-adam);
-        # the usual way, the canonical example's plain torch.optim.Adam.
+        # The floor uses the trainer's optimizer (make_optimizer, fused unless --no-fused-adam);
+        # the usual way, the canonical example's torch.optim.Adam (unless --reference-adam trainer).
         self.optimizer = (
             torch.optim.Adam(self.model.parameters(), lr=args.learning_rate)
             if usual_adam
@@ -231,7 +232,7 @@ def measure_bare(args: argparse.Namespace, device: torch.device, images_u8: torc
         perm = torch.randperm(n, generator=gen, device=device)
         last = None
         for i in range(steps):
-            last = step(x_all[perm[i * b : (i + 1) * b]])
+            last = step(x_all.index_select(0, perm[i * b : (i + 1) * b]))
         loss = float(last.item()) if last is not None else float("nan")  # also a device sync
         sync(device)
         dt = time.perf_counter() - t0
@@ -283,7 +284,7 @@ def measure_reference(args: argparse.Namespace, device: torch.device) -> dict[st
     dataset = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor(), download=False)
     torch.manual_seed(args.seed)  # the DataLoader's shuffle draws from the global RNG
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
-    step = BareStep(args, device, usual_adam=True)
+    step = BareStep(args, device, usual_adam=args.reference_adam == "usual")
     steps_per_epoch = len(loader)
 
     def batches(limit: Optional[int]) -> Iterator[torch.Tensor]:
@@ -374,6 +375,8 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         num_workers=args.num_workers,
         compile=args.compile,
         fused_adam=args.fused_adam,
+        flush_denormal=args.flush_denormal,
+        reference_adam=args.reference_adam,
         mixed_precision=args.mixed_precision,
         data_dir=str(args.data_dir),
     )
@@ -478,7 +481,8 @@ def render(result: dict[str, Any]) -> str:
     lines += [
         f"setup       {result['model']} VAE, batch {result['batch_size']}, lr {result['learning_rate']:g}, "
         f"{result['train_samples']} images, {result['steps_per_epoch']} steps/epoch, workers {result['num_workers']}, "
-        f"compile {result['compile']}, fused Adam {result['fused_adam']}, precision {result['mixed_precision']}",
+        f"compile {result['compile']}, fused Adam {result['fused_adam']}, precision {result['mixed_precision']}, "
+        f"flush denormals {result['flush_denormal']}, reference Adam {result['reference_adam']}",
         "",
         f"{'figure':<32} {'value':>12}  per-epoch values",
         f"{'-' * 32} {'-' * 12}  {'-' * 30}",
@@ -518,7 +522,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the trainer and the reference "
                    "loader (the trainer uses 0 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (trainer: compile=True)")
-    p.add_argument("--fused-adam", action="store_true", help="fused Adam kernel in the trainer and the floor (the reference keeps plain Adam)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="the trainer's "
+                   "optimizer.fused, in the trainer and the floor (default: on, as in the trainer)")
+    p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=True, help="the trainer's "
+                   "flush_denormal, set once at start for all three measurements (default: on, as in the trainer)")
+    p.add_argument("--reference-adam", choices=["usual", "trainer"], default="usual", help="the reference's optimizer: "
+                   "usual = the canonical example's torch.optim.Adam (default); trainer = the trainer's, so that "
+                   "only the loader differs")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: torch's "
                    "choice, usually the number of cores)")
@@ -550,6 +560,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # First, before any tensor work starts torch's threads: they copy the mode when created.
+    set_flush_denormal(args.flush_denormal)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     json_out = None

@@ -27,9 +27,16 @@ from conftest import REPO, cli_env, free_port, launch_cmd, run_cli, run_launch
 # split is sharded into uneven rounds (250 = 5 x 48 + 10; 501 = 10 x 48 + 21).
 TRAIN_SAMPLES, EPOCHS, STEPS, GLOBAL_BATCH = 640, 2, 20, 64
 EVAL_SAMPLES, EVAL_BATCH = 250, 48
-WEIGHT_TOL = 5e-4
+# Runs at different process counts sum each gradient in another order, so they agree only
+# to float rounding, and training can amplify that: where a ReLU input sits within rounding
+# of zero, one run fires the unit and the other does not. Over seeds 0-7 and 42, with the
+# fused and the per-tensor Adam alike, 1x64 vs 2x32 after 20 steps gave a root-mean-square
+# weight difference of 2e-9..1.7e-5 while the largest single difference reached 1.5e-3
+# (seed 7, a flip). A sharding or noise-keying bug moves nearly every weight (the negative
+# control below: RMS 2.8e-3..3.1e-3), so the RMS is the statistic that separates the two.
+WEIGHT_RMS_TOL = 1e-4
 # 10x the default rate: Adam moves each weight by up to ~lr per step, so 20 steps move
-# weights by ~2e-2, far more than WEIGHT_TOL (at 1e-4 they would move only ~2e-3).
+# weights by ~2e-2, far more than the tolerance (at 1e-4 they would move only ~2e-3).
 LR = "1e-3"
 SLOW = 60  # seconds: generous, for a shared 2-core machine; a hang is what it catches
 
@@ -55,6 +62,13 @@ def weights(art: Path) -> dict[str, torch.Tensor]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def rms_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Root-mean-square of the elementwise difference over every weight of the model."""
+    assert a.keys() == b.keys()
+    d = torch.cat([(a[k].double() - b[k].double()).flatten() for k in a])
+    return d.pow(2).mean().sqrt().item()
 
 
 def metrics(art: Path) -> list[dict]:
@@ -148,9 +162,9 @@ def test_end_to_end_one_artifact_set_and_evaluate_matches_log(which, request):
 
 def test_weights_do_not_depend_on_process_count(one_proc, two_proc, tmp_path, data_dir, eval_config):
     a, b = weights(one_proc[1]), weights(two_proc[1])
-    d = max_diff(a, b)
-    print(f"\nmax |w(1 x 64) - w(2 x 32)| after {STEPS} steps: {d:.3e}")
-    assert d < WEIGHT_TOL, f"1 x 64 and 2 x 32 differ by {d:.3e} (tolerance {WEIGHT_TOL})"
+    d = rms_diff(a, b)
+    print(f"\n1 x 64 vs 2 x 32 after {STEPS} steps: weight difference RMS {d:.3e}, max {max_diff(a, b):.3e}")
+    assert d < WEIGHT_RMS_TOL, f"1 x 64 and 2 x 32 differ by RMS {d:.3e} (tolerance {WEIGHT_RMS_TOL})"
     # The logged training losses are sums over the same samples, so they agree too.
     for r1, r2 in zip(metrics(one_proc[1]), metrics(two_proc[1])):
         assert r1["step"] == r2["step"]
@@ -163,9 +177,9 @@ def test_weights_do_not_depend_on_process_count(one_proc, two_proc, tmp_path, da
     # or noise-keying bug would change.
     batch_art = tmp_path / "batch"
     ok(run_cli(train_args(data_dir, batch_art, eval_config, "--batch-size", str(GLOBAL_BATCH // 2))))
-    d_batch = max_diff(a, weights(batch_art))
-    print(f"negative control, 1 x 32 vs 1 x 64 from the same seed: {d_batch:.3e}")
-    assert d_batch > 10 * WEIGHT_TOL, f"another global batch differs by only {d_batch:.3e}"
+    d_batch = rms_diff(a, weights(batch_art))
+    print(f"negative control, 1 x 32 vs 1 x 64 from the same seed: RMS {d_batch:.3e}")
+    assert d_batch > 10 * WEIGHT_RMS_TOL, f"another global batch differs by only RMS {d_batch:.3e}"
 
 
 # ------------------------------------------------------------------ 3. validation
@@ -323,6 +337,7 @@ def test_two_machines_on_loopback(tmp_path, data_dir, eval_config, two_proc):
     assert models_under(tmp_path) == [art / "model.safetensors"]
     assert [r["step"] for r in metrics(art)] == [10, 20]
     # Two machines x 1 process is the same run as one machine x 2 processes.
-    d = max_diff(weights(art), weights(two_proc[1]))
-    print(f"\nmax |w(2 machines x 1) - w(1 machine x 2)|: {d:.3e}")
-    assert d < WEIGHT_TOL, d
+    a, b = weights(art), weights(two_proc[1])
+    d = rms_diff(a, b)
+    print(f"\n2 machines x 1 vs 1 machine x 2: weight difference RMS {d:.3e}, max {max_diff(a, b):.3e}")
+    assert d < WEIGHT_RMS_TOL, d

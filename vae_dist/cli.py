@@ -116,7 +116,12 @@ def train(
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU (with accelerate launch: gloo CPU ranks)."),
     mixed_precision: Optional[Precision] = typer.Option(None, "--mixed-precision", help="Autocast precision (default: no)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    fused_adam: bool = typer.Option(False, "--fused-adam", help="Fused Adam kernel: faster, not process-count invariant."),
+    flush_denormal: Optional[bool] = typer.Option(
+        None, "--flush-denormal/--no-flush-denormal", help="Flush subnormal floats to zero on the CPU (default: on)."
+    ),
+    fused_adam: Optional[bool] = typer.Option(
+        None, "--fused-adam/--no-fused-adam", help="torch's fused Adam kernel (default: on); off = the per-tensor loop."
+    ),
 ) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
     flags = {
@@ -143,7 +148,8 @@ def train(
         "cpu": True if cpu else None,
         "mixed_precision": mixed_precision,
         "compile": True if compile else None,
-        "optimizer.fused": True if fused_adam else None,
+        "flush_denormal": flush_denormal,
+        "optimizer.fused": fused_adam,
     }
     cfg = build_config(config, resume, flags)
     from vae_dist.train import train as run_training

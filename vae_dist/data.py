@@ -142,8 +142,10 @@ class MnistImages(Dataset):
             # A copy from pinned memory is asynchronous; from pageable memory it would wait
             # for every kernel already queued, i.e. a host sync on every step.
             idx = idx.pin_memory().to(self.images.device, non_blocking=True)
-        # uint8 -> [0, 1] here, on whatever device the tensor lives on.
-        batch = self.images[idx].float().div_(255.0)
+        # uint8 -> [0, 1] here, on whatever device the tensor lives on. index_select, not
+        # images[idx]: the general indexing kernel takes twice as long on the CPU (2-core
+        # machine, 128 rows: 53 vs 26 us with the conversion).
+        batch = self.images.index_select(0, idx).float().div_(255.0)
         return batch, idx
 
 

