@@ -46,7 +46,8 @@ from vae_dist.errors import VaeDistError  # noqa: E402
 from vae_dist.config import DataConfig, LossConfig, ModelConfig, OptimizerConfig, TrainingConfig  # noqa: E402
 from vae_dist.loss import negative_elbo  # noqa: E402
 from vae_dist.model import VAE  # noqa: E402
-from vae_dist.train import make_optimizer, set_flush_denormal  # noqa: E402
+from vae_dist.runtime import prepare_process  # noqa: E402
+from vae_dist.train import make_optimizer  # noqa: E402
 
 # Targets (see README): the trainer may cost at most this much over the bare loop on CPU...
 CPU_MAX_TRAINER_OVER_BARE = 1.15
@@ -113,6 +114,40 @@ def _load_avg() -> Optional[float]:
         return round(os.getloadavg()[0], 2)
     except OSError:  # pragma: no cover - not on every platform
         return None
+
+
+class OtherLoad:
+    """CPU time that other processes used while this run went on, in cores. The load
+    average also counts this run's own threads (about 2 here), so it cannot tell a quiet
+    machine from a busy one; /proc/stat's busy time minus this process's own can."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.monotonic(), _system_busy_s(), _own_cpu_s()
+
+    def cores(self) -> Optional[float]:
+        busy = _system_busy_s()
+        if busy is None or self.busy0 is None:
+            return None  # not Linux
+        wall = time.monotonic() - self.t0
+        return round(max(0.0, (busy - self.busy0 - (_own_cpu_s() - self.own0)) / wall), 3) if wall > 0 else None
+
+
+def _system_busy_s() -> Optional[float]:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# Other processes using more than this many cores make the figures noisy.
+MAX_OTHER_CORES = 0.25
 
 
 def sync(device: torch.device) -> None:
@@ -383,6 +418,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    other = OtherLoad()
     device = resolve_device(args.device)
     result: dict[str, Any] = {"mode": "throughput", **environment(device)}
     result.update(**run_settings(args), epochs=args.epochs)
@@ -409,6 +445,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     result["trainer_samples_per_s"] = result["steps_per_epoch"] * args.batch_size / t if t else None
     result["targets"] = check_targets(result, device)
     result["load_avg_1m_at_end"] = _load_avg()
+    result["other_cpu_cores"] = other.cores()
     return result
 
 
@@ -418,6 +455,7 @@ def time_to_quality(
     """Train through the trainer (bce reconstruction) for up to ``max_epochs`` and report
     the first epoch whose valid/loss <= target, with the wall time spent training and
     validating until then (the sum of epoch_seconds; set-up and checkpoints excluded)."""
+    other = OtherLoad()
     device = resolve_device(args.device)
     result: dict[str, Any] = {"mode": "time_to_quality", **environment(device)}
     result.update(
@@ -439,6 +477,7 @@ def time_to_quality(
         epoch_seconds=[row["epoch_seconds"] for row in rows],
         trainer_wall_s=wall,
         load_avg_1m_at_end=_load_avg(),
+        other_cpu_cores=other.cores(),
     )
     return result
 
@@ -461,11 +500,11 @@ def render(result: dict[str, Any]) -> str:
         f"device      {result['device']} ({result['device_type']}, {result['threads']} torch threads)",
         f"versions    torch {result['torch']}, accelerate {result['accelerate']}, torchvision {result['torchvision']}",
         f"date        {result['date']}; 1-min load average {_fmt(result['load_avg_1m_at_start'])} at start, "
-        f"{_fmt(result.get('load_avg_1m_at_end'))} at end",
+        f"{_fmt(result.get('load_avg_1m_at_end'))} at end; other processes used "
+        f"{_fmt(result.get('other_cpu_cores'))} cores during the run",
     ]
-    loads = [v for v in (result["load_avg_1m_at_start"], result.get("load_avg_1m_at_end")) if v is not None]
-    if loads and max(loads) > (os.cpu_count() or 1) * 0.75:
-        lines.append("WARNING     the machine was busy (load average near or above the core count): figures are noisy")
+    if (result.get("other_cpu_cores") or 0.0) > MAX_OTHER_CORES:
+        lines.append("WARNING     other processes shared the CPU during the run: figures are noisy")
     if result["mode"] == "time_to_quality":
         lines += [
             f"setup       {result['model']} VAE, bce, batch {result['batch_size']}, lr {result['learning_rate']:g}, "
@@ -560,8 +599,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    # First, before any tensor work starts torch's threads: they copy the mode when created.
-    set_flush_denormal(args.flush_denormal)
+    # The trainer's process settings (vae_dist.runtime), first, and for all three loops.
+    prepare_process(args.flush_denormal)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     json_out = None

@@ -158,9 +158,9 @@ class OptimizerConfig(_Section):
     """Clip the global gradient norm to this value; None disables clipping."""
     fused: bool = True
     """Use torch's fused Adam kernel (one pass over all parameters instead of a handful of
-    ops per tensor): on the 2-core CPU an MLP step takes 3.0 ms instead of 4.5. It rounds
-    no worse than the per-tensor loop: across eight seeds, 1x64 and 2x32 runs stayed as
-    close with it as without (see tests/test_distributed.py)."""
+    ops per tensor): on the 2-core CPU an MLP step takes 3.7 ms instead of 5.0. Runs at
+    different process counts stay as close with it as with the per-tensor loop (both
+    agree to rounding; see tests/test_distributed.py)."""
     _prefix: str = _prefix_field("optimizer.")
 
     def validate(self) -> None:
@@ -241,11 +241,10 @@ class TrainingConfig(_Section):
     compile: bool = False
     """Run the model through torch.compile."""
     flush_denormal: bool = True
-    """Flush subnormal floats to zero in CPU arithmetic. Adam's moment estimates for weights
-    that rarely get a gradient (MNIST's border pixels) decay through the subnormal range,
-    where the CPU takes a slow path: without this, a 2-core CPU MLP epoch slows from 1.43 s
-    to 1.74 s over the first three epochs. Values below 1.2e-38 move no weight measurably
-    (the same test losses to 0.01 nats after 8 epochs)."""
+    """Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime): Adam's
+    estimates for rarely-seen border pixels decay through the subnormal range, where the
+    CPU is slow. Values below 1.2e-38 move no weight measurably (the same test losses to
+    0.01 nats after 8 epochs)."""
     wandb_project: str = "vae-dist"
     """W&B project name."""
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
