@@ -161,3 +161,18 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert keep_freed_memory() is False
+
+
+def test_interval_loss_comes_from_snapshots_of_the_running_sums():
+    import torch
+
+    from vae_dist.learner import _Interval
+
+    sums = torch.tensor([1000.0, 0.0, 0.0], dtype=torch.float64)  # a resumed epoch's totals
+    interval = _Interval(sums, 8.0)
+    for objective, n in [(640.0, 64), (320.0, 64)]:
+        sums += torch.tensor([objective, 0.0, 0.0], dtype=torch.float64)
+    first = interval.take(sums, 8.0 + 128)
+    assert first.tolist() == [960.0, 128.0]  # only this interval, not the resumed totals
+    sums += torch.tensor([64.0, 0.0, 0.0], dtype=torch.float64)
+    assert interval.take(sums, 8.0 + 192).tolist() == [64.0, 64.0]
