@@ -508,7 +508,8 @@ def render(result: dict[str, Any]) -> str:
     if result["mode"] == "time_to_quality":
         lines += [
             f"setup       {result['model']} VAE, bce, batch {result['batch_size']}, lr {result['learning_rate']:g}, "
-            f"compile {result['compile']}, fused Adam {result['fused_adam']}, precision {result['mixed_precision']}",
+            f"compile {result['compile']}, fused Adam {result['fused_adam']}, precision {result['mixed_precision']}, "
+            f"flush denormals {result['flush_denormal']}",
             f"target      valid/loss <= {result['target_valid_loss']:g} within {result['max_epochs']} epoch(s)",
             "valid/loss  " + ", ".join(f"{v:.2f}" for v in result["valid_loss_by_epoch"]),
         ]
