@@ -38,9 +38,10 @@ def test_cli_switches(monkeypatch, tmp_path, flags, fused, flush):
     assert seen[0].optimizer.fused is fused and seen[0].flush_denormal is flush
 
 
-def _run_python(code: str, threads: int = 2) -> str:
+def _run_python(code: str, *argv: str, threads: int = 2) -> str:
+    """Run code in a fresh interpreter (process-wide settings stay out of pytest's); its stdout."""
     r = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=cli_env(OMP_NUM_THREADS=str(threads)),
+        [sys.executable, "-c", textwrap.dedent(code), *argv], cwd=REPO, env=cli_env(OMP_NUM_THREADS=str(threads)),
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -139,15 +140,7 @@ FAULTS_PER_STEP = """
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator policy")
 def test_freed_memory_is_kept_instead_of_faulted_back_in():
-    def faults(mode: str) -> float:
-        r = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(FAULTS_PER_STEP), mode], cwd=REPO, env=cli_env(OMP_NUM_THREADS="2"),
-            capture_output=True, text=True, timeout=120,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-        return float(r.stdout.strip())
-
-    kept, default = faults("keep"), faults("default")
+    kept, default = (float(_run_python(FAULTS_PER_STEP, mode)) for mode in ("keep", "default"))
     print(f"\npage faults per conv step: {kept:.0f} with freed memory kept, {default:.0f} without")
     assert kept < 200, kept
     assert default > 10 * kept + 200, (default, kept)  # the control: the pattern does fault without it
