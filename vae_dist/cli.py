@@ -17,6 +17,7 @@ from typing import Any, Optional
 import click
 import typer
 
+from vae_dist import cli_visual
 from vae_dist.errors import VaeDistError
 
 # typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
@@ -88,7 +89,6 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     return TrainingConfig.from_dict(merged)
 
 
-@app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="JSON config file (a saved config.json works as is); flags override it."),
     artifact_dir: Optional[str] = typer.Option(None, "--artifact-dir", help="Output folder (default: artifacts/vae-mnist)."),
@@ -152,12 +152,14 @@ def train(
         "optimizer.fused": fused_adam,
     }
     cfg = build_config(config, resume, flags)
+    from vae_dist import runtime
     from vae_dist.train import train as run_training
+
+    runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
 
     run_training(cfg, resume=resume, overwrite=overwrite)
 
 
-@app.command()
 def evaluate(
     artifact_dir: Path = typer.Argument(..., help="A folder written by `train` (or its model.safetensors)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder (default: the one used in training)."),
@@ -239,5 +241,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(130)
 
 
-# Commands that use a trained model register themselves on `app`.
-from vae_dist import cli_visual  # noqa: E402,F401
+# Every command, in one place. The picture commands live in cli_visual (they share its
+# loading and checking helpers); nothing there imports this module back.
+app.command()(train)
+app.command()(evaluate)
+app.command()(cli_visual.sample)
+app.command()(cli_visual.reconstruct)
+app.command()(cli_visual.interpolate)

@@ -1,5 +1,7 @@
 """Commands that use a trained model to make pictures (sample, reconstruct, interpolate).
 
+Plain functions: vae_dist.cli registers them on its app.
+
 Each loads only ``model.safetensors`` (weights plus the training config, no pickle), runs
 on the CPU in one process, writes one PNG and prints its path. The pictures themselves
 come from ``vae_dist.inference``; this module only parses, checks and saves.
@@ -13,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from vae_dist.cli import app
 from vae_dist.errors import VaeDistError
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
@@ -76,7 +77,6 @@ def _model_and_test_images(
     return model, _output_path(artifact_dir, out, default_name), _all_test_images(cfg, data_dir)
 
 
-@app.command()
 def sample(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     num: int = typer.Option(64, "--num", help="Number of samples from the prior."),
@@ -100,7 +100,6 @@ def sample(
     _save(picture, target)
 
 
-@app.command()
 def reconstruct(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
@@ -118,7 +117,6 @@ def reconstruct(
     _save(images.side_by_side(x, inference.reconstructions(model, x), nrow=min(8, num)), target)
 
 
-@app.command()
 def interpolate(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     index_from: int = typer.Option(..., "--from", help="Index of the test image to start from."),

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from vae_dist import artifacts, data, images, runtime
+from vae_dist import artifacts, data, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, on_main_then_share
@@ -83,8 +83,10 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
 
 
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train as configured; returns the path of the saved model.safetensors."""
-    runtime.prepare_process(config.flush_denormal)  # first: see vae_dist.runtime
+    """Train as configured; returns the path of the saved model.safetensors.
+
+    Process-wide settings (vae_dist.runtime.prepare_process) are the caller's: the CLI
+    applies them at its entry point, before any tensor work."""
     acc = make_accelerator(config)
     try:
         return _train(acc, config, resume=resume, overwrite=overwrite)
