@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +112,15 @@ def _history(epochs: int) -> list[dict]:
     ]
 
 
+# The chart's first two line colours (Okabe-Ito blue and vermillion).
+BLUE, VERMILLION = (0, 114, 178), (213, 94, 0)
+
+
+def _pixels_near(img: Image.Image, rgb: tuple[int, int, int], tol: int = 40) -> int:
+    arr = np.asarray(img).astype(int)
+    return int((np.abs(arr - np.array(rgb)).max(axis=2) <= tol).sum())
+
+
 @pytest.mark.parametrize("epochs", [1, 5])
 def test_loss_curves_size_and_not_blank(epochs: int) -> None:
     img = loss_curves(_history(epochs), width=640, height=400)
@@ -116,9 +128,31 @@ def test_loss_curves_size_and_not_blank(epochs: int) -> None:
     assert img.size == (640, 400)
     arr = np.asarray(img)
     assert arr.std() > 0
-    # Both series are drawn in colour (not just black axes and text).
-    colourful = (arr.max(axis=2).astype(int) - arr.min(axis=2).astype(int)) > 60
-    assert colourful.sum() > 20
+    # Both series are drawn in their own colour (not just black axes and text).
+    assert _pixels_near(img, BLUE) > 20 and _pixels_near(img, VERMILLION) > 20
+    # Mostly white background: a clean chart, not a filled area.
+    assert (arr.min(axis=2) > 240).mean() > 0.7
+
+
+@pytest.mark.parametrize("size", [(320, 240), (641, 401), (333, 217), (1000, 700)])
+def test_loss_curves_exact_size_for_any_dimensions(size: tuple[int, int]) -> None:
+    assert loss_curves(_history(4), width=size[0], height=size[1]).size == size
+
+
+def test_loss_curves_depend_on_the_history_and_are_deterministic() -> None:
+    a = np.asarray(loss_curves(_history(5)))
+    assert np.array_equal(a, np.asarray(loss_curves(_history(5))))
+    other = _history(5)
+    other[2]["valid/loss"] += 30.0
+    assert not np.array_equal(a, np.asarray(loss_curves(other)))
+    assert not np.array_equal(a, np.asarray(loss_curves(_history(6))))
+
+
+def test_loss_curves_more_data_means_more_line() -> None:
+    # Ten epochs of a series draw a longer line than one epoch's lone marker.
+    one = _pixels_near(loss_curves(_history(1)), VERMILLION)
+    ten = _pixels_near(loss_curves(_history(10)), VERMILLION)
+    assert ten > one + 200
 
 
 def test_loss_curves_custom_size_flat_line_and_missing_keys() -> None:
@@ -130,10 +164,51 @@ def test_loss_curves_custom_size_flat_line_and_missing_keys() -> None:
     img = loss_curves(history, width=320, height=240)
     assert img.size == (320, 240)
     assert np.asarray(img).std() > 0
+    assert _pixels_near(img, BLUE) > 20 and _pixels_near(img, VERMILLION) > 5
 
 
 def test_loss_curves_tolerates_empty_and_non_finite() -> None:
-    assert loss_curves([]).size == (640, 400)
+    empty = loss_curves([])
+    assert empty.size == (640, 400) and np.asarray(empty).std() > 0
     hist = _history(3)
     hist[1]["train/loss"] = float("nan")
-    assert np.asarray(loss_curves(hist)).std() > 0
+    img = loss_curves(hist)
+    assert np.asarray(img).std() > 0
+    # A non-finite (or non-numeric) value is skipped for that key only: the same
+    # picture as a history whose row lacks the key, and the other series still draws.
+    skipped = _history(3)
+    del skipped[1]["train/loss"]
+    assert np.array_equal(np.asarray(img), np.asarray(loss_curves(skipped)))
+    texty = _history(3)
+    texty[1]["train/loss"] = "n/a"
+    texty.append({"epoch": 4, "train/loss": float("inf"), "valid/loss": None})
+    assert np.array_equal(np.asarray(img), np.asarray(loss_curves(texty)))
+    assert hist[1]["train/loss"] != hist[1]["train/loss"]  # input left as it was (still NaN)
+
+
+def test_loss_curves_draw_a_partial_epoch_row() -> None:
+    # A run stopped by max_steps logs a row for its unfinished epoch, with the
+    # trainer's other keys alongside; it is drawn like any other point.
+    hist = [dict(r, complete_epoch=True, step=10 * r["epoch"]) for r in _history(3)]
+    partial = hist + [{"epoch": 4, "step": 33, "complete_epoch": False, "train/loss": 150.0, "valid/loss": 151.0}]
+    img = loss_curves(partial)
+    assert img.size == (640, 400)
+    assert not np.array_equal(np.asarray(img), np.asarray(loss_curves(hist)))
+
+
+def test_loss_curves_rejects_a_size_too_small_to_draw() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        loss_curves(_history(3), width=40, height=30)
+
+
+def test_matplotlib_is_imported_only_when_a_chart_is_drawn() -> None:
+    # Importing the module (as the CLI does for --help) must not pay for matplotlib,
+    # and drawing must not touch pyplot's global figure state.
+    code = (
+        "import sys; import vae_dist.images as m; "
+        "assert 'matplotlib' not in sys.modules; "
+        "m.loss_curves([{'epoch': 1, 'train/loss': 1.0}]); "
+        "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

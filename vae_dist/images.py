@@ -2,19 +2,21 @@
 
 This module's one job is pictures: image grids of digits (samples and
 original-vs-reconstruction comparisons), a loss-per-epoch line chart, and an
-atomic PNG writer. It uses only Pillow and ``torchvision.utils.make_grid`` so
-that the trainer does not depend on matplotlib or on a display.
+atomic PNG writer. Grids use Pillow and ``torchvision.utils.make_grid``; the
+chart uses matplotlib's Agg canvas (no display, no pyplot global state),
+imported only when a chart is drawn.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from vae_dist.fileio import atomic_write
 
@@ -25,14 +27,14 @@ PADDING = 2
 
 # Distinct, colour-blind-friendly line colours (Okabe-Ito palette); cycled if
 # more keys than colours are asked for.
-_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (0, 114, 178),  # blue
-    (213, 94, 0),  # vermillion
-    (0, 158, 115),  # bluish green
-    (204, 121, 167),  # reddish purple
-    (230, 159, 0),  # orange
-    (86, 180, 233),  # sky blue
-    (0, 0, 0),  # black
+_COLOURS: tuple[str, ...] = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#E69F00",  # orange
+    "#56B4E9",  # sky blue
+    "#000000",  # black
 )
 
 
@@ -116,29 +118,20 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _padded_range(values: Iterable[float], rel: float, min_pad: float) -> tuple[float, float]:
-    vals = list(values)
-    lo, hi = min(vals), max(vals)
-    span = hi - lo
-    # A flat line (or a single point) has zero span; widen it so the mapping
-    # below never divides by zero and the line sits mid-plot.
-    pad = span * rel if span > 0 else max(abs(lo) * 0.05, min_pad)
-    return lo - pad, hi + pad
-
-
-def _x_ticks(lo_epoch: int, hi_epoch: int, max_ticks: int = 8) -> list[int]:
-    # Epochs are integers; a fractional tick label would be meaningless.
-    step = max(1, math.ceil((hi_epoch - lo_epoch + 1) / max_ticks))
-    return list(range(lo_epoch, hi_epoch + 1, step))
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
+def _series(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
+    """Sorted (epoch, value) points of ``key``; rows without it, or with a value that
+    is not a finite number (a diverged epoch), are skipped for this key only."""
+    pts: list[tuple[float, float]] = []
+    for row in history:
+        if key not in row or "epoch" not in row:
+            continue
+        try:
+            x, y = float(row["epoch"]), float(row[key])
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            pts.append((x, y))
+    return sorted(pts)
 
 
 def loss_curves(
@@ -147,99 +140,60 @@ def loss_curves(
     width: int = 640,
     height: int = 400,
 ) -> Image.Image:
-    """Line chart of ``history[i][key]`` against ``history[i]["epoch"]`` for each key.
+    """Line chart of ``history[i][key]`` against ``history[i]["epoch"]`` for each key, as
+    an RGB image of exactly ``width`` x ``height`` pixels.
 
-    Rows without a key (or with a non-finite value) are skipped for that key
-    only, so a validation curve logged every other epoch still draws.
+    Rows without a key (or with a non-finite value) are skipped for that key only, so a
+    validation curve logged every other epoch still draws; a key with no points at all is
+    listed in the legend as "(no data)".
     """
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-
-    series: dict[str, list[tuple[float, float]]] = {}
-    for key in keys:
-        pts: list[tuple[float, float]] = []
-        for row in history:
-            if key not in row or "epoch" not in row:
-                continue
-            try:
-                x, y = float(row["epoch"]), float(row[key])
-            except (TypeError, ValueError):
-                continue
-            # A diverged epoch (nan/inf) would wreck the y range for the rest.
-            if math.isfinite(x) and math.isfinite(y):
-                pts.append((x, y))
-        series[key] = sorted(pts)
-
-    title = "loss per epoch (nats/image)"
-    tw, th = _text_size(draw, title, font)
-    draw.text(((width - tw) // 2, 6), title, fill="black", font=font)
-
-    all_pts = [p for pts in series.values() for p in pts]
-    if all_pts:
-        y_lo, y_hi = _padded_range((p[1] for p in all_pts), rel=0.05, min_pad=1.0)
-        ep_lo = int(math.floor(min(p[0] for p in all_pts)))
-        ep_hi = int(math.ceil(max(p[0] for p in all_pts)))
-    else:
-        y_lo, y_hi, ep_lo, ep_hi = 0.0, 1.0, 1, 1
-    # Half an epoch of slack on each side keeps end markers off the axes and
-    # gives a single epoch a non-zero x span.
-    x_lo, x_hi = ep_lo - 0.5, ep_hi + 0.5
-
-    y_ticks = [y_lo + (y_hi - y_lo) * i / 4 for i in range(5)]
-    label_w = max(_text_size(draw, _fmt(v), font)[0] for v in y_ticks)
-    left = 12 + label_w
-    right = width - 16
-    top = 12 + th + 10
-    legend_h = (_text_size(draw, "Ag", font)[1] + 6) * max(1, len(keys))
-    # Room under the plot for the tick labels and, below them, the axis name.
-    bottom = height - 2 * th - 24
-    if right - left < 20 or bottom - top < 20:
+    if width < 120 or height < 90:
         raise ValueError(f"chart size {width}x{height} is too small to draw")
+    # Imported here: matplotlib costs ~0.3 s to import and only this function needs it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x_lo) / (x_hi - x_lo) * (right - left)
-        py = bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
-        return px, py
+    dpi = 100
+    # Text scales with the picture, within readable bounds.
+    fs = max(7.5, min(11.0, 10.0 * min(width / 640, height / 400)))
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white", layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
 
-    # Axes and ticks.
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=1)
-    for v in y_ticks:
-        _, py = to_px(x_lo, v)
-        draw.line([(left - 4, py), (left, py)], fill="black")
-        draw.line([(left + 1, py), (right, py)], fill=(230, 230, 230))
-        lw, lh = _text_size(draw, _fmt(v), font)
-        draw.text((left - 6 - lw, py - lh / 2 - 1), _fmt(v), fill="black", font=font)
-    for ep in _x_ticks(ep_lo, ep_hi):
-        px, _ = to_px(ep, y_lo)
-        draw.line([(px, bottom), (px, bottom + 4)], fill="black")
-        lw, _ = _text_size(draw, str(ep), font)
-        draw.text((px - lw / 2, bottom + 6), str(ep), fill="black", font=font)
-    ew, _ = _text_size(draw, "epoch", font)
-    draw.text(((left + right - ew) / 2, bottom + th + 14), "epoch", fill=(90, 90, 90), font=font)
-
-    # Curves: a line through the points plus a marker on each, so a single
-    # epoch (no line segment) is still visible.
+    all_x: list[float] = []
     for i, key in enumerate(keys):
+        pts = _series(history, key)
         colour = _COLOURS[i % len(_COLOURS)]
-        pts = [to_px(x, y) for x, y in series[key]]
-        if len(pts) >= 2:
-            draw.line(pts, fill=colour, width=2)
-        for px, py in pts:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour, outline=colour)
+        label = key if pts else f"{key} (no data)"
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        all_x.extend(xs)
+        # A marker on each point keeps a single epoch (no line segment) visible.
+        ax.plot(xs, ys, color=colour, linewidth=2, marker="o", markersize=max(3.0, fs * 0.45), label=label)
 
-    # Legend in the top-right corner of the plot area.
-    labels = [key if series[key] else f"{key} (no data)" for key in keys]
-    row_h = legend_h // max(1, len(keys))
-    text_w = max((_text_size(draw, lab, font)[0] for lab in labels), default=0)
-    lx = right - text_w - 34
-    ly = top + 6
+    if all_x:
+        lo, hi = math.floor(min(all_x)), math.ceil(max(all_x))
+    else:
+        lo, hi = 1, 1
+    # Half an epoch of slack keeps end markers off the axes and gives one epoch a span.
+    ax.set_xlim(lo - 0.5, hi + 0.5)
+    # Epochs are integers: a fractional tick label would be meaningless.
+    ax.set_xticks(range(lo, hi + 1, max(1, math.ceil((hi - lo + 1) / 8))))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.grid(True, color="0.9", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(labelsize=fs * 0.9)
+    ax.set_xlabel("epoch", fontsize=fs)
+    ax.set_ylabel("loss (nats per image)", fontsize=fs)
+    ax.set_title("Loss per epoch", fontsize=fs * 1.15)
     if keys:
-        draw.rectangle([lx - 6, ly - 4, right - 4, ly + legend_h], fill="white", outline=(160, 160, 160))
-    for i, label in enumerate(labels):
-        colour = _COLOURS[i % len(_COLOURS)]
-        cy = ly + i * row_h + row_h / 2
-        draw.line([(lx, cy), (lx + 20, cy)], fill=colour, width=3)
-        _, lh = _text_size(draw, label, font)
-        draw.text((lx + 26, cy - lh / 2 - 1), label, fill="black", font=font)
+        ax.legend(fontsize=fs * 0.9, frameon=True, framealpha=0.9, edgecolor="0.75", loc="best")
+
+    canvas.draw()
+    img = Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+    if img.size != (width, height):
+        # figsize * dpi can round one pixel short for some sizes; callers rely on the size.
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
     return img
