@@ -6,19 +6,23 @@ traceback; that includes Typer's own usage errors.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import signal
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 import typer
 
 from vae_dist import cli_visual
-from vae_dist.errors import VaeDistError
+from vae_dist.config import Option, TrainingConfig, merge, options, read_json_config
+from vae_dist.errors import ConfigError, VaeDistError
 
 # typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
 # click's classes, so both families are caught (else a bad flag ends in a traceback).
@@ -36,31 +40,7 @@ app = typer.Typer(
 )
 
 
-class ModelKind(str, Enum):
-    conv = "conv"
-    mlp = "mlp"
-
-
-class ReconLoss(str, Enum):
-    bce = "bce"
-    mse = "mse"
-
-
-class WandbMode(str, Enum):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    if value is None:
-        return
     if isinstance(value, Enum):
         value = value.value
     *parents, leaf = dotted.split(".")
@@ -69,19 +49,21 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> Any:
-    """Defaults <- config file (or, on --resume, the run's own config.json) <- flags."""
+def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
+    """Defaults <- config file (or, on --resume, the run's own config.json) <- flags.
+
+    ``flags`` maps dotted field names to values; None means "not given"."""
     from vae_dist.artifacts import CONFIG
-    from vae_dist.config import TrainingConfig, merge, read_json_config
 
     base: dict[str, Any] = read_json_config(config_file) if config_file else {}
-    artifact_dir = flags.get("artifact_dir") or base.get("artifact_dir") or TrainingConfig.artifact_dir
-    saved = Path(artifact_dir).expanduser() / CONFIG
-    if resume and not config_file and saved.is_file():
-        base = read_json_config(saved)
     overrides: dict[str, Any] = {}
     for dotted, value in flags.items():
-        _set(overrides, dotted, value)
+        if value is not None:
+            _set(overrides, dotted, value)
+    artifact_dir = overrides.get("artifact_dir") or base.get("artifact_dir") or TrainingConfig().artifact_dir
+    saved = Path(str(artifact_dir)).expanduser() / CONFIG
+    if resume and not config_file and saved.is_file():
+        base = read_json_config(saved)
     merged = merge(base, overrides)
     kind = overrides.get("model", {}).get("kind")
     if kind is not None and kind != base.get("model", {}).get("kind") and "latent_size" not in overrides.get("model", {}):
@@ -89,75 +71,112 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     return TrainingConfig.from_dict(merged)
 
 
-def train(
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON config file (a saved config.json works as is); flags override it."),
-    artifact_dir: Optional[str] = typer.Option(None, "--artifact-dir", help="Output folder (default: artifacts/vae-mnist)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the four MNIST IDX files; omit to download."),
-    model: Optional[ModelKind] = typer.Option(None, "--model", help="Architecture (default: conv)."),
-    latent_size: Optional[int] = typer.Option(None, "--latent-size", help="Latent dimensions (default: conv 64, mlp 20)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training set (default: 10)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch per process (default: 64)."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Adam learning rate (default: 1e-4)."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Loader workers per process (default: 4)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise (default: 42)."),
-    recon_loss: Optional[ReconLoss] = typer.Option(None, "--recon-loss", help="Likelihood (default: bce)."),
-    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Weight of the KL term (default: 1)."),
-    kl_warmup_epochs: Optional[float] = typer.Option(None, "--kl-warmup-epochs", help="Linear KL warm-up length (default: 0)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
-    limit_train_samples: Optional[int] = typer.Option(None, "--limit-train-samples", help="Use the first N training images."),
-    limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", help="Use the first N test images."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Clear a previous vae_dist run in the artifact directory."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
-    checkpoint_every_steps: Optional[int] = typer.Option(None, "--checkpoint-every-steps", help="0 = once per epoch (default: 0)."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Complete checkpoints kept (default: 2)."),
-    log_every_steps: Optional[int] = typer.Option(None, "--log-every-steps", help="Train-loss logging interval (default: 50)."),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="W&B project (default: vae-dist)."),
-    wandb_mode: Optional[WandbMode] = typer.Option(None, "--wandb-mode", help="(default: online, offline without an API key)."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU (with accelerate launch: gloo CPU ranks)."),
-    mixed_precision: Optional[Precision] = typer.Option(None, "--mixed-precision", help="Autocast precision (default: no)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    flush_denormal: Optional[bool] = typer.Option(
-        None, "--flush-denormal/--no-flush-denormal", help="Flush subnormal floats to zero on the CPU (default: on)."
-    ),
-    fused_adam: Optional[bool] = typer.Option(
-        None, "--fused-adam/--no-fused-adam", help="torch's fused Adam kernel (default: on); off = the per-tensor loop."
-    ),
-) -> None:
+# --- `train`'s options, generated from the config tree -----------------------------------
+
+
+def _param_name(o: Option) -> str:
+    return o.dotted.replace(".", "__")
+
+
+def _pair(o: Option, text: str) -> list[float]:
+    """'16,32' -> [16, 32] for the fields that hold a pair of numbers."""
+    item = typing.get_args(typing.get_args(_bare(o))[0])[0]  # tuple[Annotated[int, ...], ...] -> int
+    try:
+        return [item(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{o.flag} takes {item.__name__}s separated by a comma, e.g. {','.join(map(str, o.default))}") from None
+
+
+# A flag takes no value: an empty metavar keeps Typer from printing <bool> after it.
+FLAG = {"metavar": ""}
+
+
+def _bare(o: Option) -> Any:
+    """The field's type without Optional."""
+    ann = o.annotation
+    if typing.get_origin(ann) is typing.Union:
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    return ann
+
+
+def _cli_type(o: Option) -> tuple[Any, list[str], dict[str, Any]]:
+    """(annotation, option declarations, extra typer.Option arguments) for one field."""
+    ann = _bare(o)
+    if ann is bool:
+        return Optional[bool], [f"{o.flag}/--no-{o.flag[2:]}"], FLAG
+    if typing.get_origin(ann) is typing.Literal:
+        choices = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
+        return Optional[choices], [o.flag], {}
+    if typing.get_origin(ann) is tuple:
+        return Optional[str], [o.flag], {"metavar": "A,B"}
+    return Optional[ann], [o.flag], {}
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """One option per field, whose default is the field's own, so --help shows it as is."""
+    params = []
+    for o in options():
+        ann, decls, extra = _cli_type(o)
+        default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
+        shown = o.shown if o.shown is not None else default is not None
+        option = typer.Option(default, *decls, help=o.help, show_default=shown, **extra)
+        params.append(inspect.Parameter(_param_name(o), inspect.Parameter.KEYWORD_ONLY, default=option, annotation=ann))
+    return params
+
+
+def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave, as {dotted field name: value} (pairs parsed). An option
+    left at its default is not a flag: the config file, or the resumed run's config, wins."""
+    out = {}
+    for o in options():
+        source = ctx.get_parameter_source(_param_name(o))
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        v = values[_param_name(o)]
+        out[o.dotted] = _pair(o, v) if isinstance(v, str) and typing.get_origin(_bare(o)) is tuple else v
+    return out
+
+
+def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``fn(config_file, resume, overwrite, flags)`` a Typer signature: --config,
+    --resume, --overwrite and one option per config field."""
+    run_params = [
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--config", help="JSON config file (a saved config.json works as is); flags override it.")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--resume", help="Continue from the newest complete checkpoint.", show_default=False, **FLAG)),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--overwrite", help="Clear a previous vae_dist run in the artifact directory.", show_default=False, **FLAG)),
+    ]
+    context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    params = [context, *run_params, *_config_parameters()]
+
+    @functools.wraps(fn)
+    def command(ctx: typer.Context, **values: Any) -> Any:
+        return fn(values.pop("config_file"), values.pop("resume"), values.pop("overwrite"), _flags(ctx, values))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+@with_config_options
+def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dict[str, Any]) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
-    flags = {
-        "artifact_dir": artifact_dir,
-        "data.data_dir": data_dir,
-        "model.kind": model,
-        "model.latent_size": latent_size,
-        "epochs": epochs,
-        "data.batch_size": batch_size,
-        "optimizer.learning_rate": learning_rate,
-        "data.num_workers": num_workers,
-        "seed": seed,
-        "loss.recon_loss": recon_loss,
-        "loss.kl_weight": kl_weight,
-        "loss.kl_warmup_epochs": kl_warmup_epochs,
-        "max_steps": max_steps,
-        "data.limit_train_samples": limit_train_samples,
-        "data.limit_eval_samples": limit_eval_samples,
-        "checkpoint_every_steps": checkpoint_every_steps,
-        "keep_checkpoints": keep_checkpoints,
-        "log_every_steps": log_every_steps,
-        "wandb_project": wandb_project,
-        "wandb_mode": wandb_mode,
-        "cpu": True if cpu else None,
-        "mixed_precision": mixed_precision,
-        "compile": True if compile else None,
-        "flush_denormal": flush_denormal,
-        "optimizer.fused": fused_adam,
-    }
-    cfg = build_config(config, resume, flags)
+    cfg = build_config(config_file, resume, flags)
     from vae_dist import runtime
     from vae_dist.train import train as run_training
 
     runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
-
     run_training(cfg, resume=resume, overwrite=overwrite)
+
+
+def parse_train_args(args: list[str]) -> TrainingConfig:
+    """The config that ``train ARGS`` would run: for benchmarks and tools that take the
+    same flags as the trainer without training."""
+    parser = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    parser.command()(with_config_options(lambda config_file, resume, overwrite, flags: build_config(config_file, resume, flags)))
+    return parser(args=args, prog_name="train", standalone_mode=False)
 
 
 def evaluate(
@@ -165,7 +184,7 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder (default: the one used in training)."),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", help="Use the first N test images."),
     iw_samples: int = typer.Option(0, "--iw-samples", help="Also estimate the test NLL with K importance samples."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", **FLAG),
 ) -> None:
     """Test loss, reconstruction and KL of a trained model (nats per image).
 

@@ -1,269 +1,178 @@
-"""The typed config tree: defaults, validation at construction, JSON in and out.
+"""The typed config tree: each option declared once, with its default, help, flag and resume rule.
 
-Every section is a dataclass whose fields carry their type, default and a one-line doc;
-construction checks types and ranges and names the offending field, so a bad value is
-refused before anything is created or trained.
+Every section is a pydantic model validated in strict mode with unknown keys refused, so
+a bad value is refused before anything is created or trained, in one line that names
+the field (``data.batch_size: must be ≥ 1, got 0``). A field's metadata also carries its
+command-line flag and whether it may change on ``--resume``: the CLI generates the
+``train`` options from this tree (vae_dist.cli), and the resumable set is read off it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from vae_dist.errors import ConfigError
 
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"{origin.__name__} of {_describe(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
+# A config file is a few hundred bytes; more than this is not a config (or is /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+# numpy's seed (which accelerate.set_seed also sets) must fit in 32 bits.
+MAX_SEED = 2**32 - 1
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Return ``value`` as type ``tp`` or raise ConfigError naming ``name``.
-
-    JSON has no tuples and no int/float distinction, so ints are accepted for floats and
-    lists for tuples; bools are never accepted as numbers (``True`` is an int in Python).
-    """
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, name)
-            except ConfigError:
-                pass
-    elif origin is Literal:
-        if value in typing.get_args(tp) and type(value) is str:
-            return value
-    elif origin in (list, tuple):
-        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        if isinstance(value, (list, tuple)):
-            return origin(_coerce(v, item, name) for v in value)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, dict):
-            return _from_dict(tp, value, prefix=f"{name}.")
-    raise ConfigError(f"{name} must be {_describe(tp)} (got {value!r})")
+def option(
+    default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False, shown: Optional[str] = None,
+    **constraints: Any,
+) -> Any:
+    """A config field: its default, one line of help, its CLI flag (default: ``--field-name``),
+    whether it may differ on ``--resume`` (only fields that change how a run is driven,
+    logged or stored, never which samples it sees or what the model is), and how ``--help``
+    shows its default when the value itself does not say it (``shown``)."""
+    extra = {"flag": flag, "resumable": resumable, "shown": shown}
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object (got {data!r})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(_prefix=prefix, **kwargs) if "_prefix" in names else cls(**kwargs)
+# Lists of numbers: JSON has no tuples, so lists are accepted (strict=False on the field)
+# while each item stays strict (no "3" for 3, no true for 1).
+Channels = Annotated[int, Field(strict=True, ge=1, le=1024)]
+Beta = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
 
 
-class _Section:
-    """Base of every config section: checks field types, then the section's own ranges."""
+class Section(BaseModel):
+    """Base of every section. ``path`` is where the section sits in the tree, so that even
+    a section built directly (``DataConfig(batch_size=0)``) names ``data.batch_size``."""
 
-    def __post_init__(self) -> None:
-        prefix = getattr(self, "_prefix", "")
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if f.name.startswith("_"):
-                continue
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], prefix + f.name))
-        self.validate()
+    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+    path: ClassVar[str] = ""
 
-    def validate(self) -> None:  # pragma: no cover - overridden where there are ranges
-        pass
-
-    def _require(self, ok: bool, name: str, what: str) -> None:
-        if not ok:
-            prefix = getattr(self, "_prefix", "")
-            raise ConfigError(f"{prefix}{name} must be {what} (got {getattr(self, name)!r})")
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(explain(e, self.path)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if f.name.startswith("_"):
-                continue
-            v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, _Section) else (list(v) if isinstance(v, tuple) else v)
-        return out
+        return self.model_dump(mode="json")
 
 
-def _prefix_field(name: str) -> Any:
-    # Where the section sits in the tree, so errors say "optimizer.learning_rate".
-    return field(default=name, repr=False, compare=False)
+class ModelConfig(Section):
+    path: ClassVar[str] = "model"
 
+    kind: Literal["conv", "mlp"] = option(
+        "conv", "Architecture: conv = the original Burn flow's 1->16->32 stride-2 encoder; mlp = 784-400-20, the PyTorch example.",
+        flag="--model",
+    )
+    latent_size: Optional[int] = option(
+        None, "Latent dimensions.", shown="conv 64, mlp 20", ge=1, le=4096,
+    )
+    hidden_size: int = option(400, "Width of the mlp's hidden layer (unused by conv).", ge=1, le=16384)
+    conv_channels: tuple[Channels, Channels] = option(
+        (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
+        strict=False,
+    )
 
-@dataclass
-class ModelConfig(_Section):
-    kind: Literal["conv", "mlp"] = "conv"
-    """conv: the original's 1->16->32 stride-2 encoder; mlp: 784-400-20 as in the PyTorch example."""
-    latent_size: Optional[int] = None
-    """Latent dimensions; None picks the architecture's default (conv 64, mlp 20)."""
-    hidden_size: int = 400
-    """Width of the mlp's hidden layer (unused by conv)."""
-    conv_channels: tuple[int, ...] = (16, 32)
-    """Channels of the conv encoder's two stride-2 layers (the decoder mirrors them)."""
-    _prefix: str = _prefix_field("model.")
-
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _default_latent(self) -> "ModelConfig":
         if self.latent_size is None:
             self.latent_size = 64 if self.kind == "conv" else 20
-        self._require(self.latent_size >= 1, "latent_size", ">= 1")
-        self._require(self.hidden_size >= 1, "hidden_size", ">= 1")
-        self._require(
-            len(self.conv_channels) == 2 and min(self.conv_channels) >= 1,
-            "conv_channels",
-            "two positive channel counts",
-        )
+        return self
 
 
-@dataclass
-class OptimizerConfig(_Section):
-    learning_rate: float = 1e-4
-    """Adam step size."""
-    betas: tuple[float, ...] = (0.9, 0.999)
-    """Adam's moment decay rates."""
-    eps: float = 1e-8
-    """Adam's denominator guard."""
-    weight_decay: float = 0.0
-    """L2 penalty added to the gradient (torch.optim.Adam semantics)."""
-    max_grad_norm: Optional[float] = None
-    """Clip the global gradient norm to this value; None disables clipping."""
-    fused: bool = True
-    """Use torch's fused Adam kernel (one pass over all parameters instead of a handful of
-    ops per tensor): on the 2-core CPU an MLP step takes 3.7 ms instead of 5.0. Runs at
-    different process counts stay as close with it as with the per-tensor loop (both
-    agree to rounding; see tests/test_distributed.py)."""
-    _prefix: str = _prefix_field("optimizer.")
+class OptimizerConfig(Section):
+    path: ClassVar[str] = "optimizer"
 
-    def validate(self) -> None:
-        self._require(self.learning_rate > 0, "learning_rate", "> 0")
-        self._require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two values in [0, 1)")
-        self._require(self.eps > 0, "eps", "> 0")
-        self._require(self.weight_decay >= 0, "weight_decay", ">= 0")
-        self._require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or null")
+    learning_rate: float = option(1e-4, "Adam step size.", gt=0.0, le=10.0)
+    betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
+    eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
+    weight_decay: float = option(0.0, "L2 penalty added to the gradient (torch.optim.Adam semantics).", ge=0.0)
+    max_grad_norm: Optional[float] = option(None, "Clip the global gradient norm to this value.", shown="no clipping", gt=0.0)
+    fused: bool = option(
+        True, "torch's fused Adam kernel (one pass over all parameters); off = the per-tensor loop.",
+        flag="--fused-adam", resumable=True,
+    )
 
 
-@dataclass
-class DataConfig(_Section):
-    data_dir: Optional[str] = None
-    """Folder with the four MNIST IDX files (gzipped or not, flat or under MNIST/raw/); None downloads."""
-    cache_dir: str = "~/.cache/vae_dist"
-    """Where MNIST is downloaded when no data_dir is given."""
-    batch_size: int = 64
-    """Training batch per process; the global batch is batch_size x processes."""
-    eval_batch_size: int = 1000
-    """Validation batch per process (changes speed only, never the numbers)."""
-    num_workers: int = 4
-    """DataLoader worker processes per rank (0 fetches in the training process)."""
-    limit_train_samples: Optional[int] = None
-    """Use only the first N training images."""
-    limit_eval_samples: Optional[int] = None
-    """Use only the first N test images."""
-    _prefix: str = _prefix_field("data.")
+class DataConfig(Section):
+    path: ClassVar[str] = "data"
 
-    def validate(self) -> None:
-        self._require(self.batch_size >= 1, "batch_size", ">= 1")
-        self._require(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
-        self._require(self.num_workers >= 0, "num_workers", ">= 0")
-        for name in ("limit_train_samples", "limit_eval_samples"):
-            v = getattr(self, name)
-            self._require(v is None or v >= 1, name, ">= 1 or null")
+    data_dir: Optional[str] = option(
+        None, "Folder with the four MNIST IDX files (gzipped or not, flat or under MNIST/raw/).", shown="download",
+        resumable=True,
+    )
+    cache_dir: str = option("~/.cache/vae_dist", "Where MNIST is downloaded when no --data-dir is given.", resumable=True)
+    batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1, le=1 << 20)
+    eval_batch_size: int = option(
+        1000, "Validation batch per process (changes speed only, never the numbers).", ge=1, le=1 << 20, resumable=True,
+    )
+    # The dataset is one in-memory tensor and a batch one index into it: worker processes
+    # only add inter-process copies (and PyTorch warns when they outnumber the cores).
+    num_workers: int = option(
+        0, "DataLoader worker processes per process (0 = batches are taken in the training process).",
+        ge=0, le=256, resumable=True,
+    )
+    limit_train_samples: Optional[int] = option(None, "Use only the first N training images.", shown="all", ge=1)
+    limit_eval_samples: Optional[int] = option(
+        None, "Use only the first N test images.", shown="all", ge=1, resumable=True,
+    )
 
 
-@dataclass
-class LossConfig(_Section):
-    recon_loss: Literal["bce", "mse"] = "bce"
-    """bce: Bernoulli likelihood; mse: Gaussian with unit variance (up to a constant)."""
-    kl_weight: float = 1.0
-    """Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1)."""
-    kl_warmup_epochs: float = 0.0
-    """Ramp the KL weight linearly from 0 over this many epochs (0 = no warm-up)."""
-    _prefix: str = _prefix_field("loss.")
+class LossConfig(Section):
+    path: ClassVar[str] = "loss"
 
-    def validate(self) -> None:
-        self._require(self.kl_weight >= 0, "kl_weight", ">= 0")
-        self._require(self.kl_warmup_epochs >= 0, "kl_warmup_epochs", ">= 0")
+    recon_loss: Literal["bce", "mse"] = option(
+        "bce", "Likelihood: bce = Bernoulli; mse = Gaussian with unit variance (up to a constant).",
+    )
+    kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)
+    kl_warmup_epochs: float = option(0.0, "Ramp the KL weight linearly from 0 over this many epochs.", ge=0.0)
 
 
-@dataclass
-class TrainingConfig(_Section):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    artifact_dir: str = "artifacts/vae-mnist"
-    """Where config.json, metrics, checkpoints and model.safetensors go."""
-    epochs: int = 10
-    """Passes over the training set."""
-    seed: int = 42
-    """Seeds weights, data order and the reparameterisation noise."""
-    max_steps: Optional[int] = None
-    """Stop after this many optimizer steps in total (the run still validates and saves)."""
-    checkpoint_every_steps: int = 0
-    """Also checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
-    keep_checkpoints: int = 2
-    """How many complete checkpoints to keep."""
-    log_every_steps: int = 50
-    """Log the running train loss every N steps (each log is one host sync)."""
-    cpu: bool = False
-    """Train on the CPU even where a GPU exists."""
-    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
-    """Autocast precision; None follows the launcher (accelerate config), else no. The
-    precision actually used is what config.json records."""
-    compile: bool = False
-    """Run the model through torch.compile."""
-    flush_denormal: bool = True
-    """Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime): Adam's
-    estimates for rarely-seen border pixels decay through the subnormal range, where the
-    CPU is slow. Values below 1.2e-38 move no weight measurably (the same test losses to
-    0.01 nats after 8 epochs)."""
-    wandb_project: str = "vae-dist"
-    """W&B project name."""
-    wandb_mode: Literal["online", "offline", "disabled"] = "online"
-    """online falls back to offline when no API key is set; disabled writes nothing."""
-
-    def validate(self) -> None:
-        self._require(self.epochs >= 1, "epochs", ">= 1")
-        self._require(self.seed >= 0, "seed", ">= 0")
-        self._require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 or null")
-        self._require(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", ">= 0")
-        self._require(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
-        self._require(self.log_every_steps >= 1, "log_every_steps", ">= 1")
-        self._require(bool(self.artifact_dir), "artifact_dir", "a non-empty path")
+class TrainingConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    artifact_dir: str = option(
+        "artifacts/vae-mnist", "Where config.json, metrics, checkpoints and model.safetensors go.", min_length=1,
+        resumable=True,
+    )
+    epochs: int = option(10, "Passes over the training set.", ge=1, le=1_000_000, resumable=True)
+    seed: int = option(42, "Seeds weights, data order and the reparameterisation noise.", ge=0, le=MAX_SEED)
+    max_steps: Optional[int] = option(
+        None, "Stop after this many optimizer steps in total (the run still validates and saves).", shown="no limit",
+        ge=1, resumable=True,
+    )
+    checkpoint_every_steps: int = option(
+        0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).", ge=0, resumable=True,
+    )
+    keep_checkpoints: int = option(2, "How many complete checkpoints to keep.", ge=1, resumable=True)
+    log_every_steps: int = option(50, "Log the running train loss every N steps (each log is one host sync).", ge=1, resumable=True)
+    cpu: bool = option(False, "Train on the CPU even where a GPU exists (with accelerate launch: gloo CPU ranks).", resumable=True)
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = option(
+        None, "Autocast precision; config.json records the one actually used.", shown="the launcher's, else no",
+        resumable=True,
+    )
+    compile: bool = option(False, "Run the model through torch.compile.", resumable=True)
+    flush_denormal: bool = option(
+        True, "Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime).", resumable=True,
+    )
+    wandb_project: str = option("vae-dist", "W&B project name.", resumable=True)
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = option(
+        None, "W&B mode; online falls back to offline without an API key.", shown="$WANDB_MODE, else online",
+        resumable=True,
+    )
 
     # --- JSON in and out -------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
-        return _from_dict(cls, data)
+    def from_dict(cls, data: Any) -> "TrainingConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object (got {type(data).__name__})")
+        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -273,17 +182,60 @@ class TrainingConfig(_Section):
         return cls.from_dict(read_json_config(path))
 
 
+# --- errors ----------------------------------------------------------------------------
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
+    "model_type": "a JSON object", "dict_type": "a JSON object", "tuple_type": "a list", "list_type": "a list",
+    "int_from_float": "an integer", "finite_number": "a finite number",
+}
+
+
+def explain(error: ValidationError, prefix: str = "") -> str:
+    """The first problem of a pydantic error as one line: ``field.path: must be ..., got X``."""
+    e = error.errors()[0]
+    names = ((prefix,) if prefix else ()) + tuple(p for p in e["loc"] if isinstance(p, str))
+    loc = ".".join(names)
+    kind, ctx, got = e["type"], e.get("ctx") or {}, e.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown config key {loc}"
+    if kind == "missing" and isinstance(e["loc"][-1], int):  # a pair given as a list of one
+        return f"{loc}: must have exactly 2 items"
+    if kind == "string_too_short":
+        return f"{loc}: must not be empty"
+    bounds = {"greater_than_equal": ("≥", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("≤", "le"),
+              "less_than": ("<", "lt")}
+    if kind in bounds:
+        sign, key = bounds[kind]
+        what = f"must be {sign} {ctx[key]}"
+    elif kind == "literal_error":
+        what = f"must be one of {ctx['expected']}"
+    elif kind in ("too_short", "too_long"):
+        what = "must have exactly 2 items"
+    elif kind in _TYPE_WORDS:
+        what = f"must be {_TYPE_WORDS[kind]}"
+    else:
+        what = f"must be valid ({e['msg']})"
+    return f"{loc}: {what}, got {got!r}"
+
+
 def read_json_config(path: str | Path) -> dict[str, Any]:
     """Read a JSON config file into a dict, with one-line errors for the usual mistakes."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device file would never end
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} cannot be read: {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a JSON object")
     return data
@@ -297,30 +249,45 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# Fields that may differ between a run and its resumption: they change how the run is
-# driven, logged or stored, never which samples it sees or what the model is.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "artifact_dir",
-        "epochs",
-        "max_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "log_every_steps",
-        "cpu",
-        "mixed_precision",
-        "compile",
-        "flush_denormal",
-        "optimizer.fused",
-        "wandb_project",
-        "wandb_mode",
-        "data.data_dir",
-        "data.cache_dir",
-        "data.num_workers",
-        "data.eval_batch_size",
-        "data.limit_eval_samples",
-    }
-)
+# --- the tree as a flat list of options ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One leaf field of the tree, as the CLI and the resume check see it."""
+
+    dotted: str  # "data.batch_size"
+    flag: str  # "--batch-size"
+    help: str
+    default: Any
+    annotation: Any
+    resumable: bool
+    shown: Optional[str]
+
+
+def options(cls: type[Section] = TrainingConfig, prefix: str = "") -> Iterator[Option]:
+    for name, info in cls.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            yield from options(ann, f"{prefix}{name}.")
+            continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        yield Option(
+            dotted=prefix + name,
+            flag=str(extra.get("flag") or "--" + name.replace("_", "-")),
+            help=info.description or "",
+            default=_default(info),
+            annotation=ann,
+            resumable=bool(extra.get("resumable")),
+            shown=extra.get("shown"),  # type: ignore[arg-type]
+        )
+
+
+def _default(info: FieldInfo) -> Any:
+    return info.get_default(call_default_factory=True)
+
+
+RESUMABLE_FIELDS = frozenset(o.dotted for o in options() if o.resumable)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
