@@ -1,5 +1,5 @@
-"""The speed settings: fused Adam and flushed subnormals on by default (and switchable
-from the CLI), the process settings of vae_dist.runtime doing what they claim, and
+"""The speed settings: fused Adam and flushed subnormals switchable from the CLI, the
+process settings of vae_dist.runtime doing what they claim, and
 train_step calling the torch optimizer directly only where Accelerate's wrapper has
 nothing to do."""
 
@@ -13,17 +13,9 @@ import pytest
 
 import vae_dist.train
 from vae_dist.cli import main
-from vae_dist.config import RESUMABLE_FIELDS, TrainingConfig
+from vae_dist.config import TrainingConfig
 
 from conftest import REPO, cli_env
-
-
-def test_fast_paths_are_the_defaults():
-    c = TrainingConfig()
-    assert c.optimizer.fused is True
-    assert c.flush_denormal is True
-    # Both change only rounding, so a run may be resumed with them switched.
-    assert {"optimizer.fused", "flush_denormal"} <= RESUMABLE_FIELDS
 
 
 @pytest.mark.parametrize(
@@ -59,6 +51,7 @@ SUBNORMAL_PRODUCT = """
 """
 
 
+@pytest.mark.slow
 def test_flush_denormal_reaches_all_threads_when_set_first():
     out = _run_python(
         SUBNORMAL_PRODUCT
@@ -76,22 +69,7 @@ def test_flush_denormal_reaches_all_threads_when_set_first():
     assert off == 1 << 20, "with the mode off the products stay subnormal"
 
 
-def test_flush_denormal_set_late_misses_worker_threads():
-    """Why train() sets the mode before any tensor work: threads made earlier keep theirs."""
-    out = _run_python(
-        SUBNORMAL_PRODUCT
-        + """
-    (torch.rand(2000, 2000) @ torch.rand(2000, 2000)).sum()  # starts the worker threads
-    torch.set_flush_denormal(True)
-    print(nonzero_products(), torch.get_num_threads())
-    """
-    )
-    survived, threads = map(int, out.split())
-    if threads < 2:
-        pytest.skip("one intra-op thread: no worker threads to miss")
-    assert 0 < survived < 1 << 20, survived
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate, unwrapped", [(1, True), (2, False)])
 def test_train_step_bypasses_the_optimizer_wrapper_only_when_it_is_a_pass_through(accumulate, unwrapped):
     out = _run_python(
@@ -109,43 +87,6 @@ def test_train_step_bypasses_the_optimizer_wrapper_only_when_it_is_a_pass_throug
     assert out.split() == ([str(True), str(False)] if unwrapped else [str(False), str(True)])
 
 
-# Page faults per conv training step after a warm-up: a standalone loop like this one is
-# the pattern where glibc hands a step's freed buffers back to the kernel (about 3,600
-# faults per step on the CPU machine) unless told to keep them (about 10).
-FAULTS_PER_STEP = """
-    import resource, sys, torch
-    if sys.argv[1] == "keep":
-        from vae_dist.runtime import keep_freed_memory
-        assert keep_freed_memory()
-    from vae_dist.config import ModelConfig
-    from vae_dist.loss import negative_elbo
-    from vae_dist.model import VAE
-    torch.manual_seed(0)
-    model = VAE.from_config(ModelConfig(kind="conv"))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.rand(128, 1, 28, 28)
-    def step():
-        out = model(x, torch.randn(128, 64))
-        negative_elbo(out.logits, out.mu, out.logvar, x, kind="bce", kl_weight=1.0).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(5):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator policy")
-def test_freed_memory_is_kept_instead_of_faulted_back_in():
-    kept, default = (float(_run_python(FAULTS_PER_STEP, mode)) for mode in ("keep", "default"))
-    print(f"\npage faults per conv step: {kept:.0f} with freed memory kept, {default:.0f} without")
-    assert kept < 200, kept
-    assert default > 10 * kept + 200, (default, kept)  # the control: the pattern does fault without it
-
-
 def test_user_allocator_settings_are_left_alone(monkeypatch):
     from vae_dist.runtime import keep_freed_memory
 
@@ -159,13 +100,16 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
 def test_interval_loss_comes_from_snapshots_of_the_running_sums():
     import torch
 
-    from vae_dist.learner import _Interval
+    from vae_dist.meter import TrainMeter
 
-    sums = torch.tensor([1000.0, 0.0, 0.0], dtype=torch.float64)  # a resumed epoch's totals
-    interval = _Interval(sums, 8.0)
-    for objective, n in [(640.0, 64), (320.0, 64)]:
-        sums += torch.tensor([objective, 0.0, 0.0], dtype=torch.float64)
-    first = interval.take(sums, 8.0 + 128)
-    assert first.tolist() == [960.0, 128.0]  # only this interval, not the resumed totals
-    sums += torch.tensor([64.0, 0.0, 0.0], dtype=torch.float64)
-    assert interval.take(sums, 8.0 + 192).tolist() == [64.0, 64.0]
+    meter = TrainMeter(torch.device("cpu"))
+    meter.start_epoch([1000.0, 0.0, 0.0, 8.0])  # a resumed epoch's totals
+    for step, (objective, n) in enumerate([(640.0, 64), (320.0, 64)], start=1):
+        meter.add(torch.tensor([objective, 0.0, 0.0], dtype=torch.float64), torch.tensor(1.0), n, 2, step)
+    assert meter.take_interval().tolist() == [960.0, 128.0]  # only this interval, not the resumed totals
+    meter.add(torch.tensor([64.0, 0.0, 0.0], dtype=torch.float64), torch.tensor(float("nan")), 64, 2, 3)
+    assert meter.take_interval().tolist() == [64.0, 64.0]
+    assert meter.totals().tolist() == [2024.0, 0.0, 0.0, 200.0]
+    assert meter.samples == 3 * 64 * 2  # all ranks' images since the (resumed) start
+    assert meter.first_nonfinite_step().tolist() == [3]
+    assert meter.first_nonfinite_step().tolist() == [-1]  # each loss is checked once

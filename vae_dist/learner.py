@@ -1,19 +1,16 @@
-"""The Learner: ``fit`` orders epochs, train steps, validation, logging and checkpoints.
+"""The Learner: ``fit`` orders epochs, train steps, logging, checkpoints and validation.
 
-``train_step`` owns one optimizer step; ``fit`` only orders step -> log -> validate ->
-checkpoint. Metrics are accumulated on the device as sums and reduced across ranks only
+``train_step`` owns one optimizer step; ``fit`` reads top to bottom on one screen.
+Metrics are accumulated on the device (vae_dist.meter) and reduced across ranks only
 when they are reported, so a step never waits for the host (no ``.item()`` per step).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -21,28 +18,23 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from vae_dist import artifacts, images
+from vae_dist import artifacts, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.distributed import any_rank, main_print
 from vae_dist.errors import TrainingError
 from vae_dist.loss import negative_elbo
+from vae_dist.meter import TrainMeter
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, train_noise
+from vae_dist.progress import Progress
 from vae_dist.signals import Preempted, StopRequest
 from vae_dist.tracking import Tracker
 
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
 STOP_SYNC_EVERY = 10
-# Test hook: "R:S" raises on rank R at global step S (one rank's failure must end the job);
-# "R:S:kill" SIGKILLs that rank there instead (a kill at a chosen moment, for resume tests).
-FAIL_HOOK_ENV = "VAE_DIST_TEST_FAIL_AT"
-# Test hook: "N" multiplies the batch of the N-th optimizer step (1-based, the number that
-# errors and checkpoint folders use) by NaN on every rank, to test non-finite detection.
-NAN_HOOK_ENV = "VAE_DIST_TEST_NAN_AT"
 # A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
 NUM_PREVIEW = 32
@@ -68,7 +60,7 @@ def train_step(
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # One stack and one reduction: per-step bookkeeping is a visible share of a 3 ms CPU step.
+    # One stack and one reduction: per-step bookkeeping is a visible share of a CPU step.
     sums = torch.stack([parts.total.detach(), parts.recon.detach(), parts.kl.detach()]).sum(dim=1)
     return sums, parts.loss.detach()
 
@@ -77,8 +69,8 @@ def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimize
     """The optimizer ``train_step`` calls. Accelerate's wrapper adds something only with a
     gradient scaler (fp16), gradient accumulation or XLA; otherwise its step() and zero_grad()
     just forward, after looking for the lomo_optim package and inspecting zero_grad's
-    signature on every call: about 0.1 ms of a 3.5 ms MLP step on the 2-core CPU. The torch
-    optimizer is the same object either way, so checkpoints (through the wrapper) see it."""
+    signature on every call. The torch optimizer is the same object either way, so
+    checkpoints (through the wrapper) see it."""
     if (
         isinstance(optimizer, AcceleratedOptimizer)
         and optimizer.scaler is None
@@ -135,21 +127,6 @@ class Position:
     wandb_run_id: Optional[str] = None
 
 
-class _Interval:
-    """The training loss since the last report, from the running sums: a snapshot at each
-    report instead of a second accumulator updated every step."""
-
-    def __init__(self, metric_sums: torch.Tensor, count: float):
-        self.objective, self.count = metric_sums[0].clone(), count
-
-    def take(self, metric_sums: torch.Tensor, count: float) -> torch.Tensor:
-        """[objective sum, images] since the previous take (or the start); starts a new interval."""
-        now = metric_sums[0].clone()
-        out = torch.stack([now - self.objective, torch.full_like(now, count - self.count)])
-        self.objective, self.count = now, count
-        return out
-
-
 class Learner:
     """Trains a VAE with Accelerate: prepare, fit, validate, checkpoint, summarise."""
 
@@ -159,6 +136,8 @@ class Learner:
         model: VAE,
         optimizer: torch.optim.Optimizer,
         config: TrainingConfig,
+        train_loader: DataLoader,
+        valid_loader: DataLoader,
         *,
         artifact_dir: Path,
         tracker: Tracker,
@@ -168,242 +147,166 @@ class Learner:
         preview_images: Optional[torch.Tensor] = None,
     ):
         self.acc = accelerator
-        self.model: nn.Module = model
-        self.optimizer = optimizer
         self.config = config
+        self.latent = model.latent_size
+        self.sampler = train_loader.sampler  # EpochShuffleSampler: the order is a function of (seed, epoch)
+        self.num_train = len(train_loader.dataset)  # type: ignore[arg-type]
+        self.model, self.optimizer, self.train_loader, self.valid_loader = accelerator.prepare(
+            model, optimizer, train_loader, valid_loader
+        )
+        self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
+        self.steps_per_epoch = len(self.train_loader)
+        self.valid_noise = eval_noise(config.seed, len(valid_loader.dataset), self.latent).to(accelerator.device)  # type: ignore[arg-type]
         self.artifact_dir = artifact_dir
         self.tracker = tracker
         self.checkpointer = checkpointer
         self.resume = resume
-        self.run_id = run_id
         self.preview_images = preview_images
         self.say: Callable[[str], None] = main_print(accelerator)
         self.position = Position(wandb_run_id=run_id)
-        self.latent = model.latent_size
-        # Test hooks, read once: the step loop should not consult the environment.
-        self._fail_at = os.environ.get(FAIL_HOOK_ENV)
-        self._nan_at = os.environ.get(NAN_HOOK_ENV)
-        # (global step, loss) of the steps not yet checked for a non-finite loss.
-        self._unchecked_losses: list[tuple[int, torch.Tensor]] = []
-
-    # ----------------------------------------------------------------- fit
-
-    def fit(self, train_loader: DataLoader, valid_loader: DataLoader) -> nn.Module:
-        """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model."""
-        cfg, acc = self.config, self.acc
-        sampler = train_loader.sampler  # EpochShuffleSampler: the order is a function of (seed, epoch)
-        num_train = len(train_loader.dataset)  # type: ignore[arg-type]
-        self.model, self.optimizer, train_loader, valid_loader = acc.prepare(
-            self.model, self.optimizer, train_loader, valid_loader
-        )
-        self.step_optimizer = stepping_optimizer(acc, self.optimizer)
-        self.valid_noise = eval_noise(cfg.seed, len(valid_loader.dataset), self.latent).to(acc.device)  # type: ignore[arg-type]
-        steps_per_epoch = self.steps_per_epoch = len(train_loader)
-        if steps_per_epoch == 0:
+        self.meter = TrainMeter(accelerator.device)
+        if self.steps_per_epoch == 0:
             raise TrainingError(
-                f"the training set is smaller than one global batch ({cfg.data.batch_size} x {acc.num_processes}"
-                " processes); lower --batch-size or raise --limit-train-samples"
+                f"the training set is smaller than one global batch ({config.data.batch_size} x "
+                f"{accelerator.num_processes} processes); lower --batch-size or raise --limit-train-samples"
             )
+
+    def fit(self) -> nn.Module:
+        """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model."""
         if self.resume:
-            self._restore(steps_per_epoch)
-        pos = self.position
-        self.tracker.start(cfg, pos.wandb_run_id or self.run_id, self.artifact_dir)
-
-        with StopRequest() as stop:
-            while pos.epoch < cfg.epochs and not self._max_steps_reached():
-                sums, train_seconds, samples, stopped_by = self._train_epoch(train_loader, sampler, num_train, stop)
-                if stopped_by is not None:
-                    self._check_finite()
-                    path = self._checkpoint(sums)
-                    self.tracker.finish()
-                    raise Preempted(stopped_by, str(path))
-                epoch_done = pos.batches_done >= steps_per_epoch
-                if not epoch_done and not self._max_steps_reached():
-                    # Would otherwise loop on the same epoch for ever.
-                    raise TrainingError(
-                        f"the training loader ended after {pos.batches_done} of {steps_per_epoch} batches"
-                    )
-                self._end_epoch(sums, valid_loader, train_seconds, samples, epoch_done)
-
-        self.tracker.finish()
-        return acc.unwrap_model(self.model)
+            self._restore()
+        cfg, pos, meter = self.config, self.position, self.meter
+        self.tracker.start(cfg, pos.wandb_run_id or "", self.artifact_dir)
+        try:
+            with StopRequest() as stop:
+                while pos.epoch < cfg.epochs and not self._max_steps_reached():
+                    noise = self._start_epoch()
+                    progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
+                                        enabled=self.acc.is_main_process)
+                    try:
+                        for images_batch, index in self._batches():
+                            sums, loss = train_step(
+                                self.model, self.step_optimizer, self.acc, images_batch, noise[index],
+                                recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(pos.global_step),
+                                max_grad_norm=cfg.optimizer.max_grad_norm,
+                            )
+                            pos.global_step += 1
+                            pos.batches_done += 1
+                            meter.add(sums, loss, images_batch.shape[0], self.acc.num_processes, pos.global_step)
+                            progress.step()
+                            if pos.global_step % cfg.log_every_steps == 0:
+                                self._log_train(progress)
+                            if self._stop_agreed(stop):
+                                raise Preempted(stop.signum or 0, str(self._save()))
+                            if self._max_steps_reached():
+                                break
+                            self.checkpointer.maybe_save(pos.global_step, pos.batches_done < self.steps_per_epoch,
+                                                         self._checkpoint_state)
+                    finally:
+                        progress.close()  # also on errors, so the message does not land on the bar's line
+                    self._end_epoch()
+        finally:
+            self.tracker.finish()
+        return self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------ pieces
 
-    def _fault_hook(self, step: int) -> None:
-        if not self._fail_at:
-            return
-        rank, at, *kind = self._fail_at.split(":")
-        if int(rank) == self.acc.process_index and int(at) == step:
-            if kind == ["kill"]:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
-
-    def _restore(self, steps_per_epoch: int) -> None:
+    def _restore(self) -> None:
         """Load the newest usable checkpoint into the prepared objects and take its position."""
         acc = self.acc
         found = self.checkpointer.load_latest()
-        if found is not None:
-            state = dict(found.state)
-            # Mid-epoch, batches_done counts global batches of the saving run's size.
-            saved_world = state.pop("num_processes", acc.num_processes)
-            if state["batches_done"] and saved_world != acc.num_processes:
-                raise TrainingError(
-                    f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
-                    f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
-                )
-            self.position = Position(**state)
-            self.say(
-                f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
-                f"batch {self.position.batches_done}/{steps_per_epoch}, step {self.position.global_step}"
-            )
-        else:
+        if found is None:
             self.say("--resume: no checkpoint written yet; starting from step 0")
-
-    def _train_epoch(
-        self, train_loader: DataLoader, sampler: Any, num_train: int, stop: StopRequest
-    ) -> tuple[torch.Tensor, float, int, Optional[int]]:
-        """Optimizer steps until the epoch ends, max_steps, or an agreed stop request.
-
-        Returns (this rank's sums [objective, recon, kl, count], seconds, samples seen by
-        all ranks, the stop signal or None)."""
-        cfg, acc, pos = self.config, self.acc, self.position
-        epoch, steps_per_epoch = pos.epoch, self.steps_per_epoch
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        train_loader.set_epoch(epoch)  # type: ignore[attr-defined]
-        noise = train_noise(cfg.seed, epoch, num_train, self.latent).to(acc.device)
-        # Resuming mid-epoch: the same permutation, minus the batches already done.
-        loader = acc.skip_first_batches(train_loader, pos.batches_done) if pos.batches_done else train_loader
-        # Sums of this rank's samples; a resumed partial epoch's totals sit on rank 0. Per step
-        # only the three metric sums change on the device (one in-place add); the sample count
-        # is kept here and written into sums[3] whenever sums leaves this method.
-        sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
-        count = 0.0
-        if acc.is_main_process:
-            sums[:3] += torch.tensor(pos.train_sums[:3], dtype=torch.float64, device=acc.device)
-            count = pos.train_sums[3]
-        metric_sums = sums[:3]  # a view: adding to it adds to sums
-
-        def totals() -> torch.Tensor:
-            sums[3] = count
-            return sums
-
-        interval = _Interval(metric_sums, count)
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=pos.batches_done,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
-            leave=False,
+            return
+        state = dict(found.state)
+        # Mid-epoch, batches_done counts global batches of the saving run's size.
+        saved_world = state.pop("num_processes", acc.num_processes)
+        if state["batches_done"] and saved_world != acc.num_processes:
+            raise TrainingError(
+                f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
+                f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
+            )
+        self.position = Position(**state)
+        self.say(
+            f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
+            f"batch {self.position.batches_done}/{self.steps_per_epoch}, step {self.position.global_step}"
         )
-        t0 = time.perf_counter()
-        samples = 0
-        try:
-            for images_batch, index in loader:
-                self._fault_hook(pos.global_step)
-                eps = noise[index]  # each sample's own noise, wherever it landed
-                if self._nan_at == str(pos.global_step + 1):
-                    images_batch = images_batch * float("nan")
-                step_sums, loss = train_step(
-                    self.model,
-                    self.step_optimizer,
-                    acc,
-                    images_batch,
-                    eps,
-                    recon_loss=cfg.loss.recon_loss,
-                    kl_weight=self._kl_weight(pos.global_step, steps_per_epoch),
-                    max_grad_norm=cfg.optimizer.max_grad_norm,
-                )
-                n = images_batch.shape[0]
-                metric_sums += step_sums
-                count += n
-                pos.global_step += 1
-                # Checked for non-finite values at the next report, without a host sync now.
-                self._unchecked_losses.append((pos.global_step, loss))
-                pos.batches_done += 1
-                samples += n * acc.num_processes
-                bar.update(1)
-                if pos.global_step % cfg.log_every_steps == 0:
-                    self._log_interval(interval.take(metric_sums, count), bar, samples / (time.perf_counter() - t0))
-                if self._stop_agreed(stop, pos.global_step):
-                    return totals(), time.perf_counter() - t0, samples, stop.signum
-                if self._max_steps_reached():
-                    break
-                # The end of an epoch (or of the run) is checkpointed by _end_epoch.
-                if (
-                    cfg.checkpoint_every_steps
-                    and pos.global_step % cfg.checkpoint_every_steps == 0
-                    and pos.batches_done < steps_per_epoch
-                ):
-                    self._checkpoint(totals())
-        finally:
-            bar.close()  # also on errors, so the message does not land on the bar's line
-        return totals(), time.perf_counter() - t0, samples, None
 
-    def _kl_weight(self, step: int, steps_per_epoch: int) -> float:
+    def _start_epoch(self) -> torch.Tensor:
+        """Set the epoch's order and start its sums; returns the epoch's per-sample noise."""
+        pos = self.position
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(pos.epoch)
+        self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
+        # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
+        self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
+        return train_noise(self.config.seed, pos.epoch, self.num_train, self.latent).to(self.acc.device)
+
+    def _batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches; resuming mid-epoch, the same permutation minus those done."""
+        pos = self.position
+        loader = self.acc.skip_first_batches(self.train_loader, pos.batches_done) if pos.batches_done else self.train_loader
+        return faults.inject(loader, self.acc.process_index, pos.global_step) if faults.active() else loader
+
+    def _kl_weight(self, step: int) -> float:
         """Linear KL warm-up from 0 to kl_weight over kl_warmup_epochs; a function of the
         step alone, so a resumed run gets the same weights."""
         w, warm = self.config.loss.kl_weight, self.config.loss.kl_warmup_epochs
         if warm <= 0:
             return w
-        return w * min(1.0, step / (warm * steps_per_epoch))
+        return w * min(1.0, step / (warm * self.steps_per_epoch))
 
     def _max_steps_reached(self) -> bool:
         m = self.config.max_steps
         return m is not None and self.position.global_step >= m
 
-    def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
+    def _stop_agreed(self, stop: StopRequest) -> bool:
         if self.acc.num_processes == 1:
             return stop.requested
-        if step % STOP_SYNC_EVERY:
+        if self.position.global_step % STOP_SYNC_EVERY:
             return False
         return any_rank(self.acc, stop.requested)
 
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t
+
     def _check_finite(self) -> None:
         """Raise on every rank if any rank saw a non-finite loss; names the first such step."""
-        pending, self._unchecked_losses = self._unchecked_losses, []
-        first_bad = torch.full((1,), -1, dtype=torch.long, device=self.acc.device)
-        if pending:
-            steps = torch.tensor([s for s, _ in pending], device=self.acc.device)
-            bad = ~torch.isfinite(torch.stack([loss for _, loss in pending]))
-            first_bad = torch.where(bad.any(), steps[bad.int().argmax()], first_bad)
-        bad = self.acc.gather(first_bad)
+        bad = self.acc.gather(self.meter.first_nonfinite_step())
         bad = bad[bad >= 0]
         if bad.numel():
             last = self.checkpointer.complete()
             kept = f"; the last good checkpoint {last[0].path} is kept" if last else ""
             raise TrainingError(f"loss became non-finite at step {int(bad.min())}{kept}")
 
-    def _log_interval(self, interval: torch.Tensor, bar: Any, samples_per_second: float) -> None:
-        """interval = [sum of the per-image objective, images] since the last report, this rank."""
+    def _log_train(self, progress: Progress) -> None:
         self._check_finite()
-        total = self.acc.reduce(interval, reduction="sum") if self.acc.num_processes > 1 else interval
-        loss = (total[0] / total[1].clamp_min(1)).item()
-        bar.set_postfix(loss=f"{loss:.2f}", samples_s=f"{samples_per_second:,.0f}")
+        objective, images_count = self._reduce(self.meter.take_interval()).tolist()
+        loss = objective / max(images_count, 1.0)
+        progress.report(loss, self.meter.samples_per_second())
         self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
 
-    def _reduced_train_sums(self, sums: torch.Tensor) -> list[float]:
-        total = self.acc.reduce(sums.clone(), reduction="sum") if self.acc.num_processes > 1 else sums
-        return [float(v) for v in total.tolist()]
-
-    def _checkpoint(self, sums: torch.Tensor) -> Path:
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The position to save, with the partial epoch's sums reduced over ranks. Collective."""
         self._check_finite()
-        pos = self.position
-        pos.train_sums = self._reduced_train_sums(sums)
-        state = {**dataclasses.asdict(pos), "num_processes": self.acc.num_processes}
-        return self.checkpointer.save(pos.global_step, state)
+        self.position.train_sums = [float(v) for v in self._reduce(self.meter.totals()).tolist()]
+        return {**dataclasses.asdict(self.position), "num_processes": self.acc.num_processes}
 
-    def _end_epoch(
-        self, sums: torch.Tensor, valid_loader: DataLoader, train_seconds: float, samples: int, epoch_done: bool
-    ) -> None:
+    def _save(self) -> Path:
+        return self.checkpointer.save(self.position.global_step, self._checkpoint_state())
+
+    def _end_epoch(self) -> None:
+        """Validate, log and checkpoint at the end of an epoch (or of a max_steps run)."""
         pos, acc = self.position, self.acc
+        epoch_done = pos.batches_done >= self.steps_per_epoch
+        if not epoch_done and not self._max_steps_reached():
+            # Would otherwise loop on the same epoch for ever.
+            raise TrainingError(f"the training loader ended after {pos.batches_done} of {self.steps_per_epoch} batches")
         self._check_finite()
-        total, recon, kl, count = self._reduced_train_sums(sums)
-        t0 = time.perf_counter()
-        valid = self.validate(valid_loader)
-        valid_seconds = time.perf_counter() - t0
+        total, recon, kl, count = self._reduce(self.meter.totals()).tolist()
+        train_seconds, samples = self.meter.seconds(), self.meter.samples
+        valid = validate(acc, self.model, self.valid_loader, self.valid_noise, self.config.loss)
+        valid_seconds = self.meter.seconds() - train_seconds
         row: dict[str, Any] = {
             "epoch": pos.epoch + 1,
             "step": pos.global_step,
@@ -414,7 +317,7 @@ class Learner:
             "train/samples": int(count),
             **valid,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/kl_weight": self._kl_weight(pos.global_step, self.steps_per_epoch),
+            "train/kl_weight": self._kl_weight(pos.global_step),
             "epoch_seconds": train_seconds + valid_seconds,
             "valid_seconds": valid_seconds,
             "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
@@ -433,11 +336,8 @@ class Learner:
         if epoch_done:
             pos.epoch += 1
             pos.batches_done = 0
-            sums.zero_()
-        self._checkpoint(sums)
-
-    def validate(self, valid_loader: DataLoader) -> dict[str, float]:
-        return validate(self.acc, self.model, valid_loader, self.valid_noise, self.config.loss)
+            self.meter.start_epoch()
+        self._save()
 
     @torch.no_grad()
     def _previews(self, epoch: int, step: int) -> None:
