@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def _make_checkpoint(folder: Path, step: int = 10, **overrides) -> dict:
         "format": FORMAT,
         "global_step": step,
         "files": {"model.safetensors": 100, "sub/rng.pkl": 7},
+        "sha256": {
+            "model.safetensors": hashlib.sha256(b"m" * 100).hexdigest(),
+            "sub/rng.pkl": hashlib.sha256(b"r" * 7).hexdigest(),
+        },
         "state": {"epoch": 1, "batches_done": 3, "global_step": step},
     }
     manifest.update(overrides)

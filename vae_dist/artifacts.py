@@ -6,10 +6,13 @@ vae_dist only ever deletes what it made: a marker file proves a directory is our
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +21,7 @@ from safetensors.torch import load_file, safe_open, save
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
 from vae_dist.fileio import atomic_write
-from vae_dist.model import VAE
+from vae_dist.model import VAE, parameter_count
 
 MARKER = ".vae_dist"
 CONFIG = "config.json"
@@ -34,6 +37,13 @@ OWNED = (
     # written by the sample / reconstruct / interpolate commands
     "samples.png", "manifold.png", "reconstructions.png", "interpolation.png",
 )
+# Held (flock) by the main process of a training for its whole run; never deleted, since
+# removing a lock file lets two processes lock two different files of the same name.
+LOCK = ".vae_dist.lock"
+# Folders whose children vae_dist writes, deletes or reads back as its own.
+OWNED_FOLDERS = (CHECKPOINTS, IMAGES)
+# Models larger than this are refused before any memory is allocated for them.
+MAX_PARAMETERS = 1_000_000_000
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -41,20 +51,44 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Path:
-    """Create or check the artifact directory; called on the main process only.
+def planted_links(root: Path) -> list[Path]:
+    """Symbolic links at the artifact folder or at any path in it that vae_dist writes
+    or deletes: through one, a write or a delete would land outside the folder."""
+    if root.is_symlink():
+        return [root]
+    if not root.is_dir():
+        return []
+    links = [root / name for name in (MARKER, LOCK, *OWNED) if (root / name).is_symlink()]
+    for name in OWNED_FOLDERS:
+        folder = root / name
+        if folder.is_dir() and not folder.is_symlink():
+            links += [p for p in folder.iterdir() if p.is_symlink()]
+    return links
 
-    - missing or empty: created and marked as ours;
-    - ours, with a previous run: refused unless --resume (keep) or --overwrite (clear ours);
-    - not ours and not empty: refused, even with --overwrite, and left untouched.
-    """
+
+def refuse_links(root: Path) -> None:
+    links = planted_links(root)
+    if links:
+        raise ArtifactError(
+            f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
+            "vae_dist never writes or deletes through a link: remove it or choose another --artifact-dir"
+        )
+
+
+def check_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Path:
+    """Everything prepare_artifact_dir refuses, checked without changing anything."""
     if overwrite and resume:
         raise ArtifactError("--overwrite and --resume cannot be used together")
     root = Path(path).expanduser()
+    refuse_links(root)
     if root.exists() and not root.is_dir():
         raise ArtifactError(f"artifact directory {root} exists and is not a directory")
     ours = (root / MARKER).is_file()
-    entries = [p for p in root.iterdir()] if root.is_dir() else []
+    try:
+        # The lock file alone (a run killed before it marked the folder) is not foreign.
+        entries = [p for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
+    except OSError as e:
+        raise ArtifactError(f"artifact directory {root} cannot be read: {e.strerror or e}") from None
     if entries and not ours:
         raise ArtifactError(
             f"artifact directory {root} is not empty and was not created by vae_dist; "
@@ -68,23 +102,114 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> 
             f"artifact directory {root} holds a previous vae_dist run; "
             "pass --resume to continue it or --overwrite to start again"
         )
+    return root
+
+
+def prepare_artifact_dir(
+    path: str | Path, *, overwrite: bool, resume: bool, lock: Optional["RunLock"] = None
+) -> Path:
+    """Create or check the artifact directory; called on the main process only.
+
+    - missing or empty: created and marked as ours;
+    - ours, with a previous run: refused unless --resume (keep) or --overwrite (clear ours);
+    - not ours and not empty: refused, even with --overwrite, and left untouched;
+    - a symbolic link at the folder or where vae_dist writes: refused, nothing touched.
+
+    With ``lock``, the folder is locked for this process before anything in it changes,
+    so a second training in the same folder fails instead of clearing the first's files.
+    """
+    root = check_artifact_dir(path, overwrite=overwrite, resume=resume)
     try:
         root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
+    if lock is not None:
+        lock.acquire(root)
+    try:
         if overwrite:
-            for name in OWNED:
-                p = root / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            _remove_owned(root)
         atomic_write_text(root / MARKER, json.dumps({"created_by": "vae_dist"}) + "\n")
-        # Prove now that the run's outputs can be written, not after an hour of training.
-        probe = root / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        _probe_writable(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
     return root
+
+
+def _remove_owned(root: Path) -> None:
+    """Delete the entries vae_dist writes, never following a link (refuse_links ran first;
+    this re-checks each entry, since the folder may have changed since)."""
+    for name in OWNED:
+        p = root / name
+        if p.is_symlink():
+            raise ArtifactError(f"{p} is a symbolic link; vae_dist does not delete through links")
+        if p.is_dir():
+            shutil.rmtree(p)  # does not follow links inside the folder: it unlinks them
+        elif p.exists():
+            p.unlink()
+
+
+def _probe_writable(root: Path) -> None:
+    """Prove now that the run's outputs can be written, not after an hour of training.
+    A fresh name (O_EXCL): a planted file or link of a fixed name is never written through."""
+    fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
+    try:
+        os.write(fd, b"ok")
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+class RunLock:
+    """An exclusive, non-blocking flock on the artifact folder's lock file.
+
+    The kernel drops it when the process dies, so a killed run never leaves the folder
+    locked. Only the main process takes it."""
+
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+        self.path: Optional[Path] = None
+
+    def acquire(self, root: Path) -> None:
+        import fcntl
+
+        path = root / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ArtifactError(f"{path} is a symbolic link; vae_dist does not write through links") from None
+            raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                who = f" (pid {holder})" if holder else ""
+                raise ArtifactError(f"artifact directory {root} is in use by another vae_dist run{who}") from None
+            raise ArtifactError(f"cannot lock artifact directory {root}: {e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_config(root: Path, config: TrainingConfig) -> None:
@@ -115,6 +240,23 @@ def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], config: Tra
     atomic_write(path, lambda f: f.write(blob))
 
 
+def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameter names without torch.compile's ``_orig_mod.`` wrapper segment."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def check_model_size(config: TrainingConfig, where: str) -> None:
+    """Refuse a model too large to build, from its config alone (nothing allocated)."""
+    try:
+        n = parameter_count(config.model)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"{where}: the model cannot be sized ({e})") from None
+    if n > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{where}: the model would have {n:,} parameters, more than the {MAX_PARAMETERS:,} vae_dist builds"
+        )
+
+
 def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
     """Rebuild the model and its training config from a model.safetensors file (or its folder)."""
     p = Path(path).expanduser()
@@ -125,18 +267,33 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"model file {p} is not a readable safetensors file: {e}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"model file {p} is not a readable safetensors file: {_first_line(e)}") from None
     if "vae_dist_config" not in meta:
         raise ArtifactError(f"model file {p} was not written by vae_dist (no config in its metadata)")
     try:
-        config = TrainingConfig.from_dict(json.loads(meta["vae_dist_config"]))
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise ArtifactError(f"model file {p} carries an unreadable config: {e}") from None
+        saved = json.loads(meta["vae_dist_config"])
+        if not isinstance(saved, dict):
+            raise ConfigError("not a JSON object")
+        config = TrainingConfig.from_dict(saved)
+    except (ValueError, TypeError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"model file {p} carries an unreadable config: {_first_line(e)}") from None
+    try:
+        check_model_size(config, f"model file {p}")
+    except ConfigError as e:
+        raise ArtifactError(str(e)) from None
+    try:
+        state = strip_compile_prefix(load_file(str(p)))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"model file {p} is not a readable safetensors file: {_first_line(e)}") from None
     model = VAE.from_config(config.model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"model file {p} does not match its config: {str(e).splitlines()[0]}") from None
+        raise ArtifactError(f"model file {p} does not match its config: {_first_line(e)}") from None
     return model.eval(), config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vae_dist.errors import DataError
+from vae_dist import noise
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 SIDE = 28
@@ -26,6 +29,12 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
+# Without an expected count, an IDX header may claim at most this many items: a forged
+# header must not make the reader allocate (or inflate) gigabytes.
+MAX_ITEMS = 1_000_000
+READ_CHUNK = 1 << 20
+# What reading a damaged file (or gzip stream) raises: all become one DataError line.
+READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
 # Where tests, benchmarks and smoke runs find the offline copy (see README).
 DATA_DIR_ENV = "VAE_DIST_DATA_DIR"
 
@@ -46,14 +55,58 @@ def find_idx_file(data_dir: Path, name: str) -> Path:
     )
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"MNIST file {path} cannot be read: {e}") from None
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _read_exactly(f: BinaryIO, n: int) -> bytearray:
+    """Up to ``n`` bytes (fewer only at the end of the stream), read in bounded chunks."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got : got + READ_CHUNK])  # type: ignore[attr-defined]
+        if not k:
+            break
+        got += k
+    del view
+    del buf[got:]
+    return buf
+
+
+def _parse_header(path: Path, header: bytes, magic: int, ndim: int, count: Optional[int]) -> int:
+    """The item count the header gives, after checking it against what is expected."""
+    if len(header) < 4 * (1 + ndim):
+        raise DataError(f"MNIST file {path} is truncated: {len(header)} bytes, shorter than its header")
+    dims = np.frombuffer(bytes(header), dtype=">u4", count=1 + ndim)
+    if int(dims[0]) != magic:
+        raise DataError(f"MNIST file {path} is not an IDX file of this kind (magic {int(dims[0])}, expected {magic})")
+    n = int(dims[1])
+    if ndim == 3 and (int(dims[2]), int(dims[3])) != (SIDE, SIDE):
+        raise DataError(f"MNIST file {path} holds {int(dims[2])}x{int(dims[3])} images, expected 28x28")
+    if count is not None and n != count:
+        raise DataError(f"MNIST file {path} holds {n} items, expected {count}")
+    if n > MAX_ITEMS:
+        raise DataError(f"MNIST file {path} claims {n} items, more than the {MAX_ITEMS} an IDX file here may hold")
+    return n
+
+
+def _read_idx_bytes(path: Path, magic: int, ndim: int, count: Optional[int]) -> tuple[int, bytearray]:
+    """(items, body bytes) of an IDX file. The header is checked before the body is read,
+    and never more than one byte past the size the header gives is read (or inflated),
+    so a gzip bomb or an endless stream fails as fast as a short file."""
+    header = 4 * (1 + ndim)
+    with _open(path) as f:
+        n = _parse_header(path, _read_exactly(f, header), magic, ndim, count)
+        expected = n * (SIDE * SIDE if ndim == 3 else 1)
+        body = _read_exactly(f, expected)
+        if len(body) < expected:
+            raise DataError(
+                f"MNIST file {path} is truncated: {header + len(body)} bytes, expected {header + expected}"
+            )
+        if f.read(1):
+            raise DataError(f"MNIST file {path} is padded: longer than the {header + expected} bytes its header gives")
+    return n, body
 
 
 def read_idx(path: Path, magic: int, count: Optional[int] = None) -> torch.Tensor:
@@ -62,24 +115,13 @@ def read_idx(path: Path, magic: int, count: Optional[int] = None) -> torch.Tenso
     A local copy need not be byte-identical to the official gzip (see the shared copy's
     README), so the header, shape and size are the test of "is this MNIST".
     """
-    raw = _read_bytes(path)
     ndim = 3 if magic == IMAGE_MAGIC else 1
-    header = 4 * (1 + ndim)
-    if len(raw) < header:
-        raise DataError(f"MNIST file {path} is truncated: {len(raw)} bytes, shorter than its header")
-    dims = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
-    if int(dims[0]) != magic:
-        raise DataError(f"MNIST file {path} is not an IDX file of this kind (magic {int(dims[0])}, expected {magic})")
-    n = int(dims[1])
-    if ndim == 3 and (int(dims[2]), int(dims[3])) != (SIDE, SIDE):
-        raise DataError(f"MNIST file {path} holds {int(dims[2])}x{int(dims[3])} images, expected 28x28")
-    if count is not None and n != count:
-        raise DataError(f"MNIST file {path} holds {n} items, expected {count}")
-    expected = header + n * (SIDE * SIDE if ndim == 3 else 1)
-    if len(raw) != expected:
-        raise DataError(f"MNIST file {path} is truncated or padded: {len(raw)} bytes, expected {expected}")
-    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
-    t = torch.from_numpy(data.copy())
+    try:
+        n, body = _read_idx_bytes(Path(path), magic, ndim, count)
+    except READ_ERRORS as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"MNIST file {path} cannot be read ({type(e).__name__}: {text})") from None
+    t = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
     return t.view(n, 1, SIDE, SIDE) if ndim == 3 else t
 
 
@@ -155,7 +197,7 @@ def passthrough_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch).
+    """A permutation that depends only on (seed, epoch), from its own random stream.
 
     Every rank draws the same permutation, so Accelerate's batch sharding gives disjoint
     shards; and the order of any epoch can be rebuilt on resume without saved RNG state.
@@ -171,8 +213,31 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = noise.generator(noise.SHUFFLE, self.seed, self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def ignore_stop_signals() -> None:
+    """SIGTERM and SIGINT do nothing in a loader worker.
+
+    A stop (``kill -TERM -<pgid>``, Ctrl-C in the terminal) reaches the whole process
+    group: a worker that died of it would end the run in a DataLoader error before the
+    main process could checkpoint. The main process stops them itself when it exits."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+class _WorkerInit:
+    """worker_init_fn: ignore stop signals, then the caller's own init (picklable, for
+    the spawn start method)."""
+
+    def __init__(self, user: Optional[Callable[[int], None]]):
+        self.user = user
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals()
+        if self.user is not None:
+            self.user(worker_id)
 
 
 def make_loader(
@@ -198,6 +263,6 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=passthrough_collate,
         persistent_workers=num_workers > 0,
-        worker_init_fn=worker_init_fn,
+        worker_init_fn=_WorkerInit(worker_init_fn) if num_workers > 0 else worker_init_fn,
         generator=generator,
     )

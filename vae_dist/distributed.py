@@ -22,23 +22,40 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     """Run ``fn`` on the main process only; every rank returns its result or raises its error.
 
     Accelerate's ``main_process_first`` has no try/finally: if the main process raised
-    inside it, the others would wait at its barrier forever. Here the error travels.
+    inside it, the others would wait at its barrier forever. Here every error travels:
+    the main process re-raises its own exception (traceback intact); the other ranks
+    raise the same VaeDistError, or a MainProcessError naming any other exception.
     """
     result: Any = None
-    error: tuple[str, str] | None = None
+    error: tuple[str, str, bool] | None = None
+    caught: BaseException | None = None
     if accelerator.is_main_process:
         try:
             result = fn()
-        except errors.VaeDistError as e:
-            error = (type(e).__name__, str(e))
+        except BaseException as e:  # also KeyboardInterrupt: the others must not wait for it
+            caught = e
+            error = (type(e).__name__, str(e), isinstance(e, errors.VaeDistError))
+            result = None
     if accelerator.num_processes > 1:
         payload = [result, error]
         broadcast_object_list(payload, from_process=0)
         result, error = payload
+    if caught is not None:
+        raise caught
     if error is not None:
-        cls = getattr(errors, error[0], errors.VaeDistError)
-        raise cls(error[1])
+        raise _remote_error(*error)
     return result
+
+
+def _remote_error(name: str, message: str, user_error: bool) -> errors.VaeDistError:
+    """The main process's exception as raised on another rank."""
+    if user_error:
+        cls = getattr(errors, name, errors.VaeDistError)
+        if isinstance(cls, type) and issubclass(cls, errors.VaeDistError):
+            return cls(message)
+        return errors.VaeDistError(message)
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return errors.MainProcessError(f"the main process failed ({name}{': ' + first if first else ''})")
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

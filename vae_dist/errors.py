@@ -29,3 +29,8 @@ class CheckpointError(VaeDistError):
 
 class TrainingError(VaeDistError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class MainProcessError(VaeDistError):
+    """Raised on the other ranks when the main process failed in work it does for all of
+    them (its own traceback, on the main process, tells what went wrong)."""

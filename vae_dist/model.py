@@ -118,3 +118,19 @@ class VAE(nn.Module):
             eps = torch.randn_like(mu)
         z = mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
         return VAEOutput(self.decode(z), mu, logvar)
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """The number of parameters ``VAE(config)`` would have, computed without building it
+    (so an absurd config can be refused before memory is allocated for it)."""
+    latent = int(config.latent_size)  # type: ignore[arg-type]
+    if config.kind == "conv":
+        c1, c2 = (int(c) for c in config.conv_channels)
+        flat = c2 * 7 * 7
+        encoder = (1 * c1 * 9 + c1) + (c1 * c2 * 9 + c2) + 2 * (flat * latent + latent)
+        decoder = (latent * flat + flat) + (c2 * c1 * 9 + c1) + (c1 * 1 * 9 + 1)
+    else:
+        hidden = int(config.hidden_size)
+        encoder = (PIXELS * hidden + hidden) + 2 * (hidden * latent + latent)
+        decoder = (latent * hidden + hidden) + (hidden * PIXELS + PIXELS)
+    return encoder + decoder

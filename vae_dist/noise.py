@@ -9,22 +9,32 @@ is what makes N processes with batch b follow one process with batch N*b.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-# Keeps the evaluation stream apart from every training epoch's.
-_EVAL_STREAM = 0x5EED_E7A1
+# Each use of randomness has its own stream: a generator seeded from a hash of
+# (purpose, seed, epoch), so that no two purposes (the data order of one epoch and the
+# noise of another, say) ever draw from one sequence.
+SHUFFLE, TRAIN_NOISE, EVAL_NOISE = "shuffle", "train-noise", "eval-noise"
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream) % (2**63))
+def stream_seed(purpose: str, seed: int, index: int = 0) -> int:
+    """A 63-bit generator seed, a pure function of (purpose, seed, index)."""
+    digest = hashlib.sha256(f"vae_dist/{purpose}/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def generator(purpose: str, seed: int, index: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(purpose, seed, index))
 
 
 def train_noise(seed: int, epoch: int, num_samples: int, latent: int) -> torch.Tensor:
     """(num_samples, latent) standard normal noise for one training epoch, on the CPU."""
-    return torch.randn(num_samples, latent, generator=_generator(seed, epoch + 1))
+    return torch.randn(num_samples, latent, generator=generator(TRAIN_NOISE, seed, epoch))
 
 
 def eval_noise(seed: int, num_samples: int, latent: int) -> torch.Tensor:
     """(num_samples, latent) noise for validation: the same every epoch and in `evaluate`,
     so validation losses of different epochs and of the saved model are comparable."""
-    return torch.randn(num_samples, latent, generator=_generator(seed, _EVAL_STREAM))
+    return torch.randn(num_samples, latent, generator=generator(EVAL_NOISE, seed))

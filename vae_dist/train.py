@@ -1,12 +1,13 @@
 """``train(config)``: the canonical Accelerate order, from a config to a saved model.
 
-Accelerator -> artifact directory -> config.json -> data -> seed -> model -> optimizer
--> Learner.fit (which prepares) -> model.safetensors, loss curves and the summary.
+Accelerator -> data -> every check that can fail (batch size, model size, resume) -> seed
+-> model -> optimizer -> artifact directory (locked) -> config.json -> Learner.fit (which
+prepares) -> model.safetensors, loss curves and the summary. Nothing in the artifact
+directory is created or deleted until everything that can be checked first has passed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from datetime import timedelta
@@ -17,14 +18,14 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
 from vae_dist import artifacts, data, images
-from vae_dist.checkpoint import Checkpointer
+from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, on_main_then_share
-from vae_dist.errors import ConfigError
+from vae_dist.errors import ArtifactError, ConfigError
 from vae_dist.learner import NUM_PREVIEW, Learner
 from vae_dist.model import VAE
 from vae_dist.summary import format_summary
-from vae_dist.tracking import Tracker, new_run_id, resolve_mode, wandb_available
+from vae_dist.tracking import Tracker, close_trackers, new_run_id, resolve_mode, wants_tracker
 
 # Collectives give up after this long, so a rank that died on another node cannot leave
 # the rest waiting for torch's default 30 minutes.
@@ -40,7 +41,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         cpu = True
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)")
-    log_with = "wandb" if config.wandb_mode != "disabled" and wandb_available() else None
+    log_with = "wandb" if wants_tracker(config.wandb_mode) else None
     try:
         return Accelerator(
             cpu=cpu,
@@ -82,34 +83,83 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
     return train, test
 
 
+def check_batch_fits(num_train: int, batch_size: int, num_processes: int) -> None:
+    """At least one optimizer step per epoch (drop_last: a partial global batch is dropped)."""
+    if num_train // (batch_size * num_processes) == 0:
+        raise ConfigError(
+            f"the training set is smaller than one global batch ({batch_size} x {num_processes}"
+            f" processes > {num_train} images); lower --batch-size or raise --limit-train-samples"
+        )
+
+
+def check_resumable(root: Path, config: TrainingConfig) -> None:
+    """--resume continues the run in ``root``: the same model and data, and a checkpoint
+    to continue from whenever the run already got far enough to write its outputs."""
+    saved = TrainingConfig.from_json_file(root / artifacts.CONFIG)
+    mismatch = resume_mismatch(saved, config)
+    if mismatch:
+        raise ConfigError(f"cannot resume: {mismatch}")
+    checkpoints = root / artifacts.CHECKPOINTS
+    has_checkpoint = checkpoints.is_dir() and any(
+        p.is_dir() and (p.name.startswith("step-") or p.name.startswith(TMP_PREFIX)) for p in checkpoints.iterdir()
+    )
+    finished = [name for name in (artifacts.MODEL, artifacts.METRICS) if (root / name).exists()]
+    if finished and not has_checkpoint:
+        raise ArtifactError(
+            f"cannot resume {root}: it holds {' and '.join(finished)} but no checkpoint ({checkpoints} is missing "
+            "or empty), so resuming would start again from step 0 over them; use --overwrite to start again"
+        )
+
+
+def claim_artifact_dir(config: TrainingConfig, lock: artifacts.RunLock, *, resume: bool, overwrite: bool) -> Path:
+    """Main process: check the folder (and what --resume needs), lock it, then prepare it."""
+    root = artifacts.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
+    if resume:
+        check_resumable(root, config)
+    return artifacts.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock)
+
+
+def with_precision(config: TrainingConfig, precision: str) -> TrainingConfig:
+    return TrainingConfig.from_dict({**config.to_dict(), "mixed_precision": precision})
+
+
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as configured; returns the path of the saved model.safetensors.
 
     Process-wide settings (vae_dist.runtime.prepare_process) are the caller's: the CLI
     applies them at its entry point, before any tensor work."""
     acc = make_accelerator(config)
+    lock = artifacts.RunLock()
     try:
-        return _train(acc, config, resume=resume, overwrite=overwrite)
+        return _train(acc, config, lock, resume=resume, overwrite=overwrite)
     finally:
-        # Closes W&B and destroys the process group: without it gloo ranks often abort
-        # at interpreter exit ("terminate called without an active exception").
-        acc.end_training()
+        try:
+            # Trackers first, each failure one line: a W&B that never started must not
+            # fail a finished run from inside end_training().
+            close_trackers(acc, main_print(acc))
+            # Closes W&B and destroys the process group: without it gloo ranks often abort
+            # at interpreter exit ("terminate called without an active exception").
+            acc.end_training()
+        finally:
+            lock.release()
 
 
-def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite: bool) -> Path:
+def _train(
+    acc: Accelerator, config: TrainingConfig, lock: artifacts.RunLock, *, resume: bool, overwrite: bool
+) -> Path:
     # Record the precision actually in force (the launcher may have chosen it).
-    config = dataclasses.replace(config, mixed_precision=acc.mixed_precision)
+    config = with_precision(config, acc.mixed_precision)
     say = main_print(acc)
-    # Data first: a wrong --data-dir must fail before anything is created on disk.
+    # Everything that can fail is checked before the artifact folder is touched: a wrong
+    # --data-dir, a batch larger than the data or an absurd model must not cost the
+    # previous run's files to --overwrite.
     train_images, test_images = load_images(acc, config)
-    root = on_main_then_share(
-        acc, lambda: artifacts.prepare_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
-    )
-    if resume:
-        saved = TrainingConfig.from_json_file(root / artifacts.CONFIG)
-        mismatch = resume_mismatch(saved, config)
-        if mismatch:
-            raise ConfigError(f"cannot resume: {mismatch}")
+    check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
+    artifacts.check_model_size(config, "config")
+    set_seed(config.seed)  # the same initial weights on every rank
+    model = VAE.from_config(config.model)
+    optimizer = make_optimizer(model, config.optimizer)
+    root = on_main_then_share(acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite))
     on_main_then_share(acc, lambda: artifacts.write_config(root, config))
 
     workers = config.data.num_workers
@@ -117,9 +167,6 @@ def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite:
         # The dataset lives on the GPU and each batch is one index there: no host copies,
         # and so no loader workers (they cannot share CUDA tensors).
         train_images, test_images, workers = train_images.to(acc.device), test_images.to(acc.device), 0
-    set_seed(config.seed)  # the same initial weights on every rank
-    model = VAE.from_config(config.model)
-    optimizer = make_optimizer(model, config.optimizer)
     train_loader = data.make_loader(
         data.MnistImages(train_images), config.data.batch_size, shuffle_seed=config.seed, drop_last=True,
         num_workers=workers,
@@ -141,17 +188,22 @@ def _train(acc: Accelerator, config: TrainingConfig, *, resume: bool, overwrite:
         model,
         optimizer,
         config,
+        train_loader,
+        valid_loader,
         artifact_dir=root,
         tracker=tracker,
-        checkpointer=Checkpointer(acc, root / artifacts.CHECKPOINTS, config.keep_checkpoints, say),
+        checkpointer=Checkpointer(
+            acc, root / artifacts.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps
+        ),
         resume=resume,
         run_id=new_run_id(),
         preview_images=test_images[:NUM_PREVIEW].float().div(255.0).cpu(),
     )
     t0 = time.perf_counter()
-    learner.fit(train_loader, valid_loader)
+    learner.fit()
     # Every rank takes part in gathering the weights (needed for sharded models); one writes.
-    state = acc.get_state_dict(learner.model)
+    # Without the compile wrapper's "_orig_mod." in the names: the file is the plain model's.
+    state = artifacts.strip_compile_prefix(acc.get_state_dict(learner.model))
     path = root / artifacts.MODEL
 
     def finish() -> None:
