@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
 
 from conftest import REPO, cli_env
+
+# Real processes (the CLI, accelerate launch, launch scripts): the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def test_throughput_json_has_every_figure(data_dir):

@@ -158,12 +158,14 @@ ERROR_SCENARIOS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ERROR_SCENARIOS)
 def test_user_error(world, name):
     scenarios, _ = world
     _assert_user_error(scenarios[name])
 
 
+@pytest.mark.slow
 def test_foreign_artifact_dir_untouched(world):
     scenarios, facts = world
     _assert_user_error(scenarios["artifact-dir-foreign"])
@@ -171,6 +173,7 @@ def test_foreign_artifact_dir_untouched(world):
     assert not (facts["foreign"] / ".vae_dist").exists()
 
 
+@pytest.mark.slow
 def test_module_help(world):
     proc = world[0]["help"].result
     assert proc.returncode == 0, proc.stderr
@@ -178,6 +181,7 @@ def test_module_help(world):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_console_script_on_path(world):
     scenarios, facts = world
     assert facts["script"] is not None, "the vae-dist console script is not on PATH (pip install -e .)"

@@ -22,6 +22,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, cli_env, free_port, launch_cmd, run_cli, run_launch
 
+# Real processes (the CLI, accelerate launch, launch scripts): the slow tier.
+pytestmark = pytest.mark.slow
+
 # 640 images, 2 epochs: 10 global steps of 64 per epoch, 20 in all, across an epoch
 # boundary (a new permutation and a new noise table). The eval batch is 48 so the test
 # split is sharded into uneven rounds (250 = 5 x 48 + 10; 501 = 10 x 48 + 21).

@@ -201,6 +201,7 @@ def test_loss_curves_rejects_a_size_too_small_to_draw() -> None:
         loss_curves(_history(3), width=40, height=30)
 
 
+@pytest.mark.slow
 def test_matplotlib_is_imported_only_when_a_chart_is_drawn() -> None:
     # Importing the module (as the CLI does for --help) must not pay for matplotlib,
     # and drawing must not touch pyplot's global figure state.

@@ -27,6 +27,9 @@ from safetensors.torch import load_file
 from conftest import REPO, cli_env, launch_cmd, run_cli, run_launch, small_train_args
 from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, read_manifest
 
+# Real processes (the CLI, accelerate launch, launch scripts): the slow tier.
+pytestmark = pytest.mark.slow
+
 STEPS_PER_EPOCH = 20  # one process; 10 with two
 BASE = (
     "--epochs", "2", "--checkpoint-every-steps", "5", "--batch-size", "32",

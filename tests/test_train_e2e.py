@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, small_train_args
+
+# Real processes (the CLI, accelerate launch, launch scripts): the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def _weights(path):

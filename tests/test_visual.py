@@ -233,6 +233,7 @@ def test_manifold_grid_and_latent_check() -> None:
 # ------------------------------------------------------------- pictures of training
 
 
+@pytest.mark.slow
 def test_epoch_pictures_and_loss_curves(trained: dict[str, Any]) -> None:
     art = trained["art"]
     for epoch in range(1, EPOCHS + 1):
@@ -246,6 +247,7 @@ def test_epoch_pictures_and_loss_curves(trained: dict[str, Any]) -> None:
     assert not_blank(curves)
 
 
+@pytest.mark.slow
 def test_preview_rows_pair_test_images_with_reconstructions(trained: dict[str, Any], test_split: torch.Tensor) -> None:
     recon = png(trained["art"] / "images" / f"epoch-{EPOCHS:03d}-reconstructions.png")
     for i in (0, 9):
@@ -257,6 +259,7 @@ def test_preview_rows_pair_test_images_with_reconstructions(trained: dict[str, A
 # ------------------------------------------------------------------------- commands
 
 
+@pytest.mark.slow
 def test_sample_is_reproducible_and_seeded(trained: dict[str, Any], tmp_path: Path) -> None:
     art = trained["art"]
     proc = run_cli(["sample", str(art), "--num", "10", "--seed", "5"])  # a separate process
@@ -281,6 +284,7 @@ def test_sample_is_reproducible_and_seeded(trained: dict[str, Any], tmp_path: Pa
     assert png(tmp_path / "sixty-four.png").size == grid_size(64, 8)
 
 
+@pytest.mark.slow
 def test_sample_rejects_bad_arguments(trained: dict[str, Any], tmp_path: Path) -> None:
     art = trained["art"]
     assert_one_line_error(*vae("sample", art, "--num", "0")[::2], "--num")
@@ -290,12 +294,14 @@ def test_sample_rejects_bad_arguments(trained: dict[str, Any], tmp_path: Path) -
     assert_one_line_error(*vae("sample", art, "--out", tmp_path / "adir")[::2], "directory")
 
 
+@pytest.mark.slow
 def test_manifold_needs_a_two_dimensional_latent(trained: dict[str, Any]) -> None:
     rc, out, err = vae("sample", trained["art"], "--manifold")
     assert_one_line_error(rc, err, "2-dimensional", "64")
     assert not (trained["art"] / "manifold.png").exists()
 
 
+@pytest.mark.slow
 def test_manifold_of_a_2d_mlp(mlp2d: Path) -> None:
     rc, out, err = vae("sample", mlp2d, "--manifold", "--grid-size", "5")
     assert rc == 0, err
@@ -305,6 +311,7 @@ def test_manifold_of_a_2d_mlp(mlp2d: Path) -> None:
     assert not_blank(img)
 
 
+@pytest.mark.slow
 def test_reconstruct(trained: dict[str, Any], tmp_path: Path, test_split: torch.Tensor) -> None:
     model_file = trained["art"] / "model.safetensors"
     rc, out, err = vae("reconstruct", model_file, "--num", "12")  # default data dir: the training one
@@ -324,6 +331,7 @@ def test_reconstruct(trained: dict[str, Any], tmp_path: Path, test_split: torch.
     assert_one_line_error(*vae("reconstruct", trained["art"], "--data-dir", tmp_path / "missing")[::2], "does not exist")
 
 
+@pytest.mark.slow
 def test_interpolate(trained: dict[str, Any], tmp_path: Path, test_split: torch.Tensor) -> None:
     art = trained["art"]
     rc, out, err = vae("interpolate", art, "--from", "3", "--to", "7", "--steps", "5")
@@ -345,6 +353,7 @@ def test_interpolate(trained: dict[str, Any], tmp_path: Path, test_split: torch.
     assert_one_line_error(*vae("interpolate", art, "--from", "0")[::2], "--to")
 
 
+@pytest.mark.slow
 def test_evaluate_importance_weighted_nll(trained: dict[str, Any]) -> None:
     # 200 importance samples of 100 images: 20,000 decodes, a few seconds on one thread.
     proc = run_cli(["evaluate", str(trained["art"]), "--iw-samples", "200", "--limit-eval-samples", "100", "--json"])
@@ -361,6 +370,7 @@ def test_evaluate_importance_weighted_nll(trained: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------ W&B offline
 
 
+@pytest.mark.slow
 def test_offline_wandb_run(trained: dict[str, Any]) -> None:
     stdout = trained["stdout"]
     runs = sorted((trained["wandb_dir"] / "wandb").glob("offline-run-*"))
@@ -408,6 +418,7 @@ def test_offline_wandb_run(trained: dict[str, Any]) -> None:
         assert config[key] == saved_config[key], key
 
 
+@pytest.mark.slow
 def test_kl_warmup_is_logged(trained: dict[str, Any]) -> None:
     rows = read_metrics(trained["art"])
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
