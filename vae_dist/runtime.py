@@ -1,20 +1,19 @@
-"""Process-wide CPU settings, applied once at the start of a run, before any tensor work.
+"""Process-wide CPU settings, applied once by the program's entry point, before any tensor work.
 
 Two things slow CPU training down without changing what it learns:
 
 - Subnormal floats. Adam's moment estimates for weights that rarely get a gradient
   (MNIST's border pixels) decay through the subnormal range, where the CPU takes a slow
-  path. Flushing them to zero keeps a 2-core MLP epoch at 1.43 s instead of letting it
-  slow to 1.74 s over the first three epochs (TrainingConfig.flush_denormal).
+  path; flushing them to zero keeps epochs from slowing down as training goes on
+  (TrainingConfig.flush_denormal).
 - glibc returning freed memory to the OS. A conv step frees and re-allocates buffers of a
   few MB; depending on the order of allocations, glibc gives them back to the kernel and
-  the next step faults every page in again: a standalone conv loop took 3,600 page faults
-  and 12.2 ms per step, 10 faults and 8.5 ms with freed memory kept. The trainer's own
-  pattern avoided it in some runs and not in others (batch 256: 3.7 or 4.2 s per epoch).
+  the next step faults every page in again.
 
 The flush mode is per thread and torch's worker threads copy it when they are created,
 at the first parallel operation; the allocator settings apply to later allocations. Hence
-"before any tensor work".
+"before any tensor work", and hence the entry point (vae_dist.cli, the benchmarks) and not
+the library function train(). benchmarks/README.md has the measurements.
 """
 
 from __future__ import annotations
