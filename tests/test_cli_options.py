@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from vae_dist.cli import main, parse_train_args
-from vae_dist.config import RESUMABLE_FIELDS, TrainingConfig, options
+from vae_dist.config import ARCHITECTURE_DEFAULTS, RESUMABLE_FIELDS, TrainingConfig, options
 
 OPTIONS = list(options())
 
@@ -96,7 +96,8 @@ def test_every_flag_sets_its_field(o):
     # ... and only that field: everything else keeps its default.
     base, changed = TrainingConfig().to_dict(), json.loads(cfg.to_json())
     if o.dotted == "model.kind":
-        base["model"]["latent_size"] = changed["model"]["latent_size"]  # follows the kind
+        for name in ARCHITECTURE_DEFAULTS[value]:  # these follow the kind
+            base["model"][name] = changed["model"][name]
     section_dict = changed[section] if section else changed
     section_dict[leaf] = (base[section] if section else base)[leaf]
     assert changed == base

@@ -186,6 +186,26 @@ def test_weights_do_not_depend_on_process_count(one_proc, two_proc, tmp_path, da
     assert d_batch > 10 * WEIGHT_RMS_TOL, f"another global batch differs by only RMS {d_batch:.3e}"
 
 
+def test_binarized_iw_cosine_runs_do_not_depend_on_process_count(tmp_path, data_dir, eval_config):
+    """The literature's recipe: dynamic binarization (coins keyed by sample index), the
+    K-sample bound (K noise rows per sample) and a cosine schedule (a function of the step)."""
+    recipe = ["--model", "burda", "--binarize", "dynamic", "--iw-train-samples", "3", "--lr-schedule", "cosine",
+              "--warmup-epochs", "0.5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run_cli(train_args(data_dir, one, eval_config, "--batch-size", str(GLOBAL_BATCH), *recipe)))
+    ok(run_launch(2, train_args(data_dir, two, eval_config, "--batch-size", str(GLOBAL_BATCH // 2), *recipe)))
+    d = rms_diff(weights(one), weights(two))
+    print(f"\nbinarized IW-3 cosine, 1 x 64 vs 2 x 32: weight difference RMS {d:.3e}")
+    assert d < WEIGHT_RMS_TOL
+    for r1, r2 in zip(metrics(one), metrics(two)):
+        assert r1["valid/loss"] == pytest.approx(r2["valid/loss"], rel=1e-5)
+        assert r1["train/lr"] == r2["train/lr"]
+    # The control: another seed draws other coins and noise, and so other weights.
+    other = tmp_path / "other"
+    ok(run_cli(train_args(data_dir, other, eval_config, "--batch-size", str(GLOBAL_BATCH), "--seed", "7", *recipe)))
+    assert rms_diff(weights(one), weights(other)) > 10 * WEIGHT_RMS_TOL
+
+
 # ------------------------------------------------------------------ 3. validation
 
 

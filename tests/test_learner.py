@@ -81,12 +81,23 @@ def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path):
     assert last["epoch"] == 2 and last["complete_epoch"] is False and last["train/samples"] == 3 * 32
 
 
-@pytest.mark.parametrize("first_steps", [10, 14], ids=["epoch-end", "mid-epoch"])
-def test_resume_reaches_the_uninterrupted_weights(tmp_path, first_steps):
-    whole = _learner(tmp_path / "whole", epochs=2)
+LITERATURE = {
+    "data": {"batch_size": 32, "eval_batch_size": 100, "binarize": "dynamic"},
+    "loss": {"iw_samples": 3},
+    "optimizer": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_epochs": 0.5},
+}
+
+
+@pytest.mark.parametrize(
+    "first_steps, recipe",
+    [(10, {}), (14, {}), (14, LITERATURE)],
+    ids=["epoch-end", "mid-epoch", "mid-epoch-binarized-iw-cosine"],
+)
+def test_resume_reaches_the_uninterrupted_weights(tmp_path, first_steps, recipe):
+    whole = _learner(tmp_path / "whole", epochs=2, **recipe)
     whole.fit()
-    _learner(tmp_path / "split", epochs=2, max_steps=first_steps).fit()
-    resumed = _learner(tmp_path / "split", epochs=2, resume=True)
+    _learner(tmp_path / "split", epochs=2, max_steps=first_steps, **recipe).fit()
+    resumed = _learner(tmp_path / "split", epochs=2, resume=True, **recipe)
     resumed.fit()
     assert torch.equal(_weights(resumed.model), _weights(whole.model))
     assert _untimed(resumed.position.history) == _untimed(whole.position.history)

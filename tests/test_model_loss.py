@@ -202,7 +202,7 @@ def test_loss_gradient_flows_to_model():
     model = VAE.from_config(ModelConfig(kind="mlp", latent_size=2, hidden_size=16))
     x = _images(3)
     out = model(x, torch.randn(3, 2))
-    negative_elbo(*out, x, kind="bce", kl_weight=1.0).loss.backward()
+    negative_elbo(out.logits, out.mu, out.logvar, x, kind="bce", kl_weight=1.0).loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
     assert any(gr.abs().sum() > 0 for gr in grads)

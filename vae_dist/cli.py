@@ -21,7 +21,7 @@ import click
 import typer
 
 from vae_dist import cli_visual
-from vae_dist.config import Option, TrainingConfig, merge, options, read_json_config
+from vae_dist.config import ARCHITECTURE_DEFAULTS, Option, TrainingConfig, merge, options, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
 
 # typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
@@ -66,8 +66,11 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
         base = read_json_config(saved)
     merged = merge(base, overrides)
     kind = overrides.get("model", {}).get("kind")
-    if kind is not None and kind != base.get("model", {}).get("kind") and "latent_size" not in overrides.get("model", {}):
-        merged["model"]["latent_size"] = None  # a new architecture picks its own default latent size
+    if kind is not None and kind != base.get("model", {}).get("kind"):
+        for name in ARCHITECTURE_DEFAULTS[kind]:  # a new architecture brings its own defaults
+            merged["model"].setdefault(name, None)
+            if name not in overrides["model"]:
+                merged["model"][name] = None
     return TrainingConfig.from_dict(merged)
 
 

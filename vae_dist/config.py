@@ -60,26 +60,43 @@ class Section(BaseModel):
         return self.model_dump(mode="json")
 
 
+# Per architecture, what a field left unset (null) means.
+ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "conv": {"latent_size": 64},
+    "mlp": {"latent_size": 20, "hidden_size": 400, "hidden_layers": 1, "activation": "relu"},
+    "burda": {"latent_size": 50, "hidden_size": 200, "hidden_layers": 2, "activation": "tanh"},
+}
+
+
 class ModelConfig(Section):
     path: ClassVar[str] = "model"
 
-    kind: Literal["conv", "mlp"] = option(
-        "conv", "Architecture: conv = the original Burn flow's 1->16->32 stride-2 encoder; mlp = 784-400-20, the PyTorch example.",
+    kind: Literal["conv", "mlp", "burda"] = option(
+        "conv",
+        "Architecture: conv = the original Burn flow's stride-2 conv encoder and its mirror; mlp = 784-400-20 ReLU, "
+        "the PyTorch example; burda = 784-200-200-50 tanh, Burda et al. (2015)'s one-stochastic-layer model.",
         flag="--model",
     )
-    latent_size: Optional[int] = option(
-        None, "Latent dimensions.", shown="conv 64, mlp 20", ge=1, le=4096,
+    latent_size: Optional[int] = option(None, "Latent dimensions.", shown="conv 64, mlp 20, burda 50", ge=1, le=4096)
+    hidden_size: Optional[int] = option(
+        None, "Width of each hidden layer of mlp and burda.", shown="mlp 400, burda 200", ge=1, le=16384,
     )
-    hidden_size: int = option(400, "Width of the mlp's hidden layer (unused by conv).", ge=1, le=16384)
+    hidden_layers: Optional[int] = option(
+        None, "Hidden layers of the mlp and burda encoders (the decoders mirror them).", shown="mlp 1, burda 2", ge=1, le=16,
+    )
+    activation: Optional[Literal["relu", "tanh"]] = option(
+        None, "Activation of the mlp and burda hidden layers.", shown="mlp relu, burda tanh",
+    )
     conv_channels: tuple[Channels, Channels] = option(
         (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
         strict=False,
     )
 
     @model_validator(mode="after")
-    def _default_latent(self) -> "ModelConfig":
-        if self.latent_size is None:
-            self.latent_size = 64 if self.kind == "conv" else 20
+    def _architecture_defaults(self) -> "ModelConfig":
+        for name, value in ARCHITECTURE_DEFAULTS[self.kind].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         return self
 
 
@@ -95,6 +112,13 @@ class OptimizerConfig(Section):
         True, "torch's fused Adam kernel (one pass over all parameters); off = the per-tensor loop.",
         flag="--fused-adam", resumable=True,
     )
+    schedule: Literal["constant", "cosine", "burda"] = option(
+        "constant",
+        "Learning-rate schedule, a function of the step: constant; cosine = linear warm-up, then cosine decay to 0 "
+        "at the last step; burda = Burda et al.'s 3^i epochs at lr x 10^(-i/7), i = 0..7.",
+        flag="--lr-schedule",
+    )
+    warmup_epochs: float = option(0.0, "Linear learning-rate warm-up of the cosine schedule, in epochs.", ge=0.0)
 
 
 class DataConfig(Section):
@@ -116,6 +140,11 @@ class DataConfig(Section):
         ge=0, le=256, resumable=True,
     )
     limit_train_samples: Optional[int] = option(None, "Use only the first N training images.", shown="all", ge=1)
+    binarize: Literal["none", "dynamic", "static"] = option(
+        "none",
+        "none = grey levels in [0, 1]; dynamic = a fresh Bernoulli image per sample per epoch (as the literature "
+        "trains); static = one fixed draw. Any binarization evaluates on one fixed draw of the test set.",
+    )
     limit_eval_samples: Optional[int] = option(
         None, "Use only the first N test images.", shown="all", ge=1, resumable=True,
     )
@@ -129,6 +158,16 @@ class LossConfig(Section):
     )
     kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)
     kl_warmup_epochs: float = option(0.0, "Ramp the KL weight linearly from 0 over this many epochs.", ge=0.0)
+    iw_samples: int = option(
+        1, "Train on the importance-weighted bound with K samples per image (IWAE); 1 = the ELBO.",
+        flag="--iw-train-samples", ge=1, le=5000,
+    )
+
+    @model_validator(mode="after")
+    def _iw_is_unweighted(self) -> "LossConfig":
+        if self.iw_samples > 1 and (self.kl_weight != 1.0 or self.kl_warmup_epochs > 0):
+            raise ValueError("the importance-weighted bound has no KL weight: use --kl-weight 1 and no KL warm-up")
+        return self
 
 
 class TrainingConfig(Section):
@@ -214,6 +253,8 @@ def explain(error: ValidationError, prefix: str = "") -> str:
         what = "must have exactly 2 items"
     elif kind in _TYPE_WORDS:
         what = f"must be {_TYPE_WORDS[kind]}"
+    elif kind == "value_error":
+        return f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}"
     else:
         what = f"must be valid ({e['msg']})"
     return f"{loc}: {what}, got {got!r}"

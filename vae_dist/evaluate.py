@@ -6,13 +6,14 @@ on the CPU unless told otherwise.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from vae_dist import data
+from vae_dist import binarize, data
 from vae_dist.config import TrainingConfig
 from vae_dist.loss import gaussian_log_prob, reconstruction
 from vae_dist.model import VAE
@@ -26,6 +27,8 @@ def test_images(config: TrainingConfig, data_dir: Optional[str], limit: Optional
     folder = data_dir or config.data.data_dir
     root = Path(folder).expanduser() if folder else data.download(config.data.cache_dir)
     images = data.load_split(root, "test").images
+    if config.data.binarize != "none":  # the same fixed draw training validated on
+        images = binarize.binarize_split(images, binarize.TEST_SEED, binarize.TEST_STREAM)
     n = limit if limit is not None else config.data.limit_eval_samples
     return images[:n] if n else images
 
@@ -93,3 +96,19 @@ def iw_nll(model: VAE, config: TrainingConfig, images: torch.Tensor, k: int, see
             running = torch.logaddexp(running, torch.logsumexp(w, dim=0))
         total += -(running - math.log(k)).sum().item()
     return total / images.shape[0]
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def json_result(result: dict[str, Any]) -> str:
+    """The result as one line of strict JSON: a non-finite number (a diverged model's NaN
+    loss) becomes null, since NaN and Infinity are not JSON and strict parsers refuse them."""
+    return json.dumps(_finite_or_none(result), allow_nan=False)

@@ -19,16 +19,17 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vae_dist import artifacts, faults, images
+from vae_dist import artifacts, binarize, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.distributed import any_rank, main_print
 from vae_dist.errors import TrainingError
-from vae_dist.loss import negative_elbo
+from vae_dist.loss import negative_bound, negative_elbo
 from vae_dist.meter import TrainMeter
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, train_noise
 from vae_dist.progress import Progress
+from vae_dist.schedule import learning_rate
 from vae_dist.signals import Preempted, StopRequest
 from vae_dist.tracking import Tracker
 
@@ -50,12 +51,18 @@ def train_step(
     recon_loss: str,
     kl_weight: float,
     max_grad_norm: Optional[float],
+    lr: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, clip, Adam step. Returns (sums, loss) still on the device:
-    sums = [sum of per-image objective, sum of recon, sum of kl] over this rank's batch."""
+    """Forward, loss, backward, clip, Adam step at rate ``lr`` (None: the optimizer's own).
+    eps is (B, L) for the ELBO or (B, K, L) for the K-sample importance-weighted bound.
+    Returns (sums, loss) still on the device: sums = [sum of per-image objective, sum of
+    recon, sum of kl] over this rank's batch."""
     out = model(images_batch, eps)
-    parts = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=recon_loss, kl_weight=kl_weight)
+    parts = negative_bound(out.logits, out.z, out.mu, out.logvar, images_batch, kind=recon_loss, kl_weight=kl_weight)
     accelerator.backward(parts.loss)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     if max_grad_norm is not None:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -180,15 +187,17 @@ class Learner:
         try:
             with StopRequest() as stop:
                 while pos.epoch < cfg.epochs and not self._max_steps_reached():
-                    noise = self._start_epoch()
+                    noise, coins = self._start_epoch()
                     progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
                                         enabled=self.acc.is_main_process)
                     try:
                         for images_batch, index in self._batches():
+                            if coins is not None:  # dynamic binarization: this epoch's draw of each sample
+                                images_batch = binarize.apply(images_batch, coins[index])
                             sums, loss = train_step(
                                 self.model, self.step_optimizer, self.acc, images_batch, noise[index],
                                 recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(pos.global_step),
-                                max_grad_norm=cfg.optimizer.max_grad_norm,
+                                max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(pos.global_step),
                             )
                             pos.global_step += 1
                             pos.batches_done += 1
@@ -232,15 +241,23 @@ class Learner:
             f"batch {self.position.batches_done}/{self.steps_per_epoch}, step {self.position.global_step}"
         )
 
-    def _start_epoch(self) -> torch.Tensor:
-        """Set the epoch's order and start its sums; returns the epoch's per-sample noise."""
-        pos = self.position
+    def _start_epoch(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Set the epoch's order and start its sums. Returns the epoch's per-sample noise,
+        (N, L) or (N, K, L) for K importance samples, and its binarization coins (dynamic
+        binarization only), both indexed by the sample's position in the dataset."""
+        cfg, pos, device = self.config, self.position, self.acc.device
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(pos.epoch)
         self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
-        return train_noise(self.config.seed, pos.epoch, self.num_train, self.latent).to(self.acc.device)
+        k = cfg.loss.iw_samples
+        noise = train_noise(cfg.seed, pos.epoch, self.num_train, self.latent * k)
+        noise = noise.view(self.num_train, k, self.latent) if k > 1 else noise
+        coins = None
+        if cfg.data.binarize == "dynamic":
+            coins = binarize.coins(cfg.seed, binarize.train_stream(pos.epoch), self.num_train).to(device)
+        return noise.to(device), coins
 
     def _batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches; resuming mid-epoch, the same permutation minus those done."""
@@ -255,6 +272,11 @@ class Learner:
         if warm <= 0:
             return w
         return w * min(1.0, step / (warm * self.steps_per_epoch))
+
+    def _lr(self, step: int) -> Optional[float]:
+        # The schedule spans --epochs (not --max-steps), so that a run stopped by max_steps
+        # and resumed follows the same rates as an uninterrupted one.
+        return learning_rate(self.config.optimizer, step, self.steps_per_epoch, self.config.epochs * self.steps_per_epoch)
 
     def _max_steps_reached(self) -> bool:
         m = self.config.max_steps

@@ -60,3 +60,33 @@ def negative_elbo(
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mu, exp(logvar)) summed over the last dim."""
     return -0.5 * torch.sum(logvar + (z - mu).pow(2) / logvar.exp(), dim=-1) - z.shape[-1] * HALF_LOG_2PI
+
+
+def negative_iw_bound(
+    logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str
+) -> LossParts:
+    """The negative importance-weighted bound (Burda et al. 2015) from K samples per image:
+    -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); K = 1 gives the ELBO.
+
+    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L); x: (B, 1, 28, 28).
+    ``recon`` and ``kl`` report the ELBO's parts (mean reconstruction over the K samples,
+    analytic KL), so they stay comparable with K = 1; ``total`` is the bound itself.
+    """
+    b, k = z.shape[:2]
+    log_px_z = -reconstruction(logits.flatten(0, 1), x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1), kind).view(b, k)
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # (B, K)
+    log_qz = gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1))  # (B, K)
+    total = -(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(k))
+    return LossParts(total.mean(), -log_px_z.mean(dim=1), kl_divergence(mu, logvar), total)
+
+
+def negative_bound(
+    logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *,
+    kind: str, kl_weight: float,
+) -> LossParts:
+    """The training objective: the (weighted) ELBO for one sample per image (z: (B, L)),
+    the importance-weighted bound for K (z: (B, K, L))."""
+    if z.dim() == 3:
+        return negative_iw_bound(logits, z, mu, logvar, x, kind=kind)
+    return negative_elbo(logits, mu, logvar, x, kind=kind, kl_weight=kl_weight)

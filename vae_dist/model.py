@@ -17,9 +17,10 @@ PIXELS = 28 * 28
 
 
 class VAEOutput(NamedTuple):
-    logits: torch.Tensor  # (B, 1, 28, 28) Bernoulli logits; sigmoid gives the mean image
+    logits: torch.Tensor  # (B, 1, 28, 28) Bernoulli logits, or (B, K, 1, 28, 28) for K samples each
     mu: torch.Tensor  # (B, L) posterior mean
     logvar: torch.Tensor  # (B, L) posterior log-variance
+    z: torch.Tensor  # (B, L) or (B, K, L): the latent samples decoded
 
 
 class ConvEncoder(nn.Module):
@@ -60,14 +61,27 @@ class ConvDecoder(nn.Module):
         return self.deconv(self.fc(z).view(-1, self.c2, 7, 7))
 
 
-class MlpEncoder(nn.Module):
-    """784-400-(mu, logvar), the canonical PyTorch VAE example's encoder."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
-    def __init__(self, latent: int, hidden: int):
+
+def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
+    """Linear layers through ``sizes``, the activation after each (a flat list, so that
+    parameter names stay those of the one-layer model saved by earlier versions)."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+    return layers
+
+
+class MlpEncoder(nn.Module):
+    """784 -> hidden layers -> (mu, logvar): the canonical PyTorch example's (one layer of
+    400, ReLU) or Burda et al.'s (two of 200, tanh)."""
+
+    def __init__(self, latent: int, hidden: list[int], activation: str):
         super().__init__()
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, hidden), nn.ReLU())
-        self.mu = nn.Linear(hidden, latent)
-        self.logvar = nn.Linear(hidden, latent)
+        self.fc = nn.Sequential(nn.Flatten(), *_mlp([PIXELS, *hidden], activation))
+        self.mu = nn.Linear(hidden[-1], latent)
+        self.logvar = nn.Linear(hidden[-1], latent)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.fc(x)
@@ -75,9 +89,11 @@ class MlpEncoder(nn.Module):
 
 
 class MlpDecoder(nn.Module):
-    def __init__(self, latent: int, hidden: int):
+    """The encoder's mirror: latent -> hidden layers (reversed) -> 784 logits."""
+
+    def __init__(self, latent: int, hidden: list[int], activation: str):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, PIXELS))
+        self.net = nn.Sequential(*_mlp([latent, *reversed(hidden)], activation), nn.Linear(hidden[0], PIXELS))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, 1, 28, 28)
@@ -93,8 +109,9 @@ class VAE(nn.Module):
             self.encoder: nn.Module = ConvEncoder(latent, config.conv_channels)
             self.decoder: nn.Module = ConvDecoder(latent, config.conv_channels)
         else:
-            self.encoder = MlpEncoder(latent, config.hidden_size)
-            self.decoder = MlpDecoder(latent, config.hidden_size)
+            hidden = [int(config.hidden_size)] * int(config.hidden_layers)  # type: ignore[arg-type]
+            self.encoder = MlpEncoder(latent, hidden, config.activation)
+            self.decoder = MlpDecoder(latent, hidden, config.activation)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VAE":
@@ -111,26 +128,21 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None) -> VAEOutput:
-        """x: (B, 1, 28, 28) in [0, 1]; eps: (B, L) standard normal noise, drawn by the caller
-        so that runs are reproducible (None draws from the global RNG, for ad-hoc use)."""
+        """x: (B, 1, 28, 28) in [0, 1]; eps: (B, L), or (B, K, L) for K samples per image,
+        standard normal noise drawn by the caller so that runs are reproducible (None draws
+        one sample from the global RNG, for ad-hoc use)."""
         mu, logvar = self.encode(x)
         if eps is None:
             eps = torch.randn_like(mu)
+        if eps.dim() == 3:  # K samples each: (B, K, L) latents, decoded as one batch of B*K
+            z = mu.unsqueeze(1) + eps.to(mu.dtype) * torch.exp(0.5 * logvar).unsqueeze(1)
+            return VAEOutput(self.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2]), mu, logvar, z)
         z = mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
-        return VAEOutput(self.decode(z), mu, logvar)
+        return VAEOutput(self.decode(z), mu, logvar, z)
 
 
 def parameter_count(config: ModelConfig) -> int:
-    """The number of parameters ``VAE(config)`` would have, computed without building it
-    (so an absurd config can be refused before memory is allocated for it)."""
-    latent = int(config.latent_size)  # type: ignore[arg-type]
-    if config.kind == "conv":
-        c1, c2 = (int(c) for c in config.conv_channels)
-        flat = c2 * 7 * 7
-        encoder = (1 * c1 * 9 + c1) + (c1 * c2 * 9 + c2) + 2 * (flat * latent + latent)
-        decoder = (latent * flat + flat) + (c2 * c1 * 9 + c1) + (c1 * 1 * 9 + 1)
-    else:
-        hidden = int(config.hidden_size)
-        encoder = (PIXELS * hidden + hidden) + 2 * (hidden * latent + latent)
-        decoder = (latent * hidden + hidden) + (hidden * PIXELS + PIXELS)
-    return encoder + decoder
+    """The number of parameters ``VAE(config)`` would have, counted on the meta device: no
+    memory is allocated, so an absurd config can be refused before it is built."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VAE(config).parameters())

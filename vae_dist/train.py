@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from vae_dist import artifacts, data, images
+from vae_dist import artifacts, binarize, data, images
 from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, on_main_then_share
@@ -76,6 +76,8 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
     folder = data_dir_for(accelerator, config)
     train = data.load_split(folder, "train").images
     test = data.load_split(folder, "test").images
+    # Before the limits: a sample's binarization depends on its index, not on the slice.
+    train, test = binarize.prepare_splits(train, test, config.data.binarize, config.seed)
     if config.data.limit_train_samples:
         train = train[: config.data.limit_train_samples]
     if config.data.limit_eval_samples:
