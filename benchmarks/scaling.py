@@ -20,8 +20,16 @@ backward) for comparison with the sum of the pieces.
 
     python benchmarks/scaling.py                 # both parts, both models
     python benchmarks/scaling.py --skip-trainer  # only the breakdown
+    python benchmarks/scaling.py -- --learning-rate 1e-3   # extra train flags for part 1
 
-The numbers are wall-clock on a shared machine: run it on an idle one, or read them as rough.
+Any argument the script does not know (or everything after --) is a flag of
+``python -m vae_dist train``, checked by its parser (vae_dist.cli.parse_train_args) and
+added to part 1's trainer commands (not the flags the script sets itself: model, batch
+size, steps, data).
+
+The numbers are wall-clock on a shared machine: run it on an idle one, or read them as
+rough (``other_cpu_cores`` in the JSON says how busy it was). Measured figures belong in
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 128
@@ -59,31 +69,23 @@ def launcher(procs: int, port: int) -> list[str]:
             "--main_process_port", str(port)]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------ part 1: the trainer
 
 
 def run_trainer(model: str, procs: int, batch: int, threads: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     art = tmp / f"{model}-{procs}p-{threads}t"
-    cmd = launcher(procs, free_port()) + [
+    cmd = launcher(procs, common.free_port()) + [
         "-m", "vae_dist", "train", "--cpu", "--model", model, "--data-dir", str(args.data_dir),
         "--artifact-dir", str(art), "--batch-size", str(batch), "--max-steps", str(args.max_steps),
         "--limit-train-samples", str(args.limit_train_samples), "--limit-eval-samples", "100",
-        "--num-workers", "0", "--wandb-mode", "disabled", "--epochs", "1",
+        "--num-workers", "0", "--wandb-mode", "disabled", "--epochs", "1", *args.train_args,
     ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, env=env_for(threads), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"trainer run failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
-    row = [json.loads(line) for line in (art / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+    row = common.read_metrics(art)[-1]
     return {
         "model": model, "processes": procs, "batch_per_process": batch, "omp_threads": threads,
         "steps": row["step"], "samples_per_second": row["samples_per_second"],
@@ -95,6 +97,9 @@ def run_trainer(model: str, procs: int, batch: int, threads: int, args: argparse
 
 
 def worker(args: argparse.Namespace) -> None:
+    from vae_dist.runtime import prepare_process
+
+    prepare_process(True)  # the trainer's process settings (as its CLI applies them), before any tensor work
     import torch
     import torch.distributed as dist
     from accelerate import Accelerator
@@ -207,7 +212,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_breakdown(model: str, procs: int, threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = launcher(procs, free_port()) + [
+    cmd = launcher(procs, common.free_port()) + [
         str(Path(__file__).resolve()), "--worker", "--model", model, "--data-dir", str(args.data_dir),
         "--limit-train-samples", str(args.limit_train_samples), "--profile-steps", str(args.profile_steps),
         "--warmup-steps", str(args.warmup_steps),
@@ -236,15 +241,23 @@ def main() -> None:
     p.add_argument("--skip-breakdown", action="store_true")
     p.add_argument("--json", action="store_true", help="also print everything as one JSON object at the end")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="conv", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # the worker's; --models otherwise
+    args, rest = p.parse_known_args()
     if args.data_dir is None:
-        from vae_dist.data import default_data_dir
-
-        args.data_dir = default_data_dir()
+        args.data_dir = common.vdata.default_data_dir()
     if args.worker:
         worker(args)
         return
+    if args.model is not None:
+        p.error("--model: use --models (each model is run in turn)")
+    args.train_args = rest[1:] if rest[:1] == ["--"] else rest
+    taken = sorted({a.split("=")[0] for a in args.train_args} & {"--batch-size", "--artifact-dir", "--cpu", "--no-cpu"})
+    if taken:  # each layout sets these itself
+        p.error(f"{', '.join(taken)}: set by this script for each layout")
+    try:  # the trainer's own parser, so a wrong flag fails here and not in the first subprocess
+        common.parse_train_args(["--cpu", "--data-dir", str(args.data_dir), *args.train_args])
+    except Exception as e:
+        p.error(f"train flags: {e.format_message() if hasattr(e, 'format_message') else e}")
     layouts = LAYOUTS
     if args.layout:
         layouts = []
@@ -254,7 +267,9 @@ def main() -> None:
                 raise SystemExit(f"{procs} processes do not divide the global batch {GLOBAL_BATCH}")
             layouts.append((procs, GLOBAL_BATCH // procs, threads))
 
-    out: dict[str, Any] = {"cpus": os.cpu_count(), "trainer": [], "breakdown": []}
+    other = common.OtherLoad()
+    out: dict[str, Any] = {"mode": "scaling", **common.environment(common.resolve_device("cpu")),
+                           "train_args": args.train_args, "trainer": [], "breakdown": []}
     print(f"{os.cpu_count()} CPUs; global batch {GLOBAL_BATCH}; layouts (processes, batch, OMP threads): {layouts}")
     if not args.skip_trainer:
         print(f"\n1. trainer, {args.max_steps} steps, {args.limit_train_samples} training images (samples_per_second from metrics.jsonl)")
@@ -285,8 +300,10 @@ def main() -> None:
                       + f" {cell('real/total'):>14}")
         print("compute = forward+loss+backward without gradient sync; wait = barrier (skew between ranks);"
               " real DDP step = data + backward with DDP's overlapped all-reduce + optimizer")
+    out.update(load_avg_1m_at_end=common.load_avg(), other_cpu_cores=other.cores())
+    print(f"other processes used {out['other_cpu_cores']} cores during the run")
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(out, sort_keys=True))
 
 
 if __name__ == "__main__":
