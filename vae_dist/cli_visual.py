@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors sta
 MAX_IMAGES = 10_000
 MAX_GRID_SIZE = 100
 MAX_STEPS = 1_000
+# torch seeds a generator with an unsigned 64-bit value; within the signed range every
+# seed means one stream (no wrap-around of negative values).
+MAX_SEED = 2**63 - 1
 
 ARTIFACT_HELP = "A folder written by `train` (or its model.safetensors)."
 DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
@@ -90,6 +93,7 @@ def sample(
 
     _check_range("--num", num, 1, MAX_IMAGES)
     _check_range("--grid-size", grid_size, 1, MAX_GRID_SIZE)
+    _check_range("--seed", seed, 0, MAX_SEED)
     model, _ = _load(artifact_dir)
     if manifold:
         target = _output_path(artifact_dir, out, "manifold.png")
