@@ -232,11 +232,18 @@ def read_metrics(root: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], config: TrainingConfig) -> None:
+def save_model_file(
+    path: Path, state_dict: dict[str, torch.Tensor], config: TrainingConfig, results: Optional[dict[str, Any]] = None
+) -> None:
     """Final weights as safetensors with the config JSON in the metadata, so the one
-    file rebuilds the model with no pickle and no config.json beside it."""
+    file rebuilds the model with no pickle and no config.json beside it; ``results`` (the
+    last validation and its protocol) ride along, so a number read off the file says
+    what it was measured on."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    blob = save(tensors, metadata={"format": "pt", "vae_dist_config": config.to_json()})
+    metadata = {"format": "pt", "vae_dist_config": config.to_json()}
+    if results is not None:
+        metadata["vae_dist_results"] = json.dumps(results, sort_keys=True)
+    blob = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(blob))
 
 

@@ -24,6 +24,7 @@ from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.distributed import any_rank, main_print
 from vae_dist.errors import TrainingError
+from vae_dist.evaluate import protocol
 from vae_dist.loss import negative_bound, negative_elbo
 from vae_dist.meter import TrainMeter
 from vae_dist.model import VAE
@@ -343,12 +344,14 @@ class Learner:
             "epoch_seconds": train_seconds + valid_seconds,
             "valid_seconds": valid_seconds,
             "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
+            "protocol": protocol(self.config, valid["valid/samples"]),
         }
         # A partial epoch's row (max_steps) is replaced when the epoch is finished later.
         pos.history = [r for r in pos.history if r["epoch"] != row["epoch"]] + [row]
         if acc.is_main_process:
             artifacts.write_metrics(self.artifact_dir, pos.history)
-        self.tracker.log({k: v for k, v in row.items() if k not in ("epoch", "step", "complete_epoch")}, step=pos.global_step)
+        self.tracker.log({k: v for k, v in row.items() if k not in ("epoch", "step", "complete_epoch", "protocol")},
+                         step=pos.global_step)
         self._previews(pos.epoch + 1, pos.global_step)
         self.say(
             f"epoch {pos.epoch + 1}: train/loss {row['train/loss']:.3f}  valid/loss {row['valid/loss']:.3f} "

@@ -19,11 +19,11 @@ LINE_EVERY_SECONDS = 30.0
 
 class Progress:
     def __init__(self, desc: str, total: int, initial: int, enabled: bool, line_every: float = LINE_EVERY_SECONDS):
-        self.desc, self.total, self.done = desc, total, initial
+        self.desc, self.total, self.done, self.initial = desc, total, initial, initial
         self.enabled = enabled
         self.line_every = line_every
         self.postfix = ""
-        self.last_line = time.perf_counter()
+        self.started = self.last_line = time.perf_counter()
         live = enabled and sys.stderr.isatty()
         self.bar: Optional[Any] = (
             tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False) if live else None
@@ -35,7 +35,14 @@ class Progress:
             self.bar.update(1)
         elif self.enabled and time.perf_counter() - self.last_line >= self.line_every:
             self.last_line = time.perf_counter()
-            print(f"{self.desc}: {self.done}/{self.total} steps{self.postfix}", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {self.done}/{self.total}{self.postfix}{self._eta()}", file=sys.stderr, flush=True)
+
+    def _eta(self) -> str:
+        done_here = self.done - self.initial
+        if done_here <= 0:
+            return ""
+        left = (time.perf_counter() - self.started) / done_here * (self.total - self.done)
+        return f", {left:,.0f} s left"
 
     def report(self, loss: float, samples_per_second: float) -> None:
         if self.bar is not None:

@@ -209,8 +209,9 @@ def _train(
     path = root / artifacts.MODEL
 
     def finish() -> None:
-        artifacts.save_model_file(path, state, config)
         history = learner.position.history
+        last = {k: v for k, v in history[-1].items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
+        artifacts.save_model_file(path, state, config, results=last)
         images.save_png(images.loss_curves(history), root / artifacts.LOSS_CURVES)
         say(format_summary(history))
         say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
