@@ -31,9 +31,13 @@ from safetensors.torch import load_file
 
 from conftest import REPO, cli_env, launch_cmd, run_cli, small_train_args
 from vae_dist import artifacts, tracking
-from vae_dist.artifacts import CHECKPOINTS, IMAGES, LOCK, MARKER, METRICS, MODEL, prepare_artifact_dir
+from vae_dist.artifacts import CHECKPOINTS, IMAGES, MARKER, METRICS, MODEL, prepare_artifact_dir
 from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, read_manifest
 from vae_dist.errors import ArtifactError, CheckpointError, DataError, VaeDistError
+
+# (Names added by the hardening are imported inside the tests that use them, so that this
+# file also runs against the code before it, each test failing on its own.)
+LOCK = ".vae_dist.lock"
 
 # ----------------------------------------------------------------------- helpers
 
@@ -203,6 +207,21 @@ def test_explicit_mode_wins_over_wandb_mode(flag: str, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(tracking, "has_wandb_api_key", lambda: True)
     assert tracking.resolve_mode(flag, lambda _: None) == flag
+
+
+@pytest.mark.slow
+def test_wandb_mode_disabled_in_the_environment_is_followed(data_dir: Path, tmp_path: Path) -> None:
+    art = tmp_path / "run"
+    args = small(data_dir, art)
+    i = args.index("--wandb-mode")
+    del args[i : i + 2]  # the mode left at its default
+    env = cli_env(WANDB_MODE="disabled")
+    for name in ("WANDB_API_KEY", "WANDB_DIR"):
+        env.pop(name, None)
+    proc = run_cli(args, env=env)
+    check_ok(proc)
+    assert "W&B" not in output(proc)
+    assert not (art / "wandb").exists()
 
 
 def test_accelerator_gets_no_tracker_when_wandb_mode_disables(monkeypatch) -> None:

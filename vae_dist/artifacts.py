@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -49,6 +49,15 @@ MAX_PARAMETERS = 1_000_000_000
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text so that a kill never leaves half a file."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _write_or_fail(path: Path, write: Callable[[], Any]) -> None:
+    """Run a write of one of the run's files; an OSError (a full disk, a folder gone, a
+    planted link) becomes one ArtifactError line naming the file."""
+    try:
+        write()
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def planted_links(root: Path) -> list[Path]:
@@ -213,7 +222,7 @@ def _read_pid(fd: int) -> Optional[int]:
 
 
 def write_config(root: Path, config: TrainingConfig) -> None:
-    atomic_write_text(root / CONFIG, config.to_json())
+    _write_or_fail(root / CONFIG, lambda: atomic_write_text(root / CONFIG, config.to_json()))
 
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
@@ -222,7 +231,8 @@ def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
     Rewriting the whole file, rather than appending, is what keeps epochs from being
     duplicated when a run is resumed from a checkpoint older than the file.
     """
-    atomic_write_text(root / METRICS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+    _write_or_fail(root / METRICS, lambda: atomic_write_text(root / METRICS, text))
 
 
 def read_metrics(root: Path) -> list[dict[str, Any]]:
@@ -244,7 +254,7 @@ def save_model_file(
     if results is not None:
         metadata["vae_dist_results"] = json.dumps(results, sort_keys=True)
     blob = save(tensors, metadata=metadata)
-    atomic_write(path, lambda f: f.write(blob))
+    _write_or_fail(path, lambda: atomic_write(path, lambda f: f.write(blob)))
 
 
 def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

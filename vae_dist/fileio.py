@@ -6,6 +6,7 @@ file. ``os.replace`` is atomic only within one filesystem, hence the same folder
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -13,8 +14,14 @@ from typing import BinaryIO, Callable
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
-    """Create parent folders, call ``write(file)`` on a temp file, then rename it to ``path``."""
+    """Create parent folders, call ``write(file)`` on a temp file, then rename it to ``path``.
+
+    A symbolic link at ``path`` is refused (OSError ELOOP), not replaced: vae_dist never
+    writes through, or over, a link it did not make. The temp file gets a fresh name
+    (O_EXCL), so no planted file or link of that name is ever opened."""
     target = Path(path)
+    if target.is_symlink():
+        raise OSError(errno.ELOOP, "is a symbolic link; not replaced", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

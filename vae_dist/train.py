@@ -115,10 +115,13 @@ def check_resumable(root: Path, config: TrainingConfig) -> None:
 
 def claim_artifact_dir(config: TrainingConfig, lock: artifacts.RunLock, *, resume: bool, overwrite: bool) -> Path:
     """Main process: check the folder (and what --resume needs), lock it, then prepare it."""
-    root = artifacts.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
-    if resume:
-        check_resumable(root, config)
-    return artifacts.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock)
+    try:
+        root = artifacts.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
+        if resume:
+            check_resumable(root, config)
+        return artifacts.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock)
+    except OSError as e:
+        raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
 
 
 def with_precision(config: TrainingConfig, precision: str) -> TrainingConfig:
