@@ -227,7 +227,7 @@ def reference_loss(art: Path, data_dir: Path, n: int) -> float:
 
 def test_validation_same_at_1_2_3_processes(two_proc, data_dir):
     art, n = two_proc[1], 501  # 501 = 10 x 48 + 21: uneven rounds at 2 and 3 processes
-    args = ["evaluate", str(art), "--limit-eval-samples", str(n), "--json"]
+    args = ["evaluate", str(art), "--limit-eval-samples", str(n), "--iw-samples", "30", "--json"]
     results = {1: ok(run_cli(args)).stdout}
     for procs in (2, 3):
         results[procs] = ok(run_launch(procs, args)).stdout
@@ -242,6 +242,11 @@ def test_validation_same_at_1_2_3_processes(two_proc, data_dir):
     for procs in (2, 3):
         for key in ("loss", "recon", "kl"):
             assert parsed[procs][key] == pytest.approx(parsed[1][key], rel=1e-6), (procs, key, parsed)
+        # Each image's importance samples are keyed by its index and summed in index order.
+        assert parsed[procs]["iw_nll"] == pytest.approx(parsed[1]["iw_nll"], rel=1e-12)
+        assert parsed[procs]["protocol"] == parsed[1]["protocol"]
+    assert parsed[1]["protocol"]["iw_samples"] == 30 and parsed[1]["protocol"]["test_images"] == n
+    assert parsed[1]["iw_nll"] < parsed[1]["loss"]  # a tighter bound than the ELBO
     assert parsed[1]["loss"] == pytest.approx(reference_loss(art, data_dir, n), rel=1e-5)
 
 

@@ -75,8 +75,11 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
         if iw_samples:
             mine = torch.arange(acc.process_index, images.shape[0], acc.num_processes)  # this rank's shard
             nll = iw_nll_per_image(model, config, images, mine, iw_samples, show=acc.is_main_process)
-            everyone = acc.gather(torch.stack([mine.double(), nll], dim=1)) if acc.num_processes > 1 else torch.stack([mine.double(), nll], dim=1)
-            ordered = everyone[everyone[:, 0].argsort()]  # summed in index order: the same at any process count
+            rows = torch.stack([mine.double(), nll], dim=1)  # (index, NLL)
+            if acc.num_processes > 1:  # shards differ by one row at most: pad (index -1) to gather
+                rows = acc.gather(acc.pad_across_processes(rows, dim=0, pad_index=-1))
+                rows = rows[rows[:, 0] >= 0]
+            ordered = rows[rows[:, 0].argsort()]  # summed in index order: the same at any process count
             result["iw_nll"] = ordered[:, 1].sum().item() / images.shape[0]
             result["iw_samples"] = iw_samples
         result["protocol"] = protocol(config, images.shape[0], iw_samples)
