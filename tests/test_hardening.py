@@ -546,7 +546,7 @@ def test_model_size_is_bounded_from_the_config_alone() -> None:
     sizes, before a byte is allocated (built unvalidated, as a future range could allow)."""
     from vae_dist.config import ModelConfig, TrainingConfig
 
-    huge = ModelConfig(kind="mlp").model_copy(update={"latent_size": 10**6, "hidden_size": 10**6})
+    huge = ModelConfig(kind="mlp").model_copy(update={"latent_size": 10**6, "hidden_sizes": (10**6,)})
     config = TrainingConfig().model_copy(update={"model": huge})
     t0 = time.monotonic()
     with pytest.raises(VaeDistError) as e:

@@ -86,7 +86,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     rates = [learning_rate(cfg, s, 10, 100) for s in range(100)]
     assert rates[:10] == sorted(rates[:10]) and rates[9] == pytest.approx(1e-3)
     assert rates[10:] == sorted(rates[10:], reverse=True) and rates[-1] < 1e-6
-    assert learning_rate(OptimizerConfig(), 5, 10, 100) is None  # constant: the optimizer's own
+    assert learning_rate(OptimizerConfig(schedule="constant"), 5, 10, 100) is None  # constant: the optimizer's own
 
 
 def test_burda_schedule_stages():

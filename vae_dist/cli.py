@@ -80,13 +80,13 @@ def _param_name(o: Option) -> str:
     return o.dotted.replace(".", "__")
 
 
-def _pair(o: Option, text: str) -> list[float]:
-    """'16,32' -> [16, 32] for the fields that hold a pair of numbers."""
+def _numbers(o: Option, text: str) -> list[float]:
+    """'16,32' -> [16, 32] for the fields that hold a tuple of numbers."""
     item = typing.get_args(typing.get_args(_bare(o))[0])[0]  # tuple[Annotated[int, ...], ...] -> int
     try:
         return [item(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"{o.flag} takes {item.__name__}s separated by a comma, e.g. {','.join(map(str, o.default))}") from None
+        raise ConfigError(f"{o.flag} takes {item.__name__}s separated by commas (got {text!r})") from None
 
 
 # A flag takes no value: an empty metavar keeps Typer from printing <bool> after it.
@@ -110,7 +110,7 @@ def _cli_type(o: Option) -> tuple[Any, list[str], dict[str, Any]]:
         choices = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
         return Optional[choices], [o.flag], {}
     if typing.get_origin(ann) is tuple:
-        return Optional[str], [o.flag], {"metavar": "A,B"}
+        return Optional[str], [o.flag], {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
     return Optional[ann], [o.flag], {}
 
 
@@ -135,7 +135,7 @@ def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             continue
         v = values[_param_name(o)]
-        out[o.dotted] = _pair(o, v) if isinstance(v, str) and typing.get_origin(_bare(o)) is tuple else v
+        out[o.dotted] = _numbers(o, v) if isinstance(v, str) and typing.get_origin(_bare(o)) is tuple else v
     return out
 
 

@@ -62,35 +62,48 @@ class Section(BaseModel):
 
 # Per architecture, what a field left unset (null) means.
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deep-mlp": {"latent_size": 32, "hidden_sizes": (512, 256), "activation": "relu"},
     "conv": {"latent_size": 64},
-    "mlp": {"latent_size": 20, "hidden_size": 400, "hidden_layers": 1, "activation": "relu"},
-    "burda": {"latent_size": 50, "hidden_size": 200, "hidden_layers": 2, "activation": "tanh"},
+    "mlp": {"latent_size": 20, "hidden_sizes": (400,), "activation": "relu"},
+    "burda": {"latent_size": 50, "hidden_sizes": (200, 200), "activation": "tanh"},
 }
+Width = Annotated[int, Field(strict=True, ge=1, le=16384)]
 
 
 class ModelConfig(Section):
     path: ClassVar[str] = "model"
 
-    kind: Literal["conv", "mlp", "burda"] = option(
-        "conv",
-        "Architecture: conv = the original Burn flow's stride-2 conv encoder and its mirror; mlp = 784-400-20 ReLU, "
-        "the PyTorch example; burda = 784-200-200-50 tanh, Burda et al. (2015)'s one-stochastic-layer model.",
+    kind: Literal["deep-mlp", "conv", "mlp", "burda"] = option(
+        "deep-mlp",
+        "Architecture: deep-mlp = 784-512-256-32 ReLU (this trainer's recipe); conv = the original Burn flow's "
+        "stride-2 conv encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 "
+        "tanh, Burda et al. (2015)'s one-stochastic-layer model.",
         flag="--model",
     )
-    latent_size: Optional[int] = option(None, "Latent dimensions.", shown="conv 64, mlp 20, burda 50", ge=1, le=4096)
-    hidden_size: Optional[int] = option(
-        None, "Width of each hidden layer of mlp and burda.", shown="mlp 400, burda 200", ge=1, le=16384,
+    latent_size: Optional[int] = option(
+        None, "Latent dimensions.", shown="deep-mlp 32, conv 64, mlp 20, burda 50", ge=1, le=4096,
     )
-    hidden_layers: Optional[int] = option(
-        None, "Hidden layers of the mlp and burda encoders (the decoders mirror them).", shown="mlp 1, burda 2", ge=1, le=16,
+    hidden_sizes: Optional[tuple[Width, ...]] = option(
+        None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
+        shown="deep-mlp 512,256, mlp 400, burda 200,200", strict=False, min_length=1, max_length=16,
     )
     activation: Optional[Literal["relu", "tanh"]] = option(
-        None, "Activation of the mlp and burda hidden layers.", shown="mlp relu, burda tanh",
+        None, "Activation of the MLP hidden layers.", shown="burda tanh, others relu",
     )
     conv_channels: tuple[Channels, Channels] = option(
         (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
         strict=False,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_hidden_size(cls, data: Any) -> Any:
+        # Configs written before hidden_sizes gave one width: {"hidden_size": 400}.
+        if isinstance(data, dict) and "hidden_size" in data and "hidden_sizes" not in data:
+            data = dict(data)
+            width = data.pop("hidden_size")
+            data["hidden_sizes"] = None if width is None else [width]
+        return data
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelConfig":
@@ -103,7 +116,7 @@ class ModelConfig(Section):
 class OptimizerConfig(Section):
     path: ClassVar[str] = "optimizer"
 
-    learning_rate: float = option(1e-4, "Adam step size.", gt=0.0, le=10.0)
+    learning_rate: float = option(2e-3, "Adam step size (the peak of a schedule).", gt=0.0, le=10.0)
     betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
     eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
     weight_decay: float = option(0.0, "L2 penalty added to the gradient (torch.optim.Adam semantics).", ge=0.0)
@@ -113,12 +126,12 @@ class OptimizerConfig(Section):
         flag="--fused-adam", resumable=True,
     )
     schedule: Literal["constant", "cosine", "burda"] = option(
-        "constant",
+        "cosine",
         "Learning-rate schedule, a function of the step: constant; cosine = linear warm-up, then cosine decay to 0 "
         "at the last step; burda = Burda et al.'s 3^i epochs at lr x 10^(-i/7), i = 0..7.",
         flag="--lr-schedule",
     )
-    warmup_epochs: float = option(0.0, "Linear learning-rate warm-up of the cosine schedule, in epochs.", ge=0.0)
+    warmup_epochs: float = option(0.1, "Linear learning-rate warm-up of the cosine schedule, in epochs.", ge=0.0)
 
 
 class DataConfig(Section):
@@ -157,7 +170,10 @@ class LossConfig(Section):
         "bce", "Likelihood: bce = Bernoulli; mse = Gaussian with unit variance (up to a constant).",
     )
     kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)
-    kl_warmup_epochs: float = option(0.0, "Ramp the KL weight linearly from 0 over this many epochs.", ge=0.0)
+    kl_warmup_epochs: Optional[float] = option(
+        None, "Ramp the KL weight linearly from 0 over this many epochs (keeps latent units from collapsing early).",
+        shown="1 for the ELBO, 0 for the importance-weighted bound", ge=0.0,
+    )
     iw_samples: int = option(
         1, "Train on the importance-weighted bound with K samples per image (IWAE); 1 = the ELBO.",
         flag="--iw-train-samples", ge=1, le=5000,
@@ -165,8 +181,12 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _iw_is_unweighted(self) -> "LossConfig":
+        if self.kl_warmup_epochs is None:
+            self.kl_warmup_epochs = 0.0 if self.iw_samples > 1 else 1.0
         if self.iw_samples > 1 and (self.kl_weight != 1.0 or self.kl_warmup_epochs > 0):
-            raise ValueError("the importance-weighted bound has no KL weight: use --kl-weight 1 and no KL warm-up")
+            raise ValueError(
+                "the importance-weighted bound has no KL weight: use --kl-weight 1 and --kl-warmup-epochs 0"
+            )
         return self
 
 

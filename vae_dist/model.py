@@ -105,11 +105,11 @@ class VAE(nn.Module):
         self.config = config
         latent = config.latent_size
         assert latent is not None  # resolved by ModelConfig.validate
-        if config.kind == "conv":
+        if config.kind == "conv":  # every other kind is an MLP
             self.encoder: nn.Module = ConvEncoder(latent, config.conv_channels)
             self.decoder: nn.Module = ConvDecoder(latent, config.conv_channels)
         else:
-            hidden = [int(config.hidden_size)] * int(config.hidden_layers)  # type: ignore[arg-type]
+            hidden = [int(w) for w in config.hidden_sizes]  # type: ignore[union-attr]
             self.encoder = MlpEncoder(latent, hidden, config.activation)
             self.decoder = MlpDecoder(latent, hidden, config.activation)
 
