@@ -18,13 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
-from vae_dist.config import TrainingConfig
+from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
 from vae_dist.fileio import atomic_write
 from vae_dist.model import VAE, parameter_count
 
 MARKER = ".vae_dist"
-CONFIG = "config.json"
+CONFIG = CONFIG_FILE
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"

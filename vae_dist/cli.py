@@ -20,7 +20,7 @@ import click
 import typer
 
 from vae_dist import cli_visual
-from vae_dist.config import ARCHITECTURE_DEFAULTS, Option, TrainingConfig, merge, options, read_json_config
+from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
 
 # typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
@@ -52,15 +52,13 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     """Defaults <- config file (or, on --resume, the run's own config.json) <- flags.
 
     ``flags`` maps dotted field names to values; None means "not given"."""
-    from vae_dist.artifacts import CONFIG
-
     base: dict[str, Any] = read_json_config(config_file) if config_file else {}
     overrides: dict[str, Any] = {}
     for dotted, value in flags.items():
         if value is not None:
             _set(overrides, dotted, value)
     artifact_dir = overrides.get("artifact_dir") or base.get("artifact_dir") or TrainingConfig().artifact_dir
-    saved = Path(str(artifact_dir)).expanduser() / CONFIG
+    saved = Path(str(artifact_dir)).expanduser() / CONFIG_FILE
     if resume and not config_file and saved.is_file():
         base = read_json_config(saved)
     merged = merge(base, overrides)

@@ -19,6 +19,8 @@ from pydantic.fields import FieldInfo
 
 from vae_dist.errors import ConfigError
 
+# The run's own config, in its artifact folder (here so the CLI finds it without torch).
+CONFIG_FILE = "config.json"
 # A config file is a few hundred bytes; more than this is not a config (or is /dev/zero).
 MAX_CONFIG_BYTES = 1 << 20
 # numpy's seed (which accelerate.set_seed also sets) must fit in 32 bits.
