@@ -9,6 +9,7 @@ A resumed run must end with weights bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -137,10 +138,13 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def set_manifest_size(folder: Path, rel: str) -> None:
-    """Make the manifest agree with a file we replaced, so only loading can catch it."""
+    """Make the manifest agree with a file we replaced (its size and SHA-256), so only
+    loading can catch it."""
     m = json.loads((folder / MANIFEST).read_text())
     assert rel in m["files"]
     m["files"][rel] = (folder / rel).stat().st_size
+    if "sha256" in m:
+        m["sha256"][rel] = hashlib.sha256((folder / rel).read_bytes()).hexdigest()
     (folder / MANIFEST).write_text(json.dumps(m))
 
 
