@@ -242,8 +242,9 @@ def test_validation_same_at_1_2_3_processes(two_proc, data_dir):
     for procs in (2, 3):
         for key in ("loss", "recon", "kl"):
             assert parsed[procs][key] == pytest.approx(parsed[1][key], rel=1e-6), (procs, key, parsed)
-        # Each image's importance samples are keyed by its index and summed in index order.
-        assert parsed[procs]["iw_nll"] == pytest.approx(parsed[1]["iw_nll"], rel=1e-12)
+        # Each image's importance samples are keyed by its index and summed in index order;
+        # only the matrix products' rounding depends on which images share a batch.
+        assert parsed[procs]["iw_nll"] == pytest.approx(parsed[1]["iw_nll"], rel=1e-9)
         assert parsed[procs]["protocol"] == parsed[1]["protocol"]
     assert parsed[1]["protocol"]["iw_samples"] == 30 and parsed[1]["protocol"]["test_images"] == n
     assert parsed[1]["iw_nll"] < parsed[1]["loss"]  # a tighter bound than the ELBO

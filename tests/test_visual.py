@@ -297,7 +297,8 @@ def test_sample_rejects_bad_arguments(trained: dict[str, Any], tmp_path: Path) -
 @pytest.mark.slow
 def test_manifold_needs_a_two_dimensional_latent(trained: dict[str, Any]) -> None:
     rc, out, err = vae("sample", trained["art"], "--manifold")
-    assert_one_line_error(rc, err, "2-dimensional", "64")
+    latent = json.loads((trained["art"] / "config.json").read_text())["model"]["latent_size"]
+    assert_one_line_error(rc, err, "2-dimensional", str(latent))
     assert not (trained["art"] / "manifold.png").exists()
 
 

@@ -118,7 +118,7 @@ class ModelConfig(Section):
 class OptimizerConfig(Section):
     path: ClassVar[str] = "optimizer"
 
-    learning_rate: float = option(2e-3, "Adam step size (the peak of a schedule).", gt=0.0, le=10.0)
+    learning_rate: float = option(2e-3, "Adam step size (the peak of a schedule).", gt=0.0)
     betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
     eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
     weight_decay: float = option(0.0, "L2 penalty added to the gradient (torch.optim.Adam semantics).", ge=0.0)
@@ -364,9 +364,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resume_mismatch(saved: TrainingConfig, given: TrainingConfig) -> Optional[str]:
-    """Name the first field that shapes the model or data and differs, else None."""
+    """Name the fields that shape the model or data and differ, else None."""
     a, b = _flatten(saved.to_dict()), _flatten(given.to_dict())
-    for key in sorted(a):
-        if key not in RESUMABLE_FIELDS and a[key] != b.get(key):
-            return f"{key} is {b.get(key)!r} but the run being resumed used {a[key]!r}"
-    return None
+    differ = [key for key in sorted(a) if key not in RESUMABLE_FIELDS and a[key] != b.get(key)]
+    if not differ:
+        return None
+    first, *rest = sorted(differ, key=lambda k: not k.endswith(".kind"))  # the architecture explains the rest
+    also = f" (and {', '.join(rest)} with it)" if rest else ""
+    return f"{first} is {b.get(first)!r} but the run being resumed used {a[first]!r}{also}"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from vae_dist import artifacts, binarize, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import LossConfig, TrainingConfig
-from vae_dist.distributed import any_rank, main_print
+from vae_dist.distributed import any_rank, main_print, on_main_then_share
 from vae_dist.errors import TrainingError
 from vae_dist.evaluate import protocol
 from vae_dist.loss import negative_bound, negative_elbo
@@ -348,8 +348,7 @@ class Learner:
         }
         # A partial epoch's row (max_steps) is replaced when the epoch is finished later.
         pos.history = [r for r in pos.history if r["epoch"] != row["epoch"]] + [row]
-        if acc.is_main_process:
-            artifacts.write_metrics(self.artifact_dir, pos.history)
+        on_main_then_share(acc, lambda: artifacts.write_metrics(self.artifact_dir, pos.history))
         self.tracker.log({k: v for k, v in row.items() if k not in ("epoch", "step", "complete_epoch", "protocol")},
                          step=pos.global_step)
         self._previews(pos.epoch + 1, pos.global_step)
@@ -384,5 +383,9 @@ class Learner:
             "prior/samples": images.image_grid(samples.cpu(), nrow=8),
         }
         for key, picture in pictures.items():
-            images.save_png(picture, self.artifact_dir / artifacts.IMAGES / f"epoch-{epoch:03d}-{key.split('/')[1]}.png")
+            path = self.artifact_dir / artifacts.IMAGES / f"epoch-{epoch:03d}-{key.split('/')[1]}.png"
+            try:
+                images.save_png(picture, path)
+            except OSError as e:  # a preview is not worth a run
+                self.say(f"preview {path} not written ({e.strerror or e}); training goes on")
         self.tracker.log_images(pictures, step=step)

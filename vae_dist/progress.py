@@ -33,7 +33,8 @@ class Progress:
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
-        elif self.enabled and time.perf_counter() - self.last_line >= self.line_every:
+        elif self.enabled and (self.done == self.initial + 1 or time.perf_counter() - self.last_line >= self.line_every):
+            # The first step too: a log then shows at once that training is under way.
             self.last_line = time.perf_counter()
             print(f"{self.desc}: {self.done}/{self.total}{self.postfix}{self._eta()}", file=sys.stderr, flush=True)
 
