@@ -41,9 +41,10 @@ from vae_dist.model import VAE  # noqa: E402
 from vae_dist.train import make_optimizer  # noqa: E402
 
 # The benchmarks' historical setting: the canonical PyTorch VAE example (mlp, batch 128,
-# lr 1e-3), no loader workers, no W&B. --epochs is each script's own default.
+# constant lr 1e-3, no KL warm-up), no loader workers, no W&B. --epochs is each script's own.
 DEFAULT_TRAIN_ARGS = [
-    "--model", "mlp", "--batch-size", "128", "--learning-rate", "1e-3", "--num-workers", "0", "--wandb-mode", "disabled",
+    "--model", "mlp", "--batch-size", "128", "--learning-rate", "1e-3", "--lr-schedule", "constant",
+    "--kl-warmup-epochs", "0", "--num-workers", "0", "--wandb-mode", "disabled",
 ]
 # Other processes using more than this many cores make the figures noisy.
 MAX_OTHER_CORES = 0.25

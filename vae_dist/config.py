@@ -64,7 +64,7 @@ class Section(BaseModel):
 
 # Per architecture, what a field left unset (null) means.
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "deep-mlp": {"latent_size": 32, "hidden_sizes": (512, 256), "activation": "relu"},
+    "deep-mlp": {"latent_size": 50, "hidden_sizes": (512, 256), "activation": "relu"},
     "conv": {"latent_size": 64},
     "mlp": {"latent_size": 20, "hidden_sizes": (400,), "activation": "relu"},
     "burda": {"latent_size": 50, "hidden_sizes": (200, 200), "activation": "tanh"},
@@ -77,13 +77,13 @@ class ModelConfig(Section):
 
     kind: Literal["deep-mlp", "conv", "mlp", "burda"] = option(
         "deep-mlp",
-        "Architecture: deep-mlp = 784-512-256-32 ReLU (this trainer's recipe); conv = the original Burn flow's "
+        "Architecture: deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the original Burn flow's "
         "stride-2 conv encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 "
         "tanh, Burda et al. (2015)'s one-stochastic-layer model.",
         flag="--model",
     )
     latent_size: Optional[int] = option(
-        None, "Latent dimensions.", shown="deep-mlp 32, conv 64, mlp 20, burda 50", ge=1, le=4096,
+        None, "Latent dimensions.", shown="deep-mlp 50, conv 64, mlp 20, burda 50", ge=1, le=4096,
     )
     hidden_sizes: Optional[tuple[Width, ...]] = option(
         None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
@@ -174,7 +174,7 @@ class LossConfig(Section):
     kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)
     kl_warmup_epochs: Optional[float] = option(
         None, "Ramp the KL weight linearly from 0 over this many epochs (keeps latent units from collapsing early).",
-        shown="1 for the ELBO, 0 for the importance-weighted bound", ge=0.0,
+        shown="2 for the ELBO, 0 for the importance-weighted bound", ge=0.0,
     )
     iw_samples: int = option(
         1, "Train on the importance-weighted bound with K samples per image (IWAE); 1 = the ELBO.",
@@ -184,7 +184,7 @@ class LossConfig(Section):
     @model_validator(mode="after")
     def _iw_is_unweighted(self) -> "LossConfig":
         if self.kl_warmup_epochs is None:
-            self.kl_warmup_epochs = 0.0 if self.iw_samples > 1 else 1.0
+            self.kl_warmup_epochs = 0.0 if self.iw_samples > 1 else 2.0
         if self.iw_samples > 1 and (self.kl_weight != 1.0 or self.kl_warmup_epochs > 0):
             raise ValueError(
                 "the importance-weighted bound has no KL weight: use --kl-weight 1 and --kl-warmup-epochs 0"
