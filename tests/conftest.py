@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,3 +79,21 @@ def small_train_args(data_dir: Path, artifact_dir: Path, *more: str) -> list[str
         "--limit-train-samples", "1024", "--limit-eval-samples", "500", "--num-workers", "0",
         "--wandb-mode", "disabled", "--epochs", "1", *more,
     ]
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    """stdout + stderr, with a live progress bar's carriage returns as line breaks."""
+    return (proc.stdout + "\n" + proc.stderr).replace("\r", "\n")
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The run failed with exactly one `error: ...` line (exit 2) and no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]

@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, cli_env, launch_cmd, run_cli, small_train_args
+from conftest import REPO, check_ok, cli_env, launch_cmd, one_error_line, output, run_cli, small_train_args
 from vae_dist import artifacts, tracking
 from vae_dist.artifacts import CHECKPOINTS, IMAGES, MARKER, METRICS, MODEL, prepare_artifact_dir
 from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, read_manifest
@@ -47,23 +47,6 @@ SMALL = ("--model", "mlp", "--batch-size", "32", "--limit-train-samples", "640",
 
 def small(data_dir: Path, art: Path, *more: str) -> list[str]:
     return small_train_args(data_dir, art, *SMALL, *more)
-
-
-def output(proc: subprocess.CompletedProcess) -> str:
-    return (proc.stdout + "\n" + proc.stderr).replace("\r", "\n")
-
-
-def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """Exit 2, exactly one `error: ...` line and no traceback."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = re.findall(r"error: [^\r\n]*", proc.stderr)
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:

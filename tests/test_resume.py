@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, cli_env, launch_cmd, run_cli, run_launch, small_train_args
+from conftest import REPO, check_ok, cli_env, launch_cmd, one_error_line, output, run_cli, run_launch, small_train_args
 from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, read_manifest
 
 # Real processes (the CLI, accelerate launch, launch scripts): the slow tier.
@@ -46,24 +46,6 @@ LONG = ("--limit-train-samples", "3200", "--epochs", "2", "--limit-eval-samples"
 
 def base_args(data_dir: Path, art: Path, *more: str) -> list[str]:
     return small_train_args(data_dir, art, *BASE, *more)
-
-
-def text(proc: subprocess.CompletedProcess) -> str:
-    """stdout + stderr with progress-bar carriage returns turned into line breaks."""
-    return (proc.stdout + "\n" + proc.stderr).replace("\r", "\n")
-
-
-def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The run failed with exactly one `error: ...` line (exit 2) and no traceback."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = re.findall(r"error: [^\r\n]*", proc.stderr)
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 def weights(art: Path) -> dict[str, torch.Tensor]:
@@ -123,13 +105,13 @@ def assert_final_state(art: Path, epochs: int = 2, steps_per_epoch: int = STEPS_
 
 
 def resumed_from(proc: subprocess.CompletedProcess) -> tuple[str, str, str, str]:
-    found = re.findall(r"resumed from (\S+): epoch (\d+), batch (\d+)/\d+, step (\d+)", text(proc))
-    assert len(found) == 1, text(proc)[-3000:]
+    found = re.findall(r"resumed from (\S+): epoch (\d+), batch (\d+)/\d+, step (\d+)", output(proc))
+    assert len(found) == 1, output(proc)[-3000:]
     return found[0]
 
 
 def checkpoint_seconds(proc: subprocess.CompletedProcess) -> list[float]:
-    return [float(s) for s in re.findall(r"checkpoint \S+ written in ([0-9.]+) s", text(proc))]
+    return [float(s) for s in re.findall(r"checkpoint \S+ written in ([0-9.]+) s", output(proc))]
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -216,7 +198,7 @@ def test_killed_run_resumes_bit_identical(point: str, ref: Path, data_dir: Path,
         # The torn write is there, beside the older complete checkpoints, and must be ignored.
         assert [n for n in before if n.startswith(TMP_PREFIX)], before
     assert resumed_from(resumed) == (folder, *position)
-    assert TMP_PREFIX not in re.search(r"resumed from \S+", text(resumed)).group(0)
+    assert TMP_PREFIX not in re.search(r"resumed from \S+", output(resumed)).group(0)
     assert_identical_weights(art, ref)
     assert_same_metrics(art, ref)
     assert_final_state(art)
@@ -311,8 +293,8 @@ def test_corrupt_newest_checkpoint_falls_back(damage, file, ref: Path, data_dir:
     assert ((newest / file).stat().st_size == size) == (damage is _garbage)
     proc = run_cli([*base_args(data_dir, art), "--resume"])
     check_ok(proc)
-    said = [line for line in text(proc).splitlines() if "step-000000040" in line and "unusable" in line]
-    assert len(said) == 1, text(proc)[-3000:]
+    said = [line for line in output(proc).splitlines() if "step-000000040" in line and "unusable" in line]
+    assert len(said) == 1, output(proc)[-3000:]
     assert resumed_from(proc) == ("step-000000035", "2", "15", "35")
     # Steps 36-40 are taken again from step 35: the same model as the uninterrupted run.
     assert_identical_weights(art, ref)
@@ -361,8 +343,8 @@ def test_resume_never_unpickles_code(ref: Path, data_dir: Path, tmp_path: Path) 
     proc = run_cli([*base_args(data_dir, art), "--resume"])
     check_ok(proc)
     assert not marker.exists(), "a checkpoint file was unpickled as code"
-    said = [line for line in text(proc).splitlines() if "step-000000040" in line and "unusable" in line]
-    assert len(said) == 1 and "falling back to step-000000035" in said[0], text(proc)[-3000:]
+    said = [line for line in output(proc).splitlines() if "step-000000040" in line and "unusable" in line]
+    assert len(said) == 1 and "falling back to step-000000035" in said[0], output(proc)[-3000:]
     assert resumed_from(proc)[0] == "step-000000035"
     # The data order and noise do not depend on the RNG states, so the result is exact anyway.
     assert_identical_weights(art, ref)
@@ -409,7 +391,7 @@ def test_wandb_run_id_survives_kill_and_resume(ref: Path, data_dir: Path, tmp_pa
         data_dir, art, {"VAE_DIST_TEST_FAIL_AT": "0:27:kill"}, "--wandb-mode", "offline", env_extra=env
     )
     assert resumed_from(resumed) == ("step-000000025", "2", "5", "25")
-    ids = [re.findall(r"W&B run \S+ \(id (\w+),", text(p)) for p in (killed, resumed)]
+    ids = [re.findall(r"W&B run \S+ \(id (\w+),", output(p)) for p in (killed, resumed)]
     assert ids[0] and ids[0] == ids[1], ids
     runs = sorted(p.name for p in wandb_dir.rglob("offline-run-*") if p.is_dir())
     assert len(runs) == 2, runs
