@@ -85,3 +85,28 @@ def test_bad_train_flag_is_one_line_usage_error():
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 2 and "data.batch_size" in r.stderr.strip().splitlines()[-1]
+
+
+def test_quality_trains_a_recipe_and_scores_it_with_its_protocol():
+    out = run_json("quality.py", "--recipe", "burda-iwae", "--iw-samples", "20", *TINY)
+    # The recipe's flags reached the config; the pass-through ones came after them.
+    assert out["config"]["model"]["kind"] == "burda" and out["config"]["loss"]["iw_samples"] == 5
+    assert out["config"]["data"]["binarize"] == "dynamic" and out["config"]["epochs"] == 2
+    assert out["epochs"] == 2 and len(out["curve"]) == 2
+    assert out["test_elbo"] == pytest.approx(out["curve"][-1]["valid_loss"], rel=1e-6)  # as training logged it
+    assert 0 < out["iw_nll"] < out["test_elbo"]  # a tighter bound
+    assert out["protocol"]["iw_samples"] == 20 and out["protocol"]["test_images"] == 500
+    assert "binarized" in out["protocol"]["data"]
+
+
+def test_quality_lists_its_recipes():
+    r = subprocess.run([sys.executable, "benchmarks/quality.py", "--list"], cwd=REPO, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "default" in r.stdout and "--binarize dynamic" in r.stdout
+
+
+def test_canonical_example_reports_its_time_and_loss():
+    out = run_json("canonical.py", "--epochs", "1")
+    assert out["mode"] == "canonical" and len(out["curve"]) == 1
+    assert out["wall_s"] == out["curve"][-1]["elapsed_s"] > 0
+    assert 100 < out["final_test_loss"] < 200  # one epoch of the example: about 128 nats
