@@ -10,28 +10,22 @@ whatever its seed), so numbers of different runs are comparable.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Literal
-
 import torch
 
-Mode = Literal["none", "dynamic", "static"]
+from vae_dist import noise
+
+# Its own purpose, so these coins share no stream with the shuffle or the noise.
+BINARIZE = "binarize"
 TEST_SEED = 0
 TEST_STREAM = 1 << 40
 STATIC_STREAM = 1 << 41
 LEVELS = 255  # grey levels are k/255, k = 0..255
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    # Its own derivation, so these coins share no stream with the shuffle or the noise.
-    digest = hashlib.sha256(f"vae_dist/binarize/{seed}/{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def coins(seed: int, stream: int, n: int) -> torch.Tensor:
     """(n, 1, 28, 28) int16 uniform on 0..254: pixel k/255 is on iff its coin < k, which
     happens with probability exactly k/255."""
-    return torch.randint(0, LEVELS, (n, 1, 28, 28), dtype=torch.int16, generator=_generator(seed, stream))
+    return torch.randint(0, LEVELS, (n, 1, 28, 28), dtype=torch.int16, generator=noise.generator(BINARIZE, seed, stream))
 
 
 def apply(images: torch.Tensor, coin: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vae_dist.errors import DataError
+from vae_dist.errors import ConfigError, DataError
 from vae_dist import noise
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -238,6 +238,15 @@ class _WorkerInit:
         ignore_stop_signals()
         if self.user is not None:
             self.user(worker_id)
+
+
+def check_batch_fits(num_train: int, batch_size: int, num_processes: int) -> None:
+    """At least one optimizer step per epoch (drop_last: a partial global batch is dropped)."""
+    if num_train // (batch_size * num_processes) == 0:
+        raise ConfigError(
+            f"the training set is smaller than one global batch ({batch_size} x {num_processes}"
+            f" processes > {num_train} images); lower --batch-size or raise --limit-train-samples"
+        )
 
 
 def make_loader(

@@ -9,7 +9,6 @@ number is quoted without it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 from vae_dist import binarize, data
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import VaeDistError
-from vae_dist.loss import gaussian_log_prob, reconstruction
+from vae_dist.loss import log_importance_weights, reconstruction
 from vae_dist.model import VAE
-from vae_dist.noise import eval_noise
+from vae_dist.noise import eval_noise, generator
 from vae_dist.progress import Progress
 
 # Burda et al. report k = 5000; beyond this an estimate takes days on a CPU for no gain.
@@ -30,6 +29,7 @@ MAX_IW_SAMPLES = 100_000
 IW_BATCH = 25  # test images per pass
 IW_CHUNK = 400  # importance samples per image per pass: bounds memory whatever K is
 IW_SEED = 0  # the estimate's noise is the same in every evaluation of every model
+IW_NOISE = "iw-noise"
 
 
 def test_images(config: TrainingConfig, data_dir: Optional[str], limit: Optional[int]) -> torch.Tensor:
@@ -88,11 +88,6 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
     return result
 
 
-def _image_generator(index: int) -> torch.Generator:
-    digest = hashlib.sha256(f"vae_dist/iw/{IW_SEED}/{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 @torch.no_grad()
 def iw_nll_per_image(
     model: VAE, config: TrainingConfig, images: torch.Tensor, indices: torch.Tensor, k: int, *, show: bool = False
@@ -116,7 +111,7 @@ def iw_nll_per_image(
             x = images[idx].float().div(255.0)  # (B, 1, 28, 28)
             b = x.shape[0]
             mu, logvar = model.encode(x)  # (B, L)
-            generators = [_image_generator(int(i)) for i in idx]
+            generators = [generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
             running = torch.full((b,), -math.inf, dtype=torch.float64)
             for k0 in range(0, k, IW_CHUNK):
                 kk = min(IW_CHUNK, k - k0)
@@ -124,7 +119,7 @@ def iw_nll_per_image(
                 z = mu + eps * torch.exp(0.5 * logvar)
                 logits = model.decode(z.reshape(kk * b, -1))
                 log_px_z = -reconstruction(logits, x.repeat(kk, 1, 1, 1), config.loss.recon_loss).view(kk, b)
-                log_w = log_px_z + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) - gaussian_log_prob(z, mu, logvar)
+                log_w = log_importance_weights(log_px_z, z, mu, logvar)  # (kk, B)
                 running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
             out[start : start + b] = -(running - math.log(k))
             progress.step()

@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vae_dist import artifacts, binarize, faults, images
+from vae_dist import artifacts, binarize, data, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.distributed import any_rank, main_print, on_main_then_share
@@ -159,6 +159,7 @@ class Learner:
         self.latent = model.latent_size
         self.sampler = train_loader.sampler  # EpochShuffleSampler: the order is a function of (seed, epoch)
         self.num_train = len(train_loader.dataset)  # type: ignore[arg-type]
+        data.check_batch_fits(self.num_train, config.data.batch_size, accelerator.num_processes)
         self.model, self.optimizer, self.train_loader, self.valid_loader = accelerator.prepare(
             model, optimizer, train_loader, valid_loader
         )
@@ -173,11 +174,6 @@ class Learner:
         self.say: Callable[[str], None] = main_print(accelerator)
         self.position = Position(wandb_run_id=run_id)
         self.meter = TrainMeter(accelerator.device)
-        if self.steps_per_epoch == 0:
-            raise TrainingError(
-                f"the training set is smaller than one global batch ({config.data.batch_size} x "
-                f"{accelerator.num_processes} processes); lower --batch-size or raise --limit-train-samples"
-            )
 
     def fit(self) -> nn.Module:
         """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model."""

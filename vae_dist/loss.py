@@ -62,6 +62,13 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     return -0.5 * torch.sum(logvar + (z - mu).pow(2) / logvar.exp(), dim=-1) - z.shape[-1] * HALF_LOG_2PI
 
 
+def log_importance_weights(
+    log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+) -> torch.Tensor:
+    """log p(x | z) + log p(z) - log q(z | x) per sample; mu and logvar broadcast against z."""
+    return log_px_z + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) - gaussian_log_prob(z, mu, logvar)
+
+
 def negative_iw_bound(
     logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str
 ) -> LossParts:
@@ -75,9 +82,8 @@ def negative_iw_bound(
     b, k = z.shape[:2]
     log_px_z = -reconstruction(logits.flatten(0, 1), x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1), kind).view(b, k)
     z, mu, logvar = z.float(), mu.float(), logvar.float()
-    log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))  # (B, K)
-    log_qz = gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1))  # (B, K)
-    total = -(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(k))
+    log_w = log_importance_weights(log_px_z, z, mu.unsqueeze(1), logvar.unsqueeze(1))  # (B, K)
+    total = -(torch.logsumexp(log_w, dim=1) - math.log(k))
     return LossParts(total.mean(), -log_px_z.mean(dim=1), kl_divergence(mu, logvar), total)
 
 

@@ -104,7 +104,7 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         latent = config.latent_size
-        assert latent is not None  # resolved by ModelConfig.validate
+        assert latent is not None  # resolved by ModelConfig's validator
         if config.kind == "conv":  # every other kind is an MLP
             self.encoder: nn.Module = ConvEncoder(latent, config.conv_channels)
             self.decoder: nn.Module = ConvDecoder(latent, config.conv_channels)

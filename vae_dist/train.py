@@ -85,15 +85,6 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
     return train, test
 
 
-def check_batch_fits(num_train: int, batch_size: int, num_processes: int) -> None:
-    """At least one optimizer step per epoch (drop_last: a partial global batch is dropped)."""
-    if num_train // (batch_size * num_processes) == 0:
-        raise ConfigError(
-            f"the training set is smaller than one global batch ({batch_size} x {num_processes}"
-            f" processes > {num_train} images); lower --batch-size or raise --limit-train-samples"
-        )
-
-
 def check_resumable(root: Path, config: TrainingConfig) -> None:
     """--resume continues the run in ``root``: the same model and data, and a checkpoint
     to continue from whenever the run already got far enough to write its outputs."""
@@ -159,7 +150,7 @@ def _train(
     # --data-dir, a batch larger than the data or an absurd model must not cost the
     # previous run's files to --overwrite.
     train_images, test_images = load_images(acc, config)
-    check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
+    data.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     artifacts.check_model_size(config, "config")
     set_seed(config.seed)  # the same initial weights on every rank
     model = VAE.from_config(config.model)
