@@ -65,7 +65,6 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     kind = overrides.get("model", {}).get("kind")
     if kind is not None and kind != base.get("model", {}).get("kind"):
         for name in ARCHITECTURE_DEFAULTS[kind]:  # a new architecture brings its own defaults
-            merged["model"].setdefault(name, None)
             if name not in overrides["model"]:
                 merged["model"][name] = None
     return TrainingConfig.from_dict(merged)

@@ -1,4 +1,5 @@
-"""Progress of an epoch: a live bar on a terminal, a line every few seconds elsewhere.
+"""Progress of a long loop (an epoch, an evaluation): a live bar on a terminal, a line every
+few seconds elsewhere.
 
 Under SLURM, CI or nohup, stderr is a file: a bar redrawn with carriage returns on every
 step fills it with noise, so there progress is a plain line at a fixed interval, as
