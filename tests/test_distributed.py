@@ -371,3 +371,28 @@ def test_two_machines_on_loopback(tmp_path, data_dir, eval_config, two_proc):
     d = rms_diff(a, b)
     print(f"\n2 machines x 1 vs 1 machine x 2: weight difference RMS {d:.3e}, max {max_diff(a, b):.3e}")
     assert d < WEIGHT_RMS_TOL, d
+
+
+# ------------------------------------------------------------------ 8. a clean exit
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_finished_ranks_join_their_gloo_threads_before_exit(tmp_path, data_dir, eval_config):
+    """A gloo process group still alive at interpreter teardown joins its threads there, and
+    that can abort a rank whose run has finished ("terminate called without an active
+    exception", exit -6, seen in CI): by the time train() returns, no gloo thread is left."""
+    script = tmp_path / "train_then_list_threads.py"
+    script.write_text(
+        "import glob, sys\n"
+        "from vae_dist.cli import main\n"
+        "main(sys.argv[1:])\n"
+        "names = sorted(open(p).read().strip() for p in glob.glob('/proc/self/task/*/comm'))\n"
+        "print('threads after train:', ' '.join(names), flush=True)\n"
+    )
+    args = train_args(data_dir, tmp_path / "art", eval_config, "--batch-size", "32")
+    cmd = [*launch_cmd(2, args)[: -len(args) - 2], str(script), *args]  # the script instead of -m vae_dist
+    r = ok(subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300))
+    lines = [line for line in r.stdout.splitlines() if line.startswith("threads after train:")]
+    assert len(lines) == 2, r.stdout[-3000:]  # one per rank
+    for line in lines:
+        assert "gloo" not in line, line

@@ -42,6 +42,11 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)")
     log_with = "wandb" if wants_tracker(config.wandb_mode) else None
+    # Imported before the process group exists: its functions take `group=group.WORLD` as a
+    # default argument, so imported later (DDP does) they would hold the group until the
+    # interpreter's teardown, whose gloo threads can then abort a finished rank.
+    import torch.distributed.nn  # noqa: F401
+
     try:
         return Accelerator(
             cpu=cpu,
@@ -133,8 +138,9 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
             # Trackers first, each failure one line: a W&B that never started must not
             # fail a finished run from inside end_training().
             close_trackers(acc, main_print(acc))
-            # Closes W&B and destroys the process group: without it gloo ranks often abort
-            # at interpreter exit ("terminate called without an active exception").
+            # Closes W&B and destroys the process group, joining its gloo threads while
+            # the interpreter is whole: left to its teardown, they can abort a finished
+            # rank ("terminate called without an active exception").
             acc.end_training()
         finally:
             lock.release()
