@@ -390,7 +390,7 @@ def test_finished_ranks_join_their_gloo_threads_before_exit(tmp_path, data_dir, 
         "print('threads after train:', ' '.join(names), flush=True)\n"
     )
     args = train_args(data_dir, tmp_path / "art", eval_config, "--batch-size", "32")
-    cmd = [*launch_cmd(2, args)[: -len(args) - 2], str(script), *args]  # the script instead of -m vae_dist
+    cmd = launch_cmd(2, [])[:-2] + [str(script), *args]  # the script instead of `-m vae_dist`
     r = ok(subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300))
     lines = [line for line in r.stdout.splitlines() if line.startswith("threads after train:")]
     assert len(lines) == 2, r.stdout[-3000:]  # one per rank

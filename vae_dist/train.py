@@ -14,6 +14,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+# Imported before any process group exists: its functions take `group=group.WORLD` as a
+# default argument, so imported later (DDP does) they would hold the group until the
+# interpreter's teardown, whose gloo threads can then abort a finished rank.
+import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
@@ -42,11 +46,6 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)")
     log_with = "wandb" if wants_tracker(config.wandb_mode) else None
-    # Imported before the process group exists: its functions take `group=group.WORLD` as a
-    # default argument, so imported later (DDP does) they would hold the group until the
-    # interpreter's teardown, whose gloo threads can then abort a finished rank.
-    import torch.distributed.nn  # noqa: F401
-
     try:
         return Accelerator(
             cpu=cpu,
