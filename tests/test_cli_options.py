@@ -14,10 +14,10 @@ from vae_dist.config import ARCHITECTURE_DEFAULTS, RESUMABLE_FIELDS, TrainingCon
 OPTIONS = list(options())
 
 
-def _help(capsys, monkeypatch) -> list[str]:
+def _help(capsys, monkeypatch, command: str = "train") -> list[str]:
     monkeypatch.setenv("COLUMNS", "400")  # one row per option
     try:
-        main(["train", "--help"])
+        main([command, "--help"])
     except SystemExit as e:
         assert e.code in (0, None)
     return capsys.readouterr().out.splitlines()
@@ -57,11 +57,23 @@ def test_help_lists_every_field_with_its_default_once(capsys, monkeypatch):
         assert f"[default: {expected}]" in row, row
 
 
-def test_boolean_flags_take_no_value_placeholder(capsys, monkeypatch):
-    lines = _help(capsys, monkeypatch)
-    for flag in ["--resume", "--overwrite", "--cpu", "--compile", "--fused-adam"]:
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("train", ["--resume", "--overwrite", "--cpu", "--compile", "--fused-adam", "--help"]),
+        ("evaluate", ["--json", "--help"]),
+        ("sample", ["--manifold", "--help"]),
+        ("reconstruct", ["--help"]),
+        ("interpolate", ["--help"]),
+    ],
+)
+def test_boolean_flags_take_no_value_placeholder(command, flags, capsys, monkeypatch):
+    lines = _help(capsys, monkeypatch, command)
+    for flag in flags:
         assert "<bool>" not in _row(lines, flag)
-    assert "<int>" in _row(lines, "--batch-size")  # the negative control: values keep theirs
+    assert not [ln for ln in lines if "<bool>" in ln]
+    if command == "train":
+        assert "<int>" in _row(lines, "--batch-size")  # the negative control: values keep theirs
 
 
 def _other_value(o) -> tuple[list[str], object]:

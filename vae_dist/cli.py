@@ -86,8 +86,15 @@ def _numbers(o: Option, text: str) -> list[float]:
         raise ConfigError(f"{o.flag} takes {item.__name__}s separated by commas (got {text!r})") from None
 
 
-# A flag takes no value: an empty metavar keeps Typer from printing <bool> after it.
-FLAG = {"metavar": ""}
+class Command(typer.core.TyperCommand):
+    """A flag takes no value: no <bool> after any, Typer's own --help included."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
 
 
 def _bare(o: Option) -> Any:
@@ -102,7 +109,7 @@ def _cli_type(o: Option) -> tuple[Any, list[str], dict[str, Any]]:
     """(annotation, option declarations, extra typer.Option arguments) for one field."""
     ann = _bare(o)
     if ann is bool:
-        return Optional[bool], [f"{o.flag}/--no-{o.flag[2:]}"], FLAG
+        return Optional[bool], [f"{o.flag}/--no-{o.flag[2:]}"], {}
     if typing.get_origin(ann) is typing.Literal:
         choices = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
         return Optional[choices], [o.flag], {}
@@ -143,9 +150,9 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
             None, "--config", help="JSON config file (a saved config.json works as is); flags override it.")),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--resume", help="Continue from the newest complete checkpoint.", show_default=False, **FLAG)),
+            False, "--resume", help="Continue from the newest complete checkpoint.", show_default=False)),
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--overwrite", help="Clear a previous vae_dist run in the artifact directory.", show_default=False, **FLAG)),
+            False, "--overwrite", help="Clear a previous vae_dist run in the artifact directory.", show_default=False)),
     ]
     context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
     params = [context, *run_params, *_config_parameters()]
@@ -183,7 +190,7 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder (default: the one used in training)."),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", help="Use the first N test images."),
     iw_samples: int = typer.Option(0, "--iw-samples", help="Also estimate the test NLL with K importance samples."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object.", **FLAG),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Test loss, reconstruction and KL of a trained model (nats per image), and with
     --iw-samples K the importance-weighted NLL (K = 5000 is the literature's).
@@ -261,8 +268,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 # Every command, in one place. The picture commands live in cli_visual (they share its
 # loading and checking helpers); nothing there imports this module back.
-app.command()(train)
-app.command()(evaluate)
-app.command()(cli_visual.sample)
-app.command()(cli_visual.reconstruct)
-app.command()(cli_visual.interpolate)
+app.command(cls=Command)(train)
+app.command(cls=Command)(evaluate)
+app.command(cls=Command)(cli_visual.sample)
+app.command(cls=Command)(cli_visual.reconstruct)
+app.command(cls=Command)(cli_visual.interpolate)
