@@ -382,17 +382,20 @@ def test_finished_ranks_join_their_gloo_threads_before_exit(tmp_path, data_dir, 
     that can abort a rank whose run has finished ("terminate called without an active
     exception", exit -6, seen in CI): by the time train() returns, no gloo thread is left."""
     script = tmp_path / "train_then_list_threads.py"
+    listed = tmp_path / "threads"
+    listed.mkdir()
+    # Each rank writes its own file: two ranks printing to one stdout can interleave their lines.
     script.write_text(
-        "import glob, sys\n"
+        "import glob, os, sys\n"
         "from vae_dist.cli import main\n"
         "main(sys.argv[1:])\n"
         "names = sorted(open(p).read().strip() for p in glob.glob('/proc/self/task/*/comm'))\n"
-        "print('threads after train:', ' '.join(names), flush=True)\n"
+        f"open(os.path.join({str(listed)!r}, 'rank-' + os.environ['RANK']), 'w').write(' '.join(names))\n"
     )
     args = train_args(data_dir, tmp_path / "art", eval_config, "--batch-size", "32")
     cmd = launch_cmd(2, [])[:-2] + [str(script), *args]  # the script instead of `-m vae_dist`
-    r = ok(subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300))
-    lines = [line for line in r.stdout.splitlines() if line.startswith("threads after train:")]
-    assert len(lines) == 2, r.stdout[-3000:]  # one per rank
-    for line in lines:
-        assert "gloo" not in line, line
+    ok(subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300))
+    threads = {p.name: p.read_text() for p in listed.iterdir()}
+    assert sorted(threads) == ["rank-0", "rank-1"], threads
+    for rank, names in threads.items():
+        assert names and "gloo" not in names, (rank, names)
