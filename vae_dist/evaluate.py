@@ -1,6 +1,7 @@
-"""Scoring a saved model: the test ELBO as training logged it, and the importance-weighted NLL.
+"""Scoring a model: the test ELBO (``validate``, the same function at the end of every
+training epoch and in ``evaluate``) and the importance-weighted NLL.
 
-Loads only ``model.safetensors`` (weights and config, no pickle) and runs on the CPU.
+``evaluate`` loads only ``model.safetensors`` (weights and config, no pickle) and runs on the CPU.
 Under ``accelerate launch`` the test split is sharded across the processes; every random
 number is keyed by the test image's index, so the result does not depend on the process
 count. Every result carries its protocol (data, binarization, K, test images), so no
@@ -12,17 +13,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from vae_dist import binarize, data
-from vae_dist.config import TrainingConfig
+from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.errors import VaeDistError
-from vae_dist.loss import log_importance_weights, reconstruction
+from vae_dist.loss import log_importance_weights, negative_elbo, reconstruction
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, generator
 from vae_dist.progress import Progress
+
+if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
+    from accelerate import Accelerator
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 # Burda et al. report k = 5000; beyond this an estimate takes days on a CPU for no gain.
 MAX_IW_SAMPLES = 100_000
@@ -30,6 +36,8 @@ IW_BATCH = 25  # test images per pass
 IW_CHUNK = 400  # importance samples per image per pass: bounds memory whatever K is
 IW_SEED = 0  # the estimate's noise is the same in every evaluation of every model
 IW_NOISE = "iw-noise"
+# A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
+ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 def test_images(config: TrainingConfig, data_dir: Optional[str], limit: Optional[int]) -> torch.Tensor:
@@ -40,6 +48,40 @@ def test_images(config: TrainingConfig, data_dir: Optional[str], limit: Optional
         images = binarize.binarize_split(images, binarize.TEST_SEED, binarize.TEST_STREAM)
     n = limit if limit is not None else config.data.limit_eval_samples
     return images[:n] if n else images
+
+
+@torch.no_grad()
+def validate(
+    accelerator: Accelerator, model: nn.Module, loader: DataLoader, noise: torch.Tensor, loss: LossConfig
+) -> dict[str, float]:
+    """Exact sample-weighted means over the whole test split, at any process count.
+
+    ``gather_for_metrics`` per batch drops the samples Accelerate repeats to even out
+    the last round, so every test sample is counted exactly once; each sample's noise is
+    ``noise[index]``, the same whichever rank holds it.
+    """
+    was_training = model.training
+    model.eval()
+    rows: list[torch.Tensor] = []
+    mus: list[torch.Tensor] = []
+    for images_batch, index in loader:
+        out = model(images_batch, noise[index])
+        p = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=loss.recon_loss, kl_weight=loss.kl_weight)
+        per_sample, mu = accelerator.gather_for_metrics((torch.stack([p.total, p.recon, p.kl], dim=1), out.mu.float()))
+        rows.append(per_sample)
+        mus.append(mu)
+    model.train(was_training)
+    per_sample = torch.cat(rows).double()  # (N, 3): summed in float64 so the order of ranks does not matter
+    mu = torch.cat(mus)
+    means = per_sample.mean(dim=0).tolist()
+    active = int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if mu.shape[0] > 1 else 0
+    return {
+        "valid/loss": means[0],
+        "valid/recon": means[1],
+        "valid/kl": means[2],
+        "valid/active_units": active,
+        "valid/samples": int(per_sample.shape[0]),
+    }
 
 
 def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> dict[str, Any]:
@@ -55,8 +97,6 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
     function, the same per-sample noise, the same KL weight) and, with ``iw_samples`` = K,
     the importance-weighted NLL. Every process returns the same dict."""
     from accelerate import Accelerator
-
-    from vae_dist.learner import validate
 
     if not 0 <= iw_samples <= MAX_IW_SAMPLES:
         raise VaeDistError(f"--iw-samples must be between 0 and {MAX_IW_SAMPLES} (got {iw_samples})")

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader
 
 from vae_dist import artifacts, binarize, data, faults, images
 from vae_dist.checkpoint import Checkpointer
-from vae_dist.config import LossConfig, TrainingConfig
+from vae_dist.config import TrainingConfig
 from vae_dist.distributed import any_rank, main_print, on_main_then_share
 from vae_dist.errors import TrainingError
-from vae_dist.evaluate import protocol
-from vae_dist.loss import negative_bound, negative_elbo
+from vae_dist.evaluate import protocol, validate
+from vae_dist.loss import negative_bound
 from vae_dist.meter import TrainMeter
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, train_noise
@@ -37,8 +37,6 @@ from vae_dist.tracking import Tracker
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
 STOP_SYNC_EVERY = 10
-# A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
-ACTIVE_UNIT_THRESHOLD = 0.01
 NUM_PREVIEW = 32
 
 
@@ -87,40 +85,6 @@ def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimize
     ):
         return optimizer.optimizer
     return optimizer
-
-
-@torch.no_grad()
-def validate(
-    accelerator: Accelerator, model: nn.Module, loader: DataLoader, noise: torch.Tensor, loss: LossConfig
-) -> dict[str, float]:
-    """Exact sample-weighted means over the whole test split, at any process count.
-
-    ``gather_for_metrics`` per batch drops the samples Accelerate repeats to even out
-    the last round, so every test sample is counted exactly once; each sample's noise is
-    ``noise[index]``, the same whichever rank holds it.
-    """
-    was_training = model.training
-    model.eval()
-    rows: list[torch.Tensor] = []
-    mus: list[torch.Tensor] = []
-    for images_batch, index in loader:
-        out = model(images_batch, noise[index])
-        p = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=loss.recon_loss, kl_weight=loss.kl_weight)
-        per_sample, mu = accelerator.gather_for_metrics((torch.stack([p.total, p.recon, p.kl], dim=1), out.mu.float()))
-        rows.append(per_sample)
-        mus.append(mu)
-    model.train(was_training)
-    per_sample = torch.cat(rows).double()  # (N, 3): summed in float64 so the order of ranks does not matter
-    mu = torch.cat(mus)
-    means = per_sample.mean(dim=0).tolist()
-    active = int((mu.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if mu.shape[0] > 1 else 0
-    return {
-        "valid/loss": means[0],
-        "valid/recon": means[1],
-        "valid/kl": means[2],
-        "valid/active_units": active,
-        "valid/samples": int(per_sample.shape[0]),
-    }
 
 
 @dataclass
