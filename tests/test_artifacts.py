@@ -45,7 +45,7 @@ def _fake_previous_run(root: Path) -> None:
     (root / CHECKPOINTS / "step-000000010").mkdir(parents=True)
     (root / CHECKPOINTS / "step-000000010" / "MANIFEST.json").write_text("{}")
     (root / IMAGES).mkdir()
-    (root / IMAGES / "epoch-001.png").write_bytes(b"png")
+    (root / IMAGES / "epoch-001-samples.png").write_bytes(b"png")
 
 
 # --- prepare_artifact_dir ------------------------------------------------------------------
@@ -93,6 +93,39 @@ def test_resume_keeps_previous_run(tmp_path):
     before = _snapshot(root)
     prepare_artifact_dir(root, overwrite=False, resume=True)
     assert _snapshot(root) == before
+
+
+def test_overwrite_leaves_a_users_files_inside_the_owned_folders(tmp_path):
+    root = tmp_path / "run"
+    _fake_previous_run(root)
+    (root / IMAGES / "my_notes.txt").write_text("mine")
+    (root / CHECKPOINTS / "my_backup").mkdir()
+    (root / CHECKPOINTS / "my_backup" / "f").write_text("k")
+    prepare_artifact_dir(root, overwrite=True, resume=False)
+    assert sorted(p.name for p in (root / IMAGES).iterdir()) == ["my_notes.txt"]
+    assert sorted(p.name for p in (root / CHECKPOINTS).iterdir()) == ["my_backup"]
+    assert (root / CHECKPOINTS / "my_backup" / "f").read_text() == "k"
+    assert not (root / MODEL).exists()
+
+
+@pytest.mark.parametrize("name, make", [
+    (MODEL, lambda p: p.mkdir()),  # a folder where vae_dist writes a file
+    (IMAGES, lambda p: p.write_text("x")),  # a file where vae_dist makes a folder
+    (CONFIG, lambda p: os.mkfifo(p)),
+])
+def test_overwrite_refuses_an_entry_of_the_wrong_kind_before_deleting_anything(tmp_path, name, make):
+    root = tmp_path / "run"
+    _fake_previous_run(root)
+    target = root / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    make(target)
+    before = sorted(p.name for p in root.rglob("*"))
+    with pytest.raises(ArtifactError, match="not what vae_dist writes"):
+        prepare_artifact_dir(root, overwrite=True, resume=False)
+    assert sorted(p.name for p in root.rglob("*")) == before
 
 
 def test_overwrite_removes_only_own_entries(tmp_path):

@@ -67,7 +67,10 @@ def _make_checkpoint(folder: Path, step: int = 10, **overrides) -> dict:
             "model.safetensors": hashlib.sha256(b"m" * 100).hexdigest(),
             "sub/rng.pkl": hashlib.sha256(b"r" * 7).hexdigest(),
         },
-        "state": {"epoch": 1, "batches_done": 3, "global_step": step},
+        "state": {
+            "epoch": 1, "batches_done": 3, "global_step": step, "train_sums": [0.0, 0.0, 0.0, 0.0],
+            "history": [{"epoch": 1}], "wandb_run_id": None, "num_processes": 1,
+        },
     }
     manifest.update(overrides)
     (folder / MANIFEST).write_text(json.dumps(manifest))

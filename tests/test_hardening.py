@@ -572,7 +572,8 @@ def test_format_1_manifests_are_still_read(tmp_path: Path) -> None:
     folder = tmp_path / "step-000000005"
     folder.mkdir()
     (folder / "a").write_bytes(b"xyz")
-    m = {"format": 1, "global_step": 5, "files": {"a": 3}, "state": {"epoch": 0, "batches_done": 5, "global_step": 5}}
+    state = {"epoch": 0, "batches_done": 5, "global_step": 5, "train_sums": [0, 0, 0, 0], "history": [], "wandb_run_id": None}
+    m = {"format": 1, "global_step": 5, "files": {"a": 3}, "state": state}
     (folder / MANIFEST).write_text(json.dumps(m))
     assert read_manifest(folder) == m
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,17 +32,22 @@ CHECKPOINTS = "checkpoints"
 IMAGES = "images"
 LOSS_CURVES = "loss_curves.png"
 WANDB = "wandb"
+# Written by the sample / reconstruct / interpolate commands.
+PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 # Everything a run writes; --overwrite removes these and nothing else.
-OWNED = (
-    CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB,
-    # written by the sample / reconstruct / interpolate commands
-    "samples.png", "manifold.png", "reconstructions.png", "interpolation.png",
-)
+OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, *PICTURES)
 # Held (flock) by the main process of a training for its whole run; never deleted, since
 # removing a lock file lets two processes lock two different files of the same name.
 LOCK = ".vae_dist.lock"
 # Folders whose children vae_dist writes, deletes or reads back as its own.
 OWNED_FOLDERS = (CHECKPOINTS, IMAGES)
+# The children of each owned folder that vae_dist (in wandb/, W&B) writes, by name:
+# --overwrite deletes these and leaves anything else a user put there, and the folder with it.
+OWNED_CHILDREN = {
+    CHECKPOINTS: re.compile(r"(\.tmp-)?step-\d+"),
+    IMAGES: re.compile(r"\.?epoch-\d+-[a-z]+\.png(\..+\.tmp)?"),
+    WANDB: re.compile(r"(offline-run-|run-|latest-run|debug).*"),
+}
 # Models larger than this are refused before any memory is allocated for them.
 MAX_PARAMETERS = 1_000_000_000
 
@@ -104,6 +110,9 @@ def check_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Pa
             "choose another --artifact-dir (nothing in it was touched)"
         )
     previous_run = ours and any(p.name != MARKER for p in entries)
+    odd = _not_ours(root) if ours else None
+    if odd is not None and overwrite:
+        raise ArtifactError(f"{odd} is not what vae_dist writes there; --overwrite leaves it alone: move it away first")
     if resume and not previous_run:
         raise ArtifactError(f"--resume given but {root} holds no previous run")
     if previous_run and not (resume or overwrite):
@@ -144,6 +153,18 @@ def prepare_artifact_dir(
     return root
 
 
+def _not_ours(root: Path) -> Optional[Path]:
+    """An entry at one of vae_dist's names that is not of the kind vae_dist makes there
+    (a folder named like a file, a file named like a folder, a FIFO): not ours to delete."""
+    for name in OWNED:
+        p = root / name
+        if p.is_symlink() or not p.exists():
+            continue
+        if (p.is_dir() if name in OWNED_CHILDREN else p.is_file()) is False:
+            return p
+    return None
+
+
 def _remove_owned(root: Path) -> None:
     """Delete the entries vae_dist writes, never following a link (refuse_links ran first;
     this re-checks each entry, since the folder may have changed since)."""
@@ -152,7 +173,15 @@ def _remove_owned(root: Path) -> None:
         if p.is_symlink():
             raise ArtifactError(f"{p} is a symbolic link; vae_dist does not delete through links")
         if p.is_dir():
-            shutil.rmtree(p)  # does not follow links inside the folder: it unlinks them
+            pattern = OWNED_CHILDREN.get(name)
+            if pattern is None:
+                raise ArtifactError(f"{p} is a folder vae_dist did not make; not deleted")
+            for child in p.iterdir():
+                if pattern.fullmatch(child.name):
+                    # rmtree does not follow links inside the folder: it unlinks them
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if not any(p.iterdir()):  # a folder still holding a user's file stays
+                p.rmdir()
         elif p.exists():
             p.unlink()
 
@@ -284,6 +313,7 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
+            shapes = {k.replace("_orig_mod.", ""): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"model file {p} is not a readable safetensors file: {_first_line(e)}") from None
     if "vae_dist_config" not in meta:
@@ -299,6 +329,13 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
         check_model_size(config, f"model file {p}")
     except ConfigError as e:
         raise ArtifactError(str(e)) from None
+    # The config's model is built without memory first: a config that declares a far
+    # larger model than the file holds is refused before any of it is allocated.
+    with torch.device("meta"):
+        skeleton = VAE.from_config(config.model)
+    mismatch = _shape_mismatch({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
+    if mismatch:
+        raise ArtifactError(f"model file {p} does not match its config: {mismatch}")
     try:
         state = strip_compile_prefix(load_file(str(p)))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -309,6 +346,18 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
     except RuntimeError as e:
         raise ArtifactError(f"model file {p} does not match its config: {_first_line(e)}") from None
     return model.eval(), config
+
+
+def _shape_mismatch(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> Optional[str]:
+    """The first difference between the config's tensors and the file's, else None."""
+    for name in sorted(want.keys() | got.keys()):
+        if name not in got:
+            return f"{name} is missing"
+        if name not in want:
+            return f"{name} is not in the model"
+        if want[name] != got[name]:
+            return f"{name} has shape {list(got[name])} where the model has {list(want[name])}"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -88,15 +89,34 @@ def _valid_files(manifest: dict[str, Any]) -> bool:
 
 
 def _valid_state(manifest: dict[str, Any]) -> bool:
+    """The run position (learner.Position and the writer's process count) in full: a key
+    missing, unknown or of the wrong type would otherwise fail the resume with a traceback."""
     state = manifest.get("state")
     if not isinstance(state, dict):
         return False
-    if state.get("global_step", manifest["global_step"]) != manifest["global_step"]:
+    keys = {"epoch", "batches_done", "global_step", "train_sums", "history", "wandb_run_id"}
+    # num_processes is absent from checkpoints written before it was recorded.
+    if set(state) - {"num_processes"} != keys or not _is_count(state.get("num_processes", 0)):
         return False
-    if not all(_is_count(state[k]) for k in ("epoch", "batches_done") if k in state):
+    if state["global_step"] != manifest["global_step"]:
         return False
-    history = state.get("history", [])
-    return isinstance(history, list) and all(isinstance(row, dict) for row in history)
+    if not all(_is_count(state[k]) for k in ("epoch", "batches_done", "global_step")):
+        return False
+    sums, history = state["train_sums"], state["history"]
+    if not (isinstance(sums, list) and len(sums) == 4 and all(_is_finite(v) for v in sums)):
+        return False
+    if state["wandb_run_id"] is not None and not isinstance(state["wandb_run_id"], str):
+        return False
+    if not isinstance(history, list) or not all(isinstance(row, dict) and _is_count(row.get("epoch")) for row in history):
+        return False
+    # One row per finished epoch, in order, then perhaps the in-progress epoch's (max_steps):
+    # the summary and the exported model read the last one.
+    epochs = [row["epoch"] for row in history]
+    return len(epochs) - state["epoch"] in (0, 1) and epochs == list(range(1, len(epochs) + 1))
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def valid_manifest(manifest: Any) -> bool:

@@ -22,6 +22,7 @@ import typer
 from vae_dist import cli_visual
 from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
+from vae_dist.fileio import print_out
 
 # typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
 # click's classes, so both families are caught (else a bad flag ends in a traceback).
@@ -61,6 +62,9 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     saved = Path(str(artifact_dir)).expanduser() / CONFIG_FILE
     if resume and not config_file and saved.is_file():
         base = read_json_config(saved)
+    for name, value in base.items():  # a section given as null or a string is refused, not merged over
+        if name in overrides and isinstance(overrides[name], dict) and not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a JSON object, got {value!r}")
     merged = merge(base, overrides)
     kind = overrides.get("model", {}).get("kind")
     if kind is not None and kind != base.get("model", {}).get("kind"):
@@ -210,12 +214,12 @@ def evaluate(
     if not _is_rank_zero():
         return  # under accelerate launch, one process reports
     if as_json:
-        print(json_result(result))
+        print_out(json_result(result))
         return
     for k, v in result.items():
         if isinstance(v, dict):
             v = "; ".join(f"{name} {value}" for name, value in v.items())
-        print(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
+        print_out(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
 
 
 def _err(message: str) -> None:

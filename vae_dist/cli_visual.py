@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from vae_dist.errors import VaeDistError
+from vae_dist.fileio import print_out
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
@@ -41,13 +42,22 @@ def _load(artifact_dir: Path) -> tuple[Any, Any]:
 def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:
     """--out as given, else ``default_name`` in the artifact folder (beside the model file
     when the argument is the file itself)."""
+    from vae_dist.artifacts import LOCK, MARKER, OWNED, PICTURES
+
     if out is not None:
         target = out.expanduser()
         if target.is_dir():
             raise VaeDistError(f"--out {target} is a directory; give a file name such as {target / default_name}")
-        return target
-    src = artifact_dir.expanduser()
-    return (src if src.is_dir() else src.parent) / default_name
+    else:
+        src = artifact_dir.expanduser()
+        folder = src if src.is_dir() else src.parent
+        if folder.is_symlink():  # as train refuses it: a write would land where the link points
+            raise VaeDistError(f"{folder} is a symbolic link; vae_dist does not write through links (give --out)")
+        target = folder / default_name
+    # A picture may replace an earlier picture, never the run's model, config or records.
+    if target.name in (MARKER, LOCK, *OWNED) and target.name not in PICTURES and (target.parent / MARKER).is_file():
+        raise VaeDistError(f"--out {target} is one of the run's own files; give another name")
+    return target
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:
@@ -62,7 +72,7 @@ def _save(picture: Any, path: Path) -> None:
         written = save_png(picture, path)
     except OSError as e:
         raise VaeDistError(f"cannot write {path}: {e.strerror or e}") from None
-    print(written)
+    print_out(str(written))
 
 
 def _all_test_images(cfg: Any, data_dir: Optional[str]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from vae_dist.errors import ConfigError
@@ -49,8 +49,18 @@ class Section(BaseModel):
     """Base of every section. ``path`` is where the section sits in the tree, so that even
     a section built directly (``DataConfig(batch_size=0)``) names ``data.batch_size``."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+    # No infinities or NaN: an infinite rate, weight or warm-up passes every bound and then
+    # trains nothing, or diverges after --overwrite has already cleared the previous run.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
     path: ClassVar[str] = ""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # Paths and names reach the OS, which refuses a NUL byte with a ValueError of its own.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -271,8 +281,10 @@ def explain(error: ValidationError, prefix: str = "") -> str:
         what = f"must be {sign} {ctx[key]}"
     elif kind == "literal_error":
         what = f"must be one of {ctx['expected']}"
-    elif kind in ("too_short", "too_long"):
-        what = "must have exactly 2 items"
+    elif kind == "too_short":
+        what = f"must have at least {ctx['min_length']} item(s)"
+    elif kind == "too_long":
+        what = f"must have at most {ctx['max_length']} items"
     elif kind in _TYPE_WORDS:
         what = f"must be {_TYPE_WORDS[kind]}"
     elif kind == "value_error":

@@ -135,7 +135,8 @@ def load_split(data_dir: str | Path, split: str) -> MnistSplit:
     """Read one split ('train' or 'test') from a folder of IDX files."""
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist")
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        raise DataError(f"data directory {data_dir} {what}")
     image_name, label_name, count = FILES[split]
     images = read_idx(find_idx_file(data_dir, image_name), IMAGE_MAGIC, count)
     labels = read_idx(find_idx_file(data_dir, label_name), LABEL_MAGIC, count)

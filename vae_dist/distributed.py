@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from vae_dist import errors
+from vae_dist.fileio import print_out
 
 T = TypeVar("T")
 
@@ -71,6 +72,6 @@ def main_print(accelerator: Accelerator) -> Callable[[str], None]:
 
     def say(message: str) -> None:
         if accelerator.is_main_process:
-            print(message, flush=True)
+            print_out(message, required=False)
 
     return say

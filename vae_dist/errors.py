@@ -34,3 +34,7 @@ class TrainingError(VaeDistError):
 class MainProcessError(VaeDistError):
     """Raised on the other ranks when the main process failed in work it does for all of
     them (its own traceback, on the main process, tells what went wrong)."""
+
+
+class OutputError(VaeDistError):
+    """Standard output cannot take a command's result (closed, full, or its reader gone)."""

@@ -100,7 +100,10 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
 
     if not 0 <= iw_samples <= MAX_IW_SAMPLES:
         raise VaeDistError(f"--iw-samples must be between 0 and {MAX_IW_SAMPLES} (got {iw_samples})")
-    acc = Accelerator(cpu=True)
+    try:
+        acc = Accelerator(cpu=True)
+    except (ValueError, RuntimeError) as e:  # e.g. an ACCELERATE_* variable it cannot read
+        raise VaeDistError(f"cannot set up the accelerator: {str(e).splitlines()[0]}") from None
     try:
         loader = data.make_loader(
             data.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the same folder, fsync, rename.
+"""Atomic file writes (a temp file in the same folder, fsync, rename) and lines to stdout.
 
 Readers, and a run killed at any moment, see the old file or the new one, never half a
 file. ``os.replace`` is atomic only within one filesystem, hence the same folder.
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from vae_dist.errors import OutputError
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
@@ -22,6 +25,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     target = Path(path)
     if target.is_symlink():
         raise OSError(errno.ELOOP, "is a symbolic link; not replaced", str(target))
+    # Renaming over a FIFO or a device node would replace it (as root, /dev/null itself).
+    if target.exists() and not target.is_file():
+        raise OSError(errno.EEXIST, "exists and is not a regular file; not replaced", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -39,3 +45,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def print_out(text: str, *, required: bool = True) -> None:
+    """Print a line to stdout. When stdout cannot take it (closed, a full device, a reader
+    that has gone), a command whose output is its result fails with one line
+    (OutputError); a run's status lines (``required=False``) are
+    dropped, since the run's files, not its log, are what it makes."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        try:  # else Python's own flush at exit reports the same failure with a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        if required:
+            raise OutputError(f"cannot write to standard output ({e.strerror or e})") from None

@@ -23,7 +23,7 @@ from vae_dist import artifacts, binarize, data, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.distributed import any_rank, main_print, on_main_then_share
-from vae_dist.errors import TrainingError
+from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 from vae_dist.evaluate import protocol, validate
 from vae_dist.loss import negative_bound
 from vae_dist.meter import TrainMeter
@@ -144,8 +144,18 @@ class Learner:
         if self.resume:
             self._restore()
         cfg, pos, meter = self.config, self.position, self.meter
+        if cfg.max_steps is not None and pos.global_step > cfg.max_steps:
+            raise ConfigError(
+                f"--max-steps {cfg.max_steps} is below step {pos.global_step}, where the checkpoint resumed from "
+                f"stopped; give at least {pos.global_step}"
+            )
         self.tracker.start(cfg, pos.wandb_run_id or "", self.artifact_dir)
         try:
+            if self._max_steps_reached() and (pos.history or [{}])[-1].get("step") != pos.global_step:
+                # Resumed at max_steps with no row for this step (the checkpoint of a stop
+                # signal): end the epoch in progress as a run stopped by max_steps would.
+                self._start_epoch()
+                self._end_epoch()
             with StopRequest() as stop:
                 while pos.epoch < cfg.epochs and not self._max_steps_reached():
                     noise, coins = self._start_epoch()
@@ -195,6 +205,14 @@ class Learner:
             raise TrainingError(
                 f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
                 f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
+            )
+        # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a
+        # checkpoint this run cannot continue; its state is already loaded, so no older one
+        # can be tried in its place.
+        if state["batches_done"] > self.steps_per_epoch:
+            raise CheckpointError(
+                f"cannot resume from {found.path.name}: it is {state['batches_done']} batches into an epoch "
+                f"of {self.steps_per_epoch}"
             )
         self.position = Position(**state)
         self.say(
