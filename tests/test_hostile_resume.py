@@ -10,45 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from test_learner import _learner as learner_on_synthetic_images
 
-from vae_dist import artifacts, data
-from vae_dist.checkpoint import MANIFEST, Checkpointer
+from vae_dist import artifacts
+from vae_dist.checkpoint import MANIFEST
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, CheckpointError, ConfigError
 from vae_dist.learner import Learner
 from vae_dist.model import VAE
-from vae_dist.tracking import Tracker
-from vae_dist.train import make_optimizer
-
-NUM_IMAGES = 320  # 10 steps per epoch at batch 32
 
 
 def _learner(root: Path, log: list[str], *, resume: bool = False, **overrides) -> Learner:
-    cfg = TrainingConfig.from_dict(
-        {
-            "model": {"kind": "mlp", "hidden_size": 16, "latent_size": 4},
-            "data": {"batch_size": 32, "eval_batch_size": 100},
-            "artifact_dir": str(root),
-            "cpu": True,
-            **overrides,
-        }
-    )
-    acc = Accelerator(cpu=True)
-    set_seed(cfg.seed)
-    model = VAE.from_config(cfg.model)
-    g = torch.Generator().manual_seed(0)
-    train = data.make_loader(data.MnistImages(torch.randint(0, 256, (NUM_IMAGES, 1, 28, 28), dtype=torch.uint8, generator=g)),
-                             32, shuffle_seed=cfg.seed, drop_last=True, num_workers=0)
-    valid = data.make_loader(data.MnistImages(torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8, generator=g)),
-                             100, shuffle_seed=None, drop_last=False, num_workers=0)
-    return Learner(
-        acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
-        artifact_dir=root, tracker=Tracker(acc, "disabled"),
-        checkpointer=Checkpointer(acc, root / artifacts.CHECKPOINTS, 2, log.append, every_steps=cfg.checkpoint_every_steps),
-        resume=resume,
-    )
+    return learner_on_synthetic_images(root, resume=resume, log=log.append, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return (x * 255).to(torch.uint8)
 
 
-def _learner(tmp_path, *, resume: bool = False, **overrides) -> Learner:
+def _learner(tmp_path, *, resume: bool = False, log=None, **overrides) -> Learner:
+    """A Learner on 320 synthetic images (10 steps per epoch); ``log`` receives the checkpointer's lines."""
     cfg = TrainingConfig.from_dict(
         {
             "model": {"kind": "mlp", "hidden_size": 32, "latent_size": 4},
@@ -51,7 +52,7 @@ def _learner(tmp_path, *, resume: bool = False, **overrides) -> Learner:
     return Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
         artifact_dir=tmp_path, tracker=Tracker(acc, "disabled"),
-        checkpointer=Checkpointer(acc, tmp_path / artifacts.CHECKPOINTS, 2, lambda _: None, every_steps=cfg.checkpoint_every_steps),
+        checkpointer=Checkpointer(acc, tmp_path / artifacts.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps),
         resume=resume,
     )
 
