@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -48,6 +48,7 @@ OWNED_CHILDREN = {
     IMAGES: re.compile(r"\.?epoch-\d+-[a-z]+\.png(\..+\.tmp)?"),
     WANDB: re.compile(r"(offline-run-|run-|latest-run|debug).*"),
 }
+T = TypeVar("T")
 # Models larger than this are refused before any memory is allocated for them.
 MAX_PARAMETERS = 1_000_000_000
 
@@ -160,7 +161,7 @@ def _not_ours(root: Path) -> Optional[Path]:
         p = root / name
         if p.is_symlink() or not p.exists():
             continue
-        if (p.is_dir() if name in OWNED_CHILDREN else p.is_file()) is False:
+        if not (p.is_dir() if name in OWNED_CHILDREN else p.is_file()):
             return p
     return None
 
@@ -286,7 +287,7 @@ def save_model_file(
     _write_or_fail(path, lambda: atomic_write(path, lambda f: f.write(blob)))
 
 
-def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_compile_prefix(state: dict[str, T]) -> dict[str, T]:
     """Parameter names without torch.compile's ``_orig_mod.`` wrapper segment."""
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
@@ -313,7 +314,7 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-            shapes = {k.replace("_orig_mod.", ""): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = strip_compile_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"model file {p} is not a readable safetensors file: {_first_line(e)}") from None
     if "vae_dist_config" not in meta:

@@ -56,7 +56,9 @@ def print_out(text: str, *, required: bool = True) -> None:
         print(text, flush=True)
     except OSError as e:
         try:  # else Python's own flush at exit reports the same failure with a traceback
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         except (OSError, ValueError):
             pass
         if required:

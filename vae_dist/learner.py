@@ -151,7 +151,7 @@ class Learner:
             )
         self.tracker.start(cfg, pos.wandb_run_id or "", self.artifact_dir)
         try:
-            if self._max_steps_reached() and (pos.history or [{}])[-1].get("step") != pos.global_step:
+            if self._max_steps_reached() and (not pos.history or pos.history[-1].get("step") != pos.global_step):
                 # Resumed at max_steps with no row for this step (the checkpoint of a stop
                 # signal): end the epoch in progress as a run stopped by max_steps would.
                 self._start_epoch()
