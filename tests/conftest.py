@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,47 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     errors = re.findall(r"error: [^\r\n]*", proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
+
+
+@dataclass
+class Ran:
+    """What ``main_in_process`` saw; the same attribute names as a CompletedProcess, so
+    check_ok, output and one_error_line take either."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def main_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> Ran:
+    """`vae-dist ARGS` in this process: the CLI's entry point with its exit code and output,
+    without the seconds a fresh interpreter costs."""
+    from vae_dist.cli import main
+
+    capsys.readouterr()  # drop what came before
+    try:
+        main(args)
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return Ran(rc, captured.out, captured.err)
+
+
+@pytest.fixture(scope="session")
+def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished small run (mlp, 1 epoch of 640 images at batch 32, checkpoints every 5
+    steps), trained once per session in this process. Copy it (``copy_run``) before
+    changing anything in it."""
+    from vae_dist.cli import main
+
+    art = tmp_path_factory.mktemp("finished") / "run"
+    main(small_train_args(data_dir, art, "--model", "mlp", "--batch-size", "32", "--limit-train-samples", "640",
+                          "--limit-eval-samples", "200", "--checkpoint-every-steps", "5", "--keep-checkpoints", "3"))
+    return art
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, symlinks=True)
+    return dst
