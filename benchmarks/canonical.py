@@ -5,7 +5,7 @@ MNIST with ToTensor in a shuffled DataLoader, the summed BCE + KL, a test pass a
 64-sample decode every epoch. It reports the wall time of its epochs and its test loss, so
 that the trainer's main job can be held against it on the same machine.
 
-    python benchmarks/canonical.py [--epochs 10] [--threads N] [--json]
+    python benchmarks/canonical.py [--epochs 10] [--threads N] [--json] [--limit-train-samples N]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn, optim
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import common
-from vae_dist import data as vdata
+from vae_dist import mnist
 
 
 class VAE(nn.Module):
@@ -50,12 +50,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--limit-train-samples", type=int, default=None, help="train on the first N images (smoke tests)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(1)  # the example's default --seed
-    root = str(common.torchvision_root(vdata.default_data_dir()))
-    train_loader = DataLoader(datasets.MNIST(root, train=True, transform=transforms.ToTensor()), batch_size=128, shuffle=True)
+    root = str(common.torchvision_root(mnist.default_data_dir()))
+    train_set = datasets.MNIST(root, train=True, transform=transforms.ToTensor())
+    if args.limit_train_samples:
+        train_set = Subset(train_set, range(args.limit_train_samples))
+    train_loader = DataLoader(train_set, batch_size=128, shuffle=True)
     test_loader = DataLoader(datasets.MNIST(root, train=False, transform=transforms.ToTensor()), batch_size=128)
     model = VAE()
     optimizer = optim.Adam(model.parameters(), lr=1e-3)

@@ -31,7 +31,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # never touch the network from 
 
 import torch  # noqa: E402
 
-from vae_dist import data as vdata  # noqa: E402
+from vae_dist import mnist  # noqa: E402
 from vae_dist.artifacts import read_metrics  # noqa: E402
 from vae_dist.cli import parse_train_args  # noqa: E402
 from vae_dist.config import TrainingConfig  # noqa: E402
@@ -96,7 +96,7 @@ def parse(
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     if config.data.data_dir is None:  # never download from a benchmark: the offline copy
-        config = config.model_copy(update={"data": config.data.model_copy(update={"data_dir": str(vdata.default_data_dir())})})
+        config = config.model_copy(update={"data": config.data.model_copy(update={"data_dir": str(mnist.default_data_dir())})})
     return args, config, train_args
 
 
@@ -241,7 +241,7 @@ def torchvision_root(data_dir: Path) -> Path:
     """A folder torchvision's MNIST accepts (``root/MNIST/raw/`` with the four uncompressed
     files), made once under the temp dir and keyed by the data files' paths, sizes and times.
     Nothing is ever written into the data dir or the repository."""
-    sources = {name: vdata.find_idx_file(data_dir, name) for split in vdata.FILES.values() for name in split[:2]}
+    sources = {name: mnist.find_idx_file(data_dir, name) for split in mnist.FILES.values() for name in split[:2]}
     key = hashlib.sha256(
         "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources.values()).encode()
     ).hexdigest()[:16]

@@ -107,7 +107,8 @@ def worker(args: argparse.Namespace) -> None:
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     from vae_dist.config import ModelConfig
-    from vae_dist.data import MnistImages, load_split, make_loader
+    from vae_dist.data import MnistImages, make_loader
+    from vae_dist.mnist import load_split
     from vae_dist.loss import negative_elbo
     from vae_dist.model import VAE
     from vae_dist.noise import train_noise
@@ -229,7 +230,7 @@ def run_breakdown(model: str, procs: int, threads: int, args: argparse.Namespace
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None, help="MNIST IDX folder [default: vae_dist.data.default_data_dir()]")
+    p.add_argument("--data-dir", type=Path, default=None, help="MNIST IDX folder [default: vae_dist.mnist.default_data_dir()]")
     p.add_argument("--models", nargs="+", default=["conv", "mlp"], choices=["conv", "mlp"])
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--limit-train-samples", type=int, default=25600)
@@ -244,7 +245,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # the worker's; --models otherwise
     args, rest = p.parse_known_args()
     if args.data_dir is None:
-        args.data_dir = common.vdata.default_data_dir()
+        args.data_dir = common.mnist.default_data_dir()
     if args.worker:
         worker(args)
         return

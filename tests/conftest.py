@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vae_dist.data import DATA_DIR_ENV, default_data_dir
+from vae_dist.mnist import DATA_DIR_ENV, default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ def _learner(tmp_path, *, resume: bool = False, log=None, **overrides) -> Learne
     """A Learner on 320 synthetic images (10 steps per epoch); ``log`` receives the checkpointer's lines."""
     cfg = TrainingConfig.from_dict(
         {
-            "model": {"kind": "mlp", "hidden_size": 32, "latent_size": 4},
+            "model": {"kind": "mlp", "hidden_sizes": [32], "latent_size": 4},
             "optimizer": {"learning_rate": 3e-3},
             "data": {"batch_size": 32, "eval_batch_size": 100},
             "artifact_dir": str(tmp_path),

@@ -29,7 +29,7 @@ from vae_dist import inference
 from vae_dist.artifacts import read_metrics
 from vae_dist.cli import main
 from vae_dist.config import ModelConfig
-from vae_dist.data import load_split
+from vae_dist.mnist import load_split
 from vae_dist.errors import VaeDistError
 from vae_dist.images import PADDING
 from vae_dist.learner import NUM_PREVIEW

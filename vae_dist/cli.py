@@ -192,7 +192,7 @@ def parse_train_args(args: list[str]) -> TrainingConfig:
 def evaluate(
     artifact_dir: Path = typer.Argument(..., help="A folder written by `train` (or its model.safetensors)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder (default: the one used in training)."),
-    limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", help="Use the first N test images."),
+    limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1, help="Use the first N test images."),
     iw_samples: int = typer.Option(0, "--iw-samples", help="Also estimate the test NLL with K importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -204,8 +204,6 @@ def evaluate(
     from vae_dist.artifacts import load_model_file
     from vae_dist.evaluate import MAX_IW_SAMPLES, json_result, score, test_images
 
-    if limit_eval_samples is not None and limit_eval_samples < 1:
-        raise VaeDistError(f"--limit-eval-samples must be >= 1 (got {limit_eval_samples})")
     if not 0 <= iw_samples <= MAX_IW_SAMPLES:
         raise VaeDistError(f"--iw-samples must be between 0 and {MAX_IW_SAMPLES} (got {iw_samples})")
     model, cfg = load_model_file(artifact_dir)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
 
 from vae_dist.errors import ConfigError
 
@@ -106,16 +105,6 @@ class ModelConfig(Section):
         (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
         strict=False,
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_hidden_size(cls, data: Any) -> Any:
-        # Configs written before hidden_sizes gave one width: {"hidden_size": 400}.
-        if isinstance(data, dict) and "hidden_size" in data and "hidden_sizes" not in data:
-            data = dict(data)
-            width = data.pop("hidden_size")
-            data["hidden_sizes"] = None if width is None else [width]
-        return data
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelConfig":
@@ -351,15 +340,11 @@ def options(cls: type[Section] = TrainingConfig, prefix: str = "") -> Iterator[O
             dotted=prefix + name,
             flag=str(extra.get("flag") or "--" + name.replace("_", "-")),
             help=info.description or "",
-            default=_default(info),
+            default=info.get_default(call_default_factory=True),
             annotation=ann,
             resumable=bool(extra.get("resumable")),
             shown=extra.get("shown"),  # type: ignore[arg-type]
         )
-
-
-def _default(info: FieldInfo) -> Any:
-    return info.get_default(call_default_factory=True)
 
 
 RESUMABLE_FIELDS = frozenset(o.dotted for o in options() if o.resumable)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from vae_dist import binarize, data
+from vae_dist import binarize, data, mnist
 from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.errors import VaeDistError
 from vae_dist.loss import log_importance_weights, negative_elbo, reconstruction
@@ -42,8 +42,8 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 
 def test_images(config: TrainingConfig, data_dir: Optional[str], limit: Optional[int]) -> torch.Tensor:
     folder = data_dir or config.data.data_dir
-    root = Path(folder).expanduser() if folder else data.download(config.data.cache_dir)
-    images = data.load_split(root, "test").images
+    root = Path(folder).expanduser() if folder else mnist.download(config.data.cache_dir)
+    images = mnist.load_split(root, "test").images
     if config.data.binarize != "none":  # the same fixed draw training validated on
         images = binarize.binarize_split(images, binarize.TEST_SEED, binarize.TEST_STREAM)
     n = limit if limit is not None else config.data.limit_eval_samples

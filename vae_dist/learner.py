@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vae_dist import artifacts, binarize, data, faults, images
+from vae_dist import artifacts, binarize, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.distributed import any_rank, main_print, on_main_then_share
@@ -30,7 +30,7 @@ from vae_dist.meter import TrainMeter
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, train_noise
 from vae_dist.progress import Progress
-from vae_dist.schedule import learning_rate
+from vae_dist.schedule import kl_weight, learning_rate
 from vae_dist.signals import Preempted, StopRequest
 from vae_dist.tracking import Tracker
 
@@ -123,7 +123,6 @@ class Learner:
         self.latent = model.latent_size
         self.sampler = train_loader.sampler  # EpochShuffleSampler: the order is a function of (seed, epoch)
         self.num_train = len(train_loader.dataset)  # type: ignore[arg-type]
-        data.check_batch_fits(self.num_train, config.data.batch_size, accelerator.num_processes)
         self.model, self.optimizer, self.train_loader, self.valid_loader = accelerator.prepare(
             model, optimizer, train_loader, valid_loader
         )
@@ -167,7 +166,7 @@ class Learner:
                                 images_batch = binarize.apply(images_batch, coins[index])
                             sums, loss = train_step(
                                 self.model, self.step_optimizer, self.acc, images_batch, noise[index],
-                                recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(pos.global_step),
+                                recon_loss=cfg.loss.recon_loss, kl_weight=kl_weight(cfg.loss, pos.global_step, self.steps_per_epoch),
                                 max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(pos.global_step),
                             )
                             pos.global_step += 1
@@ -244,14 +243,6 @@ class Learner:
         loader = self.acc.skip_first_batches(self.train_loader, pos.batches_done) if pos.batches_done else self.train_loader
         return faults.inject(loader, self.acc.process_index, pos.global_step) if faults.active() else loader
 
-    def _kl_weight(self, step: int) -> float:
-        """Linear KL warm-up from 0 to kl_weight over kl_warmup_epochs; a function of the
-        step alone, so a resumed run gets the same weights."""
-        w, warm = self.config.loss.kl_weight, self.config.loss.kl_warmup_epochs
-        if warm <= 0:
-            return w
-        return w * min(1.0, step / (warm * self.steps_per_epoch))
-
     def _lr(self, step: int) -> Optional[float]:
         # The schedule spans --epochs (not --max-steps), so that a run stopped by max_steps
         # and resumed follows the same rates as an uninterrupted one.
@@ -318,7 +309,7 @@ class Learner:
             "train/samples": int(count),
             **valid,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/kl_weight": self._kl_weight(pos.global_step),
+            "train/kl_weight": kl_weight(self.config.loss, pos.global_step, self.steps_per_epoch),
             "epoch_seconds": train_seconds + valid_seconds,
             "valid_seconds": valid_seconds,
             "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,

@@ -65,8 +65,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
-    """Linear layers through ``sizes``, the activation after each (a flat list, so that
-    parameter names stay those of the one-layer model saved by earlier versions)."""
+    """Linear layers through ``sizes``, the activation after each."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes, sizes[1:]):
         layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]

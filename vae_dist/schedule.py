@@ -1,7 +1,7 @@
-"""Learning-rate schedules as pure functions of the optimizer step.
+"""The learning rate and the KL weight, as pure functions of the optimizer step.
 
-Being a function of the step alone, the rate needs no state of its own: a resumed run
-computes the same rate at the same step, so bit-exact resume holds without saving a
+Being functions of the step alone, they need no state of their own: a resumed run
+computes the same values at the same step, so bit-exact resume holds without saving a
 scheduler.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from vae_dist.config import OptimizerConfig
+from vae_dist.config import LossConfig, OptimizerConfig
 
 # Burda et al. (2015), section 5: "3^i epochs with learning rate 0.001 * 10^(-i/7), i = 0..7"
 # (3,280 epochs in all). The base rate is --learning-rate.
@@ -39,3 +39,10 @@ def learning_rate(cfg: OptimizerConfig, step: int, steps_per_epoch: int, total_s
         return cfg.learning_rate * (step + 1) / warmup
     progress = (step - warmup) / max(1.0, total_steps - warmup)
     return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def kl_weight(cfg: LossConfig, step: int, steps_per_epoch: int) -> float:
+    """The KL weight at ``step``: linear warm-up from 0 to kl_weight over kl_warmup_epochs."""
+    if cfg.kl_warmup_epochs <= 0:
+        return cfg.kl_weight
+    return cfg.kl_weight * min(1.0, step / (cfg.kl_warmup_epochs * steps_per_epoch))

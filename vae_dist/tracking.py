@@ -16,21 +16,12 @@ from accelerate import Accelerator
 
 from vae_dist.config import TrainingConfig
 
-MODES = ("online", "offline", "disabled")
 # WANDB_MODE values W&B itself accepts, as the mode they mean here.
 ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
 # Seconds W&B may take to start a run before training goes on without it (W&B's own
 # default, 90 s, would hold every rank up that long when the server cannot be reached).
 # W&B's WANDB_INIT_TIMEOUT, when the user sets it, wins.
 INIT_TIMEOUT_SECONDS = 10.0
-
-
-def wandb_available() -> bool:
-    try:
-        import wandb  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def has_wandb_api_key() -> bool:
@@ -56,17 +47,12 @@ def requested_mode(requested: Optional[str]) -> str:
 
 def wants_tracker(requested: Optional[str]) -> bool:
     """Whether the accelerator needs a W&B tracker at all (no messages, no key check)."""
-    return requested_mode(requested) != "disabled" and wandb_available()
+    return requested_mode(requested) != "disabled"
 
 
 def resolve_mode(requested: Optional[str], say: Callable[[str], None]) -> str:
     """The W&B mode to use: 'online', 'offline' or 'disabled'."""
     mode = requested_mode(requested)
-    if mode == "disabled":
-        return "disabled"
-    if not wandb_available():
-        say("W&B is not installed; metrics go to metrics.jsonl only (pip install wandb to log runs)")
-        return "disabled"
     if mode == "online" and not has_wandb_api_key():
         say("W&B: no API key found (WANDB_API_KEY or `wandb login`); logging offline instead")
         return "offline"
@@ -181,4 +167,3 @@ class Tracker:
         # the run still needs to save the model.
         close_trackers(self.accelerator, self.say)
         self.enabled = False
-

@@ -21,7 +21,7 @@ import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from vae_dist import artifacts, binarize, data, images
+from vae_dist import artifacts, binarize, data, images, mnist
 from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, on_main_then_share
@@ -73,13 +73,13 @@ def data_dir_for(accelerator: Accelerator, config: TrainingConfig) -> Path:
     while the others wait (torchvision writes straight to the final paths)."""
     if config.data.data_dir:
         return Path(config.data.data_dir).expanduser()
-    return on_main_then_share(accelerator, lambda: data.download(config.data.cache_dir))
+    return on_main_then_share(accelerator, lambda: mnist.download(config.data.cache_dir))
 
 
 def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     folder = data_dir_for(accelerator, config)
-    train = data.load_split(folder, "train").images
-    test = data.load_split(folder, "test").images
+    train = mnist.load_split(folder, "train").images
+    test = mnist.load_split(folder, "test").images
     # Before the limits: a sample's binarization depends on its index, not on the slice.
     train, test = binarize.prepare_splits(train, test, config.data.binarize, config.seed)
     if config.data.limit_train_samples:

@@ -1,0 +1,308 @@
+"""The command line: options generated from the config tree (one flag per field, its
+real default in --help, each flag setting its field), how a config is built from
+defaults, a file and flags, and bad input as one `error:` line with exit status 2.
+
+Everything runs through ``vae_dist.cli.main`` in this process; real processes only
+where the process is the point (the two entry points, a stdout that cannot be written).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, check_ok, cli_env, main_in_process, one_error_line, small_train_args
+from vae_dist.cli import build_config, main, parse_train_args
+from vae_dist.config import ARCHITECTURE_DEFAULTS, RESUMABLE_FIELDS, TrainingConfig, options
+from vae_dist.errors import ConfigError, OutputError, VaeDistError
+from vae_dist.fileio import print_out
+
+OPTIONS = list(options())
+NEEDS_DEV_FULL = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+
+
+# --- options generated from the config tree ------------------------------------------------
+
+
+def test_flags_are_unique_and_every_field_has_one():
+    flags = [o.flag for o in OPTIONS]
+    assert len(flags) == len(set(flags))
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+
+    # Every leaf of a serialised config is an option, and nothing else is.
+    assert {o.dotted for o in OPTIONS} == set(leaves(TrainingConfig().to_dict()))
+    assert RESUMABLE_FIELDS < {o.dotted for o in OPTIONS}
+
+
+def _help(capsys, monkeypatch, command: str = "train") -> list[str]:
+    monkeypatch.setenv("COLUMNS", "400")  # one row per option
+    ran = main_in_process([command, "--help"], capsys)
+    check_ok(ran)
+    return ran.stdout.splitlines()
+
+
+def _row(lines: list[str], flag: str) -> str:
+    rows = [ln for ln in lines if ln.lstrip("│ ").startswith(flag + " ")]
+    assert len(rows) == 1, f"{flag} appears {len(rows)} times in --help"
+    return rows[0]
+
+
+def test_help_lists_every_field_with_its_default_once(capsys, monkeypatch):
+    lines = _help(capsys, monkeypatch)
+    for flag in ("--config", "--resume", "--overwrite"):
+        _row(lines, flag)
+    for o in OPTIONS:
+        row = _row(lines, o.flag)
+        assert row.count("[default:") == 1, row
+        if o.shown is not None:
+            expected = f"({o.shown})"
+        elif isinstance(o.default, bool):
+            expected = o.flag[2:] if o.default else "no-" + o.flag[2:]
+        elif isinstance(o.default, tuple):
+            expected = ",".join(map(str, o.default))
+        else:
+            expected = str(o.default)
+        assert f"[default: {expected}]" in row, row
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("train", ["--resume", "--overwrite", "--cpu", "--compile", "--fused-adam", "--help"]),
+        ("evaluate", ["--json", "--help"]),
+        ("sample", ["--manifold", "--help"]),
+    ],
+)
+def test_boolean_flags_take_no_value_placeholder(command, flags, capsys, monkeypatch):
+    lines = _help(capsys, monkeypatch, command)
+    for flag in flags:
+        _row(lines, flag)
+    assert not [ln for ln in lines if "<bool>" in ln]
+    if command == "train":
+        assert "<int>" in _row(lines, "--batch-size")  # the negative control: values keep theirs
+
+
+def _other_value(o) -> tuple[list[str], object]:
+    """Command-line words that set ``o`` to a valid non-default value, and that value."""
+    ann = o.annotation
+    if typing.get_origin(ann) is typing.Union:
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    if ann is bool:
+        return ([f"--no-{o.flag[2:]}"] if o.default else [o.flag]), not o.default
+    if typing.get_origin(ann) is typing.Literal:
+        value = next(v for v in typing.get_args(ann) if v != o.default)
+        return [o.flag, value], value
+    if typing.get_origin(ann) is tuple:
+        value = {"model.conv_channels": (8, 24), "model.hidden_sizes": (64, 32, 16)}.get(o.dotted, (0.5, 0.75))
+        return [o.flag, ",".join(map(str, value))], value
+    if ann is int:
+        value = (o.default or 1) + 2
+        return [o.flag, str(value)], value
+    if ann is float:
+        value = (o.default or 0.25) * 0.5
+        return [o.flag, repr(value)], value
+    return [o.flag, "some/where"], "some/where"
+
+
+@pytest.mark.parametrize("o", OPTIONS, ids=[o.dotted for o in OPTIONS])
+def test_every_flag_sets_its_field(o):
+    words, value = _other_value(o)
+    cfg = parse_train_args(words)
+    section, _, leaf = o.dotted.rpartition(".")
+    assert getattr(getattr(cfg, section) if section else cfg, leaf) == value
+    # ... and only that field: everything else keeps its default.
+    base, changed = TrainingConfig().to_dict(), json.loads(cfg.to_json())
+    if o.dotted == "loss.iw_samples":
+        base["loss"]["kl_warmup_epochs"] = changed["loss"]["kl_warmup_epochs"]  # no warm-up for the IW bound
+    if o.dotted == "model.kind":
+        for name in set().union(*ARCHITECTURE_DEFAULTS.values()):  # these follow the kind
+            base["model"][name] = changed["model"][name]
+    section_dict = changed[section] if section else changed
+    section_dict[leaf] = (base[section] if section else base)[leaf]
+    assert changed == base
+
+
+def test_train_applies_the_process_settings_then_trains_the_config(monkeypatch, tmp_path):
+    import vae_dist.train
+    from vae_dist import runtime
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(runtime, "prepare_process", lambda flush: calls.append(("prepare", flush)))
+    monkeypatch.setattr(vae_dist.train, "train", lambda cfg, **kw: calls.append(("train", cfg, kw)))
+    main(["train", "--artifact-dir", str(tmp_path / "run"), "--no-flush-denormal", "--overwrite"])
+    (_, flush), (_, cfg, kw) = calls
+    assert flush is False and cfg.flush_denormal is False and cfg.artifact_dir == str(tmp_path / "run")
+    assert kw == {"resume": False, "overwrite": True}
+
+
+# --- defaults <- config file <- flags -------------------------------------------------------
+
+
+def test_a_saved_config_is_a_config_file_and_flags_override_it(tmp_path):
+    saved = TrainingConfig.from_dict({"model": {"kind": "mlp", "latent_size": 12}, "epochs": 3, "data": {"batch_size": 32}})
+    p = tmp_path / "config.json"
+    p.write_text(saved.to_json())
+    assert parse_train_args(["--config", str(p)]) == saved
+    cfg = parse_train_args(["--config", str(p), "--seed", "5", "--epochs", "10"])
+    assert (cfg.epochs, cfg.data.batch_size, cfg.seed, cfg.model) == (10, 32, 5, saved.model)
+    # A flag left at its default is not given: the file's value stays. An explicit one,
+    # even of the default value, wins.
+    assert parse_train_args(["--config", str(p), "--batch-size", "64"]).data.batch_size == 64
+
+
+def test_a_new_architecture_by_flag_brings_its_own_defaults(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(TrainingConfig().to_json())  # deep-mlp: latent 50, widths 512,256
+    model = build_config(p, False, {"model.kind": "mlp"}).model
+    assert (model.latent_size, model.hidden_sizes) == (20, (400,))
+    assert build_config(p, False, {"model.kind": "mlp", "model.latent_size": 7}).model.latent_size == 7
+
+
+def test_resume_reads_the_runs_own_config(tmp_path):
+    art = tmp_path / "run"
+    art.mkdir()
+    (art / "config.json").write_text(TrainingConfig.from_dict({"seed": 3, "artifact_dir": str(art)}).to_json())
+    assert build_config(None, True, {"artifact_dir": str(art), "epochs": 20}).seed == 3
+    assert build_config(None, False, {"artifact_dir": str(art)}).seed == 42
+
+
+@pytest.mark.parametrize("section", [None, "conv", 3, []])
+def test_a_section_that_is_not_an_object_is_one_line_even_with_flags(tmp_path, section):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": section}))
+    for flags in ({"model.kind": "conv"}, {}):
+        with pytest.raises(ConfigError, match="^model: must be a JSON object"):
+            build_config(config, False, flags)
+
+
+# --- bad input: one line, exit 2, nothing touched ---------------------------------------------
+
+USER_ERRORS = {
+    "unknown-flag": (["train", "--bogus"], ["--bogus"]),
+    "unknown-command": (["frobnicate"], ["frobnicate"]),
+    "model-foo": (["train", "--model", "foo"], ["--model", "foo"]),
+    "epochs-not-int": (["train", "--epochs", "abc"], ["--epochs"]),
+    "epochs-0": (["train", "--epochs", "0"], ["epochs"]),
+    "learning-rate-negative": (["train", "--learning-rate", "-1"], ["learning_rate"]),
+    "betas-bad-separator": (["train", "--betas", "0.9;0.99"], ["--betas", "separated by commas"]),
+    "iw-with-kl-weight": (["train", "--iw-train-samples", "5", "--kl-weight", "0.5"], ["--kl-weight 1"]),
+    "evaluate-no-argument": (["evaluate"], ["artifact_dir"]),
+    "evaluate-iw-negative": (["evaluate", "somewhere", "--iw-samples", "-1"], ["--iw-samples"]),
+    "evaluate-limit-0": (["evaluate", "somewhere", "--limit-eval-samples", "0"], ["--limit-eval-samples"]),
+}
+
+
+@pytest.mark.parametrize("name", list(USER_ERRORS))
+def test_user_error_is_one_line(name, capsys):
+    argv, needles = USER_ERRORS[name]
+    ran = main_in_process(argv, capsys)
+    line = one_error_line(ran)
+    assert ran.stderr.strip() == line and not ran.stdout
+    for n in needles:
+        assert n in line, (n, line)
+
+
+def test_a_bad_value_in_the_config_file_is_named(tmp_path, capsys):
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"data": {"batch_size": "64"}}))
+    assert "data.batch_size" in one_error_line(main_in_process(["train", "--config", str(wrong)], capsys))
+
+
+def test_a_missing_data_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
+    art = tmp_path / "run"
+    line = one_error_line(main_in_process(small_train_args(tmp_path / "no-mnist-here", art), capsys))
+    assert "no-mnist-here does not exist" in line
+    assert not art.exists()
+
+
+def test_evaluate_without_a_model_is_one_line(tmp_path, capsys):
+    assert "no trained model" in one_error_line(main_in_process(["evaluate", str(tmp_path)], capsys))
+
+
+def test_evaluate_with_an_unreadable_accelerate_variable_is_one_line(monkeypatch):
+    import torch
+
+    from vae_dist.evaluate import score
+    from vae_dist.model import VAE
+
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 2}})
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "garbage")
+    with pytest.raises(VaeDistError, match="^cannot set up the accelerator: "):
+        score(VAE(cfg.model), cfg, torch.rand(4, 1, 28, 28))
+
+
+@NEEDS_DEV_FULL
+def test_a_result_that_stdout_cannot_take_is_an_error_and_a_status_line_is_dropped(monkeypatch):
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        with pytest.raises(OutputError, match="cannot write to standard output"):
+            print_out("result")
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        print_out("status", required=False)
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_a_folder_vae_dist_did_not_create_is_left_untouched_even_with_overwrite(data_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("do not touch")
+    (foreign / "config.json").write_text('{"not": "ours"}')  # a name vae_dist writes, but not its file
+    (foreign / "checkpoints" / "weights.bin").write_bytes(bytes(range(256)))
+    before = _snapshot(foreign)
+    line = one_error_line(main_in_process(small_train_args(data_dir, foreign, "--overwrite"), capsys))
+    assert "not created by vae_dist" in line
+    assert _snapshot(foreign) == before
+
+
+# --- the entry points, as real processes --------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["python -m vae_dist", "vae-dist"])
+def test_entry_point_runs(entry):
+    if entry == "vae-dist":
+        exe = shutil.which("vae-dist", path=cli_env().get("PATH"))
+        assert exe is not None, "the vae-dist console script is not on PATH (pip install -e .)"
+        cmd = [exe]
+    else:
+        cmd = [sys.executable, "-m", "vae_dist"]
+    ok = subprocess.run([*cmd, "--help"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60)
+    check_ok(ok)
+    assert "train" in ok.stdout and "evaluate" in ok.stdout
+    bad = subprocess.run([*cmd, "train", "--epochs", "0"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert "epochs" in one_error_line(bad)
+
+
+@pytest.mark.slow
+@NEEDS_DEV_FULL
+def test_a_full_stdout_costs_no_run_and_fails_a_result_in_one_line(tmp_path, data_dir, finished_run):
+    """A real process: at exit Python flushes stdout once more, and a failure there would
+    print a traceback and change the exit status."""
+    art = tmp_path / "run"
+    tiny = ("--model", "mlp", "--hidden-sizes", "8", "--latent-size", "2", "--limit-train-samples", "64",
+            "--batch-size", "32", "--limit-eval-samples", "100")
+    with open("/dev/full", "w") as full:
+        train, evaluate = (
+            subprocess.Popen([sys.executable, "-m", "vae_dist", *args], cwd=REPO, env=cli_env(), stdout=full,
+                             stderr=subprocess.PIPE, text=True)
+            for args in (small_train_args(data_dir, art, *tiny), ["evaluate", str(finished_run), "--json"])
+        )
+        done = [subprocess.CompletedProcess(p.args, p.wait(timeout=300), "", p.stderr.read()) for p in (train, evaluate)]
+    check_ok(done[0])  # the run's status lines are dropped, the run is not
+    assert (art / "model.safetensors").is_file() and (art / "metrics.jsonl").is_file()
+    assert "cannot write to standard output" in one_error_line(done[1])

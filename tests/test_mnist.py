@@ -1,0 +1,192 @@
+"""Reading MNIST's IDX files: the real files in each layout found, one-line refusals for
+broken ones, bounded reads of hostile ones, and the download's failure."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, cli_env
+from vae_dist.errors import DataError
+from vae_dist.mnist import IMAGE_MAGIC, LABEL_MAGIC, download, load_split, read_idx
+
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+
+
+def _gz(data_dir: Path, name: str) -> Path:
+    p = data_dir / f"{name}.gz"
+    return p if p.exists() else data_dir / name
+
+
+@functools.lru_cache(maxsize=None)
+def _raw(data_dir: Path, name: str) -> bytes:
+    p = _gz(data_dir, name)
+    return gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+
+
+def _header(n: int, side: int = 28) -> bytes:
+    return struct.pack(">IIII", IMAGE_MAGIC, n, side, side)
+
+
+@pytest.fixture(scope="module")
+def test_split(data_dir):
+    return load_split(data_dir, "test")
+
+
+def test_the_real_test_split(data_dir, test_split):
+    assert test_split.images.shape == (10000, 1, 28, 28) and test_split.labels.shape == (10000,)
+    assert test_split.images.dtype == torch.uint8 and test_split.labels.dtype == torch.uint8
+    assert int(test_split.labels[0]) == 7  # as in every MNIST copy
+    ref = np.frombuffer(_raw(data_dir, TEST_IMAGES), dtype=np.uint8, offset=16).reshape(10000, 1, 28, 28)
+    assert torch.equal(test_split.images, torch.from_numpy(ref.copy()))
+
+
+def _gzipped_flat(src: Path, dst: Path) -> None:
+    for name in (TEST_IMAGES, TEST_LABELS):
+        shutil.copy(_gz(src, name), dst / _gz(src, name).name)
+
+
+def _uncompressed(src: Path, dst: Path) -> None:
+    for name in (TEST_IMAGES, TEST_LABELS):
+        (dst / name).write_bytes(_raw(src, name))
+
+
+def _linked_under_raw(src: Path, dst: Path) -> None:
+    raw = dst / "MNIST" / "raw"  # torchvision's layout; links followed
+    raw.mkdir(parents=True)
+    for name in (TEST_IMAGES, TEST_LABELS):
+        (raw / _gz(src, name).name).symlink_to(_gz(src, name).resolve())
+
+
+@pytest.mark.parametrize("layout", [_gzipped_flat, _uncompressed, _linked_under_raw], ids=lambda f: f.__name__[1:])
+def test_layouts(layout, data_dir, tmp_path, test_split):
+    layout(data_dir, tmp_path)
+    split = load_split(tmp_path, "test")
+    assert torch.equal(split.images, test_split.images) and torch.equal(split.labels, test_split.labels)
+
+
+def test_a_small_valid_file_parses(tmp_path):
+    p = tmp_path / "tiny-images"
+    pixels = np.arange(2 * 28 * 28, dtype=np.uint32).astype(np.uint8)
+    p.write_bytes(_header(2) + pixels.tobytes())
+    assert torch.equal(read_idx(p, IMAGE_MAGIC, 2).flatten(), torch.from_numpy(pixels))
+    assert read_idx(p, IMAGE_MAGIC).shape == (2, 1, 28, 28)  # no expected count given
+
+
+# --- refusals: one DataError line naming the file ------------------------------------------
+
+
+def _truncated_gzip(data_dir: Path) -> bytes:
+    p = _gz(data_dir, TEST_IMAGES)
+    gz = p.read_bytes() if p.suffix == ".gz" else gzip.compress(p.read_bytes(), compresslevel=1)
+    return gz[: len(gz) // 2]
+
+
+def _corrupt_deflate(_: Path) -> bytes:
+    gz = bytearray(gzip.compress(_header(10000) + os.urandom(3 * 784)))
+    for i in range(12, len(gz) - 8):  # scramble the compressed body, keep the gzip header
+        gz[i] ^= 0x5A
+    return bytes(gz)
+
+
+# (what the images file holds, its name, words the message has)
+BROKEN = {
+    "truncated": (lambda d: _raw(d, TEST_IMAGES)[:100_000], TEST_IMAGES, ["truncated"]),
+    "header-cut": (lambda d: struct.pack(">II", IMAGE_MAGIC, 10000), TEST_IMAGES, ["truncated"]),
+    "padded": (lambda d: _raw(d, TEST_IMAGES) + b"\0" * 10, TEST_IMAGES, ["padded"]),
+    "labels-as-images": (lambda d: _raw(d, TEST_LABELS), TEST_IMAGES, ["magic", str(LABEL_MAGIC)]),
+    "wrong-count": (lambda d: _header(5) + bytes(5 * 784), TEST_IMAGES, ["holds 5 items, expected 10000"]),
+    "wrong-side": (lambda d: _header(10000, 27) + bytes(10000 * 27 * 27), TEST_IMAGES, ["27x27"]),
+    "gzip-truncated": (_truncated_gzip, f"{TEST_IMAGES}.gz", ["cannot be read"]),
+    "gzip-corrupt-deflate": (_corrupt_deflate, f"{TEST_IMAGES}.gz", ["cannot be read"]),
+    "gz-name-plain-bytes": (lambda d: _raw(d, TEST_IMAGES), f"{TEST_IMAGES}.gz", ["cannot be read"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_file_is_one_data_error(case, data_dir, tmp_path):
+    content, name, words = BROKEN[case]
+    (tmp_path / name).write_bytes(content(data_dir))
+    shutil.copy(_gz(data_dir, TEST_LABELS), tmp_path)
+    with pytest.raises(DataError) as ei:
+        load_split(tmp_path, "test")
+    msg = str(ei.value)
+    assert "\n" not in msg and str(tmp_path / name) in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_a_missing_folder_or_file_is_named(data_dir, tmp_path):
+    with pytest.raises(DataError, match="nope does not exist"):
+        load_split(tmp_path / "nope", "test")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="file is not a directory"):
+        load_split(tmp_path / "file", "test")
+    shutil.copy(_gz(data_dir, TEST_IMAGES), tmp_path)
+    with pytest.raises(DataError, match=f"{TEST_LABELS}.* not found"):
+        load_split(tmp_path, "test")
+
+
+# Reads each file in a child whose data segment is capped at 1 GB: a reader that takes a
+# whole stream into memory fails there (MemoryError) instead of exhausting the machine.
+BOUNDED_READ = textwrap.dedent(
+    """
+    import resource, sys, time
+    from pathlib import Path
+    resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+    from vae_dist.mnist import IMAGE_MAGIC, read_idx
+    for path in sys.argv[1:]:
+        t0 = time.monotonic()
+        try:
+            read_idx(Path(path), IMAGE_MAGIC, 10000)
+            said = "no error"
+        except BaseException as e:
+            said = f"{type(e).__name__}: {e}"
+        print(f"{time.monotonic() - t0:.2f} {said}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_gzip_bomb_or_an_endless_input_fails_fast_without_reading_it(tmp_path):
+    # A valid header for 10000 images, then 2 GB of zeros in 16 MB gzip members (a gzip
+    # file may hold several; one member compressed once is cheap to repeat): a reader
+    # that inflates the whole stream before checking sizes needs 2 GB.
+    bomb = tmp_path / "t10k-images-idx3-ubyte.gz"
+    zeros = gzip.compress(bytes(1 << 24), compresslevel=1)
+    bomb.write_bytes(gzip.compress(_header(10000)) + zeros * 128)
+    endless = tmp_path / "images"
+    endless.symlink_to("/dev/zero")
+    proc = subprocess.run([sys.executable, "-c", BOUNDED_READ, str(bomb), str(endless)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (bomb_s, bomb_said), (endless_s, endless_said) = (line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert bomb_said.startswith("DataError:") and "padded" in bomb_said, bomb_said
+    assert endless_said.startswith("DataError:") and "magic" in endless_said, endless_said
+    assert float(bomb_s) < 5 and float(endless_s) < 5, proc.stdout
+
+
+def test_a_failed_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    """No network: one DataError that says what failed and points at --data-dir."""
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    # A stand-in for torchvision.datasets: importing the real one takes seconds.
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", types.SimpleNamespace(MNIST=offline))
+    with pytest.raises(DataError) as e:
+        download(tmp_path / "cache")
+    msg = str(e.value)
+    assert "\n" not in msg and "could not download MNIST" in msg and "RuntimeError" in msg and "--data-dir" in msg

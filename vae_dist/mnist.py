@@ -1,0 +1,144 @@
+"""MNIST's IDX files: finding them, reading them with bounded reads, and the download.
+
+A split is read into one uint8 tensor. Every size is checked against the header before
+the body is read, and nothing past the size the header gives is read (or inflated), so
+a forged header, a gzip bomb or an endless device fails as fast as a short file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+import numpy as np
+import torch
+
+from vae_dist.errors import DataError
+
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+SIDE = 28
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
+# Without an expected count, an IDX header may claim at most this many items: a forged
+# header must not make the reader allocate (or inflate) gigabytes.
+MAX_ITEMS = 1_000_000
+# What reading a damaged file (or gzip stream) raises: all become one DataError line.
+READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
+# Where tests, benchmarks and smoke runs find the offline copy (see README).
+DATA_DIR_ENV = "VAE_DIST_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """The data folder for tests and benchmarks: $VAE_DIST_DATA_DIR, else ../shared/mnist."""
+    return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[1].parent / "shared" / "mnist"))
+
+
+def find_idx_file(data_dir: Path, name: str) -> Path:
+    """Find ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``MNIST/raw/``."""
+    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise DataError(
+        f"MNIST file {name}(.gz) not found in {data_dir} (looked there and in {data_dir / 'MNIST' / 'raw'})"
+    )
+
+
+def _read_at_most(f: BinaryIO, n: int) -> bytearray:
+    """Up to ``n`` bytes (fewer only at the end of the stream)."""
+    buf = bytearray(n)
+    del buf[f.readinto(buf):]  # type: ignore[attr-defined]
+    return buf
+
+
+def _parse_header(path: Path, header: bytes, magic: int, ndim: int, count: Optional[int]) -> int:
+    """The item count the header gives, after checking it against what is expected."""
+    if len(header) < 4 * (1 + ndim):
+        raise DataError(f"MNIST file {path} is truncated: {len(header)} bytes, shorter than its header")
+    dims = np.frombuffer(bytes(header), dtype=">u4", count=1 + ndim)
+    if int(dims[0]) != magic:
+        raise DataError(f"MNIST file {path} is not an IDX file of this kind (magic {int(dims[0])}, expected {magic})")
+    n = int(dims[1])
+    if ndim == 3 and (int(dims[2]), int(dims[3])) != (SIDE, SIDE):
+        raise DataError(f"MNIST file {path} holds {int(dims[2])}x{int(dims[3])} images, expected 28x28")
+    if count is not None and n != count:
+        raise DataError(f"MNIST file {path} holds {n} items, expected {count}")
+    if n > MAX_ITEMS:
+        raise DataError(f"MNIST file {path} claims {n} items, more than the {MAX_ITEMS} an IDX file here may hold")
+    return n
+
+
+def _read_idx_bytes(path: Path, magic: int, ndim: int, count: Optional[int]) -> tuple[int, bytearray]:
+    """(items, body bytes) of an IDX file, reading one byte past the body at most."""
+    header = 4 * (1 + ndim)
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        n = _parse_header(path, _read_at_most(f, header), magic, ndim, count)
+        expected = n * (SIDE * SIDE if ndim == 3 else 1)
+        body = _read_at_most(f, expected)
+        if len(body) < expected:
+            raise DataError(
+                f"MNIST file {path} is truncated: {header + len(body)} bytes, expected {header + expected}"
+            )
+        if f.read(1):
+            raise DataError(f"MNIST file {path} is padded: longer than the {header + expected} bytes its header gives")
+    return n, body
+
+
+def read_idx(path: Path, magic: int, count: Optional[int] = None) -> torch.Tensor:
+    """Parse an IDX file, checking the header instead of a checksum.
+
+    A local copy need not be byte-identical to the official gzip (see the shared copy's
+    README), so the header, shape and size are the test of "is this MNIST".
+    """
+    ndim = 3 if magic == IMAGE_MAGIC else 1
+    try:
+        n, body = _read_idx_bytes(Path(path), magic, ndim, count)
+    except READ_ERRORS as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"MNIST file {path} cannot be read ({type(e).__name__}: {text})") from None
+    t = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
+    return t.view(n, 1, SIDE, SIDE) if ndim == 3 else t
+
+
+@dataclass
+class MnistSplit:
+    images: torch.Tensor  # (N, 1, 28, 28) uint8
+    labels: torch.Tensor  # (N,) uint8
+
+
+def load_split(data_dir: str | Path, split: str) -> MnistSplit:
+    """Read one split ('train' or 'test') from a folder of IDX files."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        what = "is not a directory" if data_dir.exists() else "does not exist"
+        raise DataError(f"data directory {data_dir} {what}")
+    image_name, label_name, count = FILES[split]
+    images = read_idx(find_idx_file(data_dir, image_name), IMAGE_MAGIC, count)
+    labels = read_idx(find_idx_file(data_dir, label_name), LABEL_MAGIC, count)
+    return MnistSplit(images, labels)
+
+
+def download(cache_dir: str | Path) -> Path:
+    """Download MNIST through torchvision (checksummed) and return the folder to read.
+
+    Call it on one process while the others wait (see train.data_dir_for): torchvision
+    writes straight to the final paths, so a concurrent reader can see half a file.
+    """
+    root = Path(cache_dir).expanduser()
+    try:
+        from torchvision.datasets import MNIST
+
+        for train in (True, False):
+            MNIST(str(root), train=train, download=True)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError offline
+        raise DataError(
+            f"could not download MNIST into {root} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "with no network, point --data-dir at a folder holding the four MNIST IDX files"
+        ) from None
+    return root / "MNIST" / "raw"
