@@ -17,6 +17,7 @@ import typer
 
 from vae_dist.errors import VaeDistError
 from vae_dist.fileio import print_out
+from vae_dist.rundir import LOCK, MARKER, OWNED, PICTURES
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
@@ -34,7 +35,7 @@ DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
 
 
 def _load(artifact_dir: Path) -> tuple[Any, Any]:
-    from vae_dist.artifacts import load_model_file
+    from vae_dist.modelfile import load_model_file
 
     return load_model_file(artifact_dir)
 
@@ -42,8 +43,6 @@ def _load(artifact_dir: Path) -> tuple[Any, Any]:
 def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:
     """--out as given, else ``default_name`` in the artifact folder (beside the model file
     when the argument is the file itself)."""
-    from vae_dist.artifacts import LOCK, MARKER, OWNED, PICTURES
-
     if out is not None:
         target = out.expanduser()
         if target.is_dir():
@@ -65,29 +64,25 @@ def _check_range(flag: str, value: int, low: int, high: int) -> None:
         raise VaeDistError(f"{flag} must be between {low} and {high} (got {value})")
 
 
-def _save(picture: Any, path: Path) -> None:
-    from vae_dist.images import save_png
+def _save(tiles: "torch.Tensor", path: Path, nrow: int) -> None:
+    from vae_dist.images import save_grid
 
     try:
-        written = save_png(picture, path)
+        save_grid(tiles, path, nrow)
     except OSError as e:
         raise VaeDistError(f"cannot write {path}: {e.strerror or e}") from None
-    print_out(str(written))
-
-
-def _all_test_images(cfg: Any, data_dir: Optional[str]) -> torch.Tensor:
-    from vae_dist.evaluate import test_images
-
-    # limit 0 = the whole test split, not the slice the model was validated on.
-    return test_images(cfg, data_dir, 0)
+    print_out(str(path))
 
 
 def _model_and_test_images(
     artifact_dir: Path, data_dir: Optional[str], out: Optional[Path], default_name: str
 ) -> tuple[Any, Path, "torch.Tensor"]:
-    """The model, where its picture goes, and the whole test split (uint8)."""
+    """The model, where its picture goes, and the whole test split (as floats in [0, 1])."""
+    from vae_dist.evaluate import test_images
+
     model, cfg = _load(artifact_dir)
-    return model, _output_path(artifact_dir, out, default_name), _all_test_images(cfg, data_dir)
+    # limit 0 = the whole test split, not the slice the model was validated on.
+    return model, _output_path(artifact_dir, out, default_name), test_images(cfg, data_dir, 0).float().div(255.0)
 
 
 def sample(
@@ -99,7 +94,7 @@ def sample(
     grid_size: int = typer.Option(20, "--grid-size", help="Images per side of the --manifold grid."),
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
-    from vae_dist import images, inference
+    from vae_dist import inference
 
     _check_range("--num", num, 1, MAX_IMAGES)
     _check_range("--grid-size", grid_size, 1, MAX_GRID_SIZE)
@@ -107,11 +102,10 @@ def sample(
     model, _ = _load(artifact_dir)
     if manifold:
         target = _output_path(artifact_dir, out, "manifold.png")
-        picture = images.image_grid(inference.manifold(model, grid_size), nrow=grid_size)
+        _save(inference.manifold(model, grid_size), target, grid_size)
     else:
         target = _output_path(artifact_dir, out, "samples.png")
-        picture = images.image_grid(inference.prior_samples(model, num, seed), nrow=math.ceil(math.sqrt(num)))
-    _save(picture, target)
+        _save(inference.prior_samples(model, num, seed), target, math.ceil(math.sqrt(num)))
 
 
 def reconstruct(
@@ -127,8 +121,8 @@ def reconstruct(
     model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
-    x = test[:num].float().div(255.0)
-    _save(images.side_by_side(x, inference.reconstructions(model, x), nrow=min(8, num)), target)
+    x, nrow = test[:num], min(8, num)
+    _save(images.side_by_side(x, inference.reconstructions(model, x), nrow), target, nrow)
 
 
 def interpolate(
@@ -140,7 +134,9 @@ def interpolate(
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/interpolation.png)."),
 ) -> None:
     """One row: test image I, the decodings along the straight latent line from I to J, image J."""
-    from vae_dist import images, inference
+    import torch
+
+    from vae_dist import inference
 
     _check_range("--steps", steps, 2, MAX_STEPS)
     model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "interpolation.png")
@@ -148,9 +144,6 @@ def interpolate(
     for flag, index in (("--from", index_from), ("--to", index_to)):
         if not 0 <= index < n:
             raise VaeDistError(f"{flag} {index} is not a test image index (0 to {n - 1})")
-    ends = test[[index_from, index_to]].float().div(255.0)
-    path = inference.interpolate(model, ends[0], ends[1], steps)
-    import torch
-
-    row = torch.cat([ends[:1], path, ends[1:]])
-    _save(images.image_grid(row, nrow=row.shape[0]), target)
+    ends = test[[index_from, index_to]]
+    row = torch.cat([ends[:1], inference.interpolate(model, ends[0], ends[1], steps), ends[1:]])
+    _save(row, target, row.shape[0])

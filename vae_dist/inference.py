@@ -45,21 +45,8 @@ def _decode_means(model: VAE, z: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(model.decode(z.to(_device(model))).float()).cpu()
 
 
-def _as_batch(images: torch.Tensor) -> torch.Tensor:
-    """(N,1,28,28) or (1,28,28) or (28,28), uint8 0-255 or float 0-1 -> float (N,1,28,28)."""
-    x = images
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"expected MNIST images shaped (N, 1, 28, 28), got {tuple(images.shape)}")
-    x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
-    return x
-
-
 def _posterior_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
-    return model.encode(_as_batch(images).to(_device(model)))[0]
+    return model.encode(images.float().to(_device(model)))[0]
 
 
 @_inference
@@ -74,17 +61,18 @@ def prior_samples(model: VAE, n: int, seed: int) -> torch.Tensor:
 
 @_inference
 def reconstructions(model: VAE, images: torch.Tensor) -> torch.Tensor:
-    """Each image encoded, its posterior mean decoded (no sampling noise)."""
+    """Each of the (N, 1, 28, 28) images in [0, 1] encoded, its posterior mean decoded (no
+    sampling noise)."""
     return _decode_means(model, _posterior_means(model, images))
 
 
 @_inference
 def interpolate(model: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` decodings at evenly spaced points on the straight line from the posterior
-    mean of ``x_from`` to that of ``x_to``, both ends included."""
+    mean of the (1, 28, 28) image ``x_from`` to that of ``x_to``, both ends included."""
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
-    ends = _posterior_means(model, torch.cat([_as_batch(x_from)[:1], _as_batch(x_to)[:1]]))
+    ends = _posterior_means(model, torch.stack([x_from, x_to]))
     t = torch.linspace(0.0, 1.0, steps, device=ends.device, dtype=ends.dtype).unsqueeze(1)
     return _decode_means(model, (1 - t) * ends[0] + t * ends[1])
 

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# (key, True when lower is better)
-SUMMARY_METRICS = (
-    ("train/loss", True),
-    ("train/recon", True),
-    ("train/kl", True),
-    ("valid/loss", True),
-    ("valid/recon", True),
-    ("valid/kl", True),
-)
+# All losses, in nats per image: lower is better.
+SUMMARY_METRICS = ("train/loss", "train/recon", "train/kl", "valid/loss", "valid/recon", "valid/kl")
 
 
 def format_summary(history: list[dict[str, Any]]) -> str:
@@ -20,20 +13,18 @@ def format_summary(history: list[dict[str, Any]]) -> str:
     best value is marked '*' and the worst '!' (lower loss is better)."""
     if not history:
         return "no epochs completed"
-    keys = [(k, low) for k, low in SUMMARY_METRICS if any(k in row for row in history)]
+    keys = [k for k in SUMMARY_METRICS if any(k in row for row in history)]
     marks: dict[tuple[int, str], str] = {}
-    for key, lower_better in keys:
+    for key in keys:
         vals = [(row[key], i) for i, row in enumerate(history) if key in row]
         if len(vals) > 1:
-            best = min(vals) if lower_better else max(vals)
-            worst = max(vals) if lower_better else min(vals)
-            marks[(best[1], key)] = "*"
-            marks[(worst[1], key)] = "!"
-    header = ["epoch", "step"] + [k for k, _ in keys]
+            marks[(min(vals)[1], key)] = "*"
+            marks[(max(vals)[1], key)] = "!"
+    header = ["epoch", "step", *keys]
     rows = []
     for i, row in enumerate(history):
         cells = [str(row.get("epoch", i + 1)), str(row.get("step", ""))]
-        for key, _ in keys:
+        for key in keys:
             cells.append(f"{row[key]:.3f}{marks.get((i, key), ' ')}" if key in row else "-")
         rows.append(cells)
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]

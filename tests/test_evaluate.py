@@ -1,0 +1,45 @@
+"""Scoring (vae_dist.evaluate): the one choice of test images that training validates on and
+evaluate and the picture commands use, and a result that strict JSON parsers accept.
+(evaluate's numbers, at 1 and 3 processes against training's validation, are in
+test_distributed.)"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from vae_dist import evaluate
+from vae_dist.config import TrainingConfig
+from vae_dist.evaluate import json_result
+
+
+def _config(**data) -> TrainingConfig:
+    return TrainingConfig.from_dict({"seed": data.pop("seed", 0), "data": {"data_dir": "mnist", **data}})
+
+
+def test_the_test_images_are_one_fixed_draw_whatever_the_run(monkeypatch) -> None:
+    split = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    monkeypatch.setattr(evaluate.mnist, "load_split", lambda root, name: SimpleNamespace(images=split))
+    assert torch.equal(evaluate.test_images(_config(binarize="none")), split)
+    static = evaluate.test_images(_config(binarize="static", seed=1))
+    dynamic = evaluate.test_images(_config(binarize="dynamic", seed=99))
+    assert torch.equal(static, dynamic) and set(static.unique().tolist()) == {0, 255}
+    # None: the run's own limit (its validation slice); 0: all of them; N: the first N
+    limited = _config(binarize="static", limit_eval_samples=30)
+    assert torch.equal(evaluate.test_images(limited), static[:30])
+    assert torch.equal(evaluate.test_images(limited, limit=20), static[:20])
+    assert torch.equal(evaluate.test_images(limited, limit=0), static)
+
+
+def test_json_result_is_strict_json() -> None:
+    text = json_result({"loss": float("nan"), "iw_nll": float("inf"), "kl": -float("inf"), "recon": 1.5,
+                        "protocol": {"test_images": 3, "x": [float("nan")]}})
+
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    parsed = json.loads(text, parse_constant=refuse)
+    assert parsed == {"loss": None, "iw_nll": None, "kl": None, "recon": 1.5, "protocol": {"test_images": 3, "x": [None]}}
+    assert "\n" not in text
