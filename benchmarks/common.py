@@ -32,7 +32,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # never touch the network from 
 import torch  # noqa: E402
 
 from vae_dist import mnist  # noqa: E402
-from vae_dist.artifacts import read_metrics  # noqa: E402
+from vae_dist.rundir import read_metrics  # noqa: E402
 from vae_dist.cli import parse_train_args  # noqa: E402
 from vae_dist.config import TrainingConfig  # noqa: E402
 from vae_dist.errors import VaeDistError  # noqa: E402

@@ -68,7 +68,7 @@ def run(args, config, train_args) -> int:
     prepare_process(config.flush_denormal)  # as the CLI does: before any tensor work
     import torch
 
-    from vae_dist.artifacts import load_model_file
+    from vae_dist.modelfile import load_model_file
     from vae_dist.evaluate import score, test_images
 
     if args.threads is not None:

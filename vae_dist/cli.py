@@ -201,7 +201,7 @@ def evaluate(
 
     Runs on the CPU; under `accelerate launch --multi_gpu -m vae_dist evaluate ...` the
     test split is sharded across the processes (each sample counted once)."""
-    from vae_dist.artifacts import load_model_file
+    from vae_dist.modelfile import load_model_file
     from vae_dist.evaluate import MAX_IW_SAMPLES, json_result, score, test_images
 
     if not 0 <= iw_samples <= MAX_IW_SAMPLES:

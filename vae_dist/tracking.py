@@ -150,7 +150,7 @@ class Tracker:
             self.say(f"W&B log failed at step {step} ({_first_line(e)}); continuing")
 
     def log_images(self, images: dict[str, Any], step: int) -> None:
-        """images: {key: PIL image}."""
+        """images: {key: path of a PNG}."""
         if not self.enabled:
             return
         try:
