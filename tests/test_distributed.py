@@ -27,9 +27,6 @@ from safetensors.torch import load_file
 
 from conftest import REPO, check_ok, cli_env, free_port, launch_cmd, main_in_process, run_launch
 
-# Real processes (accelerate launch): the slow tier.
-pytestmark = pytest.mark.slow
-
 # 640 images, 2 epochs: 10 global steps of 64 per epoch, 20 in all, across an epoch
 # boundary (a new permutation, noise table and binarization draw). 501 test images at an
 # eval batch of 48 shard into uneven rounds: at 2 ranks 5 x 96 + 21, at 3 ranks 3 x 144 + 69.
@@ -167,6 +164,7 @@ def one_proc(tmp_path_factory, data_dir) -> Path:
 # ------------------------------------------------------------------ 1. one run, one writer
 
 
+@pytest.mark.slow
 def test_two_machines_make_one_run_with_one_writer(two_machines):
     art, (out0, out1) = two_machines["art"], two_machines["logs"]
     assert "2 process(es)" in out0
@@ -191,6 +189,7 @@ def test_two_machines_make_one_run_with_one_writer(two_machines):
     assert pngs == [f"epoch-{e:03d}-{k}.png" for e in range(1, EPOCHS + 1) for k in ("reconstructions", "samples")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
 def test_finished_ranks_have_joined_their_gloo_threads(two_machines):
     """A gloo process group still alive at interpreter teardown joins its threads there, and
@@ -205,6 +204,7 @@ def test_finished_ranks_have_joined_their_gloo_threads(two_machines):
 # ------------------------------------------------------------------ 2. invariance
 
 
+@pytest.mark.slow
 def test_weights_and_log_do_not_depend_on_process_count(two_machines, one_proc, data_dir, tmp_path):
     two = two_machines["art"]
     d = rms_diff(one_proc, two)
@@ -228,6 +228,7 @@ def test_weights_and_log_do_not_depend_on_process_count(two_machines, one_proc, 
     assert d_batch > 10 * WEIGHT_RMS_TOL, f"another global batch differs by only RMS {d_batch:.3e}"
 
 
+@pytest.mark.slow
 def test_evaluate_at_1_and_3_processes_matches_the_two_rank_validation(two_machines, capsys):
     art = two_machines["art"]
     args = ["evaluate", str(art), "--iw-samples", "30", "--json"]
@@ -258,6 +259,20 @@ def test_evaluate_at_1_and_3_processes_matches_the_two_rank_validation(two_machi
 # ------------------------------------------------------------------ 3. no rank left hanging
 
 
+def test_the_other_ranks_raise_the_main_process_error_as_one_line():
+    from vae_dist.distributed import as_seen_by_the_others
+    from vae_dist.errors import ArtifactError, MainProcessError
+
+    user = as_seen_by_the_others(ArtifactError("artifact directory x is refused"))
+    assert type(user) is ArtifactError and str(user) == "artifact directory x is refused"
+    other = as_seen_by_the_others(OSError(28, "No space left on device"))
+    assert type(other) is MainProcessError
+    assert str(other) == "the main process failed (OSError: [Errno 28] No space left on device)"
+    assert str(as_seen_by_the_others(RuntimeError("first\nsecond"))) == "the main process failed (RuntimeError: first)"
+    assert str(as_seen_by_the_others(KeyboardInterrupt())) == "the main process failed (KeyboardInterrupt)"
+
+
+@pytest.mark.slow
 def test_a_rank_failing_ends_a_launch_that_found_no_gpu(tmp_path, data_dir):
     """`accelerate launch --multi_gpu` without a GPU and without --cpu is one run of two
     CPU ranks (not two runs that each think they are the only one), and rank 1 failing at
@@ -272,6 +287,7 @@ def test_a_rank_failing_ends_a_launch_that_found_no_gpu(tmp_path, data_dir):
     assert not models_under(tmp_path)
 
 
+@pytest.mark.slow
 def test_an_error_only_the_main_process_sees_reaches_every_rank(tmp_path, data_dir):
     """The artifact folder is checked by the main process alone; its refusal is raised on
     rank 1 too (the same one line, exit 2), so neither waits for the other, and the folder

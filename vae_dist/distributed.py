@@ -28,15 +28,13 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     raise the same VaeDistError, or a MainProcessError naming any other exception.
     """
     result: Any = None
-    error: tuple[str, str, bool] | None = None
     caught: BaseException | None = None
+    error: errors.VaeDistError | None = None
     if accelerator.is_main_process:
         try:
             result = fn()
         except BaseException as e:  # also KeyboardInterrupt: the others must not wait for it
-            caught = e
-            error = (type(e).__name__, str(e), isinstance(e, errors.VaeDistError))
-            result = None
+            caught, error = e, as_seen_by_the_others(e)
     if accelerator.num_processes > 1:
         payload = [result, error]
         broadcast_object_list(payload, from_process=0)
@@ -44,19 +42,17 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     if caught is not None:
         raise caught
     if error is not None:
-        raise _remote_error(*error)
+        raise error
     return result
 
 
-def _remote_error(name: str, message: str, user_error: bool) -> errors.VaeDistError:
-    """The main process's exception as raised on another rank."""
-    if user_error:
-        cls = getattr(errors, name, errors.VaeDistError)
-        if isinstance(cls, type) and issubclass(cls, errors.VaeDistError):
-            return cls(message)
-        return errors.VaeDistError(message)
-    first = message.strip().splitlines()[0] if message.strip() else ""
-    return errors.MainProcessError(f"the main process failed ({name}{': ' + first if first else ''})")
+def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError:
+    """The main process's exception as the other ranks raise it: a user error as itself
+    (a fresh one: only its message travels), anything else as a MainProcessError."""
+    if isinstance(e, errors.VaeDistError):
+        return type(e)(str(e))
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return errors.MainProcessError(f"the main process failed ({type(e).__name__}{': ' + first if first else ''})")
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
