@@ -1,5 +1,6 @@
-"""Learner.fit in process on a few hundred synthetic images: the fast tier's check that
-the loop trains, logs, checkpoints, stops at max_steps and resumes to the same weights."""
+"""Learner.fit in process on a few hundred synthetic images: the loop trains, logs,
+checkpoints, stops at max_steps and stops on a non-finite loss. ``_learner`` is also the
+builder of test_resume's in-process resumes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from vae_dist import artifacts, data
+from vae_dist import data, rundir
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
+from vae_dist.errors import TrainingError
 from vae_dist.learner import Learner
 from vae_dist.model import VAE
+from vae_dist.position import Position
 from vae_dist.tracking import Tracker
 from vae_dist.train import make_optimizer
 
@@ -32,12 +35,13 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return (x * 255).to(torch.uint8)
 
 
-def _learner(tmp_path, *, resume: bool = False, log=None, **overrides) -> Learner:
+def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", **overrides) -> Learner:
     """A Learner on 320 synthetic images (10 steps per epoch); ``log`` receives the checkpointer's lines."""
     cfg = TrainingConfig.from_dict(
         {
             "model": {"kind": "mlp", "hidden_sizes": [32], "latent_size": 4},
-            "optimizer": {"learning_rate": 3e-3},
+            # Constant: a run of more epochs then takes the same steps first.
+            "optimizer": {"learning_rate": 3e-3, "schedule": "constant"},
             "data": {"batch_size": 32, "eval_batch_size": 100},
             "artifact_dir": str(tmp_path),
             "cpu": True,
@@ -52,8 +56,8 @@ def _learner(tmp_path, *, resume: bool = False, log=None, **overrides) -> Learne
     return Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
         artifact_dir=tmp_path, tracker=Tracker(acc, "disabled"),
-        checkpointer=Checkpointer(acc, tmp_path / artifacts.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps),
-        resume=resume,
+        checkpointer=Checkpointer(acc, tmp_path / rundir.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position),
+        resume=resume, run_id=run_id,
     )
 
 
@@ -61,55 +65,37 @@ def _weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_fit_trains_logs_and_checkpoints(tmp_path):
-    learner = _learner(tmp_path, epochs=3, checkpoint_every_steps=4)
-    learner.fit()
-    history = learner.position.history
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-    assert learner.position.global_step == 3 * (NUM_IMAGES // 32)
-    assert history[-1]["valid/loss"] < history[0]["valid/loss"] - 5  # it learns
-    assert all(r["train/samples"] == NUM_IMAGES for r in history)
-    assert [json.loads(l)["epoch"] for l in (tmp_path / artifacts.METRICS).read_text().splitlines()] == [1, 2, 3]
-    steps = sorted(f.global_step for f in learner.checkpointer.complete())
-    assert steps == [28, 30]  # the newest two: every 4 steps mid-epoch, and the end of epoch 3
-
-
-def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path):
-    learner = _learner(tmp_path, epochs=5, max_steps=13)
-    learner.fit()
-    assert learner.position.global_step == 13
-    last = learner.position.history[-1]
-    assert last["epoch"] == 2 and last["complete_epoch"] is False and last["train/samples"] == 3 * 32
-
-
-LITERATURE = {
-    "data": {"batch_size": 32, "eval_batch_size": 100, "binarize": "dynamic"},
-    "loss": {"iw_samples": 3},
-    "optimizer": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_epochs": 0.5},
-}
-
-
-@pytest.mark.parametrize(
-    "first_steps, recipe",
-    [(10, {}), (14, {}), (14, LITERATURE)],
-    ids=["epoch-end", "mid-epoch", "mid-epoch-binarized-iw-cosine"],
-)
-def test_resume_reaches_the_uninterrupted_weights(tmp_path, first_steps, recipe):
-    whole = _learner(tmp_path / "whole", epochs=2, **recipe)
-    whole.fit()
-    _learner(tmp_path / "split", epochs=2, max_steps=first_steps, **recipe).fit()
-    resumed = _learner(tmp_path / "split", epochs=2, resume=True, **recipe)
-    resumed.fit()
-    assert torch.equal(_weights(resumed.model), _weights(whole.model))
-    assert _untimed(resumed.position.history) == _untimed(whole.position.history)
-
-
 def _untimed(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if "second" not in k} for r in history]
 
 
-def test_nonfinite_loss_names_the_step(tmp_path, monkeypatch):
+def test_fit_trains_logs_and_checkpoints(tmp_path):
+    learner = _learner(tmp_path, epochs=2, checkpoint_every_steps=4)
+    learner.fit()
+    history = learner.position.history
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert learner.position.global_step == 2 * (NUM_IMAGES // 32)
+    assert history[-1]["valid/loss"] < history[0]["valid/loss"] - 5  # it learns
+    assert all(r["train/samples"] == NUM_IMAGES for r in history)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / rundir.METRICS).read_text().splitlines()] == [1, 2]
+    steps = sorted(f.manifest.global_step for f in learner.checkpointer.complete())
+    assert steps == [16, 20]  # the newest two: every 4 steps mid-epoch, and the end of epoch 2
+
+
+def test_max_steps_inside_an_epoch_is_a_complete_run(tmp_path):
+    learner = _learner(tmp_path, epochs=5, max_steps=13)
+    learner.fit()
+    (first, last) = learner.position.history
+    assert (last["epoch"], last["step"], last["complete_epoch"], last["train/samples"]) == (2, 13, False, 3 * 32)
+    assert last["valid/samples"] == 100
+    assert [json.loads(l)["step"] for l in (tmp_path / rundir.METRICS).read_text().splitlines()] == [10, 13]
+    newest = learner.checkpointer.complete()[0].manifest.state
+    assert (newest.epoch, newest.batches_done, newest.global_step) == (1, 3, 13)
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_DIST_TEST_NAN_AT", "7")
-    learner = _learner(tmp_path, epochs=1, log_every_steps=5)
-    with pytest.raises(Exception, match="non-finite at step 7"):
+    learner = _learner(tmp_path, epochs=1, checkpoint_every_steps=5)
+    with pytest.raises(TrainingError, match=r"^loss became non-finite at step 7; the last good checkpoint .*step-000000005 is kept$"):
         learner.fit()
+    assert [p.name for p in (tmp_path / rundir.CHECKPOINTS).iterdir()] == ["step-000000005"]  # nothing NaN written

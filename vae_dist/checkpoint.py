@@ -2,10 +2,11 @@
 
 A checkpoint is a folder ``checkpoints/step-<global step>`` holding what
 ``accelerator.save_state`` writes (model, optimizer, every rank's RNG states) plus
-``MANIFEST.json``: the run position (epoch, batches done, global step, partial-epoch
-sums, metric history, W&B run id), the size and the SHA-256 of every file. The manifest is written
-last, into a temporary folder that is renamed into place only when complete, so a
-folder without one is never loaded, and the position never comes from a folder name.
+``MANIFEST.json``: the caller's state (the run position, in the schema the Checkpointer
+is given), the size and the SHA-256 of every file. The manifest is written last, into a
+temporary folder renamed into place only when complete, so a folder without one is
+never loaded, and the position never comes from a folder name. A manifest of any other
+shape (edited, truncated, another format) makes its checkpoint unusable, like a corrupt file.
 
 Accelerate's own automatic checkpoint naming is not used: it does not restore its
 counter on load and can overwrite an old folder that a later resume then picks up.
@@ -13,42 +14,68 @@ counter on load and can overwrite an old folder that a later resume then picks u
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
-import json
-import math
 import os
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Callable, Generic, Literal, Optional, TypeVar
 
 from accelerate import Accelerator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from vae_dist.artifacts import atomic_write_text
 from vae_dist.distributed import any_rank, on_main_then_share
 from vae_dist.errors import CheckpointError
+from vae_dist.fileio import atomic_write
 
 MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
-# 2 adds a SHA-256 per file (corrupt bytes of the right size are caught before loading);
-# format 1 checkpoints, sizes only, are still read.
 FORMAT = 2
-READABLE_FORMATS = (1, 2)
-HASH_CHUNK = 1 << 20
 # Test hook: SIGKILL the main process half-way through the N-th checkpoint write
 # (after the state files, before the manifest), to prove a torn checkpoint is never used.
 KILL_HOOK_ENV = "VAE_DIST_TEST_KILL_IN_CHECKPOINT"
 
+# The state's schema; it has a global_step, the step the checkpoint is of.
+S = TypeVar("S", bound=BaseModel)
+
+
+def _inside(rel: str) -> str:
+    path = Path(rel)
+    if "\x00" in rel or not path.parts or path.is_absolute() or ".." in path.parts:
+        raise ValueError("must be a relative path inside the checkpoint folder")
+    return rel
+
+
+RelPath = Annotated[str, AfterValidator(_inside)]
+Size = Annotated[int, Field(ge=0)]
+
+
+class Manifest(BaseModel, Generic[S]):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    format: Literal[FORMAT]  # a format no release wrote, earlier or later, is unusable
+    global_step: Size
+    files: Annotated[dict[RelPath, Size], Field(min_length=1)]
+    sha256: dict[RelPath, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
+    state: S
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest[S]:
+        if set(self.sha256) != set(self.files):
+            raise ValueError("every file, and only those, must have a SHA-256")
+        if self.state.global_step != self.global_step:  # type: ignore[attr-defined]
+            raise ValueError("the state is of another step")
+        return self
+
 
 @dataclass(frozen=True)
-class Found:
+class Found(Generic[S]):
     path: Path
-    global_step: int
-    state: dict[str, Any]
-    manifest: dict[str, Any]
+    manifest: Manifest[S]
 
 
 def rotation_plan(complete: dict[str, int], keep: int) -> list[str]:
@@ -61,111 +88,32 @@ def rotation_plan(complete: dict[str, int], keep: int) -> list[str]:
     return [name for name, _ in ordered[keep:]]
 
 
-def _is_count(value: Any) -> bool:
-    """A non-negative JSON integer (``true`` is not one, though Python calls it an int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_inside(rel: Any) -> bool:
-    """A relative path that stays inside the checkpoint folder."""
-    if not isinstance(rel, str) or not rel or "\x00" in rel:
-        return False
-    parts = Path(rel).parts
-    return not Path(rel).is_absolute() and ".." not in parts and bool(parts)
-
-
-def _valid_files(manifest: dict[str, Any]) -> bool:
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return False
-    if not all(_is_inside(rel) and _is_count(size) for rel, size in files.items()):
-        return False
-    if manifest["format"] >= 2:
-        hashes = manifest.get("sha256")
-        if not isinstance(hashes, dict) or set(hashes) != set(files):
-            return False
-        return all(isinstance(h, str) and len(h) == 64 for h in hashes.values())
-    return True
-
-
-def _valid_state(manifest: dict[str, Any]) -> bool:
-    """The run position (learner.Position and the writer's process count) in full: a key
-    missing, unknown or of the wrong type would otherwise fail the resume with a traceback."""
-    state = manifest.get("state")
-    if not isinstance(state, dict):
-        return False
-    keys = {"epoch", "batches_done", "global_step", "train_sums", "history", "wandb_run_id"}
-    # num_processes is absent from checkpoints written before it was recorded.
-    if set(state) - {"num_processes"} != keys or not _is_count(state.get("num_processes", 0)):
-        return False
-    if state["global_step"] != manifest["global_step"]:
-        return False
-    if not all(_is_count(state[k]) for k in ("epoch", "batches_done", "global_step")):
-        return False
-    sums, history = state["train_sums"], state["history"]
-    if not (isinstance(sums, list) and len(sums) == 4 and all(_is_finite(v) for v in sums)):
-        return False
-    if state["wandb_run_id"] is not None and not isinstance(state["wandb_run_id"], str):
-        return False
-    if not isinstance(history, list) or not all(isinstance(row, dict) and _is_count(row.get("epoch")) for row in history):
-        return False
-    # One row per finished epoch, in order, then perhaps the in-progress epoch's (max_steps):
-    # the summary and the exported model read the last one.
-    epochs = [row["epoch"] for row in history]
-    return len(epochs) - state["epoch"] in (0, 1) and epochs == list(range(1, len(epochs) + 1))
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def valid_manifest(manifest: Any) -> bool:
-    """Whether parsed JSON has the manifest's shape: any other shape (a list, a string,
-    negative sizes, paths leaving the folder, ...) makes the checkpoint unusable."""
-    return (
-        isinstance(manifest, dict)
-        and manifest.get("format") in READABLE_FORMATS
-        and type(manifest.get("format")) is int
-        and _is_count(manifest.get("global_step"))
-        and _valid_files(manifest)
-        and _valid_state(manifest)
-    )
-
-
-def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
-    """The manifest of a complete, intact checkpoint folder, else None.
-
-    Intact means every listed file exists with its recorded size: a truncated file
-    (a kill mid-write, a full disk) is caught here before anything is loaded. The
-    hashes, which need every byte read, are checked by ``verify_hashes`` when loading.
-    """
+def read_manifest(folder: Path, schema: type[S]) -> Optional[Manifest[S]]:
+    """The manifest of a complete, intact checkpoint folder, else None. Intact: every listed
+    file is there with its recorded size (the hashes, which need every byte read, are
+    checked when loading)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
+        manifest = Manifest[schema].model_validate_json((folder / MANIFEST).read_bytes())  # type: ignore[valid-type]
+        intact = all(
+            not (folder / rel).is_symlink() and (folder / rel).stat().st_size == size
+            for rel, size in manifest.files.items()
+        )
+    except (OSError, ValueError):  # a ValidationError is a ValueError: bad JSON, bad UTF-8, another shape
         return None
-    if not valid_manifest(manifest):
-        return None
-    try:
-        for rel, size in manifest["files"].items():
-            f = folder / rel
-            if f.is_symlink() or f.stat().st_size != size:
-                return None
-    except (OSError, ValueError):
-        return None
-    return manifest
+    return manifest if intact else None
 
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-def verify_hashes(folder: Path, manifest: dict[str, Any]) -> Optional[str]:
-    """None if every file has its recorded SHA-256 (format 1 records none), else the problem."""
-    for rel, want in (manifest.get("sha256") or {}).items():
+def verify_hashes(folder: Path, manifest: Manifest) -> Optional[str]:
+    """None if every file has its recorded SHA-256, else the problem."""
+    for rel, want in manifest.sha256.items():
         try:
             got = file_sha256(folder / rel)
         except OSError as e:
@@ -180,49 +128,44 @@ def _write_error(action: str, path: Path, e: OSError) -> CheckpointError:
     return CheckpointError(f"cannot {action} checkpoint {path}: {e.strerror or e}{hint}")
 
 
-class Checkpointer:
-    """Saves and restores the full training state through Accelerate, atomically."""
+class Checkpointer(Generic[S]):
+    """Saves and restores the full training state through Accelerate, atomically; the
+    caller's state is saved and read back with ``schema``."""
 
     def __init__(
         self, accelerator: Accelerator, directory: Path, keep: int, log: Callable[[str], None] = print,
-        every_steps: int = 0,
+        every_steps: int = 0, *, schema: type[S],
     ):
         self.accelerator = accelerator
         self.directory = directory
         self.keep = keep
         self.log = log
         self.every_steps = every_steps
+        self.schema = schema
         self.saves = 0
 
-    def due(self, global_step: int, mid_epoch: bool) -> bool:
-        """A save every ``every_steps`` steps; the end of an epoch (or of the run) has its
-        own save, so a step that ends one is not due here."""
-        return self.every_steps > 0 and global_step % self.every_steps == 0 and mid_epoch
-
-    def maybe_save(self, global_step: int, mid_epoch: bool, state: Callable[[], dict[str, Any]]) -> Optional[Path]:
-        """Save if due; ``state`` (a collective) is called only then. Every rank calls this."""
-        return self.save(global_step, state()) if self.due(global_step, mid_epoch) else None
+    def maybe_save(self, global_step: int, mid_epoch: bool, state: Callable[[], S]) -> Optional[Path]:
+        """Save every ``every_steps`` steps; ``state`` (a collective) is called only then. The
+        end of an epoch (or of the run) has its own save, so a step that ends one is not due
+        here. Every rank calls this."""
+        if self.every_steps and global_step % self.every_steps == 0 and mid_epoch:
+            return self.save(global_step, state())
+        return None
 
     def _sealed_folders(self) -> list[Path]:
-        """Checkpoint folders that are not unfinished writes (those keep the .tmp- prefix)."""
+        """Checkpoint folders that are not unfinished writes (those keep the .tmp- prefix).
+        A link is never ours: it is neither loaded nor rotated (deleted) through."""
         if not self.directory.is_dir():
             return []
-        # A link is never ours: it is neither loaded nor rotated (deleted) through.
-        return [
-            p for p in self.directory.iterdir()
-            if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX)
-        ]
+        return [p for p in self.directory.iterdir()
+                if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX)]
 
-    def complete(self) -> list[Found]:
+    def complete(self) -> list[Found[S]]:
         """Complete, intact checkpoints, newest first."""
-        found = []
-        for p in self._sealed_folders():
-            m = read_manifest(p)
-            if m is not None:
-                found.append(Found(p, int(m["global_step"]), m["state"], m))
-        return sorted(found, key=lambda f: (f.global_step, f.path.name), reverse=True)
+        found = [Found(p, m) for p in self._sealed_folders() if (m := read_manifest(p, self.schema)) is not None]
+        return sorted(found, key=lambda f: (f.manifest.global_step, f.path.name), reverse=True)
 
-    def save(self, global_step: int, state: dict[str, Any]) -> Path:
+    def save(self, global_step: int, state: S) -> Path:
         """Write a checkpoint from every rank; returns its final folder. Collective.
 
         A write that fails on any rank (a full disk, a vanished folder) raises one
@@ -271,15 +214,20 @@ class Checkpointer:
         self.log(f"checkpoint {final} written in {time.perf_counter() - t0:.2f} s")
         return final
 
-    def _seal(self, tmp: Path, final: Path, global_step: int, state: dict[str, Any]) -> None:
+    def _seal(self, tmp: Path, final: Path, global_step: int, state: S) -> None:
         """Manifest last, then the rename that makes the checkpoint complete; then rotation."""
         if os.environ.get(KILL_HOOK_ENV) == str(self.saves):
             os.kill(os.getpid(), signal.SIGKILL)
         paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
-        hashes = {str(p.relative_to(tmp)): file_sha256(p) for p in paths}
-        manifest = {"format": FORMAT, "global_step": global_step, "files": files, "sha256": hashes, "state": state}
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        # Validated as it will be read back (the state from its dump, not taken as it is),
+        # so that a state the reader would refuse fails here rather than at a resume.
+        manifest = Manifest[self.schema](  # type: ignore[name-defined]
+            format=FORMAT, global_step=global_step, state=state.model_dump(),
+            files={str(p.relative_to(tmp)): p.stat().st_size for p in paths},
+            sha256={str(p.relative_to(tmp)): file_sha256(p) for p in paths},
+        )
+        text = manifest.model_dump_json(indent=1) + "\n"
+        atomic_write(tmp / MANIFEST, lambda f: f.write(text.encode()))
         replaced = None
         if final.exists():
             # The same step saved again (a stop right after a checkpoint): move the old
@@ -296,11 +244,11 @@ class Checkpointer:
             shutil.rmtree(replaced, ignore_errors=True)
         _fsync_dir(self.directory)
         # Old ones go only now that the new one is complete.
-        complete = {f.path.name: f.global_step for f in self.complete()}
+        complete = {f.path.name: f.manifest.global_step for f in self.complete()}
         for old in rotation_plan(complete, self.keep):
             shutil.rmtree(self.directory / old, ignore_errors=True)
 
-    def _try_load(self, found: Found) -> Optional[str]:
+    def _try_load(self, found: Found[S]) -> Optional[str]:
         """Load one checkpoint on every rank; None if all succeeded, else why not.
 
         Every rank checks the bytes it is about to read (same-size corruption, zeros or
@@ -318,7 +266,7 @@ class Checkpointer:
             return error or "failed on another rank"
         return None
 
-    def load_latest(self) -> Optional[Found]:
+    def load_latest(self) -> Optional[Found[S]]:
         """Restore the newest usable checkpoint into the prepared objects; None if there is none.
 
         A checkpoint that fails to load (corrupt bytes of the right size) is reported in
@@ -353,11 +301,9 @@ class Checkpointer:
 
 def _fsync_dir(path: Path) -> None:
     # The rename is durable only once the directory entry is on disk.
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass

@@ -7,8 +7,6 @@ when they are reported, so a step never waits for the host (no ``.item()`` per s
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -23,12 +21,13 @@ from vae_dist import artifacts, binarize, faults, images
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.distributed import any_rank, main_print, on_main_then_share
-from vae_dist.errors import CheckpointError, ConfigError, TrainingError
+from vae_dist.errors import ConfigError, TrainingError
 from vae_dist.evaluate import protocol, validate
 from vae_dist.loss import negative_bound
 from vae_dist.meter import TrainMeter
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, train_noise
+from vae_dist.position import Position
 from vae_dist.progress import Progress
 from vae_dist.schedule import kl_weight, learning_rate
 from vae_dist.signals import Preempted, StopRequest
@@ -87,18 +86,6 @@ def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimize
     return optimizer
 
 
-@dataclass
-class Position:
-    """Where the run is; saved in every checkpoint."""
-
-    epoch: int = 0  # epoch in progress (0-based)
-    batches_done: int = 0  # optimizer steps already taken in that epoch
-    global_step: int = 0
-    train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # partial epoch, all ranks
-    history: list[dict[str, Any]] = field(default_factory=list)
-    wandb_run_id: Optional[str] = None
-
-
 class Learner:
     """Trains a VAE with Accelerate: prepare, fit, validate, checkpoint, summarise."""
 
@@ -113,7 +100,7 @@ class Learner:
         *,
         artifact_dir: Path,
         tracker: Tracker,
-        checkpointer: Checkpointer,
+        checkpointer: Checkpointer[Position],
         resume: bool = False,
         run_id: str = "",
         preview_images: Optional[torch.Tensor] = None,
@@ -135,7 +122,7 @@ class Learner:
         self.resume = resume
         self.preview_images = preview_images
         self.say: Callable[[str], None] = main_print(accelerator)
-        self.position = Position(wandb_run_id=run_id)
+        self.position = Position.start(run_id, accelerator.num_processes)
         self.meter = TrainMeter(accelerator.device)
 
     def fit(self) -> nn.Module:
@@ -192,28 +179,12 @@ class Learner:
 
     def _restore(self) -> None:
         """Load the newest usable checkpoint into the prepared objects and take its position."""
-        acc = self.acc
         found = self.checkpointer.load_latest()
         if found is None:
             self.say("--resume: no checkpoint written yet; starting from step 0")
             return
-        state = dict(found.state)
-        # Mid-epoch, batches_done counts global batches of the saving run's size.
-        saved_world = state.pop("num_processes", acc.num_processes)
-        if state["batches_done"] and saved_world != acc.num_processes:
-            raise TrainingError(
-                f"cannot resume mid-epoch from {found.path.name} with {acc.num_processes} process(es): it was "
-                f"written by {saved_world}; resume with {saved_world} (a different count can resume at an epoch end)"
-            )
-        # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a
-        # checkpoint this run cannot continue; its state is already loaded, so no older one
-        # can be tried in its place.
-        if state["batches_done"] > self.steps_per_epoch:
-            raise CheckpointError(
-                f"cannot resume from {found.path.name}: it is {state['batches_done']} batches into an epoch "
-                f"of {self.steps_per_epoch}"
-            )
-        self.position = Position(**state)
+        found.manifest.state.check_resumable(found.path.name, self.acc.num_processes, self.steps_per_epoch)
+        self.position = found.manifest.state.model_copy(update={"num_processes": self.acc.num_processes})
         self.say(
             f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
             f"batch {self.position.batches_done}/{self.steps_per_epoch}, step {self.position.global_step}"
@@ -278,11 +249,11 @@ class Learner:
         progress.report(loss, self.meter.samples_per_second())
         self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
 
-    def _checkpoint_state(self) -> dict[str, Any]:
+    def _checkpoint_state(self) -> Position:
         """The position to save, with the partial epoch's sums reduced over ranks. Collective."""
         self._check_finite()
         self.position.train_sums = [float(v) for v in self._reduce(self.meter.totals()).tolist()]
-        return {**dataclasses.asdict(self.position), "num_processes": self.acc.num_processes}
+        return self.position
 
     def _save(self) -> Path:
         return self.checkpointer.save(self.position.global_step, self._checkpoint_state())

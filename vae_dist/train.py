@@ -28,6 +28,7 @@ from vae_dist.distributed import main_print, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError
 from vae_dist.learner import NUM_PREVIEW, Learner
 from vae_dist.model import VAE
+from vae_dist.position import Position
 from vae_dist.summary import format_summary
 from vae_dist.tracking import Tracker, close_trackers, new_run_id, resolve_mode, wants_tracker
 
@@ -194,7 +195,8 @@ def _train(
         artifact_dir=root,
         tracker=tracker,
         checkpointer=Checkpointer(
-            acc, root / artifacts.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps
+            acc, root / artifacts.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
+            schema=Position,
         ),
         resume=resume,
         run_id=new_run_id(),

@@ -1,0 +1,212 @@
+"""vae_dist.checkpoint without training: rotation, which folders are complete checkpoints
+(the manifest's and the position's schemas), and a failed write."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, Checkpointer, read_manifest, rotation_plan
+from vae_dist.errors import CheckpointError
+from vae_dist.position import Position
+
+
+def test_rotation_keeps_the_newest_by_step_not_by_name():
+    # Lexically "step-9" > "step-100" > "step-10"; by step it is the oldest.
+    complete = {"step-9": 9, "step-10": 10, "step-100": 100}
+    assert rotation_plan(complete, 2) == ["step-9"]
+    assert sorted(rotation_plan(complete, 1)) == ["step-10", "step-9"]
+    assert rotation_plan(complete, 3) == rotation_plan(complete, 5) == []
+
+
+def test_rotation_ties_keep_the_lexically_last_name():
+    assert sorted(rotation_plan({"a": 5, "b": 5, "c": 3}, 1)) == ["a", "c"]
+
+
+# --- which folders are complete ------------------------------------------------------------
+
+ROW = {
+    "epoch": 1, "step": 10, "complete_epoch": True, "train/loss": 1.0, "train/recon": 0.5, "train/kl": 0.5,
+    "train/samples": 320, "valid/loss": 1.0, "valid/recon": 0.5, "valid/kl": 0.5, "valid/active_units": 2,
+    "valid/samples": 100, "train/lr": 1e-3, "train/kl_weight": 1.0, "epoch_seconds": 0.1, "valid_seconds": 0.0,
+    "samples_per_second": 1e4, "protocol": {"data": "grey-level MNIST", "test_images": 100},
+}
+
+
+def _make_checkpoint(folder: Path, step: int = 13) -> dict:
+    """A folder as a save leaves it: two files, and a manifest 3 batches into epoch 2."""
+    files = {"model.safetensors": b"m" * 100, "sub/rng.pkl": b"r" * 7}
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    state = {"epoch": 1, "batches_done": step - 10, "global_step": step, "train_sums": [3.0, 2.0, 1.0, 96.0],
+             "history": [copy.deepcopy(ROW)], "wandb_run_id": "abc", "num_processes": 1}
+    manifest = {
+        "format": 2, "global_step": step,
+        "files": {rel: len(data) for rel, data in files.items()},
+        "sha256": {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()},
+        "state": state,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_complete_checkpoint_is_read_back(tmp_path):
+    m = _make_checkpoint(tmp_path)
+    assert read_manifest(tmp_path, Position).model_dump() == m
+
+
+def _do(change):
+    """An edit made in place; the others return the manifest to write."""
+    return lambda m: (change(m), m)[1]
+
+
+def _in_state(**changes):
+    return _do(lambda m: m["state"].update(changes))
+
+
+def _in_row(**changes):
+    return _do(lambda m: m["state"]["history"][0].update(changes))
+
+
+def _unlink(rel):
+    return lambda m, folder: (folder / rel).unlink()
+
+
+def _outside(folder: Path) -> Path:
+    """A file outside the checkpoint with sub/rng.pkl's bytes: only the path can tell."""
+    (folder.parent / "outside").write_bytes((folder / "sub/rng.pkl").read_bytes())
+    return folder.parent / "outside"
+
+
+def _listed_as(rel):
+    def damage(m, folder):
+        _outside(folder)
+        m["files"][rel(folder)] = m["files"].pop("sub/rng.pkl")
+        m["sha256"][rel(folder)] = m["sha256"].pop("sub/rng.pkl")
+    return damage
+
+
+def _linked(m, folder):
+    outside = _outside(folder)
+    (folder / "sub/rng.pkl").unlink()
+    (folder / "sub/rng.pkl").symlink_to(outside)
+
+
+UNUSABLE = {
+    # the manifest
+    "a list": lambda m: [1, 2, 3],
+    "null": lambda m: None,
+    "format 1 (sizes only)": lambda m: {**m, "format": 1},
+    "a newer format": lambda m: {**m, "format": 3},
+    "format a string": lambda m: {**m, "format": "2"},
+    "format true": lambda m: {**m, "format": True},
+    "unknown key": lambda m: {**m, "extra": 1},
+    "step a string": lambda m: {**m, "global_step": "ten"},
+    "step negative": lambda m: {**m, "global_step": -13},
+    "files a list": lambda m: {**m, "files": [1, 2]},
+    "no files": lambda m: {**m, "files": {}, "sha256": {}},
+    "a negative size": _do(lambda m: m["files"].update({"model.safetensors": -1})),
+    "a size nested": _do(lambda m: m["files"].update({"model.safetensors": {"b": [1]}})),
+    "no hashes": lambda m: {k: v for k, v in m.items() if k != "sha256"},
+    "a hash missing": _do(lambda m: m["sha256"].pop("sub/rng.pkl")),
+    "a hash not hex": _do(lambda m: m["sha256"].update({"sub/rng.pkl": "z" * 64})),
+    "state not an object": lambda m: {**m, "state": 5},
+    "state of another step": lambda m: {**m, "global_step": 12},
+    # the position
+    "batches_done missing": _do(lambda m: m["state"].pop("batches_done")),
+    "unknown position key": _in_state(foo=1),
+    "batches_done true": _in_state(batches_done=True),
+    "train_sums a string": _in_state(train_sums="abc"),
+    "train_sums too short": _in_state(train_sums=[1.0]),
+    "num_processes a string": _in_state(num_processes="1"),
+    "no processes": _in_state(num_processes=0),
+    "wandb_run_id a number": _in_state(wandb_run_id=3),
+    "epoch without its history": _in_state(epoch=5),
+    "steps that do not add up": _in_state(batches_done=2),
+    "a row without epoch": _do(lambda m: m["state"]["history"][0].pop("epoch")),
+    "a row of another epoch": _in_row(epoch=2),
+    "two epochs in progress": _do(lambda m: m["state"]["history"].extend(
+        [{**m["state"]["history"][0], "epoch": e, "step": 10 + e, "complete_epoch": False} for e in (2, 3)])),
+    "a row with an unknown key": _in_row(foo=1),
+    "a loss a string": _in_row(**{"valid/loss": "low"}),
+    "a finished epoch not complete": _in_row(complete_epoch=False),
+    "a protocol that is a list": _in_row(protocol=[]),
+}
+# Edits of the text itself (non-finite numbers and nesting are not what json.dumps writes).
+UNUSABLE_TEXT = {
+    "train_sums not finite": lambda text: text.replace("[3.0, 2.0, 1.0, 96.0]", "[NaN, 2.0, 1.0, 96.0]"),
+    "cut short": lambda text: text[: len(text) // 2],
+    "not UTF-8": lambda text: "\udcff" + text,
+    "deeply nested": lambda text: "[" * 100_000 + "]" * 100_000,
+}
+UNUSABLE_FOLDER = {
+    "no manifest": _unlink(MANIFEST),
+    "a listed file missing": _unlink("sub/rng.pkl"),
+    "a truncated file": lambda m, folder: os.truncate(folder / "model.safetensors", 50),
+    "a listed file that is a link": _linked,
+    "a path leaving the folder": _listed_as(lambda folder: "../outside"),
+    "an absolute path": _listed_as(lambda folder: str(folder.parent / "outside")),
+}
+
+
+@pytest.mark.parametrize("edit", UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_an_edited_manifest_is_unusable_not_a_crash(edit, tmp_path):
+    m = _make_checkpoint(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps(edit(m)))
+    assert read_manifest(tmp_path, Position) is None
+
+
+@pytest.mark.parametrize("edit", UNUSABLE_TEXT.values(), ids=UNUSABLE_TEXT.keys())
+def test_an_unreadable_manifest_is_unusable(edit, tmp_path):
+    _make_checkpoint(tmp_path)
+    text = edit((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert read_manifest(tmp_path, Position) is None
+
+
+@pytest.mark.parametrize("damage", UNUSABLE_FOLDER.values(), ids=UNUSABLE_FOLDER.keys())
+def test_a_damaged_folder_is_unusable(damage, tmp_path):
+    folder = tmp_path / "ck"
+    m = _make_checkpoint(folder)
+    damage(m, folder)
+    if (folder / MANIFEST).exists():
+        (folder / MANIFEST).write_text(json.dumps(m))
+    assert read_manifest(folder, Position) is None
+
+
+def test_complete_lists_intact_checkpoints_newest_first_by_manifest_step(tmp_path):
+    d = tmp_path / "checkpoints"
+    for name, step in [("step-000000020", 20), ("step-000000100", 100), ("step-000000999", 15),
+                       (f"{TMP_PREFIX}step-000000200", 200), ("step-000000300", 300)]:
+        _make_checkpoint(d / name, step)
+    (d / "step-000000300" / "model.safetensors").write_bytes(b"short")  # size mismatch
+    (d / "step-000000400").mkdir()  # no manifest
+    (d / "step-000000500").symlink_to(d / "step-000000100", target_is_directory=True)  # not ours
+    found = Checkpointer(None, d, keep=2, schema=Position).complete()  # type: ignore[arg-type]
+    # The name says 999 but the manifest says 15: the manifest wins.
+    assert [(f.path.name, f.manifest.state.global_step) for f in found] == [
+        ("step-000000100", 100), ("step-000000020", 20), ("step-000000999", 15),
+    ]
+    assert Checkpointer(None, tmp_path / "none", keep=1, schema=Position).complete() == []  # type: ignore[arg-type]
+
+
+def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(acc, "save_state", full)
+    ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position)
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$"):
+        ck.save(0, Position.start("abc", 1))
+    assert not list((tmp_path / "checkpoints").iterdir())  # no debris

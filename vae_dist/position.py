@@ -1,0 +1,77 @@
+"""Where a run is: the record the Learner keeps and every checkpoint saves.
+
+One strict schema writes it (``model_dump``) and reads it back (``model_validate``): a
+key missing, unknown or of the wrong type, or a position the trainer cannot have
+written, fails validation, and the checkpointer then skips that checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
+from typing_extensions import TypedDict
+
+from vae_dist.errors import CheckpointError, TrainingError
+
+Count = Annotated[int, Field(ge=0)]
+
+# One epoch's metrics (metrics.jsonl has the same rows). A diverged validation is a
+# record, not an edit, so its floats may be inf or NaN; the summary and the curves cope.
+FLOATS = ("train/loss", "train/recon", "train/kl", "valid/loss", "valid/recon", "valid/kl", "train/lr",
+          "train/kl_weight", "epoch_seconds", "valid_seconds", "samples_per_second")
+COUNTS = ("step", "train/samples", "valid/active_units", "valid/samples")
+Row = with_config(ConfigDict(strict=True, extra="forbid"))(TypedDict("Row", {
+    "epoch": Annotated[int, Field(ge=1)], "complete_epoch": bool, "protocol": dict[str, Union[str, int]],
+    **{key: float for key in FLOATS}, **{key: Count for key in COUNTS},
+}))
+
+
+class Position(BaseModel):
+    # inf and NaN are written as such (JSON constants) so that a row keeps them.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
+
+    epoch: Count  # epochs finished; the one in progress is epoch + 1
+    batches_done: Count  # optimizer steps already taken in the epoch in progress
+    global_step: Count
+    # The partial epoch's [objective, recon, kl, images], summed over all ranks.
+    train_sums: Annotated[list[float], Field(min_length=4, max_length=4)]
+    history: list[Row]
+    wandb_run_id: Optional[str]
+    num_processes: Annotated[int, Field(ge=1)]  # batches_done counts global batches of this many ranks
+
+    @classmethod
+    def start(cls, wandb_run_id: str, num_processes: int) -> Position:
+        return cls(epoch=0, batches_done=0, global_step=0, train_sums=[0.0] * 4, history=[],
+                   wandb_run_id=wandb_run_id, num_processes=num_processes)
+
+    @model_validator(mode="after")
+    def _as_the_trainer_writes_it(self) -> Position:
+        # One row per finished epoch, in order, then perhaps the epoch in progress's (a run
+        # stopped by max_steps): the summary and the exported model read the last one.
+        rows = self.history
+        if [r["epoch"] for r in rows] != list(range(1, len(rows) + 1)) or len(rows) - self.epoch not in (0, 1):
+            raise ValueError(f"history must have one row per finished epoch ({self.epoch}), then at most one more")
+        if [r["complete_epoch"] for r in rows] != [True] * self.epoch + [False] * (len(rows) - self.epoch):
+            raise ValueError("only the rows of finished epochs may be complete")
+        epoch_start = rows[self.epoch - 1]["step"] if self.epoch else 0
+        if self.global_step != epoch_start + self.batches_done:
+            raise ValueError("global_step must be the last finished epoch's step plus batches_done")
+        if len(rows) > self.epoch and not epoch_start < rows[-1]["step"] <= self.global_step:
+            raise ValueError("the epoch in progress's row must lie inside it")
+        return self
+
+    def check_resumable(self, name: str, num_processes: int, steps_per_epoch: int) -> None:
+        """Whether a run of ``num_processes`` ranks and ``steps_per_epoch`` can continue from here."""
+        if self.batches_done and self.num_processes != num_processes:
+            raise TrainingError(
+                f"cannot resume mid-epoch from {name} with {num_processes} process(es): it was written by "
+                f"{self.num_processes}; resume with {self.num_processes} (a different count can resume at an epoch end)"
+            )
+        # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a
+        # checkpoint this run cannot continue; it is already loaded, so no older one can
+        # be tried in its place.
+        if self.batches_done > steps_per_epoch:
+            raise CheckpointError(
+                f"cannot resume from {name}: it is {self.batches_done} batches into an epoch of {steps_per_epoch}"
+            )
