@@ -81,8 +81,8 @@ def test_a_small_valid_file_parses(tmp_path):
     p = tmp_path / "tiny-images"
     pixels = np.arange(2 * 28 * 28, dtype=np.uint32).astype(np.uint8)
     p.write_bytes(_header(2) + pixels.tobytes())
-    assert torch.equal(read_idx(p, IMAGE_MAGIC, 2).flatten(), torch.from_numpy(pixels))
-    assert read_idx(p, IMAGE_MAGIC).shape == (2, 1, 28, 28)  # no expected count given
+    images = read_idx(p, IMAGE_MAGIC, 2)
+    assert images.shape == (2, 1, 28, 28) and torch.equal(images.flatten(), torch.from_numpy(pixels))
 
 
 # --- refusals: one DataError line naming the file ------------------------------------------

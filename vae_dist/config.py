@@ -244,10 +244,15 @@ class TrainingConfig(Section):
 
 # --- errors ----------------------------------------------------------------------------
 
-_TYPE_WORDS = {
-    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
-    "model_type": "a JSON object", "dict_type": "a JSON object", "tuple_type": "a list", "list_type": "a list",
-    "int_from_float": "an integer", "finite_number": "a finite number",
+# pydantic's error types, in words; {names} are filled from the error's context.
+_WORDS = {
+    "greater_than_equal": "must be ≥ {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be ≤ {le}",
+    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}",
+    "too_short": "must have at least {min_length} item(s)", "too_long": "must have at most {max_length} items",
+    "int_type": "must be an integer", "int_from_float": "must be an integer", "float_type": "must be a number",
+    "bool_type": "must be true or false", "string_type": "must be a string", "model_type": "must be a JSON object",
+    "dict_type": "must be a JSON object", "tuple_type": "must be a list", "list_type": "must be a list",
+    "finite_number": "must be a finite number",
 }
 
 
@@ -263,23 +268,9 @@ def explain(error: ValidationError, prefix: str = "") -> str:
         return f"{loc}: must have exactly 2 items"
     if kind == "string_too_short":
         return f"{loc}: must not be empty"
-    bounds = {"greater_than_equal": ("≥", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("≤", "le"),
-              "less_than": ("<", "lt")}
-    if kind in bounds:
-        sign, key = bounds[kind]
-        what = f"must be {sign} {ctx[key]}"
-    elif kind == "literal_error":
-        what = f"must be one of {ctx['expected']}"
-    elif kind == "too_short":
-        what = f"must have at least {ctx['min_length']} item(s)"
-    elif kind == "too_long":
-        what = f"must have at most {ctx['max_length']} items"
-    elif kind in _TYPE_WORDS:
-        what = f"must be {_TYPE_WORDS[kind]}"
-    elif kind == "value_error":
+    if kind == "value_error":
         return f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-    else:
-        what = f"must be valid ({e['msg']})"
+    what = _WORDS[kind].format(**ctx) if kind in _WORDS else f"must be valid ({e['msg']})"
     return f"{loc}: {what}, got {got!r}"
 
 
