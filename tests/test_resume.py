@@ -2,9 +2,9 @@
 run cannot continue from, and kills at chosen moments.
 
 In process on test_learner's synthetic images (10 steps per epoch) wherever the process
-is not the point; real processes for SIGKILL inside a checkpoint write, a rank killed
-under ``accelerate launch``, and signals. A resumed run must end with weights
-bit-identical to an uninterrupted one.
+is not the point; real processes only for SIGKILL inside a checkpoint write and a rank
+killed under ``accelerate launch`` (signals: test_signals.py). A resumed run must end
+with weights bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
