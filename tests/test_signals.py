@@ -86,7 +86,6 @@ def test_loader_workers_ignore_stop_signals(stray_signals) -> None:
     assert [signal.getsignal(s) for s in STOPS] == [signal.SIG_IGN, signal.SIG_IGN]
 
 
-@pytest.mark.slow
 def test_a_stop_checkpoints_its_step_and_resumes_to_the_same_weights(tmp_path, monkeypatch, stray_signals) -> None:
     whole = _learner(tmp_path / "whole", epochs=2)
     whole.fit()
