@@ -104,8 +104,11 @@ def run_tree(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
 # ------------------------------------------------------------------ the shared runs
 
 # Run by each rank instead of `-m vae_dist`: the CLI, then the names of the threads left.
+# No automatic garbage collection: what only a reference cycle keeps alive then stays, as
+# it may until the interpreter's teardown in a real run, instead of by the collector's luck.
 LIST_THREADS = """\
-import glob, os, sys
+import gc, glob, os, sys
+gc.disable()
 from vae_dist.cli import main
 main(sys.argv[2:])
 names = sorted(open(p).read().strip() for p in glob.glob('/proc/self/task/*/comm'))
