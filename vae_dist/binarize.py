@@ -38,15 +38,6 @@ def binarize_split(images_u8: torch.Tensor, seed: int, stream: int) -> torch.Ten
     return (coins(seed, stream, images_u8.shape[0]) < images_u8.to(torch.int16)).to(torch.uint8) * 255
 
 
-def prepare_splits(train: torch.Tensor, test: torch.Tensor, mode: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The uint8 splits a run trains and validates on: the test split fixed-binarized for
-    any mode but none, the training split too for static (dynamic draws per epoch)."""
-    if mode == "none":
-        return train, test
-    test = binarize_split(test, TEST_SEED, TEST_STREAM)
-    return (binarize_split(train, seed, STATIC_STREAM) if mode == "static" else train), test
-
-
 def train_stream(epoch: int) -> int:
     """The stream of an epoch's dynamic binarization: a fresh draw each epoch."""
     return epoch + 1

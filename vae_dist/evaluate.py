@@ -30,8 +30,6 @@ if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors c
     from torch import nn
     from torch.utils.data import DataLoader
 
-# Burda et al. report k = 5000; beyond this an estimate takes days on a CPU for no gain.
-MAX_IW_SAMPLES = 100_000
 IW_BATCH = 25  # test images per pass
 IW_CHUNK = 400  # importance samples per image per pass: bounds memory whatever K is
 IW_SEED = 0  # the estimate's noise is the same in every evaluation of every model

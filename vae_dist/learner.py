@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vae_dist import artifacts, binarize, faults, images
+from vae_dist import binarize, faults
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.distributed import any_rank, main_print, on_main_then_share
@@ -29,6 +29,7 @@ from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, train_noise
 from vae_dist.position import Position
 from vae_dist.progress import Progress
+from vae_dist.rundir import write_metrics
 from vae_dist.schedule import kl_weight, learning_rate
 from vae_dist.signals import Preempted, StopRequest
 from vae_dist.tracking import Tracker
@@ -36,7 +37,6 @@ from vae_dist.tracking import Tracker
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
 STOP_SYNC_EVERY = 10
-NUM_PREVIEW = 32
 
 
 def train_step(
@@ -103,8 +103,10 @@ class Learner:
         checkpointer: Checkpointer[Position],
         resume: bool = False,
         run_id: str = "",
-        preview_images: Optional[torch.Tensor] = None,
+        on_epoch_end: Optional[Callable[[VAE, int, int], None]] = None,
     ):
+        """``on_epoch_end(model, epoch, step)`` runs after each epoch's validation, on the
+        main process only and with the unwrapped model, so it may not be collective."""
         self.acc = accelerator
         self.config = config
         self.latent = model.latent_size
@@ -120,7 +122,7 @@ class Learner:
         self.tracker = tracker
         self.checkpointer = checkpointer
         self.resume = resume
-        self.preview_images = preview_images
+        self.on_epoch_end = on_epoch_end
         self.say: Callable[[str], None] = main_print(accelerator)
         self.position = Position.start(run_id, accelerator.num_processes)
         self.meter = TrainMeter(accelerator.device)
@@ -288,10 +290,11 @@ class Learner:
         }
         # A partial epoch's row (max_steps) is replaced when the epoch is finished later.
         pos.history = [r for r in pos.history if r["epoch"] != row["epoch"]] + [row]
-        on_main_then_share(acc, lambda: artifacts.write_metrics(self.artifact_dir, pos.history))
+        on_main_then_share(acc, lambda: write_metrics(self.artifact_dir, pos.history))
         self.tracker.log({k: v for k, v in row.items() if k not in ("epoch", "step", "complete_epoch", "protocol")},
                          step=pos.global_step)
-        self._previews(pos.epoch + 1, pos.global_step)
+        if self.on_epoch_end is not None and acc.is_main_process:
+            self.on_epoch_end(acc.unwrap_model(self.model), pos.epoch + 1, pos.global_step)
         self.say(
             f"epoch {pos.epoch + 1}: train/loss {row['train/loss']:.3f}  valid/loss {row['valid/loss']:.3f} "
             f"(recon {row['valid/recon']:.3f}, kl {row['valid/kl']:.3f})  {row['epoch_seconds']:.1f} s, "
@@ -302,30 +305,3 @@ class Learner:
             pos.batches_done = 0
             self.meter.start_epoch()
         self._save()
-
-    @torch.no_grad()
-    def _previews(self, epoch: int, step: int) -> None:
-        """Test images beside their reconstructions, and samples from the prior, as PNGs
-        under images/ and in W&B. Main process only, on the unwrapped model: no collective."""
-        if not self.acc.is_main_process or self.preview_images is None:
-            return
-        model = self.acc.unwrap_model(self.model)
-        model.eval()
-        device = next(model.parameters()).device
-        x = self.preview_images.to(device)
-        recon = torch.sigmoid(model.decode(model.encode(x)[0]).float())  # decode the posterior mean
-        z = torch.randn(64, self.latent, generator=torch.Generator().manual_seed(self.config.seed)).to(device)
-        samples = torch.sigmoid(model.decode(z).float())
-        model.train()
-        pictures = {
-            "valid/reconstructions": images.side_by_side(x.cpu(), recon.cpu()),
-            # Not "valid/samples": that key is the validation sample count.
-            "prior/samples": images.image_grid(samples.cpu(), nrow=8),
-        }
-        for key, picture in pictures.items():
-            path = self.artifact_dir / artifacts.IMAGES / f"epoch-{epoch:03d}-{key.split('/')[1]}.png"
-            try:
-                images.save_png(picture, path)
-            except OSError as e:  # a preview is not worth a run
-                self.say(f"preview {path} not written ({e.strerror or e}); training goes on")
-        self.tracker.log_images(pictures, step=step)

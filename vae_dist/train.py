@@ -12,6 +12,7 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 # Imported before any process group exists: its functions take `group=group.WORLD` as a
@@ -21,12 +22,12 @@ import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from vae_dist import artifacts, binarize, data, images, mnist
+from vae_dist import binarize, data, evaluate, images, inference, mnist, modelfile, rundir
 from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError
-from vae_dist.learner import NUM_PREVIEW, Learner
+from vae_dist.learner import Learner
 from vae_dist.model import VAE
 from vae_dist.position import Position
 from vae_dist.summary import format_summary
@@ -35,6 +36,9 @@ from vae_dist.tracking import Tracker, close_trackers, new_run_id, resolve_mode,
 # Collectives give up after this long, so a rank that died on another node cannot leave
 # the rest waiting for torch's default 30 minutes.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# Each epoch's pictures: this many test images above their reconstructions, and samples.
+NUM_PREVIEW = 32
+NUM_SAMPLES = 64
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -80,28 +84,51 @@ def data_dir_for(accelerator: Accelerator, config: TrainingConfig) -> Path:
 def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     folder = data_dir_for(accelerator, config)
     train = mnist.load_split(folder, "train").images
-    test = mnist.load_split(folder, "test").images
-    # Before the limits: a sample's binarization depends on its index, not on the slice.
-    train, test = binarize.prepare_splits(train, test, config.data.binarize, config.seed)
+    if config.data.binarize == "static":  # before the limit: a sample's draw depends on its index, not on the slice
+        train = binarize.binarize_split(train, config.seed, binarize.STATIC_STREAM)
     if config.data.limit_train_samples:
         train = train[: config.data.limit_train_samples]
-    if config.data.limit_eval_samples:
-        test = test[: config.data.limit_eval_samples]
-    return train, test
+    return train, evaluate.test_images(config, folder)
+
+
+def epoch_previews(
+    root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor, seed: int
+) -> Callable[[VAE, int, int], None]:
+    """The Learner's on_epoch_end: the first test images above their reconstructions, and
+    samples from the prior (the same latents every epoch), as PNGs under images/ and in W&B."""
+    originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
+
+    def write(model: VAE, epoch: int, step: int) -> None:
+        grids = {
+            "valid/reconstructions": images.side_by_side(originals, inference.reconstructions(model, originals)),
+            "prior/samples": inference.prior_samples(model, NUM_SAMPLES, seed),  # not valid/samples: a count
+        }
+        written = {}
+        for key, tiles in grids.items():
+            path = rundir.epoch_picture(root, epoch, key.split("/")[1])
+            try:
+                images.save_grid(tiles, path, nrow=8)
+                written[key] = str(path)
+            except OSError as e:  # a preview is not worth a run
+                say(f"preview {path} not written ({e.strerror or e}); training goes on")
+        if written:
+            tracker.log_images(written, step=step)
+
+    return write
 
 
 def check_resumable(root: Path, config: TrainingConfig) -> None:
     """--resume continues the run in ``root``: the same model and data, and a checkpoint
     to continue from whenever the run already got far enough to write its outputs."""
-    saved = TrainingConfig.from_json_file(root / artifacts.CONFIG)
+    saved = TrainingConfig.from_json_file(root / rundir.CONFIG)
     mismatch = resume_mismatch(saved, config)
     if mismatch:
         raise ConfigError(f"cannot resume: {mismatch}")
-    checkpoints = root / artifacts.CHECKPOINTS
+    checkpoints = root / rundir.CHECKPOINTS
     has_checkpoint = checkpoints.is_dir() and any(
         p.is_dir() and (p.name.startswith("step-") or p.name.startswith(TMP_PREFIX)) for p in checkpoints.iterdir()
     )
-    finished = [name for name in (artifacts.MODEL, artifacts.METRICS) if (root / name).exists()]
+    finished = [name for name in (rundir.MODEL, rundir.METRICS) if (root / name).exists()]
     if finished and not has_checkpoint:
         raise ArtifactError(
             f"cannot resume {root}: it holds {' and '.join(finished)} but no checkpoint ({checkpoints} is missing "
@@ -109,13 +136,13 @@ def check_resumable(root: Path, config: TrainingConfig) -> None:
         )
 
 
-def claim_artifact_dir(config: TrainingConfig, lock: artifacts.RunLock, *, resume: bool, overwrite: bool) -> Path:
+def claim_artifact_dir(config: TrainingConfig, lock: rundir.RunLock, *, resume: bool, overwrite: bool) -> Path:
     """Main process: check the folder (and what --resume needs), lock it, then prepare it."""
     try:
-        root = artifacts.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
+        root = rundir.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
         if resume:
             check_resumable(root, config)
-        return artifacts.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock)
+        return rundir.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock)
     except OSError as e:
         raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
 
@@ -130,7 +157,7 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
     Process-wide settings (vae_dist.runtime.prepare_process) are the caller's: the CLI
     applies them at its entry point, before any tensor work."""
     acc = make_accelerator(config)
-    lock = artifacts.RunLock()
+    lock = rundir.RunLock()
     try:
         return _train(acc, config, lock, resume=resume, overwrite=overwrite)
     finally:
@@ -138,6 +165,11 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
             # Trackers first, each failure one line: a W&B that never started must not
             # fail a finished run from inside end_training().
             close_trackers(acc, main_print(acc))
+            # Drops the prepared model (DDP holds the process group) and collects the
+            # reference cycles that can still reach it (matplotlib's parser keeps
+            # tracebacks, and with them this call's frames): else the group outlives
+            # end_training below.
+            acc.free_memory()
             # Closes W&B and destroys the process group, joining its gloo threads while
             # the interpreter is whole: left to its teardown, they can abort a finished
             # rank ("terminate called without an active exception").
@@ -147,7 +179,7 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 
 
 def _train(
-    acc: Accelerator, config: TrainingConfig, lock: artifacts.RunLock, *, resume: bool, overwrite: bool
+    acc: Accelerator, config: TrainingConfig, lock: rundir.RunLock, *, resume: bool, overwrite: bool
 ) -> Path:
     # Record the precision actually in force (the launcher may have chosen it).
     config = with_precision(config, acc.mixed_precision)
@@ -157,12 +189,12 @@ def _train(
     # previous run's files to --overwrite.
     train_images, test_images = load_images(acc, config)
     data.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
-    artifacts.check_model_size(config, "config")
+    modelfile.check_model_size(config, "config")
     set_seed(config.seed)  # the same initial weights on every rank
     model = VAE.from_config(config.model)
     optimizer = make_optimizer(model, config.optimizer)
     root = on_main_then_share(acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite))
-    on_main_then_share(acc, lambda: artifacts.write_config(root, config))
+    on_main_then_share(acc, lambda: rundir.write_config(root, config))
 
     workers = config.data.num_workers
     if acc.device.type == "cuda":
@@ -195,25 +227,25 @@ def _train(
         artifact_dir=root,
         tracker=tracker,
         checkpointer=Checkpointer(
-            acc, root / artifacts.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
+            acc, root / rundir.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
             schema=Position,
         ),
         resume=resume,
         run_id=new_run_id(),
-        preview_images=test_images[:NUM_PREVIEW].float().div(255.0).cpu(),
+        on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
     )
     t0 = time.perf_counter()
     learner.fit()
     # Every rank takes part in gathering the weights (needed for sharded models); one writes.
     # Without the compile wrapper's "_orig_mod." in the names: the file is the plain model's.
-    state = artifacts.strip_compile_prefix(acc.get_state_dict(learner.model))
-    path = root / artifacts.MODEL
+    state = modelfile.strip_compile_prefix(acc.get_state_dict(learner.model))
+    path = root / rundir.MODEL
 
     def finish() -> None:
         history = learner.position.history
         last = {k: v for k, v in history[-1].items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
-        artifacts.save_model_file(path, state, config, results=last)
-        images.save_png(images.loss_curves(history), root / artifacts.LOSS_CURVES)
+        modelfile.save_model_file(path, state, config, results=last)
+        images.save_loss_curves(history, root / rundir.LOSS_CURVES)
         say(format_summary(history))
         say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
 
