@@ -6,7 +6,8 @@ One run, one config (built from train flags as ``python -m vae_dist train`` buil
   (epoch_seconds - valid_seconds from metrics.jsonl), median of the epochs after the first;
 - bare_loop_s_per_epoch: the floor: the training images as one float tensor on the device,
   a seeded randperm per epoch, index_select / forward / negative_elbo / backward / Adam;
-  median of --epochs epochs after one warm-up epoch;
+  median of --epochs epochs after one warm-up epoch, half timed before the trainer and
+  half after it (a machine's speed drifts);
 - reference_loader_s_per_epoch: torchvision's MNIST with ToTensor in a shuffling DataLoader
   (per-sample PIL -> tensor, default collate) feeding the same bare step.
 
@@ -47,29 +48,39 @@ def measure_trainer(config) -> dict[str, Any]:
     }
 
 
-def measure_bare(config, device, images_u8) -> dict[str, Any]:
-    import torch
+class BareLoop:
+    """The floor, timed a few epochs at a time: ``epochs(k)`` runs k epochs (the first call
+    one warm-up epoch more) and returns their seconds. The run times it before and after
+    the trainer, so a machine whose speed drifts during the run biases neither figure."""
 
-    x_all = images_u8.to(device).float().div_(255.0)
-    n, b = x_all.shape[0], config.data.batch_size
-    steps = n // b  # full batches only, as the trainer (drop_last=True)
-    step = common.BareStep(config, device)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    times, loss = [], float("nan")
-    for epoch in range(config.epochs + 1):  # epoch 0 is the warm-up
-        common.sync(device)
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=device)
-        last = None
-        for i in range(steps):
-            last = step(x_all.index_select(0, perm[i * b : (i + 1) * b]))
-        loss = float(last.item()) if last is not None else float("nan")  # also a device sync
-        common.sync(device)
-        dt = time.perf_counter() - t0
-        log(f"bare loop epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {dt:.2f} s, last batch loss {loss:.2f}")
-        times += [dt] if epoch else []
-    return {"bare_loop_s_per_epoch": median(times), "bare_loop_epoch_s": times, "bare_loop_last_loss": loss,
-            "steps_per_epoch": steps}
+    def __init__(self, config, device, images_u8) -> None:
+        import torch
+
+        self.device, self.b = device, config.data.batch_size
+        self.x_all = images_u8.to(device).float().div_(255.0)
+        self.steps = self.x_all.shape[0] // self.b  # full batches only, as the trainer (drop_last=True)
+        self.step = common.BareStep(config, device)
+        self.gen = torch.Generator(device=device).manual_seed(config.seed)
+        self.done, self.loss = 0, float("nan")
+
+    def epochs(self, k: int) -> list[float]:
+        import torch
+
+        times = []
+        for _ in range(k + (self.done == 0)):  # epoch 0 is the warm-up
+            common.sync(self.device)
+            t0 = time.perf_counter()
+            perm = torch.randperm(self.x_all.shape[0], generator=self.gen, device=self.device)
+            last = None
+            for i in range(self.steps):
+                last = self.step(self.x_all.index_select(0, perm[i * self.b : (i + 1) * self.b]))
+            self.loss = float(last.item()) if last is not None else float("nan")  # also a device sync
+            common.sync(self.device)
+            dt = time.perf_counter() - t0
+            log(f"bare loop epoch {self.done}{' (warm-up)' if self.done == 0 else ''}: {dt:.2f} s, last batch loss {self.loss:.2f}")
+            times += [dt] if self.done else []
+            self.done += 1
+        return times
 
 
 def measure_reference(config, args, device) -> dict[str, Any]:
@@ -146,7 +157,7 @@ def render(r: dict[str, Any]) -> str:
     ]:
         extra = ", ".join(f"{v:.2f}" for v in r[values]) if values else ""
         lines.append(f"{name:<32} {common.fmt(r[name], unit):>12}  {extra}")
-    lines += ["", "trainer: median of epochs 2.. (epoch 1 is warm-up); bare loop: median after 1 warm-up epoch",
+    lines += ["", "trainer: median of epochs 2.. (epoch 1 is warm-up); bare loop: median after 1 warm-up epoch, timed before and after the trainer",
               f"reference: {r['reference_method']}", "", "targets:"]
     return "\n".join(lines + [f"  {name:<40} {common.fmt(ok)}" for name, ok in r["targets"].items()])
 
@@ -180,11 +191,15 @@ def run(args, config, train_args) -> int:
         r: dict[str, Any] = {"mode": "throughput", **common.environment(device), **common.settings(config, train_args)}
         images = mnist.load_split(config.data.data_dir, "train").images[: config.data.limit_train_samples]
         r.update(train_samples=int(images.shape[0]), reference_adam=args.reference_adam)
-        log(f"[1/3] bare loop: {config.epochs} timed epoch(s) after 1 warm-up epoch on {device}")
-        r.update(measure_bare(config, device, images))
-        del images
+        bare, before = BareLoop(config, device, images), (config.epochs + 1) // 2
+        log(f"[1/3] bare loop: {before} timed epoch(s) after 1 warm-up epoch on {device}, the rest after the trainer")
+        bare_s = bare.epochs(before)
         log(f"[2/3] trainer: vae_dist.train.train, {config.epochs} epoch(s), epoch 1 counted as warm-up")
         r.update(measure_trainer(config))
+        bare_s += bare.epochs(config.epochs - before)
+        r.update(bare_loop_s_per_epoch=median(bare_s), bare_loop_epoch_s=bare_s, bare_loop_last_loss=bare.loss,
+                 steps_per_epoch=bare.steps)
+        del bare, images
         if args.skip_reference:
             log("[3/3] reference loader: skipped")
             r.update(reference_loader_s_per_epoch=None, reference_epoch_s=[], reference_method="skipped")

@@ -152,9 +152,9 @@ class Learner:
                     try:
                         for images_batch, index in self._batches():
                             if coins is not None:  # dynamic binarization: this epoch's draw of each sample
-                                images_batch = binarize.apply(images_batch, coins[index])
+                                images_batch = binarize.apply(images_batch, coins.index_select(0, index))
                             sums, loss = train_step(
-                                self.model, self.step_optimizer, self.acc, images_batch, noise[index],
+                                self.model, self.step_optimizer, self.acc, images_batch, noise.index_select(0, index),
                                 recon_loss=cfg.loss.recon_loss, kl_weight=kl_weight(cfg.loss, pos.global_step, self.steps_per_epoch),
                                 max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(pos.global_step),
                             )
