@@ -16,21 +16,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import click
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
 from vae_dist import cli_visual
 from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
 from vae_dist.fileio import print_out
-
-# typer >= 0.22 vendors click as typer._click: its usage errors and Exit/Abort are not
-# click's classes, so both families are caught (else a bad flag ends in a traceback).
-try:
-    from typer._click.exceptions import UsageError as _TyperUsageError
-    from typer.exceptions import Abort as _TyperAbort, Exit as _TyperExit
-except ImportError:  # older typer: click's own classes
-    _TyperUsageError, _TyperAbort, _TyperExit = click.exceptions.UsageError, click.exceptions.Abort, click.exceptions.Exit
 
 app = typer.Typer(
     add_completion=False,
@@ -93,7 +85,7 @@ def _numbers(o: Option, text: str) -> list[float]:
 class Command(typer.core.TyperCommand):
     """A flag takes no value: no <bool> after any, Typer's own --help included."""
 
-    def get_params(self, ctx: click.Context) -> list:
+    def get_params(self, ctx: typer.Context) -> list:
         params = super().get_params(ctx)
         for p in params:
             if getattr(p, "is_flag", False):
@@ -241,16 +233,14 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     try:
         rc = app(args=argv, prog_name="vae-dist", standalone_mode=False)
-        # typer >= 0.22 turns KeyboardInterrupt (a second Ctrl-C) and typer.Exit into a
-        # returned exit code when standalone_mode=False; dropping it would exit 0.
+        # With standalone_mode=False typer returns typer.Exit's code (KeyboardInterrupt, a
+        # second Ctrl-C, becomes 130) instead of raising it; dropping it would exit 0.
         if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
             if rc == 130:
                 _err("interrupted")
             sys.exit(rc)
-    except (click.exceptions.Exit, _TyperExit) as e:
-        sys.exit(e.exit_code)
-    except (click.exceptions.UsageError, _TyperUsageError) as e:
-        if type(e).__name__ == "NoArgsIsHelpError":  # bare `vae-dist`: the help (rich prints it itself)
+    except UsageError as e:
+        if isinstance(e, NoArgsIsHelpError):  # bare `vae-dist`: the help (rich prints it itself)
             if e.format_message():
                 print(e.format_message(), file=sys.stderr)
         else:
@@ -267,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 file=sys.stderr,
             )
         sys.exit(128 + e.signum)
-    except (KeyboardInterrupt, click.exceptions.Abort, _TyperAbort):
+    except (KeyboardInterrupt, typer.Abort):
         _err("interrupted")
         sys.exit(130)
 
