@@ -242,7 +242,12 @@ class Checkpointer(Generic[S]):
         os.replace(tmp, final)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        _fsync_dir(self.directory)
+        with contextlib.suppress(OSError):  # the rename is durable once the directory entry is on disk
+            fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         # Old ones go only now that the new one is complete.
         complete = {f.path.name: f.manifest.global_step for f in self.complete()}
         for old in rotation_plan(complete, self.keep):
@@ -297,13 +302,3 @@ class Checkpointer(Generic[S]):
                 + (f"falling back to {nxt}" if nxt else "no older checkpoint left")
             )
         raise CheckpointError(f"no usable checkpoint in {self.directory}: every complete one failed to load")
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -32,15 +32,6 @@ app = typer.Typer(
 )
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    if isinstance(value, Enum):
-        value = value.value
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
-
-
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
     """Defaults <- config file (or, on --resume, the run's own config.json) <- flags.
 
@@ -49,7 +40,11 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     overrides: dict[str, Any] = {}
     for dotted, value in flags.items():
         if value is not None:
-            _set(overrides, dotted, value)
+            *parents, leaf = dotted.split(".")
+            tree = overrides
+            for p in parents:
+                tree = tree.setdefault(p, {})
+            tree[leaf] = value.value if isinstance(value, Enum) else value
     artifact_dir = overrides.get("artifact_dir") or base.get("artifact_dir") or TrainingConfig().artifact_dir
     saved = Path(str(artifact_dir)).expanduser() / CONFIG_FILE
     if resume and not config_file and saved.is_file():
@@ -186,8 +181,8 @@ MAX_IW_SAMPLES = 100_000
 
 
 def evaluate(
-    artifact_dir: Path = typer.Argument(..., help="A folder written by `train` (or its model.safetensors)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="MNIST folder (default: the one used in training)."),
+    artifact_dir: Path = typer.Argument(..., help=cli_visual.ARTIFACT_HELP),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=cli_visual.DATA_DIR_HELP),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1, help="Use the first N test images."),
     iw_samples: int = typer.Option(
         0, "--iw-samples", min=0, max=MAX_IW_SAMPLES, help="Also estimate the test NLL with K importance samples.",

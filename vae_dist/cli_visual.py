@@ -34,12 +34,6 @@ ARTIFACT_HELP = "A folder written by `train` (or its model.safetensors)."
 DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
 
 
-def _load(artifact_dir: Path) -> tuple[Any, Any]:
-    from vae_dist.modelfile import load_model_file
-
-    return load_model_file(artifact_dir)
-
-
 def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:
     """--out as given, else ``default_name`` in the artifact folder (beside the model file
     when the argument is the file itself)."""
@@ -79,8 +73,9 @@ def _model_and_test_images(
 ) -> tuple[Any, Path, "torch.Tensor"]:
     """The model, where its picture goes, and the whole test split (as floats in [0, 1])."""
     from vae_dist.evaluate import test_images
+    from vae_dist.modelfile import load_model_file
 
-    model, cfg = _load(artifact_dir)
+    model, cfg = load_model_file(artifact_dir)
     # limit 0 = the whole test split, not the slice the model was validated on.
     return model, _output_path(artifact_dir, out, default_name), test_images(cfg, data_dir, 0).float().div(255.0)
 
@@ -95,11 +90,12 @@ def sample(
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
     from vae_dist import inference
+    from vae_dist.modelfile import load_model_file
 
     _check_range("--num", num, 1, MAX_IMAGES)
     _check_range("--grid-size", grid_size, 1, MAX_GRID_SIZE)
     _check_range("--seed", seed, 0, MAX_SEED)
-    model, _ = _load(artifact_dir)
+    model, _ = load_model_file(artifact_dir)
     if manifold:
         target = _output_path(artifact_dir, out, "manifold.png")
         _save(inference.manifold(model, grid_size), target, grid_size)

@@ -16,8 +16,6 @@ import torch
 from vae_dist.errors import VaeDistError
 from vae_dist.model import VAE
 
-__all__ = ["prior_samples", "reconstructions", "interpolate", "manifold"]
-
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
 
