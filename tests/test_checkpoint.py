@@ -35,7 +35,7 @@ ROW = {
     "epoch": 1, "step": 10, "complete_epoch": True, "train/loss": 1.0, "train/recon": 0.5, "train/kl": 0.5,
     "train/samples": 320, "valid/loss": 1.0, "valid/recon": 0.5, "valid/kl": 0.5, "valid/active_units": 2,
     "valid/samples": 100, "train/lr": 1e-3, "train/kl_weight": 1.0, "epoch_seconds": 0.1, "valid_seconds": 0.0,
-    "samples_per_second": 1e4, "protocol": {"data": "grey-level MNIST", "test_images": 100},
+    "samples_per_second": 1e4, "protocol": {"data": "grey-level MNIST", "train_kl_weight": 0.5, "test_images": 100},
 }
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from vae_dist import evaluate
 from vae_dist.config import TrainingConfig
 from vae_dist.evaluate import json_result
+from vae_dist.model import VAE
 
 
 def _config(**data) -> TrainingConfig:
@@ -43,3 +45,13 @@ def test_json_result_is_strict_json() -> None:
     parsed = json.loads(text, parse_constant=refuse)
     assert parsed == {"loss": None, "iw_nll": None, "kl": None, "recon": 1.5, "protocol": {"test_images": 3, "x": [None]}}
     assert "\n" not in text
+
+
+def test_the_test_loss_is_the_true_negative_elbo_whatever_the_training_kl_weight() -> None:
+    # A --kl-weight 0 model must not look better by leaving its KL out of its test loss.
+    config = TrainingConfig.from_dict({"model": {"kind": "mlp"}, "loss": {"kl_weight": 0.0, "kl_warmup_epochs": 0}})
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    result = evaluate.score(VAE.from_config(config.model), config, images)
+    assert result["kl"] > 0.1 and result["loss"] == pytest.approx(result["recon"] + result["kl"], rel=1e-6)
+    assert result["protocol"]["train_kl_weight"] == 0.0

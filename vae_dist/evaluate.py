@@ -4,8 +4,8 @@ training epoch and in ``evaluate``) and the importance-weighted NLL.
 ``evaluate`` loads only ``model.safetensors`` (weights and config, no pickle) and runs on the CPU.
 Under ``accelerate launch`` the test split is sharded across the processes; every random
 number is keyed by the test image's index, so the result does not depend on the process
-count. Every result carries its protocol (data, binarization, K, test images), so no
-number is quoted without it.
+count. Every result carries its protocol (data, binarization, K, test images, the
+training KL weight), so no number is quoted without it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def validate(
     mus: list[torch.Tensor] = []
     for images_batch, index in loader:
         out = model(images_batch, noise[index])
-        p = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=loss.recon_loss, kl_weight=loss.kl_weight)
+        # KL weight 1 whatever the training objective's: the test loss is the true negative
+        # ELBO, a bound on -log p(x) that models trained with different weights share.
+        p = negative_elbo(out.logits, out.mu, out.logvar, images_batch, kind=loss.recon_loss, kl_weight=1.0)
         per_sample, mu = accelerator.gather_for_metrics((torch.stack([p.total, p.recon, p.kl], dim=1), out.mu.float()))
         rows.append(per_sample)
         mus.append(mu)
@@ -88,16 +90,20 @@ def validate(
 
 
 def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    out = {**binarize.protocol(config.data.binarize), "likelihood": config.loss.recon_loss, "test_images": test_images}
+    """What the numbers were measured on, and the KL weight the model was trained with (its
+    test loss is the true negative ELBO whatever that weight)."""
+    out = {
+        **binarize.protocol(config.data.binarize), "likelihood": config.loss.recon_loss,
+        "train_kl_weight": config.loss.kl_weight, "test_images": test_images,
+    }
     if iw_samples:
         out["iw_samples"] = iw_samples
     return out
 
 
 def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_samples: int = 0) -> dict[str, Any]:
-    """The test loss, reconstruction and KL exactly as training validates (the same
-    function, the same per-sample noise, the same KL weight) and, with ``iw_samples`` = K,
+    """The test loss (the negative ELBO), reconstruction and KL exactly as training
+    validates (the same function, the same per-sample noise) and, with ``iw_samples`` = K,
     the importance-weighted NLL. Every process returns the same dict."""
     from accelerate import Accelerator
 

@@ -22,7 +22,7 @@ FLOATS = ("train/loss", "train/recon", "train/kl", "valid/loss", "valid/recon", 
           "train/kl_weight", "epoch_seconds", "valid_seconds", "samples_per_second")
 COUNTS = ("step", "train/samples", "valid/active_units", "valid/samples")
 Row = with_config(ConfigDict(strict=True, extra="forbid"))(TypedDict("Row", {
-    "epoch": Annotated[int, Field(ge=1)], "complete_epoch": bool, "protocol": dict[str, Union[str, int]],
+    "epoch": Annotated[int, Field(ge=1)], "complete_epoch": bool, "protocol": dict[str, Union[str, int, float]],
     **{key: float for key in FLOATS}, **{key: Count for key in COUNTS},
 }))
 
