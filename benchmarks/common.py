@@ -87,7 +87,7 @@ def parse(
         config = parse_train_args(train_args)
     except VaeDistError as e:
         p.error(str(e))
-    except Exception as e:  # the trainer parser's usage errors (click's or typer's own class)
+    except Exception as e:  # the trainer parser's usage errors (typer's own classes)
         if not hasattr(e, "format_message"):
             raise
         p.error(f"train flags: {e.format_message()}")
