@@ -224,6 +224,20 @@ def test_a_missing_data_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert not art.exists()
 
 
+@pytest.mark.parametrize("flags, env, needle", [
+    (["--mixed-precision", "fp16"], None, "--mixed-precision fp16 needs a GPU"),  # Accelerate would train in float32
+    ([], "garbage", "ACCELERATE_MIXED_PRECISION=garbage: must be one of"),
+], ids=["fp16-on-the-cpu", "unknown-in-the-environment"])
+def test_a_precision_the_run_cannot_train_in_is_one_line_and_creates_nothing(
+    flags, env, needle, data_dir, tmp_path, capsys, monkeypatch
+):
+    if env:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    art = tmp_path / "run"
+    assert needle in one_error_line(main_in_process(small_train_args(data_dir, art, *flags), capsys))
+    assert not art.exists()
+
+
 def test_evaluate_without_a_model_is_one_line(tmp_path, capsys):
     assert "no trained model" in one_error_line(main_in_process(["evaluate", str(tmp_path)], capsys))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import typing
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,9 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # Each epoch's pictures: this many test images above their reconstructions, and samples.
 NUM_PREVIEW = 32
 NUM_SAMPLES = 64
+PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # the launcher's --mixed_precision
+# The config's choices (Optional[Literal[...]]).
+PRECISIONS = typing.get_args(typing.get_args(TrainingConfig.model_fields["mixed_precision"].annotation)[0])
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -50,6 +54,17 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         cpu = True
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)")
+    # Accelerate takes any ACCELERATE_MIXED_PRECISION, and fp16 on the CPU, without a word:
+    # the run would record a precision it never trained in.
+    precision = config.mixed_precision
+    named = f"--mixed-precision {precision}"
+    if precision is None:
+        precision = os.environ.get(PRECISION_ENV) or "no"
+        named = f"{PRECISION_ENV}={precision}"
+        if precision not in PRECISIONS:
+            raise ConfigError(f"{named}: must be one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise ConfigError(f"{named} needs a GPU; on the CPU use bf16 or no")
     log_with = "wandb" if wants_tracker(config.wandb_mode) else None
     try:
         return Accelerator(
