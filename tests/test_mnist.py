@@ -101,7 +101,7 @@ def _corrupt_deflate(_: Path) -> bytes:
     return bytes(gz)
 
 
-# (what the images file holds, its name, words the message has)
+# (what the broken file holds, its name, words the message has)
 BROKEN = {
     "truncated": (lambda d: _raw(d, TEST_IMAGES)[:100_000], TEST_IMAGES, ["truncated"]),
     "header-cut": (lambda d: struct.pack(">II", IMAGE_MAGIC, 10000), TEST_IMAGES, ["truncated"]),
@@ -112,14 +112,16 @@ BROKEN = {
     "gzip-truncated": (_truncated_gzip, f"{TEST_IMAGES}.gz", ["cannot be read"]),
     "gzip-corrupt-deflate": (_corrupt_deflate, f"{TEST_IMAGES}.gz", ["cannot be read"]),
     "gz-name-plain-bytes": (lambda d: _raw(d, TEST_IMAGES), f"{TEST_IMAGES}.gz", ["cannot be read"]),
+    "label-above-9": (lambda d: _raw(d, TEST_LABELS)[:-1] + b"\x0a", TEST_LABELS, ["label 10 at item 9999"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_a_broken_file_is_one_data_error(case, data_dir, tmp_path):
     content, name, words = BROKEN[case]
+    for real in (TEST_IMAGES, TEST_LABELS):  # then the broken one over (or, uncompressed, found before) its own
+        shutil.copy(_gz(data_dir, real), tmp_path)
     (tmp_path / name).write_bytes(content(data_dir))
-    shutil.copy(_gz(data_dir, TEST_LABELS), tmp_path)
     with pytest.raises(DataError) as ei:
         load_split(tmp_path, "test")
     msg = str(ei.value)

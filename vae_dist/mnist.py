@@ -67,7 +67,8 @@ def _check_header(path: Path, header: bytes, magic: int, ndim: int, count: int) 
 
 
 def read_idx(path: Path, magic: int, count: int) -> torch.Tensor:
-    """The ``count`` items of an IDX file, checked by header, shape and size.
+    """The ``count`` items of an IDX file, checked by header, shape and size (and labels
+    by value).
 
     Not by checksum: a local copy need not be byte-identical to the official gzip (see the
     shared copy's README). At most one byte past the size the header gives is read.
@@ -86,7 +87,13 @@ def read_idx(path: Path, magic: int, count: int) -> torch.Tensor:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"MNIST file {path} cannot be read ({type(e).__name__}: {text})") from None
     t = torch.frombuffer(body, dtype=torch.uint8)
-    return t.view(count, 1, SIDE, SIDE) if ndim == 3 else t
+    if ndim == 3:
+        return t.view(count, 1, SIDE, SIDE)
+    wrong = (t > 9).nonzero()
+    if len(wrong):
+        i = int(wrong[0])
+        raise DataError(f"MNIST file {path} holds label {int(t[i])} at item {i}: labels are the digits 0 to 9")
+    return t
 
 
 @dataclass
