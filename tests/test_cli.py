@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, check_ok, cli_env, main_in_process, one_error_line, small_train_args
+from conftest import REPO, check_ok, cli_env, copy_run, main_in_process, one_error_line, small_train_args
 from vae_dist.cli import build_config, main, parse_train_args
 from vae_dist.config import ARCHITECTURE_DEFAULTS, RESUMABLE_FIELDS, TrainingConfig, options
 from vae_dist.errors import ConfigError, OutputError, VaeDistError
@@ -240,6 +240,108 @@ def test_a_precision_the_run_cannot_train_in_is_one_line_and_creates_nothing(
 
 def test_evaluate_without_a_model_is_one_line(tmp_path, capsys):
     assert "no trained model" in one_error_line(main_in_process(["evaluate", str(tmp_path)], capsys))
+
+
+# --- a path the file system refuses to look at: one line, not a traceback ------------------
+# Python 3.11's pathlib answers is_dir()/is_file()/exists() with False only for a path that
+# is not there: a name too long (ENAMETOOLONG) or a folder that may not be searched
+# (EACCES) raises OSError. The tests run as root, which searches any folder, so EACCES is
+# what a non-root user meets in a folder of mode 000, played by a patched Path.stat.
+
+LONG = "x" * 300  # one path component longer than any file system's NAME_MAX (255)
+
+
+def _deny_inside(monkeypatch, folder: Path) -> None:
+    """Path.stat of anything inside ``folder`` (Path.lstat, is_file, is_dir, exists and
+    is_symlink all go through it) fails with EACCES, as for a non-root user on mode 000."""
+    import errno
+    import os
+
+    real = Path.stat
+
+    def stat(self, *, follow_symlinks=True):
+        if folder in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(Path, "stat", stat)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _refused_in_one_line(argv, named: Path, cause: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """One `error:` line naming the path and the cause, and nothing under tmp_path touched.
+    With cause EACCES, ``named`` (or, for a file, its folder) is the folder denied."""
+    monkeypatch.chdir(tmp_path)  # a default path the command might fall back to lands here
+    before = _tree(tmp_path)
+    if cause == "Permission denied":
+        _deny_inside(monkeypatch, named if named.is_dir() else named.parent)
+    line = one_error_line(main_in_process(argv, capsys))
+    monkeypatch.undo()
+    assert str(named) in line and line.endswith(f": {cause}"), line
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["resume-long-artifact-dir", "long-artifact-dir", "long-data-dir",
+                                  "resume-denied-run", "denied-data-dir"])
+def test_train_on_a_path_the_file_system_refuses_is_one_line_and_touches_nothing(
+    case, data_dir, finished_run, tmp_path, capsys, monkeypatch
+):
+    run = copy_run(finished_run, tmp_path)
+    if case == "resume-long-artifact-dir":
+        argv, named, cause = small_train_args(data_dir, tmp_path / LONG, "--resume"), tmp_path / LONG, "File name too long"
+    elif case == "long-artifact-dir":
+        argv, named, cause = small_train_args(data_dir, tmp_path / LONG), tmp_path / LONG, "File name too long"
+    elif case == "long-data-dir":
+        argv, named, cause = small_train_args(tmp_path / LONG, tmp_path / "new"), tmp_path / LONG, "File name too long"
+    elif case == "resume-denied-run":
+        argv, named, cause = small_train_args(data_dir, run, "--resume"), run, "Permission denied"
+    else:
+        mnist = tmp_path / "mnist"
+        shutil.copytree(data_dir, mnist)
+        argv, named, cause = small_train_args(mnist, tmp_path / "new"), mnist, "Permission denied"
+    _refused_in_one_line(argv, named, cause, tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["long-run", "long-data-dir", "denied-run", "denied-data-dir"])
+def test_evaluate_on_a_path_the_file_system_refuses_is_one_line(
+    case, data_dir, finished_run, tmp_path, capsys, monkeypatch
+):
+    run = copy_run(finished_run, tmp_path)
+    if case == "long-run":
+        argv, named, cause = ["evaluate", str(tmp_path / LONG)], tmp_path / LONG, "File name too long"
+    elif case == "long-data-dir":
+        argv, named, cause = ["evaluate", str(run), "--data-dir", str(tmp_path / LONG)], tmp_path / LONG, "File name too long"
+    elif case == "denied-run":
+        argv, named, cause = ["evaluate", str(run)], run, "Permission denied"
+    else:
+        mnist = tmp_path / "mnist"
+        shutil.copytree(data_dir, mnist)
+        argv, named, cause = ["evaluate", str(run), "--data-dir", str(mnist)], mnist, "Permission denied"
+    _refused_in_one_line(argv, named, cause, tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["sample-long-run", "sample-long-out", "sample-denied-out-folder",
+                                  "reconstruct-long-data-dir", "interpolate-denied-run"])
+def test_a_picture_command_on_a_path_the_file_system_refuses_is_one_line_and_writes_nothing(
+    case, finished_run, tmp_path, capsys, monkeypatch
+):
+    run = copy_run(finished_run, tmp_path)
+    if case == "sample-long-run":
+        argv, named, cause = ["sample", str(tmp_path / LONG)], tmp_path / LONG, "File name too long"
+    elif case == "sample-long-out":
+        argv, named, cause = ["sample", str(run), "--out", str(tmp_path / LONG)], tmp_path / LONG, "File name too long"
+    elif case == "sample-denied-out-folder":
+        pictures = tmp_path / "pictures"
+        pictures.mkdir()
+        argv, named, cause = ["sample", str(run), "--out", str(pictures / "s.png")], pictures / "s.png", "Permission denied"
+    elif case == "reconstruct-long-data-dir":
+        argv, named, cause = ["reconstruct", str(run), "--data-dir", str(tmp_path / LONG)], tmp_path / LONG, "File name too long"
+    else:
+        argv, named, cause = ["interpolate", str(run), "--from", "0", "--to", "1"], run, "Permission denied"
+    _refused_in_one_line(argv, named, cause, tmp_path, capsys, monkeypatch)
 
 
 def test_evaluate_with_an_unreadable_accelerate_variable_is_one_line(monkeypatch):

@@ -22,7 +22,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendo
 from vae_dist import cli_visual
 from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
-from vae_dist.fileio import print_out
+from vae_dist.fileio import checking, print_out
 
 app = typer.Typer(
     add_completion=False,
@@ -47,8 +47,11 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
             tree[leaf] = value.value if isinstance(value, Enum) else value
     artifact_dir = overrides.get("artifact_dir") or base.get("artifact_dir") or TrainingConfig().artifact_dir
     saved = Path(str(artifact_dir)).expanduser() / CONFIG_FILE
-    if resume and not config_file and saved.is_file():
-        base = read_json_config(saved)
+    if resume and not config_file:
+        with checking(saved, ConfigError, "the run's config"):
+            found = saved.is_file()
+        if found:
+            base = read_json_config(saved)
     for name, value in base.items():  # a section given as null or a string is refused, not merged over
         if name in overrides and isinstance(overrides[name], dict) and not isinstance(value, dict):
             raise ConfigError(f"{name}: must be a JSON object, got {value!r}")

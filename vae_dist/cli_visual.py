@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from vae_dist.errors import VaeDistError
-from vae_dist.fileio import print_out
+from vae_dist.fileio import checking, print_out
 from vae_dist.rundir import LOCK, MARKER, OWNED, PICTURES
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
@@ -39,17 +39,20 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
     when the argument is the file itself)."""
     if out is not None:
         target = out.expanduser()
-        if target.is_dir():
-            raise VaeDistError(f"--out {target} is a directory; give a file name such as {target / default_name}")
+        with checking(target, VaeDistError, "--out"):
+            if target.is_dir():
+                raise VaeDistError(f"--out {target} is a directory; give a file name such as {target / default_name}")
     else:
         src = artifact_dir.expanduser()
-        folder = src if src.is_dir() else src.parent
-        if folder.is_symlink():  # as train refuses it: a write would land where the link points
-            raise VaeDistError(f"{folder} is a symbolic link; vae_dist does not write through links (give --out)")
+        with checking(src, VaeDistError, "artifact path"):
+            folder = src if src.is_dir() else src.parent
+            if folder.is_symlink():  # as train refuses it: a write would land where the link points
+                raise VaeDistError(f"{folder} is a symbolic link; vae_dist does not write through links (give --out)")
         target = folder / default_name
     # A picture may replace an earlier picture, never the run's model, config or records.
-    if target.name in (MARKER, LOCK, *OWNED) and target.name not in PICTURES and (target.parent / MARKER).is_file():
-        raise VaeDistError(f"--out {target} is one of the run's own files; give another name")
+    with checking(target, VaeDistError, "--out" if out is not None else "picture path"):
+        if target.name in (MARKER, LOCK, *OWNED) and target.name not in PICTURES and (target.parent / MARKER).is_file():
+            raise VaeDistError(f"--out {target} is one of the run's own files; give another name")
     return target
 
 

@@ -10,10 +10,26 @@ import errno
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
-from vae_dist.errors import OutputError
+from vae_dist.errors import OutputError, VaeDistError
+
+
+@contextmanager
+def checking(path: str | os.PathLike[str], error: type[VaeDistError], what: str) -> Iterator[None]:
+    """Wrap the file-system checks of one input path (``is_dir()``, ``is_file()``,
+    ``exists()``, ``is_symlink()``, ``stat()``, listing a folder): an OSError they raise
+    becomes one ``error`` line naming ``what``, the path and the cause.
+
+    Python 3.11's pathlib answers False only for a path that is not there; a name too long
+    (ENAMETOOLONG) or a folder that may not be searched (EACCES) raises instead. Keep the
+    block to checks: an OSError from a write or a read belongs to its own message."""
+    try:
+        yield
+    except OSError as e:
+        raise error(f"{what} {path} cannot be checked: {e.strerror or e}") from None
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vae_dist.errors import DataError
+from vae_dist.fileio import checking
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 SIDE = 28
@@ -40,7 +41,9 @@ def find_idx_file(data_dir: Path, name: str) -> Path:
     """Find ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``MNIST/raw/``."""
     for folder in (data_dir, data_dir / "MNIST" / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
+            with checking(candidate, DataError, "MNIST file"):
+                found = candidate.is_file()
+            if found:
                 return candidate
     raise DataError(
         f"MNIST file {name}(.gz) not found in {data_dir} (looked there and in {data_dir / 'MNIST' / 'raw'})"
@@ -105,9 +108,10 @@ class MnistSplit:
 def load_split(data_dir: str | Path, split: str) -> MnistSplit:
     """Read one split ('train' or 'test') from a folder of IDX files."""
     data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        what = "is not a directory" if data_dir.exists() else "does not exist"
-        raise DataError(f"data directory {data_dir} {what}")
+    with checking(data_dir, DataError, "data directory"):
+        if not data_dir.is_dir():
+            what = "is not a directory" if data_dir.exists() else "does not exist"
+            raise DataError(f"data directory {data_dir} {what}")
     image_name, label_name, count = FILES[split]
     images = read_idx(find_idx_file(data_dir, image_name), IMAGE_MAGIC, count)
     labels = read_idx(find_idx_file(data_dir, label_name), LABEL_MAGIC, count)

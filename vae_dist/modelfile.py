@@ -13,6 +13,7 @@ from safetensors.torch import safe_open, save
 
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
+from vae_dist.fileio import checking
 from vae_dist.model import VAE, parameter_count
 from vae_dist.rundir import MODEL, write_run_file
 
@@ -53,9 +54,11 @@ def check_model_size(config: TrainingConfig, where: str) -> None:
 def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
     """Rebuild the model and its training config from a model.safetensors file (or its folder)."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / MODEL
-    if not p.is_file():
+    with checking(p, ArtifactError, "model path"):
+        if p.is_dir():
+            p = p / MODEL
+        found = p.is_file()
+    if not found:
         raise ArtifactError(f"no trained model at {p} (train first, or give the artifact directory)")
     try:
         with safe_open(str(p), framework="pt") as f:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 
 from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError
-from vae_dist.fileio import atomic_write
+from vae_dist.fileio import atomic_write, checking
 
 MARKER = ".vae_dist"
 CONFIG = CONFIG_FILE
@@ -80,6 +80,11 @@ def check_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Pa
     if overwrite and resume:
         raise ArtifactError("--overwrite and --resume cannot be used together")
     root = Path(path).expanduser()
+    with checking(root, ArtifactError, "artifact directory"):
+        return _check_artifact_dir(root, overwrite=overwrite, resume=resume)
+
+
+def _check_artifact_dir(root: Path, *, overwrite: bool, resume: bool) -> Path:
     refuse_links(root)
     if root.exists() and not root.is_dir():
         raise ArtifactError(f"artifact directory {root} exists and is not a directory")
@@ -235,6 +240,8 @@ def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
 
 def read_metrics(root: Path) -> list[dict[str, Any]]:
     path = Path(root) / METRICS
-    if not path.is_file():
+    with checking(path, ArtifactError, "metrics file"):
+        found = path.is_file()
+    if not found:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
