@@ -1,11 +1,12 @@
-"""Stopping a run: SIGTERM or SIGINT asks for a stop after the current step; the run then
-checkpoints and exits 128 + the signal, saying how to resume. A second Ctrl-C stops at once.
+"""Stopping a run: SIGTERM, SIGINT or SIGHUP asks for a stop after the current step; the run
+then checkpoints and exits 128 + the signal, saying how to resume. A second Ctrl-C stops at
+once. A stop that comes after the last step lets the export finish and says so.
 
 In this process: the stop request itself, the loader workers' init, and signals raised at a
 chosen step from inside the batch stream (where the fault hook sits). Real processes only
 where the process tree is the point: a stop sent to a process group that holds loader
 workers (a worker killed by it used to end the run in a DataLoader error), for one process
-and for `accelerate launch` with two ranks.
+and for `accelerate launch` with two ranks, and a stop that reaches one rank of two.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ import torch
 from conftest import REPO, check_ok, cli_env, launch_cmd, main_in_process, output, small_train_args
 from test_learner import _learner, _untimed, _weights
 from vae_dist import faults
-from vae_dist.signals import Preempted, StopRequest
+from vae_dist.signals import Preempted, StopRequest, signal_name
 
-STOPS = (signal.SIGTERM, signal.SIGINT)
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @pytest.fixture
 def stray_signals():
-    """SIGTERM/SIGINT that reach this process outside a StopRequest are recorded here
+    """SIGTERM/SIGINT/SIGHUP that reach this process outside a StopRequest are recorded here
     instead of ending the test session."""
     seen: list[int] = []
     before = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in STOPS}
@@ -60,13 +61,16 @@ def signal_during_step(monkeypatch: pytest.MonkeyPatch, step: int, *signums: int
 
 
 def test_stop_request_semantics(stray_signals) -> None:
-    """The first SIGTERM/SIGINT only asks; a second SIGINT raises at once; the previous
-    handlers come back afterwards."""
+    """The first SIGTERM/SIGINT/SIGHUP only asks; a second SIGINT raises at once; the
+    previous handlers come back afterwards."""
     before = [signal.getsignal(s) for s in STOPS]
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM changes nothing
         assert stop.requested and stop.signum == signal.SIGTERM
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)  # a closed terminal: a stop request, not the end
+        assert stop.requested and stop.signum == signal.SIGHUP
     with pytest.raises(KeyboardInterrupt):
         with StopRequest() as stop:
             os.kill(os.getpid(), signal.SIGINT)
@@ -83,7 +87,7 @@ def test_loader_workers_ignore_stop_signals(stray_signals) -> None:
     loader = make_loader(MnistImages(torch.zeros(8, 1, 28, 28, dtype=torch.uint8)), 4, shuffle_seed=None,
                          drop_last=False, num_workers=1)
     loader.worker_init_fn(0)  # as a worker would, in this process (the fixture restores the handlers)
-    assert [signal.getsignal(s) for s in STOPS] == [signal.SIG_IGN, signal.SIG_IGN]
+    assert [signal.getsignal(s) for s in STOPS] == [signal.SIG_IGN] * 3
 
 
 def test_a_stop_checkpoints_its_step_and_resumes_to_the_same_weights(tmp_path, monkeypatch, stray_signals) -> None:
@@ -99,6 +103,61 @@ def test_a_stop_checkpoints_its_step_and_resumes_to_the_same_weights(tmp_path, m
     resumed.fit()
     assert torch.equal(_weights(resumed.model), _weights(whole.model))
     assert _untimed(resumed.position.history) == _untimed(whole.position.history)
+    assert stray_signals == []
+
+
+def test_sighup_checkpoints_its_step_like_sigterm(tmp_path, monkeypatch, stray_signals) -> None:
+    signal_during_step(monkeypatch, 4, signal.SIGHUP)
+    with pytest.raises(Preempted) as stopped:
+        _learner(tmp_path / "run").fit()
+    assert stopped.value.signum == signal.SIGHUP  # the CLI exits 128 + 1
+    assert Path(stopped.value.checkpoint).name == "step-000000004"
+    assert stopped.value.line == (f"stopped by SIGHUP; checkpoint {stopped.value.checkpoint} is complete. "
+                                  "Continue with the same command plus --resume.")
+    assert stray_signals == []
+
+
+def test_the_stop_line_never_fails_on_its_signal_number() -> None:
+    """A rank that only learned of a stop from the others once carried signal 0, and
+    naming it raised ValueError instead of printing the line."""
+    assert signal_name(0) == "signal 0" and signal_name(signal.SIGHUP) == "SIGHUP"
+    assert Preempted(0, "ckpt").line.startswith("stopped by signal 0; checkpoint ckpt is complete.")
+
+
+def test_a_stop_after_the_last_step_is_kept_for_the_caller(tmp_path, stray_signals) -> None:
+    """A signal during the final validation (after the last step's stop check) is neither
+    lost nor fatal: fit returns, and the caller's StopRequest still holds it."""
+    learner = _learner(tmp_path / "run", epochs=1)
+    learner.on_epoch_end = lambda *a: os.kill(os.getpid(), signal.SIGTERM)
+    with StopRequest() as stop:
+        learner.fit(stop)
+        assert stop.signum == signal.SIGTERM
+    assert learner.position.global_step == 10
+    assert stray_signals == []
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_export_finishes_it_and_ends_with_one_line(data_dir, tmp_path, monkeypatch, capsys,
+                                                                      stray_signals) -> None:
+    """The whole path: SIGTERM while the loss curves are written (after model.safetensors):
+    the export finishes, then one line and 143 (it used to die at once, with no line)."""
+    from vae_dist import images
+
+    save = images.save_loss_curves
+
+    def save_under_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_loss_curves", save_under_sigterm)
+    art = tmp_path / "run"
+    ran = main_in_process(small_train_args(data_dir, art, "--model", "mlp", "--limit-train-samples", "320",
+                                           "--limit-eval-samples", "100"), capsys)
+    assert ran.returncode == 128 + signal.SIGTERM, output(ran)[-3000:]
+    assert ran.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after training finished; {art / 'model.safetensors'} is complete, nothing to resume.")
+    assert "Traceback" not in output(ran)
+    assert (art / "model.safetensors").is_file() and (art / "loss_curves.png").is_file()
     assert stray_signals == []
 
 
@@ -214,3 +273,25 @@ def test_sigterm_to_the_launchers_group_stops_both_ranks_at_one_checkpoint(data_
     assert sorted(p.name for p in stop.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert (stop / "MANIFEST.json").is_file()
     assert not [p for p in (art / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_for_it_with_one_line(data_dir, tmp_path) -> None:
+    """Rank 1 alone gets SIGTERM (before step 3): both ranks stop at the next agreement
+    (step 10) for SIGTERM, rank 0 names it, and both exit 143. Rank 0 used to raise
+    ValueError for signal 0 and print no line."""
+    art = tmp_path / "run"
+    args = small_train_args(data_dir, art, "--model", "mlp", "--limit-train-samples", "1920",  # 15 steps
+                            "--limit-eval-samples", "100")
+    ran = subprocess.run(launch_cmd(2, args), cwd=REPO, env=cli_env(VAE_DIST_TEST_FAIL_AT="1:2:term"),
+                         capture_output=True, text=True, timeout=120)
+    text = output(ran)
+    assert ran.returncode != 0 and "Error: 0 is not" not in text and "ValueError" not in text, text[-4000:]
+    stop = stopped_at(text)
+    assert stop.name == "step-000000010"
+    assert sorted(p.name for p in stop.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    # torchrun's report of each rank: 143, or -15 for a rank still exiting when the agent,
+    # seeing the other rank's 143, sent it SIGTERM itself (after its line).
+    codes = re.findall(r"exitcode\s*: (-?\d+)", text)
+    assert "143" in codes and set(codes) <= {"143", "-15"}, text[-4000:]
+    assert not (art / "model.safetensors").exists()

@@ -249,11 +249,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except Preempted as e:
         if _is_rank_zero():
-            print(
-                f"stopped by {signal.Signals(e.signum).name}; checkpoint {e.checkpoint} is complete. "
-                "Continue with the same command plus --resume.",
-                file=sys.stderr,
-            )
+            print(e.line, file=sys.stderr)
         sys.exit(128 + e.signum)
     except (KeyboardInterrupt, typer.Abort):
         _err("interrupted")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vae_dist import noise
 from vae_dist.errors import ConfigError
+from vae_dist.signals import STOP_SIGNALS
 
 
 class MnistImages(Dataset):
@@ -73,12 +74,12 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A loader worker's init: SIGTERM and SIGINT do nothing in it.
+    """A loader worker's init: the stop signals (SIGTERM, SIGINT, SIGHUP) do nothing in it.
 
-    A stop (``kill -TERM -<pgid>``, Ctrl-C in the terminal) reaches the whole process
+    A stop (``kill -TERM -<pgid>``, Ctrl-C or a closed terminal) reaches the whole process
     group: a worker that died of it would end the run in a DataLoader error before the
     main process could checkpoint. The main process stops them itself when it exits."""
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 

@@ -63,6 +63,14 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+def max_over_ranks(accelerator: Accelerator, value: int) -> int:
+    """The largest of every rank's ``value``, on every rank (one tiny all-reduce)."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([float(value)], device=accelerator.device)
+    return int(accelerator.reduce(t, reduction="max").item())
+
+
 def main_print(accelerator: Accelerator) -> Callable[[str], None]:
     """print on the global main process only (``accelerator.print`` prints once per machine)."""
 

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 import torch
 
 # "R:S" raises on rank R before global step S (one rank's failure must end the job);
-# "R:S:kill" SIGKILLs that rank there instead (a kill at a chosen moment, for resume tests).
+# "R:S:kill" SIGKILLs that rank there instead (a kill at a chosen moment, for resume tests);
+# "R:S:term" sends that rank SIGTERM there and goes on (a stop request that reaches one rank).
 FAIL_HOOK_ENV = "VAE_DIST_TEST_FAIL_AT"
 # "N" multiplies the batch of the N-th optimizer step (1-based, the number that errors and
 # checkpoint folders use) by NaN on every rank, to test non-finite detection.
@@ -35,7 +36,10 @@ def inject(
         if int(fail_rank) == rank and int(fail_step) == step:
             if kind == ["kill"]:
                 os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
+            if kind == ["term"]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
         if nan_at == str(step + 1):
             images = images * float("nan")
         yield images, index

@@ -7,6 +7,7 @@ when they are reported, so a step never waits for the host (no ``.item()`` per s
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from vae_dist import binarize, faults
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
-from vae_dist.distributed import any_rank, main_print, on_main_then_share
+from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import ConfigError, TrainingError
 from vae_dist.evaluate import protocol, validate
 from vae_dist.loss import negative_bound
@@ -127,8 +128,11 @@ class Learner:
         self.position = Position.start(run_id, accelerator.num_processes)
         self.meter = TrainMeter(accelerator.device)
 
-    def fit(self) -> nn.Module:
-        """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model."""
+    def fit(self, stop: Optional[StopRequest] = None) -> nn.Module:
+        """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model.
+
+        ``stop``: a StopRequest the caller has entered and keeps past this call (so a stop
+        that comes after the last step is still seen); else fit installs its own."""
         if self.resume:
             self._restore()
         cfg, pos, meter = self.config, self.position, self.meter
@@ -144,7 +148,7 @@ class Learner:
                 # signal): end the epoch in progress as a run stopped by max_steps would.
                 self._start_epoch()
                 self._end_epoch()
-            with StopRequest() as stop:
+            with nullcontext(stop) if stop is not None else StopRequest() as stop:
                 while pos.epoch < cfg.epochs and not self._max_steps_reached():
                     noise, coins = self._start_epoch()
                     progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
@@ -164,8 +168,9 @@ class Learner:
                             progress.step()
                             if pos.global_step % cfg.log_every_steps == 0:
                                 self._log_train(progress)
-                            if self._stop_agreed(stop):
-                                raise Preempted(stop.signum or 0, str(self._save()))
+                            signum = self._stop_agreed(stop)
+                            if signum:
+                                raise Preempted(signum, str(self._save()))
                             if self._max_steps_reached():
                                 break
                             self.checkpointer.maybe_save(pos.global_step, pos.batches_done < self.steps_per_epoch,
@@ -225,12 +230,14 @@ class Learner:
         m = self.config.max_steps
         return m is not None and self.position.global_step >= m
 
-    def _stop_agreed(self, stop: StopRequest) -> bool:
+    def _stop_agreed(self, stop: StopRequest) -> int:
+        """The signal every rank stops for (0: none): the largest signal number any rank
+        received, so a rank that got none stops for, and names, the same one."""
         if self.acc.num_processes == 1:
-            return stop.requested
+            return stop.signum or 0
         if self.position.global_step % STOP_SYNC_EVERY:
-            return False
-        return any_rank(self.acc, stop.requested)
+            return 0
+        return max_over_ranks(self.acc, stop.signum or 0)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t

@@ -1,7 +1,8 @@
-"""Preemption: turn SIGTERM/SIGINT into a request to stop after the current step.
+"""Preemption: turn SIGTERM/SIGINT/SIGHUP into a request to stop after the current step.
 
 The train loop polls ``requested``; the Learner then checkpoints and exits. A second
-SIGINT raises KeyboardInterrupt at once, for a user who does not want to wait.
+SIGINT raises KeyboardInterrupt at once, for a user who does not want to wait. SIGHUP (a
+closed terminal) is a stop request like SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,13 +13,37 @@ from types import FrameType
 from typing import Any, Optional
 
 
-class Preempted(Exception):
-    """Raised after the run was checkpointed because a stop was requested."""
+# The signals that ask for a stop after the current step.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, signum: int, checkpoint: str):
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; a number that names no signal is still printable."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Preempted(Exception):
+    """Raised on every rank after the run was checkpointed because a stop was requested.
+
+    ``finished``: the stop came after training ended; ``checkpoint`` is then the exported
+    model file, complete, and there is nothing to resume."""
+
+    def __init__(self, signum: int, checkpoint: str, *, finished: bool = False):
         self.signum = signum
         self.checkpoint = checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} at {checkpoint}")
+        self.finished = finished
+        super().__init__(f"stopped by {signal_name(signum)} at {checkpoint}")
+
+    @property
+    def line(self) -> str:
+        """The one line the CLI prints for it (on rank 0)."""
+        name = signal_name(self.signum)
+        if self.finished:
+            return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
+        return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus --resume."
 
 
 class StopRequest:
@@ -39,7 +64,7 @@ class StopRequest:
         # Signal handlers can only be installed from the main thread (e.g. not in a
         # notebook worker thread); there the run simply is not preemptible.
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 

@@ -26,11 +26,12 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, se
 from vae_dist import binarize, data, evaluate, images, inference, mnist, modelfile, rundir
 from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
-from vae_dist.distributed import main_print, on_main_then_share
+from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError
 from vae_dist.learner import Learner
 from vae_dist.model import VAE
 from vae_dist.position import Position
+from vae_dist.signals import Preempted, StopRequest
 from vae_dist.summary import format_summary
 from vae_dist.tracking import Tracker, close_trackers, new_run_id, resolve_mode, wants_tracker
 
@@ -250,7 +251,22 @@ def _train(
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
     )
     t0 = time.perf_counter()
-    learner.fit()
+    # One stop request from the first step to the end of the export: a SIGTERM/SIGINT/SIGHUP
+    # after the last step (final validation, the export) lets the export finish, and the
+    # run then ends with the stop's line and exit status, the same on every rank.
+    with StopRequest() as stop:
+        path = _fit_and_export(acc, config, learner, root, stop, say, t0)
+        signum = max_over_ranks(acc, stop.signum or 0)
+    if signum:
+        raise Preempted(signum, str(path), finished=True)
+    return path
+
+
+def _fit_and_export(
+    acc: Accelerator, config: TrainingConfig, learner: Learner, root: Path, stop: StopRequest,
+    say: Callable[[str], None], t0: float,
+) -> Path:
+    learner.fit(stop)
     # Every rank takes part in gathering the weights (needed for sharded models); one writes.
     # Without the compile wrapper's "_orig_mod." in the names: the file is the plain model's.
     state = modelfile.strip_compile_prefix(acc.get_state_dict(learner.model))
