@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import signal
 import sys
 import typing
 from enum import Enum
