@@ -284,6 +284,7 @@ def _refused_in_one_line(argv, named: Path, cause: str, tmp_path: Path, capsys, 
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.slow  # a real run folder and the real MNIST files
 @pytest.mark.parametrize("case", ["resume-long-artifact-dir", "long-artifact-dir", "long-data-dir",
                                   "resume-denied-run", "denied-data-dir"])
 def test_train_on_a_path_the_file_system_refuses_is_one_line_and_touches_nothing(
@@ -305,6 +306,7 @@ def test_train_on_a_path_the_file_system_refuses_is_one_line_and_touches_nothing
     _refused_in_one_line(argv, named, cause, tmp_path, capsys, monkeypatch)
 
 
+@pytest.mark.slow  # a real run folder and the real MNIST files
 @pytest.mark.parametrize("case", ["long-run", "long-data-dir", "denied-run", "denied-data-dir"])
 def test_evaluate_on_a_path_the_file_system_refuses_is_one_line(
     case, data_dir, finished_run, tmp_path, capsys, monkeypatch
@@ -323,6 +325,7 @@ def test_evaluate_on_a_path_the_file_system_refuses_is_one_line(
     _refused_in_one_line(argv, named, cause, tmp_path, capsys, monkeypatch)
 
 
+@pytest.mark.slow  # a real run folder and the real MNIST files
 @pytest.mark.parametrize("case", ["sample-long-run", "sample-long-out", "sample-denied-out-folder",
                                   "reconstruct-long-data-dir", "interpolate-denied-run"])
 def test_a_picture_command_on_a_path_the_file_system_refuses_is_one_line_and_writes_nothing(
