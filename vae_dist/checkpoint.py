@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from vae_dist.distributed import any_rank, on_main_then_share
-from vae_dist.errors import CheckpointError
+from vae_dist.errors import CheckpointError, first_line
 from vae_dist.fileio import atomic_write
 
 MANIFEST = "MANIFEST.json"
@@ -266,7 +266,7 @@ class Checkpointer(Generic[S]):
         try:
             acc.load_state(str(found.path))
         except Exception as e:  # corrupt archive, wrong shapes, ...
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            error = f"{type(e).__name__}: {first_line(e)}"
         if any_rank(acc, error is not None):
             return error or "failed on another rank"
         return None

@@ -51,16 +51,13 @@ def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError:
     (a fresh one: only its message travels), anything else as a MainProcessError."""
     if isinstance(e, errors.VaeDistError):
         return type(e)(str(e))
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = errors.first_line(e)
     return errors.MainProcessError(f"the main process failed ({type(e).__name__}{': ' + first if first else ''})")
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (one tiny all-reduce)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+    return max_over_ranks(accelerator, int(flag)) > 0
 
 
 def max_over_ranks(accelerator: Accelerator, value: int) -> int:

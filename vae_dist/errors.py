@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" for none): what a one-line error quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class VaeDistError(Exception):
     """A problem with the user's input or environment that the user can fix.
 

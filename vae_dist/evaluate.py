@@ -19,7 +19,7 @@ import torch
 
 from vae_dist import binarize, data, mnist
 from vae_dist.config import LossConfig, TrainingConfig
-from vae_dist.errors import VaeDistError
+from vae_dist.errors import VaeDistError, first_line
 from vae_dist.loss import log_importance_weights, negative_elbo, reconstruction
 from vae_dist.model import VAE
 from vae_dist.noise import eval_noise, generator
@@ -110,7 +110,7 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
     try:
         acc = Accelerator(cpu=True)
     except (ValueError, RuntimeError) as e:  # e.g. an ACCELERATE_* variable it cannot read
-        raise VaeDistError(f"cannot set up the accelerator: {str(e).splitlines()[0]}") from None
+        raise VaeDistError(f"cannot set up the accelerator: {first_line(e)}") from None
     try:
         loader = data.make_loader(
             data.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0

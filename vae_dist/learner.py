@@ -233,11 +233,9 @@ class Learner:
     def _stop_agreed(self, stop: StopRequest) -> int:
         """The signal every rank stops for (0: none): the largest signal number any rank
         received, so a rank that got none stops for, and names, the same one."""
-        if self.acc.num_processes == 1:
-            return stop.signum or 0
-        if self.position.global_step % STOP_SYNC_EVERY:
+        if self.acc.num_processes > 1 and self.position.global_step % STOP_SYNC_EVERY:
             return 0
-        return max_over_ranks(self.acc, stop.signum or 0)
+        return max_over_ranks(self.acc, stop.signum or 0)  # no collective on one process
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t

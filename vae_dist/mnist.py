@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from vae_dist.errors import DataError
+from vae_dist.errors import DataError, first_line
 from vae_dist.fileio import checking
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -87,7 +87,7 @@ def read_idx(path: Path, magic: int, count: int) -> torch.Tensor:
             if f.read(1):
                 raise DataError(f"MNIST file {path} is padded: longer than the {header + size} bytes its header gives")
     except READ_ERRORS as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e) or type(e).__name__
         raise DataError(f"MNIST file {path} cannot be read ({type(e).__name__}: {text})") from None
     t = torch.frombuffer(body, dtype=torch.uint8)
     if ndim == 3:
@@ -132,7 +132,7 @@ def download(cache_dir: str | Path) -> Path:
             MNIST(str(root), train=train, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError offline
         raise DataError(
-            f"could not download MNIST into {root} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"could not download MNIST into {root} ({type(e).__name__}: {first_line(e)}); "
             "with no network, point --data-dir at a folder holding the four MNIST IDX files"
         ) from None
     return root / "MNIST" / "raw"

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save
 
 from vae_dist.config import TrainingConfig
-from vae_dist.errors import ArtifactError, ConfigError
+from vae_dist.errors import ArtifactError, ConfigError, first_line
 from vae_dist.fileio import checking
 from vae_dist.model import VAE, parameter_count
 from vae_dist.rundir import MODEL, write_run_file
@@ -73,7 +73,7 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
                 raise ArtifactError(f"model file {p} does not match its config: {mismatch}")
             state = strip_compile_prefix({k: f.get_tensor(k) for k in f.keys()})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"model file {p} is not a readable safetensors file: {_first_line(e)}") from None
+        raise ArtifactError(f"model file {p} is not a readable safetensors file: {first_line(e) or type(e).__name__}") from None
     model = VAE.from_config(config.model)
     model.load_state_dict(state)  # the names and shapes were checked above
     return model.eval(), config
@@ -85,7 +85,7 @@ def _declared_config(p: Path, meta: dict[str, str]) -> TrainingConfig:
     try:
         config = TrainingConfig.from_dict(json.loads(meta["vae_dist_config"]))
     except (ValueError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise ArtifactError(f"model file {p} carries an unreadable config: {_first_line(e)}") from None
+        raise ArtifactError(f"model file {p} carries an unreadable config: {first_line(e) or type(e).__name__}") from None
     try:
         check_model_size(config, f"model file {p}")
     except ConfigError as e:
@@ -103,8 +103,3 @@ def _shape_mismatch(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, 
         if want[name] != got[name]:
             return f"{name} has shape {list(got[name])} where the model has {list(want[name])}"
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from accelerate import Accelerator
 
 from vae_dist.config import TrainingConfig
+from vae_dist.errors import first_line
 
 # WANDB_MODE values W&B itself accepts, as the mode they mean here.
 ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
@@ -60,8 +61,8 @@ def resolve_mode(requested: Optional[str], say: Callable[[str], None]) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    text = first_line(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _bounded_settings(mode: str) -> Any:

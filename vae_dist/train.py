@@ -27,7 +27,7 @@ from vae_dist import binarize, data, evaluate, images, inference, mnist, modelfi
 from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
-from vae_dist.errors import ArtifactError, ConfigError
+from vae_dist.errors import ArtifactError, ConfigError, first_line
 from vae_dist.learner import Learner
 from vae_dist.model import VAE
 from vae_dist.position import Position
@@ -77,7 +77,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
             dynamo_backend="inductor" if config.compile else None,
         )
     except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"cannot set up the accelerator: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot set up the accelerator: {first_line(e)}") from None
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Adam:
