@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, Checkpointer, read_manifest, rotation_plan
+from vae_dist.config import TrainingConfig
 from vae_dist.errors import CheckpointError
 from vae_dist.position import Position
 
@@ -46,7 +47,8 @@ def _make_checkpoint(folder: Path, step: int = 13) -> dict:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
     state = {"epoch": 1, "batches_done": step - 10, "global_step": step, "train_sums": [3.0, 2.0, 1.0, 96.0],
-             "history": [copy.deepcopy(ROW)], "wandb_run_id": "abc", "num_processes": 1}
+             "history": [copy.deepcopy(ROW)], "wandb_run_id": "abc", "num_processes": 1,
+             "config": TrainingConfig().to_dict()}
     manifest = {
         "format": 2, "global_step": step,
         "files": {rel: len(data) for rel, data in files.items()},
@@ -134,6 +136,7 @@ UNUSABLE = {
     "a loss a string": _in_row(**{"valid/loss": "low"}),
     "a finished epoch not complete": _in_row(complete_epoch=False),
     "a protocol that is a list": _in_row(protocol=[]),
+    "a config the trainer refuses": _do(lambda m: m["state"]["config"].update(seed=-1)),
 }
 # Edits of the text itself (non-finite numbers and nesting are not what json.dumps writes).
 UNUSABLE_TEXT = {
@@ -204,5 +207,5 @@ def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monke
     monkeypatch.setattr(acc, "save_state", full)
     ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$"):
-        ck.save(0, Position.start("abc", 1))
+        ck.save(0, Position.start("abc", 1, TrainingConfig()))
     assert not list((tmp_path / "checkpoints").iterdir())  # no debris

@@ -35,8 +35,10 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return (x * 255).to(torch.uint8)
 
 
-def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", **overrides) -> Learner:
-    """A Learner on 320 synthetic images (10 steps per epoch); ``log`` receives the checkpointer's lines."""
+def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", ranks: int = 1, **overrides) -> Learner:
+    """A Learner on 320 synthetic images (10 steps per epoch), restored if ``resume``; ``log``
+    receives the checkpointer's lines. ``ranks``: train as that many processes would, on one
+    (a global batch of ranks x 32: 10 / ranks steps per epoch)."""
     cfg = TrainingConfig.from_dict(
         {
             "model": {"kind": "mlp", "hidden_sizes": [32], "latent_size": 4},
@@ -51,14 +53,18 @@ def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", **ov
     acc = Accelerator(cpu=True)
     set_seed(cfg.seed)
     model = VAE.from_config(cfg.model)
-    train = data.make_loader(data.MnistImages(_images(NUM_IMAGES, 0)), 32, shuffle_seed=cfg.seed, drop_last=True, num_workers=0)
+    train = data.make_loader(data.MnistImages(_images(NUM_IMAGES, 0)), 32 * ranks, shuffle_seed=cfg.seed, drop_last=True,
+                             num_workers=0)
     valid = data.make_loader(data.MnistImages(_images(100, 1)), 100, shuffle_seed=None, drop_last=False, num_workers=0)
-    return Learner(
+    learner = Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
         artifact_dir=tmp_path, tracker=Tracker(acc, "disabled"),
         checkpointer=Checkpointer(acc, tmp_path / rundir.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position),
-        resume=resume, run_id=run_id,
+        run_id=run_id,
     )
+    if resume:
+        learner.restore()
+    return learner
 
 
 def _weights(model: torch.nn.Module) -> torch.Tensor:

@@ -31,6 +31,7 @@ from vae_dist import rundir
 from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, file_sha256, read_manifest
 from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 from vae_dist.position import Position
+from vae_dist.schedule import learning_rate
 
 
 # ----------------------------------------------------------------------- in process
@@ -184,15 +185,17 @@ CANNOT_CONTINUE = {
                                  r"step-000000008 with 1 process\(es\): it was written by 2"),
     "batches beyond the epoch": (_far_into_the_epoch, CheckpointError,
                                  r"step-000000008: it is 1000000 batches into an epoch of 10"),
+    # The config it was trained under, not config.json (which can be edited), is the run's.
+    "trained with another seed": (lambda m: m["state"]["config"].update(seed=7), ConfigError,
+                                  r"^cannot resume: seed is 42 but step-000000008 was trained with 7$"),
 }
 
 
 @pytest.mark.parametrize("edit, error, match", CANNOT_CONTINUE.values(), ids=CANNOT_CONTINUE.keys())
 def test_a_checkpoint_this_run_cannot_continue_is_refused(preempted, edit, error, match):
     _edit_manifest(preempted / rundir.CHECKPOINTS / "step-000000008", edit)
-    learner = _learner(preempted, epochs=1, resume=True)
     with pytest.raises(error, match=match):
-        learner.fit()
+        _learner(preempted, epochs=1, resume=True)
     assert not (preempted / rundir.METRICS).exists()
 
 
@@ -201,6 +204,20 @@ def test_max_steps_below_the_checkpoint_is_refused_before_writing(preempted):
     with pytest.raises(ConfigError, match=r"--max-steps 5 .*step 8"):
         _learner(preempted, epochs=1, max_steps=5, resume=True).fit()
     assert sorted(str(p) for p in preempted.rglob("*")) == before
+
+
+def test_resume_at_an_epoch_end_with_another_process_count_ends_the_schedules_on_time(tmp_path):
+    # Epoch 1 as 2 processes (5 steps), epoch 2 as 1 (10 steps): the warm-ups and the
+    # cosine are functions of the epochs done, so the run ends as a 1-process one does, on
+    # the rate of epoch 2's last step and the full KL weight (not 3 steps early, at 0.75).
+    schedules = {"optimizer": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_epochs": 0.5},
+                 "loss": {"kl_warmup_epochs": 2.0}}
+    _learner(tmp_path, epochs=2, max_steps=5, ranks=2, **schedules).fit()
+    resumed = _learner(tmp_path, epochs=2, resume=True, **schedules)
+    resumed.fit()
+    last = resumed.position.history[-1]
+    one_process_end = (learning_rate(resumed.config.optimizer, 1, 9, 10, 2), 1.0)
+    assert (last["epoch"], last["step"], (last["train/lr"], last["train/kl_weight"])) == (2, 15, one_process_end)
 
 
 def test_max_steps_at_the_checkpoint_ends_that_partial_epoch(preempted):
@@ -231,6 +248,30 @@ def test_resume_refuses_a_changed_field_and_touches_nothing(finished_run, tmp_pa
     line = one_error_line(main_in_process(["train", "--artifact-dir", str(art), "--resume", "--model", "conv"], capsys))
     assert "model.kind" in line and "resume" in line, line
     assert _snapshot(art) == before
+
+
+def _edit_seed(art: Path) -> list[str]:
+    config = json.loads((art / rundir.CONFIG).read_text())
+    (art / rundir.CONFIG).write_text(json.dumps({**config, "seed": 7}))
+    return []
+
+
+REFUSED_AT_THE_CHECKPOINT = {
+    # name: (what is done to the run, the flags after --resume, the error's words)
+    "max-steps below it": (lambda art: ["--max-steps", "5"], "--max-steps 5 is below step 20"),
+    "config.json edited": (_edit_seed, "seed is 7 but step-000000020 was trained with 42"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, said", REFUSED_AT_THE_CHECKPOINT.values(), ids=REFUSED_AT_THE_CHECKPOINT.keys())
+def test_a_resume_the_checkpoint_refuses_touches_nothing(change, said, finished_run, tmp_path, capsys):
+    art = copy_run(finished_run, tmp_path)
+    flags = change(art)
+    before = _snapshot(art)
+    line = one_error_line(main_in_process(["train", "--artifact-dir", str(art), "--resume", *flags], capsys))
+    assert said in line, line
+    assert _snapshot(art) == before  # config.json included: it is written only after the checkpoint's checks
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ class OptimizerConfig(Section):
     )
     schedule: Literal["constant", "cosine", "burda"] = option(
         "cosine",
-        "Learning-rate schedule, a function of the step: constant; cosine = linear warm-up, then cosine decay to 0 "
+        "Learning-rate schedule, a function of the epochs done: constant; cosine = linear warm-up, then cosine decay to 0 "
         "at the last step; burda = Burda et al.'s 3^i epochs at lr x 10^(-i/7), i = 0..7.",
         flag="--lr-schedule",
     )
@@ -351,12 +351,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_mismatch(saved: TrainingConfig, given: TrainingConfig) -> Optional[str]:
-    """Name the fields that shape the model or data and differ, else None."""
+def resume_mismatch(
+    saved: TrainingConfig, given: TrainingConfig, saved_as: str = "the run being resumed used"
+) -> Optional[str]:
+    """Name the fields that shape the model or data and differ, else None. The resume rule,
+    for config.json against the flags and for a checkpoint's config against config.json."""
     a, b = _flatten(saved.to_dict()), _flatten(given.to_dict())
     differ = [key for key in sorted(a) if key not in RESUMABLE_FIELDS and a[key] != b.get(key)]
     if not differ:
         return None
     first, *rest = sorted(differ, key=lambda k: not k.endswith(".kind"))  # the architecture explains the rest
     also = f" (and {', '.join(rest)} with it)" if rest else ""
-    return f"{first} is {b.get(first)!r} but the run being resumed used {a[first]!r}{also}"
+    return f"{first} is {b.get(first)!r} but {saved_as} {a[first]!r}{also}"

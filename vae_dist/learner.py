@@ -22,7 +22,7 @@ from vae_dist import binarize, faults
 from vae_dist.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
-from vae_dist.errors import ConfigError, TrainingError
+from vae_dist.errors import TrainingError
 from vae_dist.evaluate import protocol, validate
 from vae_dist.loss import negative_bound
 from vae_dist.meter import TrainMeter
@@ -102,12 +102,12 @@ class Learner:
         artifact_dir: Path,
         tracker: Tracker,
         checkpointer: Checkpointer[Position],
-        resume: bool = False,
         run_id: str = "",
         on_epoch_end: Optional[Callable[[VAE, int, int], None]] = None,
     ):
         """``on_epoch_end(model, epoch, step)`` runs after each epoch's validation, on the
-        main process only and with the unwrapped model, so it may not be collective."""
+        main process only and with the unwrapped model, so it may not be collective.
+        A run that resumes calls ``restore()`` before ``fit()``."""
         self.acc = accelerator
         self.config = config
         self.latent = model.latent_size
@@ -122,10 +122,9 @@ class Learner:
         self.artifact_dir = artifact_dir
         self.tracker = tracker
         self.checkpointer = checkpointer
-        self.resume = resume
         self.on_epoch_end = on_epoch_end
         self.say: Callable[[str], None] = main_print(accelerator)
-        self.position = Position.start(run_id, accelerator.num_processes)
+        self.position = Position.start(run_id, accelerator.num_processes, config)
         self.meter = TrainMeter(accelerator.device)
 
     def fit(self, stop: Optional[StopRequest] = None) -> nn.Module:
@@ -133,14 +132,7 @@ class Learner:
 
         ``stop``: a StopRequest the caller has entered and keeps past this call (so a stop
         that comes after the last step is still seen); else fit installs its own."""
-        if self.resume:
-            self._restore()
         cfg, pos, meter = self.config, self.position, self.meter
-        if cfg.max_steps is not None and pos.global_step > cfg.max_steps:
-            raise ConfigError(
-                f"--max-steps {cfg.max_steps} is below step {pos.global_step}, where the checkpoint resumed from "
-                f"stopped; give at least {pos.global_step}"
-            )
         self.tracker.start(cfg, pos.wandb_run_id or "", self.artifact_dir)
         try:
             if self._max_steps_reached() and (not pos.history or pos.history[-1].get("step") != pos.global_step):
@@ -159,8 +151,8 @@ class Learner:
                                 images_batch = binarize.apply(images_batch, coins.index_select(0, index))
                             sums, loss = train_step(
                                 self.model, self.step_optimizer, self.acc, images_batch, noise.index_select(0, index),
-                                recon_loss=cfg.loss.recon_loss, kl_weight=kl_weight(cfg.loss, pos.global_step, self.steps_per_epoch),
-                                max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(pos.global_step),
+                                recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(),
+                                max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(),
                             )
                             pos.global_step += 1
                             pos.batches_done += 1
@@ -184,14 +176,19 @@ class Learner:
 
     # ------------------------------------------------------------ pieces
 
-    def _restore(self) -> None:
-        """Load the newest usable checkpoint into the prepared objects and take its position."""
+    def restore(self) -> None:
+        """Load the newest usable checkpoint into the prepared objects and take its position,
+        or refuse it (another config, --max-steps below it, ...). Apart from the lock, the
+        run folder is as it was until this has passed: train() writes config.json after it."""
         found = self.checkpointer.load_latest()
         if found is None:
             self.say("--resume: no checkpoint written yet; starting from step 0")
             return
-        found.manifest.state.check_resumable(found.path.name, self.acc.num_processes, self.steps_per_epoch)
-        self.position = found.manifest.state.model_copy(update={"num_processes": self.acc.num_processes})
+        found.manifest.state.check_resumable(found.path.name, self.config, self.acc.num_processes, self.steps_per_epoch)
+        # From here on the checkpoints record this run's config (a resumable field may have changed).
+        self.position = found.manifest.state.model_copy(
+            update={"num_processes": self.acc.num_processes, "config": self.config}
+        )
         self.say(
             f"resumed from {found.path.name}: epoch {self.position.epoch + 1}, "
             f"batch {self.position.batches_done}/{self.steps_per_epoch}, step {self.position.global_step}"
@@ -221,10 +218,17 @@ class Learner:
         loader = self.acc.skip_first_batches(self.train_loader, pos.batches_done) if pos.batches_done else self.train_loader
         return faults.inject(loader, self.acc.process_index, pos.global_step) if faults.active() else loader
 
-    def _lr(self, step: int) -> Optional[float]:
-        # The schedule spans --epochs (not --max-steps), so that a run stopped by max_steps
-        # and resumed follows the same rates as an uninterrupted one.
-        return learning_rate(self.config.optimizer, step, self.steps_per_epoch, self.config.epochs * self.steps_per_epoch)
+    def _lr(self) -> Optional[float]:
+        """The rate of the step about to be taken. The schedule spans --epochs (not
+        --max-steps), so that a run stopped by max_steps and resumed follows the same rates
+        as an uninterrupted one."""
+        pos = self.position
+        return learning_rate(self.config.optimizer, pos.epoch, pos.batches_done, self.steps_per_epoch, self.config.epochs)
+
+    def _kl_weight(self) -> float:
+        """The KL weight at the position: of the step about to be taken, or after the last."""
+        pos = self.position
+        return kl_weight(self.config.loss, pos.epoch, pos.batches_done, self.steps_per_epoch)
 
     def _max_steps_reached(self) -> bool:
         m = self.config.max_steps
@@ -287,7 +291,7 @@ class Learner:
             "train/samples": int(count),
             **valid,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/kl_weight": kl_weight(self.config.loss, pos.global_step, self.steps_per_epoch),
+            "train/kl_weight": self._kl_weight(),
             "epoch_seconds": train_seconds + valid_seconds,
             "valid_seconds": valid_seconds,
             "samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,

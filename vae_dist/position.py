@@ -7,12 +7,13 @@ written, fails validation, and the checkpointer then skips that checkpoint.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Union
+from typing import Annotated, Any, Callable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapValidator, model_validator, with_config
 from typing_extensions import TypedDict
 
-from vae_dist.errors import CheckpointError, TrainingError
+from vae_dist.config import TrainingConfig, resume_mismatch
+from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 
 Count = Annotated[int, Field(ge=0)]
 
@@ -27,6 +28,20 @@ Row = with_config(ConfigDict(strict=True, extra="forbid"))(TypedDict("Row", {
 }))
 
 
+
+def _invalid_not_refused(value: Any, handler: Callable[[Any], TrainingConfig]) -> TrainingConfig:
+    # A config the schema refuses makes the checkpoint unusable (a ValueError for the
+    # checkpointer, which skips it), not the run's own config error.
+    try:
+        return handler(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+# Saved as config.json's JSON object.
+SavedConfig = Annotated[TrainingConfig, WrapValidator(_invalid_not_refused), PlainSerializer(TrainingConfig.to_dict)]
+
+
 class Position(BaseModel):
     # inf and NaN are written as such (JSON constants) so that a row keeps them.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
@@ -39,11 +54,13 @@ class Position(BaseModel):
     history: list[Row]
     wandb_run_id: Optional[str]
     num_processes: Annotated[int, Field(ge=1)]  # batches_done counts global batches of this many ranks
+    # The config the run trained under up to here: config.json can be edited, this cannot.
+    config: SavedConfig
 
     @classmethod
-    def start(cls, wandb_run_id: str, num_processes: int) -> Position:
+    def start(cls, wandb_run_id: str, num_processes: int, config: TrainingConfig) -> Position:
         return cls(epoch=0, batches_done=0, global_step=0, train_sums=[0.0] * 4, history=[],
-                   wandb_run_id=wandb_run_id, num_processes=num_processes)
+                   wandb_run_id=wandb_run_id, num_processes=num_processes, config=config)
 
     @model_validator(mode="after")
     def _as_the_trainer_writes_it(self) -> Position:
@@ -61,8 +78,16 @@ class Position(BaseModel):
             raise ValueError("the epoch in progress's row must lie inside it")
         return self
 
-    def check_resumable(self, name: str, num_processes: int, steps_per_epoch: int) -> None:
-        """Whether a run of ``num_processes`` ranks and ``steps_per_epoch`` can continue from here."""
+    def check_resumable(self, name: str, config: TrainingConfig, num_processes: int, steps_per_epoch: int) -> None:
+        """Whether a run of ``config``, ``num_processes`` ranks and ``steps_per_epoch`` can continue from here."""
+        mismatch = resume_mismatch(self.config, config, saved_as=f"{name} was trained with")
+        if mismatch:
+            raise ConfigError(f"cannot resume: {mismatch}")
+        if config.max_steps is not None and self.global_step > config.max_steps:
+            raise ConfigError(
+                f"--max-steps {config.max_steps} is below step {self.global_step}, where {name} "
+                f"stopped; give at least {self.global_step}"
+            )
         if self.batches_done and self.num_processes != num_processes:
             raise TrainingError(
                 f"cannot resume mid-epoch from {name} with {num_processes} process(es): it was written by "

@@ -1,8 +1,9 @@
 """``train(config)``: the canonical Accelerate order, from a config to a saved model.
 
 Accelerator -> data -> every check that can fail (batch size, model size, resume) -> seed
--> model -> optimizer -> artifact directory (locked) -> config.json -> Learner.fit (which
-prepares) -> model.safetensors, loss curves and the summary. Nothing in the artifact
+-> model -> optimizer -> artifact directory (locked) -> Learner (which prepares) -> its
+restore (--resume: the checkpoint's checks) -> config.json -> Learner.fit
+-> model.safetensors, loss curves and the summary. Nothing in the artifact
 directory is created or deleted until everything that can be checked first has passed.
 """
 
@@ -210,7 +211,6 @@ def _train(
     model = VAE.from_config(config.model)
     optimizer = make_optimizer(model, config.optimizer)
     root = on_main_then_share(acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite))
-    on_main_then_share(acc, lambda: rundir.write_config(root, config))
 
     workers = config.data.num_workers
     if acc.device.type == "cuda":
@@ -246,10 +246,12 @@ def _train(
             acc, root / rundir.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
             schema=Position,
         ),
-        resume=resume,
         run_id=new_run_id(),
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
     )
+    if resume:
+        learner.restore()  # what it refuses (another config, --max-steps below the checkpoint) leaves config.json as it was
+    on_main_then_share(acc, lambda: rundir.write_config(root, config))
     t0 = time.perf_counter()
     # One stop request from the first step to the end of the export: a SIGTERM/SIGINT/SIGHUP
     # after the last step (final validation, the export) lets the export finish, and the
