@@ -214,7 +214,10 @@ class BareStep:
         torch.manual_seed(config.seed)
         self.device, self.loss = device, config.loss
         self.model = VAE.from_config(config.model).to(device)
-        self.forward: Callable[..., Any] = torch.compile(self.model) if config.compile else self.model
+        # The mode Accelerate compiles the trainer's model with (its ACCELERATE_DYNAMO_MODE,
+        # e.g. reduce-overhead for CUDA graphs), so that the two loops compare like with like.
+        mode = os.environ.get("ACCELERATE_DYNAMO_MODE") or None
+        self.forward: Callable[..., Any] = torch.compile(self.model, mode=mode) if config.compile else self.model
         lr = config.optimizer.learning_rate
         self.optimizer = (
             torch.optim.Adam(self.model.parameters(), lr=lr) if usual_adam else make_optimizer(self.model, config.optimizer)

@@ -118,3 +118,28 @@ def test_canonical_example_reports_its_time_and_loss():
     # Nats per test image: an untrained model scores about 543 (784 pixels x log 2); 8 steps
     # of the example bring it to about 326.
     assert 0 < out["final_test_loss"] < 450
+
+
+@pytest.mark.slow
+def test_gpu_run_dry_run_fills_every_step(data_dir, tmp_path):
+    # The device check's script, on the CPU with tiny sizes: every step runs and reports.
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_run.py"), "--dry-run", "--out", str(tmp_path)], cwd=REPO,
+                       env=cli_env(VAE_DIST_DATA_DIR=str(data_dir)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    steps = summary["steps"]
+    assert list(steps) == ["setup", "nccl", "cuda_tests", "throughput_mlp", "throughput_deep_mlp",
+                           "throughput_mlp_graphs", "canonical", "time_to_quality", "iw_nll"]
+    assert all(s["status"].startswith("ok") and s["figures"] for s in steps.values()), {k: s.get("reason") for k, s in steps.items()}
+    figures = {name: s["figures"] for name, s in steps.items()}
+    assert figures["nccl"]["all_reduce_ok"] is True
+    # test_cuda.py collects every test, all skipped without CUDA.
+    assert figures["cuda_tests"]["counts"]["skipped"] == len(figures["cuda_tests"]["tests"]) > 0
+    assert figures["throughput_mlp"]["model"] == "mlp" and figures["throughput_mlp"]["trainer_s_per_epoch"] > 0
+    assert figures["throughput_deep_mlp"]["model"] == "deep-mlp" and figures["throughput_deep_mlp"]["batch_size"] == 64
+    assert figures["canonical"]["wall_s"] > 0
+    assert [p["epoch"] for p in figures["time_to_quality"]["curve"]] == [1, 2]
+    assert figures["iw_nll"]["iw_nll"] > 0 and figures["iw_nll"]["protocol"]["data"].startswith("binarized")
+    assert set(summary["targets"].values()) <= {True, False, None} and len(summary["targets"]) == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cuda_tests.xml", "gpu_run.log", "summary.json",
+                                                          "ttq_metrics.jsonl"]  # at most 8 files come back
