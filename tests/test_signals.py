@@ -136,6 +136,42 @@ def test_a_stop_after_the_last_step_is_kept_for_the_caller(tmp_path, stray_signa
     assert stray_signals == []
 
 
+@pytest.mark.parametrize("signum", STOPS)
+def test_a_stop_before_the_first_step_ends_the_run_at_once_with_one_line(tmp_path, monkeypatch, capsys, signum,
+                                                                         stray_signals) -> None:
+    """While the data loads there is nothing to checkpoint: the run ends there with the
+    stop's line and 128 + the signal (it used to die of SIGTERM/SIGHUP without a word, or
+    print "interrupted" for SIGINT), as an exception out of train(), before the artifact
+    folder exists."""
+    from vae_dist import train as training
+
+    def loading(accelerator, config):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the set-up went on after the signal")
+
+    monkeypatch.setattr(training, "load_images", loading)
+    art = tmp_path / "run"
+    ran = main_in_process(small_train_args(tmp_path / "mnist", art), capsys)
+    assert ran.returncode == 128 + signum, ran.stderr[-3000:]
+    assert ran.stderr.strip() == f"stopped by {signal_name(signum)} before the first training step; nothing was " \
+        "trained: run the same command again to start."
+    assert not art.exists() and stray_signals == []
+
+
+def test_the_main_processs_stop_reaches_the_other_ranks_as_the_same_stop() -> None:
+    """A stop the main process got inside work it does for all (on_main_then_share) ends
+    the other ranks with the same exit status and no "error:" line of their own."""
+    import pickle
+
+    from vae_dist.distributed import as_seen_by_the_others
+    from vae_dist.signals import StoppedBeforeStart
+
+    seen = pickle.loads(pickle.dumps(as_seen_by_the_others(StoppedBeforeStart(signal.SIGTERM))))  # as broadcast
+    assert type(seen) is StoppedBeforeStart and seen.signum == signal.SIGTERM
+    ran = pickle.loads(pickle.dumps(as_seen_by_the_others(Preempted(signal.SIGINT, "ckpt", finished=True))))
+    assert (ran.signum, ran.checkpoint, ran.finished) == (signal.SIGINT, "ckpt", True)
+
+
 @pytest.mark.slow
 def test_sigterm_during_the_export_finishes_it_and_ends_with_one_line(data_dir, tmp_path, monkeypatch, capsys,
                                                                       stray_signals) -> None:

@@ -7,14 +7,17 @@ included, so no rank is left waiting at a barrier for a main process that has fa
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, TypeVar
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from vae_dist import errors
 from vae_dist.fileio import print_out
+from vae_dist.signals import Preempted
 
 T = TypeVar("T")
 
@@ -29,7 +32,7 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     """
     result: Any = None
     caught: BaseException | None = None
-    error: errors.VaeDistError | None = None
+    error: errors.VaeDistError | Preempted | None = None
     if accelerator.is_main_process:
         try:
             result = fn()
@@ -46,9 +49,13 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     return result
 
 
-def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError:
+def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError | Preempted:
     """The main process's exception as the other ranks raise it: a user error as itself
-    (a fresh one: only its message travels), anything else as a MainProcessError."""
+    (a fresh one: only its message travels), a stop signal as the same stop (so every
+    rank ends with its exit status, and only the main process prints its line), anything
+    else as a MainProcessError."""
+    if isinstance(e, Preempted):
+        return e
     if isinstance(e, errors.VaeDistError):
         return type(e)(str(e))
     first = errors.first_line(e)
@@ -76,3 +83,21 @@ def main_print(accelerator: Accelerator) -> Callable[[str], None]:
             print_out(message, required=False)
 
     return say
+
+
+def lost_process(e: BaseException) -> bool:
+    """Whether ``e`` is a collective or the rendezvous store failing because another process
+    of the run died or cannot be reached (killed, its machine gone, a timeout). NCCL and the
+    store raise torch's DistError types; gloo's transport raises a plain RuntimeError that
+    names its source file (".../gloo/transport/tcp/pair.cc:561] Connection closed by peer")."""
+    if isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(e, RuntimeError) and "gloo/transport/" in str(e)
+
+
+def lost_process_line(e: BaseException) -> str:
+    """The one line for a ``lost_process`` error: what happened, its cause, what to do."""
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", errors.first_line(e))  # gloo's "[file.cc:561] " prefix
+    cause = cause.split(". ")[0].rstrip(".")  # before gloo's and NCCL's generic advice
+    return (f"another process of this run stopped or cannot be reached ({cause}); start the run again on every "
+            "process, with --resume to continue from its last checkpoint")

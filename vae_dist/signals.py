@@ -2,15 +2,18 @@
 
 The train loop polls ``requested``; the Learner then checkpoints and exits. A second
 SIGINT raises KeyboardInterrupt at once, for a user who does not want to wait. SIGHUP (a
-closed terminal) is a stop request like SIGTERM.
+closed terminal) is a stop request like SIGTERM. Before the first step there is nothing to
+checkpoint: a StopRequest made with ``at_once=True`` raises StoppedBeforeStart from its
+handler until ``deferred()`` hands the stop to the loop.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 # The signals that ask for a stop after the current step.
@@ -45,10 +48,32 @@ class Preempted(Exception):
             return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
         return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus --resume."
 
+    def __reduce__(self) -> Any:
+        # It travels from the main process to the others (distributed.on_main_then_share):
+        # the default pickling would call __init__ with the message alone.
+        return (_rebuild, (type(self), self.signum, self.checkpoint, self.finished))
+
+
+def _rebuild(cls: type, signum: int, checkpoint: str, finished: bool) -> "Preempted":
+    return cls(signum, checkpoint, finished=finished)
+
+
+class StoppedBeforeStart(Preempted):
+    """A stop signal during the set-up (loading data, building, preparing): nothing was
+    trained, so nothing is checkpointed; raised at once, on the rank that got it."""
+
+    def __init__(self, signum: int, checkpoint: str = "", *, finished: bool = False):
+        super().__init__(signum, checkpoint)
+
+    @property
+    def line(self) -> str:
+        return f"stopped by {signal_name(self.signum)} before the first training step; nothing was trained: run the same command again to start."
+
 
 class StopRequest:
-    def __init__(self) -> None:
+    def __init__(self, *, at_once: bool = False) -> None:
         self.signum: Optional[int] = None
+        self.at_once = at_once
         self._previous: dict[int, Any] = {}
 
     @property
@@ -56,6 +81,8 @@ class StopRequest:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.at_once:
+            raise StoppedBeforeStart(signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.signum = signum
@@ -72,3 +99,13 @@ class StopRequest:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+
+    @contextmanager
+    def deferred(self) -> Iterator["StopRequest"]:
+        """From here a stop is a request that the loop honours after its step; at the end
+        of the block the handlers that were there before are back."""
+        self.at_once = False
+        try:
+            yield self
+        finally:
+            self.__exit__()

@@ -173,10 +173,18 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 
     Process-wide settings (vae_dist.runtime.prepare_process) are the caller's: the CLI
     applies them at its entry point, before any tensor work."""
+    # A stop signal before the first step (rendezvous, loading, building, preparing) ends
+    # the run at once, as an exception (nothing to checkpoint yet); from the first step
+    # on, _train hands it to the loop as a request.
+    with StopRequest(at_once=True) as stop:
+        return _set_up_and_train(config, stop, resume=resume, overwrite=overwrite)
+
+
+def _set_up_and_train(config: TrainingConfig, stop: StopRequest, *, resume: bool, overwrite: bool) -> Path:
     acc = make_accelerator(config)
     lock = rundir.RunLock()
     try:
-        return _train(acc, config, lock, resume=resume, overwrite=overwrite)
+        return _train(acc, config, lock, stop, resume=resume, overwrite=overwrite)
     finally:
         try:
             # Trackers first, each failure one line: a W&B that never started must not
@@ -196,7 +204,8 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 
 
 def _train(
-    acc: Accelerator, config: TrainingConfig, lock: rundir.RunLock, *, resume: bool, overwrite: bool
+    acc: Accelerator, config: TrainingConfig, lock: rundir.RunLock, stop: StopRequest, *, resume: bool,
+    overwrite: bool,
 ) -> Path:
     # Record the precision actually in force (the launcher may have chosen it).
     config = with_precision(config, acc.mixed_precision)
@@ -256,7 +265,7 @@ def _train(
     # One stop request from the first step to the end of the export: a SIGTERM/SIGINT/SIGHUP
     # after the last step (final validation, the export) lets the export finish, and the
     # run then ends with the stop's line and exit status, the same on every rank.
-    with StopRequest() as stop:
+    with stop.deferred():
         path = _fit_and_export(acc, config, learner, root, stop, say, t0)
         signum = max_over_ranks(acc, stop.signum or 0)
     if signum:
