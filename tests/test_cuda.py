@@ -10,6 +10,7 @@ deterministic on one stream); the conv model's cuDNN kernels need
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -48,21 +49,6 @@ def finite_rows(art: Path) -> list[dict]:
     rows = read_metrics(art)
     assert rows and all(torch.isfinite(torch.tensor([r["train/loss"], r["valid/loss"]])).all() for r in rows), rows
     return rows
-
-
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("mode", [["--mixed-precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])
-def test_each_model_trains_on_cuda(model, mode, data_dir, tmp_path, capsys):
-    art = tmp_path / "run"
-    out = train_ok(cuda_args(data_dir, art, "--model", model, *mode), capsys)
-    assert "on cuda" in out, out[-2000:]
-    finite_rows(art)
-    saved = weights(art)
-    assert saved and not any(k.startswith("_orig_mod.") for k in saved)  # the plain model's names
-    import json
-
-    config = json.loads((art / "config.json").read_text())
-    assert config["mixed_precision"] == ("bf16" if "bf16" in mode else "no") and config["compile"] == ("--compile" in mode)
 
 
 @pytest.mark.parametrize("model,deterministic_cudnn", [("deep-mlp", False), ("conv", True)])
@@ -179,3 +165,17 @@ def test_cuda_agrees_with_cpu_after_a_few_steps(data_dir, tmp_path, capsys):
     ga, gb = finite_rows(gpu)[-1], finite_rows(cpu)[-1]
     for key in ("train/loss", "valid/loss"):
         assert ga[key] == pytest.approx(gb[key], rel=1e-5), key
+
+
+# Compiling takes the longest: these come last, so that a run cut short has the rest.
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("mode", [["--mixed-precision", "bf16"], ["--compile"]], ids=["bf16", "compile"])
+def test_each_model_trains_on_cuda(model, mode, data_dir, tmp_path, capsys):
+    art = tmp_path / "run"
+    out = train_ok(cuda_args(data_dir, art, "--model", model, *mode), capsys)
+    assert "on cuda" in out, out[-2000:]
+    finite_rows(art)
+    saved = weights(art)
+    assert saved and not any(k.startswith("_orig_mod.") for k in saved)  # the plain model's names
+    config = json.loads((art / "config.json").read_text())
+    assert config["mixed_precision"] == ("bf16" if "bf16" in mode else "no") and config["compile"] == ("--compile" in mode)
