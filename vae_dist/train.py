@@ -24,7 +24,7 @@ import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from vae_dist import binarize, data, evaluate, images, inference, mnist, modelfile, rundir
+from vae_dist import binarize, data, evaluate, images, inference, mnist, modelfile, resources, rundir
 from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
@@ -216,6 +216,7 @@ def _train(
     train_images, test_images = load_images(acc, config)
     data.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
+    resources.check_resources(config, len(train_images), len(test_images), acc.device)  # memory, a compiler
     set_seed(config.seed)  # the same initial weights on every rank
     model = VAE.from_config(config.model)
     optimizer = make_optimizer(model, config.optimizer)
@@ -287,7 +288,10 @@ def _fit_and_export(
         history = learner.position.history
         last = {k: v for k, v in history[-1].items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
         modelfile.save_model_file(path, state, config, results=last)
-        images.save_loss_curves(history, root / rundir.LOSS_CURVES)
+        try:
+            images.save_loss_curves(history, root / rundir.LOSS_CURVES)
+        except OSError as e:  # the model is saved: a picture is not worth failing the run
+            say(f"loss curves {root / rundir.LOSS_CURVES} not written ({e.strerror or e}); the model is saved")
         say(format_summary(history))
         say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
 
