@@ -125,27 +125,37 @@ def test_no_host_sync_between_logging_points(data_dir, tmp_path, capsys, monkeyp
             try:
                 return fn(*a, **kw)
             finally:
-                if logged[0]:
+                if logged[0]:  # from the first logging point to the end of the loop
                     torch.cuda.set_sync_debug_mode("error")
         return wrapper
 
-    logged = [False]
+    logged, logs = [False], [0]
     real_log = learner_mod.Learner._log_train
 
     def log_train(self, progress):
         real_log(self, progress)
-        logged[0] = True
+        logged[0], logs[0] = True, logs[0] + 1
 
     monkeypatch.setattr(learner_mod.Learner, "_log_train", syncs_allowed(log_train))
     monkeypatch.setattr(learner_mod.Learner, "_end_epoch", syncs_allowed(learner_mod.Learner._end_epoch))
     monkeypatch.setattr(learner_mod.Learner, "_start_epoch", syncs_allowed(learner_mod.Learner._start_epoch))
+    real_fit = learner_mod.Learner.fit
+
+    def fit(self, *a, **kw):  # the export after the loop copies the weights to the host
+        try:
+            return real_fit(self, *a, **kw)
+        finally:
+            logged[0] = False
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(learner_mod.Learner, "fit", fit)
     try:
         # The default recipe's cosine rate and KL warm-up, dynamic coins and the IW bound.
-        train_ok(cuda_args(data_dir, tmp_path / "run", "--epochs", "2", "--binarize", "dynamic",
-                           "--iw-train-samples", "3", "--log-every-steps", "8"), capsys)
+        out = train_ok(cuda_args(data_dir, tmp_path / "run", "--epochs", "2", "--binarize", "dynamic",
+                                 "--iw-train-samples", "3", "--log-every-steps", "8"), capsys)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert logged[0]
+    assert logs[0] == 2 * 32 // 8, out[-2000:]  # 64 steps logged every 8: 7 intervals checked after the first
 
 
 def test_cuda_agrees_with_cpu_after_a_few_steps(data_dir, tmp_path, capsys):
