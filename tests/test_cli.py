@@ -433,3 +433,38 @@ def test_a_result_a_full_stdout_cannot_take_is_one_line_and_nothing_at_exit(fini
     ran.stdout = ""
     assert "cannot write to standard output" in one_error_line(ran)
     assert ran.stderr.strip().count("\n") == 0, ran.stderr
+
+
+@pytest.mark.slow
+@NEEDS_DEV_FULL
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_a_stderr_that_cannot_be_written_costs_a_run_only_its_status_lines(stderr, tmp_path, data_dir):
+    """A real process: `2>/dev/full` (each write fails) and `2>&-` (no stream at all) used to
+    end the run at step 1 with a traceback no one could read."""
+    import os
+
+    art = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vae_dist", *small_train_args(data_dir, art, *TINY)]
+    with open("/dev/full", "w") as full:
+        kw = {"stderr": full} if stderr == "full" else {"preexec_fn": lambda: os.close(2)}
+        ran = subprocess.run(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, text=True, timeout=300, **kw)
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    assert (art / "model.safetensors").is_file() and "model saved to" in ran.stdout
+
+
+@pytest.mark.slow
+def test_a_loss_curve_a_full_disk_refuses_is_one_line_and_the_run_succeeds(tmp_path, data_dir, capsys, monkeypatch):
+    import errno
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", full_disk)
+    art = tmp_path / "run"
+    ran = main_in_process(small_train_args(data_dir, art, *TINY), capsys)
+    check_ok(ran)
+    assert "Traceback" not in ran.stderr
+    assert f"loss curves {art / 'loss_curves.png'} not written (No space left on device); the model is saved" in ran.stdout
+    assert (art / "model.safetensors").is_file() and not (art / "loss_curves.png").exists()

@@ -21,7 +21,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendo
 from vae_dist import cli_visual
 from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
-from vae_dist.fileio import checking, print_out
+from vae_dist.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 
 app = typer.Typer(
     add_completion=False,
@@ -214,10 +214,8 @@ def evaluate(
 
 
 def _err(message: str) -> None:
-    # One write per line: ranks that fail together then print whole lines, not
-    # "error: xerror: x" interleaved mid-line on the shared terminal.
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
+    # A stderr that cannot take the line costs the line; the exit status stays the caller's.
+    print_err(message)
 
 
 def _is_rank_zero() -> bool:
@@ -228,6 +226,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
     from vae_dist.signals import Preempted
 
+    open_standard_streams()
     try:
         rc = app(args=argv, prog_name="vae-dist", standalone_mode=False)
         # With standalone_mode=False typer returns typer.Exit's code (KeyboardInterrupt, a
@@ -239,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UsageError as e:
         if isinstance(e, NoArgsIsHelpError):  # bare `vae-dist`: the help (rich prints it itself)
             if e.format_message():
-                print(e.format_message(), file=sys.stderr)
+                print_err(e.format_message())
         else:
             _err(f"error: {e.format_message()}")
         sys.exit(2)
@@ -248,11 +247,23 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except Preempted as e:
         if _is_rank_zero():
-            print(e.line, file=sys.stderr)
+            _err(e.line)
         sys.exit(128 + e.signum)
     except (KeyboardInterrupt, typer.Abort):
         _err("interrupted")
         sys.exit(130)
+    except RuntimeError as e:
+        # Only torch raises these (the collectives load it): a dead peer is one line, any
+        # other RuntimeError keeps its traceback.
+        from vae_dist.distributed import lost_process, lost_process_line
+
+        if not lost_process(e):
+            raise
+        _err(f"error: {lost_process_line(e)}")
+        sys.exit(2)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            flush_or_silence(stream)
 
 
 # Every command, in one place. The picture commands live in cli_visual (they share its

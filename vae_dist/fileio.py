@@ -1,4 +1,4 @@
-"""Atomic file writes (a temp file in the same folder, fsync, rename) and lines to stdout.
+"""Atomic file writes (a temp file in the same folder, fsync, rename); lines to stdout and stderr.
 
 Readers, and a run killed at any moment, see the old file or the new one, never half a
 file. ``os.replace`` is atomic only within one filesystem, hence the same folder.
@@ -71,11 +71,53 @@ def print_out(text: str, *, required: bool = True) -> None:
     try:
         print(text, flush=True)
     except OSError as e:
-        try:  # else Python's own flush at exit reports the same failure with a traceback
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+        _silence(sys.stdout)
         if required:
             raise OutputError(f"cannot write to standard output ({e.strerror or e})") from None
+
+
+def print_err(text: str) -> None:
+    """Print a status or error line to stderr. A stderr that cannot take it (closed, a full
+    device) costs the line, never the run, and never the exit status the caller sets."""
+    try:
+        sys.stderr.write(text + "\n")  # one write: lines from ranks sharing a terminal stay whole
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # full or gone; closed; None
+        _silence(sys.stderr)
+
+
+def flush_or_silence(stream: object) -> None:
+    """Flush ``stream`` now; if it cannot take what it holds, point it at /dev/null. Python
+    flushes stdout and stderr once more at exit, and a failure there prints a traceback or
+    turns the exit status into 120."""
+    try:
+        stream.flush()  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError):
+        _silence(stream)
+
+
+def _silence(stream: object) -> None:
+    """Point a standard stream's descriptor at /dev/null, so that what it still buffers, and
+    all it is given later, is dropped instead of failing again (at exit, with a traceback)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # type: ignore[attr-defined]
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def open_standard_streams() -> None:
+    """Give a standard descriptor that was closed at start (``2>&-``) /dev/null, and its
+    Python stream (None then) a writer on it. Else the first file the run opens gets that
+    number, and whatever writes to stderr (a library's C++ warnings) writes into it."""
+    for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            got = os.open(os.devnull, mode)  # the lowest free number: this one
+            if got != fd:
+                os.close(got)
+                continue
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
+from vae_dist.fileio import print_err
+
 # Seconds between progress lines when stderr is not a terminal.
 LINE_EVERY_SECONDS = 30.0
 
@@ -25,7 +27,7 @@ class Progress:
         self.line_every = line_every
         self.postfix = ""
         self.started = self.last_line = time.perf_counter()
-        live = enabled and sys.stderr.isatty()
+        live = enabled and _is_terminal(sys.stderr)
         self.bar: Optional[Any] = (
             tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False) if live else None
         )
@@ -37,7 +39,7 @@ class Progress:
         elif self.enabled and (self.done == self.initial + 1 or time.perf_counter() - self.last_line >= self.line_every):
             # The first step too: a log then shows at once that training is under way.
             self.last_line = time.perf_counter()
-            print(f"{self.desc}: {self.done}/{self.total}{self.postfix}{self._eta()}", file=sys.stderr, flush=True)
+            print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}{self._eta()}")
 
     def _eta(self) -> str:
         done_here = self.done - self.initial
@@ -54,3 +56,11 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _is_terminal(stream: object) -> bool:
+    """False for a stream that is not there, or closed: a bar needs a terminal."""
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):
+        return False
