@@ -305,3 +305,30 @@ def test_an_error_only_the_main_process_sees_reaches_every_rank(tmp_path, data_d
     assert "is not empty and was not created by vae_dist" in errors[0]
     assert rc != 0 and "ArtifactError" not in out, out[-3000:]  # no traceback of ours (torchrun prints its own)
     assert [p.name for p in art.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_the_rank_that_survives_a_killed_peer_ends_with_one_line(tmp_path, data_dir):
+    """Ranks started by hand (no torchrun to stop the others): rank 1 is SIGKILLed before
+    step 3; rank 0's next collective fails in gloo, and it used to exit with gloo's traceback."""
+    port = str(free_port())
+    art = tmp_path / "run"
+    args = [sys.executable, "-m", "vae_dist", *train_args(data_dir, art, GLOBAL_BATCH // 2, "--wandb-mode", "disabled")]
+    procs = []
+    for rank in (0, 1):
+        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, VAE_DIST_TEST_FAIL_AT="1:2:kill")
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    try:
+        out, err = procs[0].communicate(timeout=SLOW)
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode == 2 and "Traceback" not in err, err[-3000:]
+    line = re.findall(r"error: [^\n]*", err)
+    assert len(line) == 1 and "another process of this run stopped or cannot be reached" in line[0], err[-3000:]
+    assert "--resume" in line[0]
