@@ -173,15 +173,18 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 
     Process-wide settings (vae_dist.runtime.prepare_process) are the caller's: the CLI
     applies them at its entry point, before any tensor work."""
-    # A stop signal before the first step (rendezvous, loading, building, preparing) ends
-    # the run at once, as an exception (nothing to checkpoint yet); from the first step
-    # on, _train hands it to the loop as a request.
-    with StopRequest(at_once=True) as stop:
-        return _set_up_and_train(config, stop, resume=resume, overwrite=overwrite)
-
-
-def _set_up_and_train(config: TrainingConfig, stop: StopRequest, *, resume: bool, overwrite: bool) -> Path:
     acc = make_accelerator(config)
+    # A stop signal from here to the first step (loading, building, preparing) ends the run
+    # at once, as an exception (nothing to checkpoint yet); from the first step on, _train
+    # hands it to the loop as a request. Not in the rendezvous above: a rank waiting there
+    # for one that the signal ended would wait for the timeout (the store does not see a
+    # peer that never came), where the signal's default action ends it at once.
+    with StopRequest(at_once=True) as stop:
+        return _set_up_and_train(acc, config, stop, resume=resume, overwrite=overwrite)
+
+
+def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopRequest, *, resume: bool,
+                      overwrite: bool) -> Path:
     lock = rundir.RunLock()
     try:
         return _train(acc, config, lock, stop, resume=resume, overwrite=overwrite)
