@@ -260,10 +260,12 @@ def test_bad_picture_arguments_are_one_line_and_write_nothing(tmp_path, capsys, 
     assert sorted(p.name for p in run.iterdir()) == before
 
 
-@pytest.mark.parametrize("name", [MODEL, CONFIG, METRICS, MARKER])
-def test_a_picture_never_replaces_the_runs_own_files(tmp_path, name) -> None:
+@pytest.mark.parametrize("name", [MODEL, CONFIG, METRICS, MARKER, "checkpoints/step-000000016/model.safetensors",
+                                  "images/epoch-001-samples.png", "NOTES.txt", "link/model.safetensors"])
+def test_a_picture_never_replaces_anything_in_a_run_but_a_picture(tmp_path, name) -> None:
     run = model_run(tmp_path)
-    with pytest.raises(VaeDistError, match="one of the run's own files"):
+    (run / "link").symlink_to(run)  # a path through a link into the run is inside it too
+    with pytest.raises(VaeDistError, match="inside the run folder"):
         _output_path(run, run / name, "samples.png")
     # an earlier picture may be replaced, and a file of that name elsewhere is not the run's
     assert _output_path(run, run / "samples.png", "samples.png") == run / "samples.png"

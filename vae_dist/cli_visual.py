@@ -10,6 +10,7 @@ come from ``vae_dist.inference``; this module only parses, checks and saves.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -17,7 +18,7 @@ import typer
 
 from vae_dist.errors import VaeDistError
 from vae_dist.fileio import checking, print_out
-from vae_dist.rundir import LOCK, MARKER, OWNED, PICTURES
+from vae_dist.rundir import MARKER, PICTURES
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
@@ -49,11 +50,22 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
             if folder.is_symlink():  # as train refuses it: a write would land where the link points
                 raise VaeDistError(f"{folder} is a symbolic link; vae_dist does not write through links (give --out)")
         target = folder / default_name
-    # A picture may replace an earlier picture, never the run's model, config or records.
     with checking(target, VaeDistError, "--out" if out is not None else "picture path"):
-        if target.name in (MARKER, LOCK, *OWNED) and target.name not in PICTURES and (target.parent / MARKER).is_file():
-            raise VaeDistError(f"--out {target} is one of the run's own files; give another name")
+        _refuse_inside_a_run(target)
     return target
+
+
+def _refuse_inside_a_run(target: Path) -> None:
+    """Inside a run folder (at any depth, through links too) a picture may replace only an
+    earlier picture at the folder's top level: never the run's model, config, records or
+    checkpoints, nor a file of the user's kept there."""
+    for path in (Path(os.path.abspath(target)), target.resolve()):
+        run = next((p for p in path.parents if (p / MARKER).is_file()), None)
+        if run is not None and not (path.parent == run and path.name in PICTURES):
+            raise VaeDistError(
+                f"--out {target} is inside the run folder {run}, where a picture may only be one of "
+                f"{', '.join(PICTURES)} at its top level; give another path"
+            )
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:
