@@ -167,3 +167,24 @@ def test_resume_allows_driving_fields():
     )
     assert resume_mismatch(TrainingConfig(), given) is None
     assert "data.batch_size" not in RESUMABLE_FIELDS
+
+
+def test_yaml_config_reads_as_json_would_and_refuses_in_one_line(tmp_path):
+    from vae_dist.config import read_config_file
+
+    good = tmp_path / "run.yml"
+    good.write_text("optimizer:\n  learning_rate: 1e-3\n  betas: [0.5, 0.9]\ncpu: true\n")
+    c = TrainingConfig.from_dict(read_config_file(good))  # YAML 1.1 would read 1e-3 as a string
+    assert (c.optimizer.learning_rate, c.optimizer.betas, c.cpu) == (1e-3, (0.5, 0.9), True)
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("epochs: 2\nseed: [1\n", "not valid YAML: .* at line 3"),
+        ("epochs: 2\nepochs: 3\n", "key 'epochs' is given twice at line 2"),
+        ("- 1\n- 2\n", "must hold a YAML mapping"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_config_file(bad)
+    bad.write_text("cpu: yes\n")  # YAML 1.1's yes is not a boolean here: strict validation refuses it
+    with pytest.raises(ConfigError, match="cpu: must be true or false, got 'yes'"):
+        TrainingConfig.from_dict(read_config_file(bad))

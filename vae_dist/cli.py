@@ -19,7 +19,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
 from vae_dist import cli_visual
-from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_json_config
+from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
 from vae_dist.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 
@@ -35,7 +35,7 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     """Defaults <- config file (or, on --resume, the run's own config.json) <- flags.
 
     ``flags`` maps dotted field names to values; None means "not given"."""
-    base: dict[str, Any] = read_json_config(config_file) if config_file else {}
+    base: dict[str, Any] = read_config_file(config_file) if config_file else {}
     overrides: dict[str, Any] = {}
     for dotted, value in flags.items():
         if value is not None:
@@ -141,7 +141,7 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     --resume, --overwrite and one option per config field."""
     run_params = [
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-            None, "--config", help="JSON config file (a saved config.json works as is); flags override it.")),
+            None, "--config", help="JSON or YAML (.yaml, .yml) config file (a saved config.json works as is); flags override it.")),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--resume", help="Continue from the newest complete checkpoint.", show_default=False)),
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(

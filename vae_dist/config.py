@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vae_dist.errors import ConfigError
+from vae_dist.errors import ConfigError, first_line
 
 # The run's own config, in its artifact folder (here so the CLI finds it without torch).
 CONFIG_FILE = "config.json"
@@ -274,19 +274,40 @@ def explain(error: ValidationError, prefix: str = "") -> str:
     return f"{loc}: {what}, got {got!r}"
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``--config`` file, JSON or (by its suffix, .yaml/.yml) YAML, into a dict, with
+    one-line errors for the usual mistakes; the same strict validation follows either way."""
+    p = Path(path)
+    if p.suffix.lower() not in YAML_SUFFIXES:
+        return read_json_config(p)
+    text = _read_text(p)
+    import yaml  # only a YAML config pays for the import
+
+    from vae_dist.yamlconfig import StrictLoader
+
+    try:
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader: plain data only)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML: {e.problem or e.context}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {first_line(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a YAML mapping (key: value lines)")
+    return data
+
+
 def read_json_config(path: str | Path) -> dict[str, Any]:
     """Read a JSON config file into a dict, with one-line errors for the usual mistakes."""
     p = Path(path)
     try:
-        with p.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device file would never end
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
-        data = json.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {p} cannot be read: {e}") from None
+        data = json.loads(_read_text(p))
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
     except RecursionError:
@@ -294,6 +315,19 @@ def read_json_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a JSON object")
     return data
+
+
+def _read_text(p: Path) -> str:
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device file would never end
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
+        return raw.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}") from None
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
