@@ -5,7 +5,7 @@ command:
     python benchmarks/quality.py --recipe NAME [--iw-samples K] [--device cuda] [--json] [train flags]
     python benchmarks/quality.py --list
 
-A recipe is a list of train flags (any further flag given here is added after them). The
+A recipe is a config file, configs/NAME.yaml (any train flag given here overrides it). The
 score is the final test -ELBO as training logged it and the importance-weighted NLL with
 K samples (``evaluate --iw-samples K``), with the protocol they were measured on.
 """
@@ -22,28 +22,35 @@ import common
 from common import log
 
 BASE = ["--wandb-mode", "disabled", "--num-workers", "0", "--epochs", "10"]
-LITERATURE = ["--binarize", "dynamic"]
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {"flags": [], "about": "the main job: deep-mlp, cosine lr 2e-3, KL warm-up, grey-level"},
-    "canonical-model": {
-        "flags": ["--model", "mlp", "--batch-size", "128", "--learning-rate", "1e-3", "--lr-schedule", "constant",
-                  "--kl-warmup-epochs", "0"],
-        "about": "the PyTorch example's model and optimizer in this trainer, grey-level",
-    },
-    "burn-original": {
-        "flags": ["--model", "conv", "--learning-rate", "1e-4", "--lr-schedule", "constant", "--kl-warmup-epochs", "0"],
-        "about": "the original Burn flow's conv VAE and optimizer, grey-level",
-    },
-    "binarized": {"flags": LITERATURE, "about": "the default recipe on dynamically binarized MNIST"},
-    "burda-vae": {
-        "flags": [*LITERATURE, "--model", "burda"],
-        "about": "Burda et al.'s one-layer model, ELBO, this trainer's schedule",
-    },
-    "burda-iwae": {
-        "flags": [*LITERATURE, "--model", "burda", "--iw-train-samples", "5"],
-        "about": "Burda et al.'s one-layer model trained on the IWAE bound with k = 5",
-    },
+# Each recipe's settings are configs/NAME.yaml (the README's recipes, one source for both).
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES: dict[str, str] = {
+    "default": "the main job: deep-mlp, cosine lr 2e-3, KL warm-up, grey-level",
+    "canonical-model": "the PyTorch example's model and optimizer in this trainer, grey-level",
+    "burn-original": "the original Burn flow's conv VAE and optimizer, grey-level",
+    "binarized": "the default recipe on dynamically binarized MNIST",
+    "burda-vae": "Burda et al.'s one-layer model, ELBO, this trainer's schedule",
+    "burda-iwae": "Burda et al.'s one-layer model trained on the IWAE bound with k = 5",
 }
+
+
+def recipe_file(name: str) -> Path:
+    return CONFIGS / f"{name}.yaml"
+
+
+def recipe_flags(name: str) -> list[str]:
+    """The recipe's settings as the train flags they stand for (what --list shows)."""
+    from vae_dist.config import options, read_config_file
+
+    given = read_config_file(recipe_file(name))
+    flags = []
+    for o in options():
+        tree: object = given
+        for part in o.dotted.split("."):
+            tree = tree.get(part, None) if isinstance(tree, dict) else None
+        if tree is not None:
+            flags += [o.flag, ",".join(map(str, tree)) if isinstance(tree, list) else str(tree)]
+    return flags
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -53,11 +60,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--list", action="store_true", help="print the recipes and their flags")
     known, _ = p.parse_known_args(argv)
     if known.list:
-        for name, r in RECIPES.items():
-            print(f"{name:16} {' '.join(r['flags']) or '(the defaults)'}\n{'':16} {r['about']}")
+        for name, about in RECIPES.items():
+            print(f"{name:16} configs/{name}.yaml: {' '.join(recipe_flags(name)) or '(the defaults)'}\n{'':16} {about}")
         return 0
     with tempfile.TemporaryDirectory(prefix="vae_dist_bench_quality_") as tmp:
-        defaults = [*BASE, *RECIPES[known.recipe]["flags"]]
+        # The file first: BASE's flags, then the user's, override it (parse keeps a user's --config).
+        defaults = ["--config", str(recipe_file(known.recipe)), *BASE]
         args, config, train_args = common.parse(p, argv, defaults, Path(tmp) / "run")
         return common.main_wrapper(lambda: run(args, config, train_args))
 
@@ -92,7 +100,7 @@ def run(args, config, train_args) -> int:
         emit(r)
     if not args.json:
         print("\n".join(common.render_header(r)))
-        print(f"recipe      {args.recipe}: {RECIPES[args.recipe]['about']}")
+        print(f"recipe      {args.recipe}: {RECIPES[args.recipe]}")
         print(f"trained     {r['epochs']} epochs in {r['trainer_wall_s']:.1f} s (epochs alone {r['train_s']:.1f} s)")
         print(f"test -ELBO  {r['test_elbo']:.2f}")
         if r["iw_nll"] is not None:

@@ -188,3 +188,27 @@ def test_yaml_config_reads_as_json_would_and_refuses_in_one_line(tmp_path):
     bad.write_text("cpu: yes\n")  # YAML 1.1's yes is not a boolean here: strict validation refuses it
     with pytest.raises(ConfigError, match="cpu: must be true or false, got 'yes'"):
         TrainingConfig.from_dict(read_config_file(bad))
+
+
+def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monkeypatch):
+    """configs/NAME.yaml is the one source of quality.py's recipe NAME: the config the
+    benchmark runs is the file's, with only the benchmark's own flags on top."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from vae_dist.cli import parse_train_args
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    quality = importlib.import_module("quality")
+    assert sorted(p.stem for p in (root / "configs").glob("*.yaml")) == sorted(quality.RECIPES)
+    kinds = set()
+    for name in quality.RECIPES:
+        path = str(root / "configs" / f"{name}.yaml")
+        ran = parse_train_args(["--config", path, *quality.BASE])
+        file_only = parse_train_args(["--config", path])
+        assert ran.to_dict() | {"epochs": 0, "wandb_mode": None} == file_only.to_dict() | {"epochs": 0, "wandb_mode": None}
+        kinds.add((ran.model.kind, ran.data.binarize, ran.loss.iw_samples, ran.optimizer.learning_rate))
+    assert len(kinds) == len(quality.RECIPES)  # no two recipes train the same thing
+    sys.modules.pop("quality", None)
