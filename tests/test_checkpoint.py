@@ -8,11 +8,13 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
-from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, Checkpointer, read_manifest, rotation_plan
+from vae_dist.checkpoint import FORMAT, MANIFEST, TMP_PREFIX, Checkpointer, read_manifest, rotation_plan
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import CheckpointError
 from vae_dist.position import Position
@@ -40,8 +42,8 @@ ROW = {
 }
 
 
-def _make_checkpoint(folder: Path, step: int = 13) -> dict:
-    """A folder as a save leaves it: two files, and a manifest 3 batches into epoch 2."""
+def _make_checkpoint(folder: Path, step: int = 13, run_id: str = "r1") -> dict:
+    """A folder as a save of run ``run_id`` leaves it: two files, and a manifest 3 batches into epoch 2."""
     files = {"model.safetensors": b"m" * 100, "sub/rng.pkl": b"r" * 7}
     for rel, data in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def _make_checkpoint(folder: Path, step: int = 13) -> dict:
              "history": [copy.deepcopy(ROW)], "wandb_run_id": "abc", "num_processes": 1,
              "config": TrainingConfig().to_dict()}
     manifest = {
-        "format": 2, "global_step": step,
+        "format": FORMAT, "global_step": step, "run_id": run_id,
         "files": {rel: len(data) for rel, data in files.items()},
         "sha256": {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()},
         "state": state,
@@ -105,7 +107,9 @@ UNUSABLE = {
     # the manifest
     "a list": lambda m: [1, 2, 3],
     "format 1 (sizes only)": lambda m: {**m, "format": 1},
-    "a newer format": lambda m: {**m, "format": 3},
+    "an older format": lambda m: {**m, "format": FORMAT - 1},
+    "a newer format": lambda m: {**m, "format": FORMAT + 1},
+    "no run id": lambda m: {k: v for k, v in m.items() if k != "run_id"},
     "format true": lambda m: {**m, "format": True},
     "unknown key": lambda m: {**m, "extra": 1},
     "step a string": lambda m: {**m, "global_step": "ten"},
@@ -180,18 +184,22 @@ def test_a_damaged_folder_is_unusable(damage, tmp_path):
     assert read_manifest(folder, Position) is None
 
 
-def test_complete_lists_intact_checkpoints_newest_first_by_manifest_step(tmp_path):
+def test_complete_lists_this_runs_intact_checkpoints_newest_first(tmp_path):
     d = tmp_path / "checkpoints"
-    for name, step in [("step-000000020", 20), ("step-000000100", 100), ("step-000000999", 15),
-                       (f"{TMP_PREFIX}step-000000200", 200), ("step-000000300", 300)]:
-        _make_checkpoint(d / name, step)
+    for name, step, run_id in [
+        ("step-000000020", 20, "r1"), ("step-000000100", 100, "r1"), ("step-000000015-replaced", 15, "r1"),
+        ("step-000000999", 15, "r1"),  # named after another step than its manifest's
+        ("my-backup", 100, "r1"),  # a user's copy of one
+        ("step-000000700", 700, "other"),  # another run's
+        (f"{TMP_PREFIX}step-000000200-r1", 200, "r1"), ("step-000000300", 300, "r1"),
+    ]:
+        _make_checkpoint(d / name, step, run_id)
     (d / "step-000000300" / "model.safetensors").write_bytes(b"short")  # size mismatch
     (d / "step-000000400").mkdir()  # no manifest
     (d / "step-000000500").symlink_to(d / "step-000000100", target_is_directory=True)  # not ours
-    found = Checkpointer(None, d, keep=2, schema=Position).complete()  # type: ignore[arg-type]
-    # The name says 999 but the manifest says 15: the manifest wins.
+    found = Checkpointer(None, d, keep=2, schema=Position, run_id="r1").complete()  # type: ignore[arg-type]
     assert [(f.path.name, f.manifest.state.global_step) for f in found] == [
-        ("step-000000100", 100), ("step-000000020", 20), ("step-000000999", 15),
+        ("step-000000100", 100), ("step-000000020", 20), ("step-000000015-replaced", 15),
     ]
     assert Checkpointer(None, tmp_path / "none", keep=1, schema=Position).complete() == []  # type: ignore[arg-type]
 
@@ -208,4 +216,94 @@ def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monke
     ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$"):
         ck.save(0, Position.start("abc", 1, TrainingConfig()))
+    assert not list((tmp_path / "checkpoints").iterdir())  # no debris
+
+
+# --- saves and resumes with a stand-in for Accelerate's state files ---------------------------
+
+
+class _Acc:
+    """One process whose save_state writes one file and whose load_state reads nothing:
+    enough for which folders a save makes, keeps and deletes."""
+
+    num_processes, is_main_process = 1, True
+
+    def save_state(self, output_dir: str, **kwargs) -> None:
+        (Path(output_dir) / "model.safetensors").write_bytes(b"w" * 64)
+
+    def load_state(self, path: str) -> None:
+        pass
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _ck(d: Path, keep: int = 1, run_id: str = "r1") -> Checkpointer:
+    return Checkpointer(_Acc(), d, keep=keep, log=lambda _: None, schema=Position, run_id=run_id)  # type: ignore[arg-type]
+
+
+def _save(ck: Checkpointer, step: int) -> Path:
+    epoch0 = Position.start(ck.run_id, 1, TrainingConfig())
+    return ck.save(step, epoch0.model_copy(update={"global_step": step, "batches_done": step}))
+
+
+def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
+    d = tmp_path / "checkpoints"
+    _save(_ck(d, keep=5), 1)
+    shutil.copytree(d / "step-000000001", d / "my-backup")  # a user's copy, our manifest in it
+    (d / "my-backup" / "NOTES.txt").write_text("mine")
+    _save(_ck(d, keep=5, run_id="other"), 2)  # another run's
+    _save(_ck(d, keep=1), 3)
+    assert sorted(p.name for p in d.iterdir()) == ["my-backup", "step-000000002", "step-000000003"]
+    assert (d / "my-backup" / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path):
+    d = tmp_path / "checkpoints"
+    _save(_ck(d, run_id="other"), 8)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        _ck(d).load_latest()
+
+
+def test_a_checkpoint_found_corrupt_is_never_counted_as_kept(tmp_path):
+    d = tmp_path / "checkpoints"
+    _save(_ck(d, keep=5), 20)
+    _save(_ck(d, keep=5), 30)
+    with open(d / "step-000000030" / "model.safetensors", "r+b") as f:  # same size, other bytes
+        f.write(b"x")
+    ck = _ck(d, keep=1)
+    assert ck.load_latest().path.name == "step-000000020"
+    _save(ck, 25)  # the resumed run saves below the corrupt newest
+    assert sorted(p.name for p in d.iterdir()) == ["step-000000025"]
+    assert _ck(d).load_latest().path.name == "step-000000025"
+
+
+@pytest.mark.parametrize("at", ["save", "resume"])
+def test_this_runs_unfinished_writes_are_removed_at_its_next_save_or_resume(tmp_path, at):
+    d = tmp_path / "checkpoints"
+    _save(_ck(d), 4)
+    for run_id in ("r1", "other"):  # what a second Ctrl-C during a save leaves
+        (d / f"{TMP_PREFIX}step-000000006-{run_id}").mkdir()
+    _save(_ck(d), 7) if at == "save" else _ck(d).load_latest()
+    assert f"{TMP_PREFIX}step-000000006-r1" not in {p.name for p in d.iterdir()}
+    assert (d / f"{TMP_PREFIX}step-000000006-other").is_dir()  # not this run's: left alone
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                 "data/0: file write failed\nunexpected pos 6272 vs 6160"),
+    SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                    "\"No space left on device\" })"),
+], ids=["torch", "safetensors"])
+def test_a_full_disk_in_a_library_writer_is_one_checkpoint_error_without_debris(tmp_path, monkeypatch, error):
+    def full(output_dir: str, **kwargs) -> None:
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"torn")
+        raise error
+
+    ck = _ck(tmp_path / "checkpoints")
+    monkeypatch.setattr(ck.accelerator, "save_state", full)
+    monkeypatch.setattr("vae_dist.checkpoint._disk_full", lambda path: True)  # the disk as a full one reports
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$") as e:
+        _save(ck, 3)
+    assert "\n" not in str(e.value)
     assert not list((tmp_path / "checkpoints").iterdir())  # no debris

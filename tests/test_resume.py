@@ -176,7 +176,7 @@ def preempted(one_epoch, tmp_path) -> Path:
 
 
 def _far_into_the_epoch(m) -> None:
-    m["global_step"] = m["state"]["global_step"] = m["state"]["batches_done"] = 1_000_000
+    m["global_step"] = m["state"]["global_step"] = m["state"]["batches_done"] = 8 + 10 * 1_000_000
 
 
 CANNOT_CONTINUE = {
@@ -184,7 +184,7 @@ CANNOT_CONTINUE = {
     "written by two processes": (lambda m: m["state"].update(num_processes=2), TrainingError,
                                  r"step-000000008 with 1 process\(es\): it was written by 2"),
     "batches beyond the epoch": (_far_into_the_epoch, CheckpointError,
-                                 r"step-000000008: it is 1000000 batches into an epoch of 10"),
+                                 r"step-010000008: it is 10000008 batches into an epoch of 10"),
     # The config it was trained under, not config.json (which can be edited), is the run's.
     "trained with another seed": (lambda m: m["state"]["config"].update(seed=7), ConfigError,
                                   r"^cannot resume: seed is 42 but step-000000008 was trained with 7$"),
@@ -193,7 +193,10 @@ CANNOT_CONTINUE = {
 
 @pytest.mark.parametrize("edit, error, match", CANNOT_CONTINUE.values(), ids=CANNOT_CONTINUE.keys())
 def test_a_checkpoint_this_run_cannot_continue_is_refused(preempted, edit, error, match):
-    _edit_manifest(preempted / rundir.CHECKPOINTS / "step-000000008", edit)
+    folder = preempted / rundir.CHECKPOINTS / "step-000000008"
+    _edit_manifest(folder, edit)
+    step = json.loads((folder / MANIFEST).read_text())["global_step"]
+    folder.rename(folder.with_name(f"step-{step:09d}"))  # a checkpoint is named after its manifest's step
     with pytest.raises(error, match=match):
         _learner(preempted, epochs=1, resume=True)
     assert not (preempted / rundir.METRICS).exists()

@@ -24,6 +24,7 @@ from vae_dist.rundir import (
     METRICS,
     MODEL,
     RunLock,
+    marker_run_id,
     prepare_artifact_dir,
     read_metrics,
     write_config,
@@ -47,13 +48,18 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
+def _checkpoint(folder: Path, step: int, run_id: str) -> None:
+    """As much of a checkpoint as tells whose it is: its manifest's step and run id."""
+    folder.mkdir(parents=True)
+    (folder / "MANIFEST.json").write_text(json.dumps({"global_step": step, "run_id": run_id}))
+
+
 def _previous_run(root: Path) -> None:
-    prepare_artifact_dir(root, overwrite=False, resume=False)
+    prepare_artifact_dir(root, overwrite=False, resume=False, run_id="prev")
     write_config(root, TrainingConfig())
     write_metrics(root, [{"epoch": 1, "step": 10}])
     (root / MODEL).write_bytes(b"weights")
-    (root / CHECKPOINTS / "step-000000010").mkdir(parents=True)
-    (root / CHECKPOINTS / "step-000000010" / "MANIFEST.json").write_text("{}")
+    _checkpoint(root / CHECKPOINTS / "step-000000010", 10, "prev")
     (root / IMAGES).mkdir()
     (root / IMAGES / "epoch-001-samples.png").write_bytes(b"png")
 
@@ -101,12 +107,38 @@ def test_overwrite_removes_only_own_entries(tmp_path):
     (root / IMAGES / "my_notes.txt").write_text("mine")  # a user's file inside an owned folder
     (root / CHECKPOINTS / "my_backup").mkdir()
     (root / CHECKPOINTS / "my_backup" / "f").write_text("k")
-    prepare_artifact_dir(root, overwrite=True, resume=False)
-    assert snapshot(root) == {
-        MARKER: b'{"created_by": "vae_dist"}\n', "notes.txt": b"my notes", "mine": None, "mine/keep.bin": b"\x00\x01",
+    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
+    assert json.loads((root / MARKER).read_text()) == {"created_by": "vae_dist", "run_id": "new"}
+    assert {k: v for k, v in snapshot(root).items() if k != MARKER} == {
+        "notes.txt": b"my notes", "mine": None, "mine/keep.bin": b"\x00\x01",
         IMAGES: None, f"{IMAGES}/my_notes.txt": b"mine",
         CHECKPOINTS: None, f"{CHECKPOINTS}/my_backup": None, f"{CHECKPOINTS}/my_backup/f": b"k",
     }
+
+
+def test_overwrite_deletes_by_the_previous_runs_record_not_by_name(tmp_path):
+    root = tmp_path / "run"
+    _previous_run(root)
+    ck, wandb = root / CHECKPOINTS, root / "wandb"
+    _checkpoint(ck / "step-000000010-replaced", 10, "prev")  # a kill between a save's two renames
+    (ck / ".tmp-step-000000012-prev").mkdir()  # an interrupted save
+    _checkpoint(ck / "step-000000020", 20, "someone")  # not the previous run's
+    (ck / ".tmp-step-000000030").mkdir()
+    _checkpoint(ck / "step-000000011", 10, "prev")  # a copy under another step's name
+    for run in ("run-20261202_120000-prev", "offline-run-20261202_120100-prev", "run-20261202_120000-someone"):
+        (wandb / run / "files").mkdir(parents=True)
+    (wandb / "latest-run").symlink_to("run-20261202_120000-prev")
+    (wandb / "run-notes.txt").write_text("mine")
+    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
+    assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000000030", "step-000000011", "step-000000020"]
+    assert sorted(p.name for p in wandb.iterdir()) == ["run-20261202_120000-someone", "run-notes.txt"]
+
+
+def test_resume_keeps_the_marker_and_its_run_id(tmp_path):
+    root = tmp_path / "run"
+    _previous_run(root)
+    prepare_artifact_dir(root, overwrite=False, resume=True, run_id="new")
+    assert marker_run_id(root) == "prev"
 
 
 @pytest.mark.parametrize("name, make", [

@@ -8,6 +8,14 @@ temporary folder renamed into place only when complete, so a folder without one 
 never loaded, and the position never comes from a folder name. A manifest of any other
 shape (edited, truncated, another format) makes its checkpoint unusable, like a corrupt file.
 
+What is ours is known from a record, not from a name pattern: every manifest holds the
+run's id (the artifact folder's marker holds the same id), and a folder counts as one of
+this run's checkpoints only if its manifest has that id and the folder is named after the
+manifest's step. Rotation counts, keeps and deletes only those; a user's copy such as
+``checkpoints/my-backup`` is never touched. An unfinished write is named with the run's
+id too (``.tmp-step-N-<id>``), so the leftovers of this run's interrupted saves are
+removed at its next save or resume, and nobody else's.
+
 Accelerate's own automatic checkpoint naming is not used: it does not restore its
 counter on load and can overwrite an old folder that a later resume then picks up.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -27,6 +36,7 @@ from typing import Annotated, Callable, Generic, Literal, Optional, TypeVar
 
 from accelerate import Accelerator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
 
 from vae_dist.distributed import any_rank, on_main_then_share
 from vae_dist.errors import CheckpointError, first_line
@@ -34,7 +44,9 @@ from vae_dist.fileio import atomic_write
 
 MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
-FORMAT = 2
+# Where a save of a step already saved moves the previous one until the new one is in place.
+REPLACED = "-replaced"
+FORMAT = 3  # 3: the run id in every manifest
 # Test hook: SIGKILL the main process half-way through the N-th checkpoint write
 # (after the state files, before the manifest), to prove a torn checkpoint is never used.
 KILL_HOOK_ENV = "VAE_DIST_TEST_KILL_IN_CHECKPOINT"
@@ -59,6 +71,7 @@ class Manifest(BaseModel, Generic[S]):
 
     format: Literal[FORMAT]  # a format no release wrote, earlier or later, is unusable
     global_step: Size
+    run_id: str  # the run that wrote it (the marker's id): only the run's own are rotated or resumed
     files: Annotated[dict[RelPath, Size], Field(min_length=1)]
     sha256: dict[RelPath, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
     state: S
@@ -103,6 +116,37 @@ def read_manifest(folder: Path, schema: type[S]) -> Optional[Manifest[S]]:
     return manifest if intact else None
 
 
+def folder_name(global_step: int) -> str:
+    """Where a save of ``global_step`` puts its checkpoint, under the checkpoint folder."""
+    return f"step-{global_step:09d}"
+
+
+def tmp_name(global_step: int, run_id: str) -> str:
+    """The unfinished write of that save: the run's id in its name is what proves it ours."""
+    return f"{TMP_PREFIX}{folder_name(global_step)}-{run_id}"
+
+
+def written_by(path: Path, run_id: str) -> bool:
+    """Whether an entry of the checkpoint folder is something run ``run_id`` wrote: its
+    unfinished write (by the id in the name) or a checkpoint whose manifest records that
+    id at a name the save gives (its step's, or its step's with REPLACED). Read from the
+    record itself, of any format, so --overwrite also clears a previous release's own."""
+    if not run_id or path.is_symlink() or not path.is_dir():
+        return False
+    if path.name.startswith(TMP_PREFIX):
+        return path.name.endswith(f"-{run_id}")
+    try:
+        record = json.loads((path / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("run_id") != run_id:
+        return False
+    step = record.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return False
+    return path.name in (folder_name(step), folder_name(step) + REPLACED)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -123,9 +167,22 @@ def verify_hashes(folder: Path, manifest: Manifest) -> Optional[str]:
     return None
 
 
-def _write_error(action: str, path: Path, e: OSError) -> CheckpointError:
-    hint = " (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    return CheckpointError(f"cannot {action} checkpoint {path}: {e.strerror or e}{hint}")
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing parent) has no room left."""
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            st = os.statvfs(p)
+            return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
+
+
+def _write_error(action: str, path: Path, e: Exception) -> CheckpointError:
+    if isinstance(e, OSError):
+        full, why = e.errno in (errno.ENOSPC, errno.EDQUOT), e.strerror or str(e)
+    else:  # torch's or safetensors' own error for a failed write: it keeps no errno
+        why = first_line(e) or type(e).__name__
+        full = "no space left" in why.lower() or _disk_full(path)
+    return CheckpointError(f"cannot {action} checkpoint {path}: {why}{' (the disk is full)' if full else ''}")
 
 
 class Checkpointer(Generic[S]):
@@ -134,7 +191,7 @@ class Checkpointer(Generic[S]):
 
     def __init__(
         self, accelerator: Accelerator, directory: Path, keep: int, log: Callable[[str], None] = print,
-        every_steps: int = 0, *, schema: type[S],
+        every_steps: int = 0, *, schema: type[S], run_id: str = "",
     ):
         self.accelerator = accelerator
         self.directory = directory
@@ -142,7 +199,10 @@ class Checkpointer(Generic[S]):
         self.log = log
         self.every_steps = every_steps
         self.schema = schema
+        self.run_id = run_id
         self.saves = 0
+        # Ours, but failed to load (same-size corruption): never counted as a kept one.
+        self.corrupt: set[str] = set()
 
     def maybe_save(self, global_step: int, mid_epoch: bool, state: Callable[[], S]) -> Optional[Path]:
         """Save every ``every_steps`` steps; ``state`` (a collective) is called only then. The
@@ -160,10 +220,26 @@ class Checkpointer(Generic[S]):
         return [p for p in self.directory.iterdir()
                 if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX)]
 
+    def _is_ours(self, found: Found[S]) -> bool:
+        """Written by this run, at the name the save gives (or the name a same-step
+        save moves the previous one to, which a kill between its two renames leaves)."""
+        name = folder_name(found.manifest.global_step)
+        return found.manifest.run_id == self.run_id and found.path.name in (name, name + REPLACED)
+
     def complete(self) -> list[Found[S]]:
-        """Complete, intact checkpoints, newest first."""
+        """This run's complete, intact checkpoints, newest first."""
         found = [Found(p, m) for p in self._sealed_folders() if (m := read_manifest(p, self.schema)) is not None]
-        return sorted(found, key=lambda f: (f.manifest.global_step, f.path.name), reverse=True)
+        ours = [f for f in found if self._is_ours(f)]
+        return sorted(ours, key=lambda f: (f.manifest.global_step, f.path.name), reverse=True)
+
+    def remove_leftovers(self) -> None:
+        """Main process: delete the unfinished writes of this run's interrupted saves
+        (a kill, a second Ctrl-C); they carry the run's id in their name."""
+        if not self.directory.is_dir() or self.directory.is_symlink():
+            return
+        for p in self.directory.iterdir():
+            if p.name.startswith(TMP_PREFIX) and written_by(p, self.run_id):
+                shutil.rmtree(p, ignore_errors=True)
 
     def save(self, global_step: int, state: S) -> Path:
         """Write a checkpoint from every rank; returns its final folder. Collective.
@@ -172,16 +248,16 @@ class Checkpointer(Generic[S]):
         CheckpointError on every rank, so none is left waiting for the others."""
         acc = self.accelerator
         t0 = time.perf_counter()
-        name = f"step-{global_step:09d}"
-        final = self.directory / name
-        tmp = self.directory / f"{TMP_PREFIX}{name}"
+        final = self.directory / folder_name(global_step)
+        tmp = self.directory / tmp_name(global_step, self.run_id)
 
         def make_tmp() -> None:
             for p in (self.directory, tmp, final):
                 if p.is_symlink():
                     raise CheckpointError(f"{p} is a symbolic link; vae_dist does not write through links")
             try:
-                if tmp.exists():  # left by a killed run: ours by its name, never complete
+                self.remove_leftovers()  # this run's interrupted saves, never complete
+                if tmp.exists():  # this save's own name
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
             except OSError as e:
@@ -189,17 +265,21 @@ class Checkpointer(Generic[S]):
 
         on_main_then_share(acc, make_tmp)
         # Model, optimizer and each rank's RNG states; ranks write their own files.
-        error: Optional[OSError] = None
+        error: Optional[Exception] = None
         try:
             acc.save_state(output_dir=str(tmp), safe_serialization=True)
-        except OSError as e:
+        # torch's writer and safetensors report a failed write (a full disk) as their own
+        # errors, not as an OSError: "unexpected pos ...", "No space left on device".
+        except (OSError, RuntimeError, SafetensorError) as e:
             error = e
         if any_rank(acc, error is not None):
+            # Said before the torn files go: their space freed, a full disk would not show.
+            failure = _write_error("write", tmp, error) if error else CheckpointError(
+                f"cannot write checkpoint {tmp}: another process failed to write its part"
+            )
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise (_write_error("write", tmp, error) if error else CheckpointError(
-                f"cannot write checkpoint {tmp}: another process failed to write its part"
-            ))
+            raise failure from None
         acc.wait_for_everyone()
         self.saves += 1
 
@@ -222,7 +302,7 @@ class Checkpointer(Generic[S]):
         # Validated as it will be read back (the state from its dump, not taken as it is),
         # so that a state the reader would refuse fails here rather than at a resume.
         manifest = Manifest[self.schema](  # type: ignore[name-defined]
-            format=FORMAT, global_step=global_step, state=state.model_dump(),
+            format=FORMAT, global_step=global_step, run_id=self.run_id, state=state.model_dump(),
             files={str(p.relative_to(tmp)): p.stat().st_size for p in paths},
             sha256={str(p.relative_to(tmp)): file_sha256(p) for p in paths},
         )
@@ -233,7 +313,7 @@ class Checkpointer(Generic[S]):
             # The same step saved again (a stop right after a checkpoint): move the old
             # one aside under a name complete() still accepts, so a kill between the
             # two renames leaves a complete checkpoint either way.
-            replaced = final.with_name(final.name + "-replaced")
+            replaced = final.with_name(final.name + REPLACED)
             if replaced.is_symlink():
                 raise CheckpointError(f"{replaced} is a symbolic link; vae_dist does not write through links")
             if replaced.exists():
@@ -248,10 +328,13 @@ class Checkpointer(Generic[S]):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        # Old ones go only now that the new one is complete.
+        # Old ones go only now that the new one is complete. One known corrupt is not a
+        # kept one: it is ours, so it goes with the others beyond ``keep``.
         complete = {f.path.name: f.manifest.global_step for f in self.complete()}
-        for old in rotation_plan(complete, self.keep):
+        good = {name: step for name, step in complete.items() if name not in self.corrupt}
+        for old in rotation_plan(good, self.keep) + sorted(set(complete) - set(good)):
             shutil.rmtree(self.directory / old, ignore_errors=True)
+            self.corrupt.discard(old)
 
     def _try_load(self, found: Found[S]) -> Optional[str]:
         """Load one checkpoint on every rank; None if all succeeded, else why not.
@@ -280,11 +363,12 @@ class Checkpointer(Generic[S]):
         through safetensors, so nothing from the folder is unpickled as code.
         """
         candidates = self.complete()
-        # A sealed folder that fails the size check (truncated, a file missing) is said, not skipped silently.
+        # A checkpoint's folder that fails the size check (truncated, a file missing) or is
+        # another run's is said, not skipped silently; a user's folder there is not ours to judge.
         good = {f.path.name for f in candidates}
-        broken = sorted(p.name for p in self._sealed_folders() if p.name not in good)
+        broken = sorted(p.name for p in self._sealed_folders() if p.name not in good and p.name.startswith("step-"))
         for name in broken:
-            self.log(f"checkpoint {name} is unusable (no valid manifest, or a file is missing or of the wrong size); skipping it")
+            self.log(f"checkpoint {name} is unusable (no valid manifest of this run, or a file is missing or of the wrong size); skipping it")
         if not candidates:
             if broken:
                 raise CheckpointError(f"no usable checkpoint in {self.directory}: {', '.join(broken)} failed the integrity check")
@@ -295,7 +379,9 @@ class Checkpointer(Generic[S]):
         for i, found in enumerate(candidates):
             error = self._try_load(found)
             if error is None:
+                on_main_then_share(self.accelerator, self.remove_leftovers)
                 return found
+            self.corrupt.add(found.path.name)
             nxt = candidates[i + 1].path.name if i + 1 < len(candidates) else None
             self.log(
                 f"checkpoint {found.path.name} is unusable ({error}); "

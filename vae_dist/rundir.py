@@ -14,8 +14,9 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
+from vae_dist.checkpoint import written_by
 from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError
 from vae_dist.fileio import atomic_write, checking
@@ -35,12 +36,24 @@ OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, *PICTU
 # Held (flock) by the main process of a training for its whole run; never deleted, since
 # removing a lock file lets two processes lock two different files of the same name.
 LOCK = ".vae_dist.lock"
-# The children of each owned folder that vae_dist (in wandb/, W&B) writes, by name:
-# --overwrite deletes these and leaves anything else a user put there, and the folder with it.
-OWNED_CHILDREN = {
-    CHECKPOINTS: re.compile(r"(\.tmp-)?step-\d+"),
-    IMAGES: re.compile(r"\.?epoch-\d+-[a-z]+\.png(\..+\.tmp)?"),
-    WANDB: re.compile(r"(offline-run-|run-|latest-run|debug).*"),
+# The children of each owned folder that vae_dist (in wandb/, W&B) writes, given the
+# previous run's id: --overwrite deletes these and leaves anything else a user put there,
+# and the folder with it. Checkpoints by their record (checkpoint.written_by); W&B's run
+# folders by the run's id at the end of their name; W&B's links by name, and only links.
+_IMAGE = re.compile(r"\.?epoch-\d+-[a-z]+\.png(\..+\.tmp)?")
+_WANDB_LINKS = ("latest-run", "debug.log", "debug-internal.log")
+
+
+def _wandb_owned(child: Path, run_id: str) -> bool:
+    if child.is_symlink():
+        return child.name in _WANDB_LINKS
+    return bool(run_id) and child.is_dir() and re.fullmatch(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}", child.name) is not None
+
+
+OWNED_CHILDREN: dict[str, Callable[[Path, str], bool]] = {
+    CHECKPOINTS: written_by,
+    IMAGES: lambda child, run_id: _IMAGE.fullmatch(child.name) is not None,
+    WANDB: _wandb_owned,
 }
 
 
@@ -114,7 +127,7 @@ def _check_artifact_dir(root: Path, *, overwrite: bool, resume: bool) -> Path:
 
 
 def prepare_artifact_dir(
-    path: str | Path, *, overwrite: bool, resume: bool, lock: Optional["RunLock"] = None
+    path: str | Path, *, overwrite: bool, resume: bool, lock: Optional["RunLock"] = None, run_id: str = "",
 ) -> Path:
     """Create or check the artifact directory; called on the main process only.
 
@@ -125,6 +138,9 @@ def prepare_artifact_dir(
 
     With ``lock``, the folder is locked for this process before anything in it changes,
     so a second training in the same folder fails instead of clearing the first's files.
+
+    The marker records the run's id (``run_id``, a new run's); --resume keeps the marker,
+    and so the id of the run it continues (see marker_run_id).
     """
     root = check_artifact_dir(path, overwrite=overwrite, resume=resume)
     try:
@@ -136,11 +152,24 @@ def prepare_artifact_dir(
     try:
         if overwrite:
             _remove_owned(root)
-        atomic_write(root / MARKER, lambda f: f.write(b'{"created_by": "vae_dist"}\n'))
+        if not (resume and (root / MARKER).is_file()):
+            marker = json.dumps({"created_by": "vae_dist", "run_id": run_id}) + "\n"
+            atomic_write(root / MARKER, lambda f: f.write(marker.encode()))
         _probe_writable(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
     return root
+
+
+def marker_run_id(root: Path) -> str:
+    """The id of the run the folder's marker records; "" for a marker without one (an
+    older release's), whose checkpoints then count as nobody's."""
+    try:
+        record = json.loads((root / MARKER).read_bytes())
+    except (OSError, ValueError):
+        return ""
+    run_id = record.get("run_id") if isinstance(record, dict) else None
+    return run_id if isinstance(run_id, str) else ""
 
 
 def _not_ours(root: Path) -> Optional[Path]:
@@ -158,16 +187,17 @@ def _not_ours(root: Path) -> Optional[Path]:
 def _remove_owned(root: Path) -> None:
     """Delete the entries vae_dist writes, never following a link (refuse_links ran first;
     this re-checks each entry, since the folder may have changed since)."""
+    run_id = marker_run_id(root)  # the previous run's: the marker is rewritten after this
     for name in OWNED:
         p = root / name
         if p.is_symlink():
             raise ArtifactError(f"{p} is a symbolic link; vae_dist does not delete through links")
         if p.is_dir():
-            pattern = OWNED_CHILDREN.get(name)
-            if pattern is None:
+            owned = OWNED_CHILDREN.get(name)
+            if owned is None:
                 raise ArtifactError(f"{p} is a folder vae_dist did not make; not deleted")
             for child in p.iterdir():
-                if pattern.fullmatch(child.name):
+                if owned(child, run_id):
                     # rmtree does not follow links inside the folder: it unlinks them
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             if not any(p.iterdir()):  # a folder still holding a user's file stays

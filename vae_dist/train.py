@@ -153,13 +153,17 @@ def check_resumable(root: Path, config: TrainingConfig) -> None:
         )
 
 
-def claim_artifact_dir(config: TrainingConfig, lock: rundir.RunLock, *, resume: bool, overwrite: bool) -> Path:
-    """Main process: check the folder (and what --resume needs), lock it, then prepare it."""
+def claim_artifact_dir(
+    config: TrainingConfig, lock: rundir.RunLock, *, resume: bool, overwrite: bool, run_id: str
+) -> tuple[Path, str]:
+    """Main process: check the folder (and what --resume needs), lock it, then prepare it.
+    Returns the folder and the run's id: ``run_id`` for a new run, the marker's on --resume."""
     try:
         root = rundir.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
         if resume:
             check_resumable(root, config)
-        return rundir.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock)
+        root = rundir.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock, run_id=run_id)
+        return root, rundir.marker_run_id(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
 
@@ -223,7 +227,9 @@ def _train(
     set_seed(config.seed)  # the same initial weights on every rank
     model = VAE.from_config(config.model)
     optimizer = make_optimizer(model, config.optimizer)
-    root = on_main_then_share(acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite))
+    root, run_id = on_main_then_share(
+        acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite, run_id=new_run_id())
+    )
 
     workers = config.data.num_workers
     if acc.device.type == "cuda":
@@ -257,9 +263,9 @@ def _train(
         tracker=tracker,
         checkpointer=Checkpointer(
             acc, root / rundir.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
-            schema=Position,
+            schema=Position, run_id=run_id,
         ),
-        run_id=new_run_id(),
+        run_id=run_id,
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
     )
     if resume:
