@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_run, main_in_process, one_error_line, small_train_args
+from conftest import check_ok, cli_env, copy_run, main_in_process, one_error_line, run_cli, small_train_args
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError
+from vae_dist.train import undo_unfinished_overwrite
 from vae_dist.fileio import atomic_write
+from vae_dist.faults import FAIL_HOOK_ENV
 from vae_dist.rundir import (
     CHECKPOINTS,
     CONFIG,
@@ -23,10 +25,13 @@ from vae_dist.rundir import (
     MARKER,
     METRICS,
     MODEL,
+    PREVIOUS,
     RunLock,
+    discard_previous,
     marker_run_id,
     prepare_artifact_dir,
     read_metrics,
+    restore_previous,
     write_config,
     write_metrics,
 )
@@ -108,6 +113,7 @@ def test_overwrite_removes_only_own_entries(tmp_path):
     (root / CHECKPOINTS / "my_backup").mkdir()
     (root / CHECKPOINTS / "my_backup" / "f").write_text("k")
     prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
+    discard_previous(root)  # what the new run's first checkpoint does
     assert json.loads((root / MARKER).read_text()) == {"created_by": "vae_dist", "run_id": "new"}
     assert {k: v for k, v in snapshot(root).items() if k != MARKER} == {
         "notes.txt": b"my notes", "mine": None, "mine/keep.bin": b"\x00\x01",
@@ -130,6 +136,7 @@ def test_overwrite_deletes_by_the_previous_runs_record_not_by_name(tmp_path):
     (wandb / "latest-run").symlink_to("run-20261202_120000-prev")
     (wandb / "run-notes.txt").write_text("mine")
     prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
+    discard_previous(root)
     assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000000030", "step-000000011", "step-000000020"]
     assert sorted(p.name for p in wandb.iterdir()) == ["run-20261202_120000-someone", "run-notes.txt"]
 
@@ -195,6 +202,63 @@ def test_resume_and_overwrite_need_what_they_act_on(tmp_path):
     with pytest.raises(ArtifactError, match="together"):
         prepare_artifact_dir(root, overwrite=True, resume=True)
     assert snapshot(root) == before
+
+
+def _new_run_wrote(root: Path) -> None:
+    """What a new run writes before its first checkpoint (and an unfinished save)."""
+    write_config(root, TrainingConfig(seed=7))
+    (root / IMAGES).mkdir(exist_ok=True)
+    (root / IMAGES / "epoch-001-samples.png").write_bytes(b"new png")
+    (root / CHECKPOINTS).mkdir(exist_ok=True)
+    (root / CHECKPOINTS / ".tmp-step-000000003-new").mkdir()
+
+
+def test_overwrite_sets_the_previous_run_aside_until_the_first_checkpoint_and_puts_it_back(tmp_path):
+    root = tmp_path / "run"
+    _previous_run(root)
+    (root / "notes.txt").write_text("my notes")
+    before = snapshot(root)
+    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
+    assert not (root / MODEL).exists() and (root / PREVIOUS / MODEL).read_bytes() == b"weights"
+    _new_run_wrote(root)
+    assert restore_previous(root)  # the new run failed before its first checkpoint
+    assert snapshot(root) == before
+    # Once the new run has a checkpoint, the set-aside run is discarded, never restored over it.
+    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
+    _checkpoint(root / CHECKPOINTS / "step-000000005", 5, "new")
+    assert not restore_previous(root) and not (root / PREVIOUS).exists()
+    assert (root / CHECKPOINTS / "step-000000005").is_dir() and not (root / MODEL).exists()
+
+
+def test_a_kill_half_way_through_setting_aside_is_undone_by_the_next_training(tmp_path):
+    root = tmp_path / "run"
+    _previous_run(root)
+    before = snapshot(root)
+    # As a kill leaves it: the marker copied, the model moved, the rest not yet.
+    (root / PREVIOUS).mkdir()
+    shutil.copy2(root / MARKER, root / PREVIOUS / MARKER)
+    os.replace(root / MODEL, root / PREVIOUS / MODEL)
+    undo_unfinished_overwrite(root, RunLock())
+    assert {k: v for k, v in snapshot(root).items() if k != LOCK} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["fails", "killed"])
+def test_an_overwrite_whose_new_run_ends_before_its_first_checkpoint_keeps_the_previous_run(
+    how, finished_run, data_dir, tmp_path, capsys, monkeypatch
+):
+    run = copy_run(finished_run, tmp_path)
+    before = {k: v for k, v in snapshot(run).items() if k != LOCK}  # the lock holds its holder's pid
+    args = [*small_train_args(data_dir, run, "--model", "mlp"), "--overwrite"]
+    if how == "killed":  # at step 2, in a process of its own; the next training puts the run back
+        assert run_cli(args, env=cli_env(**{FAIL_HOOK_ENV: "0:2:kill"})).returncode == -9
+        assert (run / PREVIOUS).is_dir()
+        undo_unfinished_overwrite(run, RunLock())
+    else:
+        monkeypatch.setenv(FAIL_HOOK_ENV, "0:2")
+        with pytest.raises(RuntimeError, match="test fault"):
+            main_in_process(args, capsys)
+    assert {k: v for k, v in snapshot(run).items() if k != LOCK} == before
 
 
 @pytest.mark.slow

@@ -191,8 +191,10 @@ class Checkpointer(Generic[S]):
 
     def __init__(
         self, accelerator: Accelerator, directory: Path, keep: int, log: Callable[[str], None] = print,
-        every_steps: int = 0, *, schema: type[S], run_id: str = "",
+        every_steps: int = 0, *, schema: type[S], run_id: str = "", on_saved: Optional[Callable[[], None]] = None,
     ):
+        """``on_saved``: called on the main process after each complete save (the run folder
+        uses it to discard a run that --overwrite kept until the first checkpoint)."""
         self.accelerator = accelerator
         self.directory = directory
         self.keep = keep
@@ -200,6 +202,7 @@ class Checkpointer(Generic[S]):
         self.every_steps = every_steps
         self.schema = schema
         self.run_id = run_id
+        self.on_saved = on_saved
         self.saves = 0
         # Ours, but failed to load (same-size corruption): never counted as a kept one.
         self.corrupt: set[str] = set()
@@ -289,6 +292,8 @@ class Checkpointer(Generic[S]):
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise _write_error("complete", final, e) from None
+            if self.on_saved is not None:
+                self.on_saved()
 
         on_main_then_share(acc, seal)
         self.log(f"checkpoint {final} written in {time.perf_counter() - t0:.2f} s")

@@ -33,6 +33,10 @@ WANDB = "wandb"
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 # Everything a run writes; --overwrite removes these and nothing else.
 OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, *PICTURES)
+# Where --overwrite keeps the previous run until the new one has written its first
+# checkpoint: restored if the new run fails before that, or by the next training in the
+# folder if it was killed (see restore_previous).
+PREVIOUS = ".vae_dist.previous"
 # Held (flock) by the main process of a training for its whole run; never deleted, since
 # removing a lock file lets two processes lock two different files of the same name.
 LOCK = ".vae_dist.lock"
@@ -76,7 +80,7 @@ def refuse_links(root: Path) -> None:
     deletes: through one, a write or a delete would land outside the folder."""
     links = [root] if root.is_symlink() else []
     if root.is_dir() and not links:
-        links = [root / name for name in (MARKER, LOCK, *OWNED) if (root / name).is_symlink()]
+        links = [root / name for name in (MARKER, LOCK, PREVIOUS, *OWNED) if (root / name).is_symlink()]
         for name in (CHECKPOINTS, IMAGES):
             folder = root / name
             if folder.is_dir() and not folder.is_symlink():
@@ -151,7 +155,7 @@ def prepare_artifact_dir(
         lock.acquire(root)
     try:
         if overwrite:
-            _remove_owned(root)
+            _set_aside(root)
         if not (resume and (root / MARKER).is_file()):
             marker = json.dumps({"created_by": "vae_dist", "run_id": run_id}) + "\n"
             atomic_write(root / MARKER, lambda f: f.write(marker.encode()))
@@ -184,10 +188,10 @@ def _not_ours(root: Path) -> Optional[Path]:
     return None
 
 
-def _remove_owned(root: Path) -> None:
-    """Delete the entries vae_dist writes, never following a link (refuse_links ran first;
-    this re-checks each entry, since the folder may have changed since)."""
-    run_id = marker_run_id(root)  # the previous run's: the marker is rewritten after this
+def _owned_entries(root: Path, run_id: str) -> list[Path]:
+    """What the run ``run_id`` wrote in the folder, never through a link (refuse_links ran
+    first; this re-checks each entry, since the folder may have changed since)."""
+    found = []
     for name in OWNED:
         p = root / name
         if p.is_symlink():
@@ -196,14 +200,71 @@ def _remove_owned(root: Path) -> None:
             owned = OWNED_CHILDREN.get(name)
             if owned is None:
                 raise ArtifactError(f"{p} is a folder vae_dist did not make; not deleted")
-            for child in p.iterdir():
-                if owned(child, run_id):
-                    # rmtree does not follow links inside the folder: it unlinks them
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-            if not any(p.iterdir()):  # a folder still holding a user's file stays
-                p.rmdir()
+            found += [child for child in p.iterdir() if owned(child, run_id)]
         elif p.exists():
-            p.unlink()
+            found.append(p)
+    return found
+
+
+def _move_all(paths: Iterable[Path], src: Path, dst: Path) -> None:
+    for p in paths:
+        target = dst / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+
+
+def _prune(root: Path) -> None:
+    """Remove the run's folders left empty (one still holding a user's file stays)."""
+    for name in OWNED_CHILDREN:
+        p = root / name
+        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+            p.rmdir()
+
+
+def _set_aside(root: Path) -> None:
+    """--overwrite: move the previous run (what its id says it wrote, and its marker) into
+    PREVIOUS, to be discarded at the new run's first checkpoint. A copy of the marker goes
+    first, so that a kill half-way leaves a set-aside that restore_previous can undo."""
+    if not (root / MARKER).is_file():  # a new folder: nothing to keep
+        return
+    aside = root / PREVIOUS
+    aside.mkdir()
+    shutil.copy2(root / MARKER, aside / MARKER)
+    _move_all(_owned_entries(root, marker_run_id(root)), root, aside)
+    _prune(root)
+
+
+def discard_previous(root: Path) -> None:
+    """The new run has a checkpoint: the run --overwrite set aside is gone for good."""
+    aside = root / PREVIOUS
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+
+
+def restore_previous(root: Path) -> bool:
+    """Undo an --overwrite whose new run ended (or was killed) before its first checkpoint:
+    delete what the new run wrote and move the previous run back. Main process, with the
+    folder locked. False if there is nothing set aside."""
+    aside = root / PREVIOUS
+    if aside.is_symlink() or not (aside / MARKER).is_file():
+        return False
+    previous_id, current_id = marker_run_id(aside), marker_run_id(root)
+    checkpoints = root / CHECKPOINTS
+    if current_id != previous_id and checkpoints.is_dir() and any(
+        c.name.startswith("step-") and written_by(c, current_id) for c in checkpoints.iterdir()
+    ):  # the new run has a checkpoint (its discard of the set-aside failed): the new run is kept
+        discard_previous(root)
+        return False
+    if (root / MARKER).is_file() and current_id != previous_id:  # the new run got as far as its marker
+        for p in _owned_entries(root, current_id):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    moved = [c for e in aside.iterdir() if e.name != MARKER
+             for c in (e.iterdir() if e.name in OWNED_CHILDREN and e.is_dir() else [e])]
+    _move_all(moved, aside, root)
+    os.replace(aside / MARKER, root / MARKER)  # last: until then the set-aside is still whole
+    shutil.rmtree(aside)
+    _prune(root)
+    return True
 
 
 def _probe_writable(root: Path) -> None:
@@ -229,6 +290,8 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def acquire(self, root: Path) -> None:
+        if self.fd is not None:  # already held by this process
+            return
         path = root / LOCK
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

@@ -29,6 +29,7 @@ from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError, first_line
+from vae_dist.fileio import checking, print_out
 from vae_dist.learner import Learner
 from vae_dist.model import VAE
 from vae_dist.position import Position
@@ -159,6 +160,7 @@ def claim_artifact_dir(
     """Main process: check the folder (and what --resume needs), lock it, then prepare it.
     Returns the folder and the run's id: ``run_id`` for a new run, the marker's on --resume."""
     try:
+        undo_unfinished_overwrite(Path(config.artifact_dir).expanduser(), lock)
         root = rundir.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
         if resume:
             check_resumable(root, config)
@@ -166,6 +168,19 @@ def claim_artifact_dir(
         return root, rundir.marker_run_id(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
+
+
+def undo_unfinished_overwrite(root: Path, lock: rundir.RunLock) -> None:
+    """Main process: a run that --overwrite set aside and whose new run never got to its
+    first checkpoint (killed, or failed before) is put back before anything else looks at
+    the folder; with the folder locked, so never under a run still going."""
+    with checking(root, ArtifactError, "artifact directory"):
+        unfinished = (root / rundir.PREVIOUS).is_dir() and not root.is_symlink()
+    if unfinished:
+        lock.acquire(root)
+        if rundir.restore_previous(root):
+            print_out(f"{root}: restored the previous run, which an --overwrite had set aside before the new run's "
+                      "first checkpoint", required=False)
 
 
 def with_precision(config: TrainingConfig, precision: str) -> TrainingConfig:
@@ -192,6 +207,11 @@ def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopReques
     lock = rundir.RunLock()
     try:
         return _train(acc, config, lock, stop, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if lock.fd is not None:  # the main process, which claimed the folder
+            # A run set aside by --overwrite is still there until the first checkpoint.
+            undo_unfinished_overwrite(Path(config.artifact_dir).expanduser(), lock)
+        raise
     finally:
         try:
             # Trackers first, each failure one line: a W&B that never started must not
@@ -263,7 +283,7 @@ def _train(
         tracker=tracker,
         checkpointer=Checkpointer(
             acc, root / rundir.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
-            schema=Position, run_id=run_id,
+            schema=Position, run_id=run_id, on_saved=lambda: rundir.discard_previous(root),
         ),
         run_id=run_id,
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
