@@ -169,6 +169,9 @@ class Learner:
                                                          self._checkpoint_state)
                     finally:
                         progress.close()  # also on errors, so the message does not land on the bar's line
+                    # Freed before the next epoch draws its own: else, from the second epoch on,
+                    # two noise tables (N x K x latent) are held at once.
+                    noise = coins = None
                     self._end_epoch()
         finally:
             self.tracker.finish()

@@ -56,7 +56,8 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # independent single-process trainings that all believe they are the main one.
         cpu = True
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)")
+            print_out(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)",
+                      required=False)
     # Accelerate takes any ACCELERATE_MIXED_PRECISION, and fp16 on the CPU, without a word:
     # the run would record a precision it never trained in.
     precision = config.mixed_precision
