@@ -196,12 +196,12 @@ def evaluate(
 
     Runs on the CPU; under `accelerate launch --multi_gpu -m vae_dist evaluate ...` the
     test split is sharded across the processes (each sample counted once)."""
-    from vae_dist.modelfile import load_model_file
+    from vae_dist.api import load
     from vae_dist.evaluate import json_result, score, test_images
 
-    model, cfg = load_model_file(artifact_dir)
-    images = test_images(cfg, data_dir, limit_eval_samples)
-    result = score(model, cfg, images, iw_samples=iw_samples)
+    model = load(artifact_dir)
+    images = test_images(model.config, data_dir, limit_eval_samples)
+    result = score(model.model, model.config, images, iw_samples=iw_samples)
     if not _is_rank_zero():
         return  # under accelerate launch, one process reports
     if as_json:

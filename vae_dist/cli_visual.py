@@ -2,9 +2,10 @@
 
 Plain functions: vae_dist.cli registers them on its app.
 
-Each loads only ``model.safetensors`` (weights plus the training config, no pickle), runs
-on the CPU in one process, writes one PNG and prints its path. The pictures themselves
-come from ``vae_dist.inference``; this module only parses, checks and saves.
+Each loads the model through the Python API (vae_dist.api.load: a run folder, its
+model.safetensors or a checkpoint folder; no pickle), runs on the CPU in one process,
+writes one PNG and prints its path. The pictures come from the API's TrainedVAE (that
+is, vae_dist.inference); this module only parses, checks and saves.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ MAX_STEPS = 1_000
 # seed means one stream (no wrap-around of negative values).
 MAX_SEED = 2**63 - 1
 
-ARTIFACT_HELP = "A folder written by `train` (or its model.safetensors)."
+ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
 DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
 
 
@@ -87,12 +88,12 @@ def _model_and_test_images(
     artifact_dir: Path, data_dir: Optional[str], out: Optional[Path], default_name: str
 ) -> tuple[Any, Path, "torch.Tensor"]:
     """The model, where its picture goes, and the whole test split (as floats in [0, 1])."""
+    from vae_dist.api import load
     from vae_dist.evaluate import test_images
-    from vae_dist.modelfile import load_model_file
 
-    model, cfg = load_model_file(artifact_dir)
+    model = load(artifact_dir)
     # limit 0 = the whole test split, not the slice the model was validated on.
-    return model, _output_path(artifact_dir, out, default_name), test_images(cfg, data_dir, 0).float().div(255.0)
+    return model, _output_path(artifact_dir, out, default_name), test_images(model.config, data_dir, 0).float().div(255.0)
 
 
 def sample(
@@ -105,18 +106,18 @@ def sample(
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
     from vae_dist import inference
-    from vae_dist.modelfile import load_model_file
+    from vae_dist.api import load
 
     _check_range("--num", num, 1, MAX_IMAGES)
     _check_range("--grid-size", grid_size, 1, MAX_GRID_SIZE)
     _check_range("--seed", seed, 0, MAX_SEED)
-    model, _ = load_model_file(artifact_dir)
+    model = load(artifact_dir)
     if manifold:
         target = _output_path(artifact_dir, out, "manifold.png")
-        _save(inference.manifold(model, grid_size), target, grid_size)
+        _save(inference.manifold(model.model, grid_size), target, grid_size)
     else:
         target = _output_path(artifact_dir, out, "samples.png")
-        _save(inference.prior_samples(model, num, seed), target, math.ceil(math.sqrt(num)))
+        _save(model.sample(num, seed), target, math.ceil(math.sqrt(num)))
 
 
 def reconstruct(
@@ -126,14 +127,14 @@ def reconstruct(
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/reconstructions.png)."),
 ) -> None:
     """The first N test images, each above its reconstruction (decoded posterior mean)."""
-    from vae_dist import images, inference
+    from vae_dist import images
 
     _check_range("--num", num, 1, MAX_IMAGES)
     model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
     x, nrow = test[:num], min(8, num)
-    _save(images.side_by_side(x, inference.reconstructions(model, x), nrow), target, nrow)
+    _save(images.side_by_side(x, model.reconstruct(x), nrow), target, nrow)
 
 
 def interpolate(
@@ -147,8 +148,6 @@ def interpolate(
     """One row: test image I, the decodings along the straight latent line from I to J, image J."""
     import torch
 
-    from vae_dist import inference
-
     _check_range("--steps", steps, 2, MAX_STEPS)
     model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "interpolation.png")
     n = test.shape[0]
@@ -156,5 +155,5 @@ def interpolate(
         if not 0 <= index < n:
             raise VaeDistError(f"{flag} {index} is not a test image index (0 to {n - 1})")
     ends = test[[index_from, index_to]]
-    row = torch.cat([ends[:1], inference.interpolate(model, ends[0], ends[1], steps), ends[1:]])
+    row = torch.cat([ends[:1], model.interpolate(ends[:1], ends[1:], steps), ends[1:]])
     _save(row, target, row.shape[0])

@@ -48,6 +48,12 @@ def _posterior_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
 
 
 @_inference
+def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
+    """The mean images of latents ``z`` (N, latent)."""
+    return _decode_means(model, z)
+
+
+@_inference
 def prior_samples(model: VAE, n: int, seed: int) -> torch.Tensor:
     """``n`` decodings of z ~ N(0, I) drawn from a generator seeded with ``seed``:
     the same model and seed give the identical tensor."""

@@ -51,8 +51,10 @@ def check_model_size(config: TrainingConfig, where: str) -> None:
         )
 
 
-def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
-    """Rebuild the model and its training config from a model.safetensors file (or its folder)."""
+def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[VAE, TrainingConfig]:
+    """Rebuild the model and its training config from a model.safetensors file (or its
+    folder), on the CPU whatever device wrote it. ``config``: the file's own when None; a
+    checkpoint's weights file (accelerate's) carries none, and its manifest gives it."""
     p = Path(path).expanduser()
     with checking(p, ArtifactError, "model path"):
         if p.is_dir():
@@ -62,7 +64,7 @@ def load_model_file(path: str | Path) -> tuple[VAE, TrainingConfig]:
         raise ArtifactError(f"no trained model at {p} (train first, or give the artifact directory)")
     try:
         with safe_open(str(p), framework="pt") as f:
-            config = _declared_config(p, f.metadata() or {})
+            config = _declared_config(p, f.metadata() or {}) if config is None else config
             # The declared model is built without memory first: a config that declares a far
             # larger model than the file holds is refused before any of it is allocated.
             with torch.device("meta"):
@@ -103,3 +105,14 @@ def _shape_mismatch(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, 
         if want[name] != got[name]:
             return f"{name} has shape {list(got[name])} where the model has {list(want[name])}"
     return None
+
+
+def model_results(path: str | Path) -> dict[str, Any]:
+    """The results a model file records (its last validation and protocol; {} if none)."""
+    p = Path(path).expanduser()
+    p = p / MODEL if p.is_dir() else p
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("vae_dist_results", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"model file {p} is not a readable safetensors file: {first_line(e) or type(e).__name__}") from None

@@ -1,0 +1,70 @@
+"""The Python API (vae_dist.api): load a run, a model file or a checkpoint; a model's
+methods; the IW-NLL as evaluate computes it; the README's example as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae_dist
+from conftest import REPO, copy_run
+from test_pictures import model_run
+from vae_dist.errors import VaeDistError
+from vae_dist.evaluate import score
+
+
+def test_import_vae_dist_does_not_import_torch() -> None:
+    # The CLI's --help and usage errors stay fast: the exports are lazy.
+    code = "import sys, vae_dist; vae_dist.TrainingConfig; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_iw_nll_is_the_estimate_evaluate_prints(tmp_path: Path) -> None:
+    model = vae_dist.load(model_run(tmp_path))
+    images = (torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    expected = score(model.model, model.config, images, iw_samples=20)["iw_nll"]
+    assert vae_dist.iw_nll(model, images, k=20) == pytest.approx(expected, rel=1e-12)
+    # the same images as floats in [0, 1], flat: the same estimate
+    assert vae_dist.iw_nll(model, images.view(12, 784).float() / 255, k=20) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (torch.zeros(3, 27, 28), "shaped"),
+    (torch.full((2, 784), 2.0), "[0, 1]"),
+    (torch.zeros(2, 784, dtype=torch.int64), "uint8"),
+    ("not a tensor", "torch.Tensor"),
+])
+def test_bad_images_are_one_line_errors(tmp_path: Path, bad, needle) -> None:
+    model = vae_dist.load(model_run(tmp_path))
+    with pytest.raises(VaeDistError, match=re.escape(needle)) as e:
+        model.reconstruct(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_folder_loads_as_the_model_it_saved(finished_run: Path) -> None:
+    final = vae_dist.load(finished_run)
+    newest = max((finished_run / "checkpoints").glob("step-*"))
+    from_checkpoint = vae_dist.load(newest)  # the last checkpoint is of the last step
+    assert from_checkpoint.config == final.config
+    assert from_checkpoint.results["valid/loss"] == final.results["valid/loss"]
+    for (name, a), b in zip(final.model.state_dict().items(), from_checkpoint.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written(finished_run: Path, tmp_path: Path, capsys) -> None:
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    run = copy_run(finished_run, tmp_path)
+    exec(compile(code.replace('"artifacts/vae-mnist"', repr(str(run))), "README.md", "exec"), {})
+    kind_and_loss, shapes, nll = capsys.readouterr().out.splitlines()
+    expected = vae_dist.load(run)
+    assert kind_and_loss == f"{expected.config.model.kind} {round(expected.results['valid/loss'], 2)}"
+    assert shapes == f"(16, 1, 28, 28) (16, {expected.latent_size})"
+    assert 0 < float(nll) < 1000

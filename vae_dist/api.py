@@ -1,0 +1,140 @@
+"""The Python API: a trained model and what it does, for notebooks and scripts.
+
+``load`` takes a run folder, its ``model.safetensors`` or one of its checkpoint folders
+and returns a TrainedVAE: the model (on the CPU unless asked otherwise, whatever device
+trained it) with its training config and recorded results. Its methods are the ones the
+CLI's picture commands use (vae_dist.inference), and ``iw_nll`` is ``evaluate``'s
+estimator, so a number from here is the number the CLI prints. Bad input raises the
+project's one-line errors (vae_dist.errors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_dist import inference
+from vae_dist.checkpoint import MANIFEST, read_manifest, verify_hashes
+from vae_dist.config import TrainingConfig
+from vae_dist.errors import ArtifactError, DataError
+from vae_dist.evaluate import iw_nll_per_image
+from vae_dist.fileio import checking
+from vae_dist.model import VAE
+from vae_dist.modelfile import load_model_file, model_results
+from vae_dist.position import Position
+from vae_dist.rundir import MODEL
+
+PIXELS = 28 * 28
+
+
+def as_images(x: torch.Tensor) -> torch.Tensor:
+    """MNIST-shaped images as float (N, 1, 28, 28) in [0, 1]: from (N, 784), (N, 28, 28) or
+    (N, 1, 28, 28), uint8 (0..255) or floating point already in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x[0].numel() != PIXELS or x.dim() > 4:
+        raise DataError(f"images must be shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.reshape(-1, 1, 28, 28).float().div(255.0)
+    if not x.is_floating_point():
+        raise DataError(f"images must be uint8 (0..255) or floating point in [0, 1], got {x.dtype}")
+    if x.numel() and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise DataError("floating-point images must lie in [0, 1] (divide uint8 pixels by 255)")
+    return x.reshape(-1, 1, 28, 28).float()
+
+
+class TrainedVAE:
+    """A trained VAE with its config and results. ``model`` is the plain torch module."""
+
+    def __init__(self, model: VAE, config: TrainingConfig, results: dict[str, Any]):
+        self.model = model.eval()
+        self.config = config
+        self.results = results
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def latent_size(self) -> int:
+        return self.model.latent_size
+
+    def to(self, device: str | torch.device) -> TrainedVAE:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU."""
+        mu, logvar = self.model.encode(as_images(images).to(self.device))
+        return mu.cpu(), logvar.cpu()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean images of latents z (N, latent): float (N, 1, 28, 28) in [0, 1]."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise DataError(f"latents must be shaped (N, {self.latent_size}), got {shape}")
+        return inference.decode(self.model, z)
+
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n images decoded from z ~ N(0, I); the same seed gives the same images."""
+        if n < 1:
+            raise DataError(f"n must be at least 1, got {n}")
+        return inference.prior_samples(self.model, n, seed)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image decoded from its posterior mean."""
+        return inference.reconstructions(self.model, as_images(images))
+
+    def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> torch.Tensor:
+        """``steps`` decodings along the straight latent line between two images, ends included."""
+        if steps < 2:
+            raise DataError(f"steps must be at least 2, got {steps}")
+        a, b = as_images(x_from), as_images(x_to)
+        if a.shape[0] != 1 or b.shape[0] != 1:
+            raise DataError("interpolate takes one image at each end")
+        return inference.interpolate(self.model, a[0], b[0], steps)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
+    """The model a run folder, a model.safetensors or a checkpoint folder holds."""
+    p = Path(path).expanduser()
+    with checking(p, ArtifactError, "model path"):
+        is_checkpoint = p.is_dir() and (p / MANIFEST).is_file()
+    if is_checkpoint:
+        manifest = read_manifest(p, Position)
+        problem = "its manifest or one of its files does not verify" if manifest is None else verify_hashes(p, manifest)
+        if problem or manifest is None:
+            raise ArtifactError(f"checkpoint {p} is unusable: {problem}")
+        state = manifest.state
+        model, config = load_model_file(p / MODEL, config=state.config)
+        results: dict[str, Any] = dict(state.history[-1]) if state.history else {}
+    else:
+        model, config = load_model_file(p)
+        results = model_results(p)
+    return TrainedVAE(model, config, results).to(device)
+
+
+def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
+    """The importance-weighted estimate of -log p(x) with k samples (Burda et al. 2015), in
+    nats per image, averaged over ``images``: ``evaluate --iw-samples k``'s estimator."""
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}")
+    x = as_images(images).cpu()
+    device = model.device  # the estimator's draws come from CPU generators: it runs there
+    try:
+        nll = iw_nll_per_image(model.model.cpu(), model.config, x.mul(255.0), torch.arange(x.shape[0]), k)
+    finally:
+        model.model.to(device)
+    return nll.mean().item()
+
+
+def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> TrainedVAE:
+    """Train as ``vae-dist train`` does with this config; returns the trained model."""
+    from vae_dist import runtime
+    from vae_dist.train import train as run_training
+
+    runtime.prepare_process(config.flush_denormal)
+    return load(run_training(config, resume=resume, overwrite=overwrite))
