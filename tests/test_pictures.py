@@ -265,10 +265,13 @@ def test_bad_picture_arguments_are_one_line_and_write_nothing(tmp_path, capsys, 
 def test_a_picture_never_replaces_anything_in_a_run_but_a_picture(tmp_path, name) -> None:
     run = model_run(tmp_path)
     (run / "link").symlink_to(run)  # a path through a link into the run is inside it too
+    (run / "NOTES.txt").write_text("mine")
     with pytest.raises(VaeDistError, match="inside the run folder"):
         _output_path(run, run / name, "samples.png")
-    # an earlier picture may be replaced, and a file of that name elsewhere is not the run's
+    # an earlier picture may be replaced, a new name at the top level taken, and a file
+    # of that name elsewhere is not the run's
     assert _output_path(run, run / "samples.png", "samples.png") == run / "samples.png"
+    assert _output_path(run, run / "mine.png", "samples.png") == run / "mine.png"
     assert _output_path(run, tmp_path.parent / name, "samples.png") == tmp_path.parent / name
 
 

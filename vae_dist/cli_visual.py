@@ -19,7 +19,7 @@ import typer
 
 from vae_dist.errors import VaeDistError
 from vae_dist.fileio import checking, print_out
-from vae_dist.rundir import MARKER, PICTURES
+from vae_dist.rundir import LOCK, MARKER, OWNED, PICTURES, PREVIOUS
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
@@ -32,6 +32,8 @@ MAX_STEPS = 1_000
 # seed means one stream (no wrap-around of negative values).
 MAX_SEED = 2**63 - 1
 
+# The names a run folder's top level keeps for vae_dist's own entries.
+RUN_NAMES = (MARKER, LOCK, PREVIOUS, *OWNED)
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
 DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
 
@@ -57,15 +59,18 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
 
 
 def _refuse_inside_a_run(target: Path) -> None:
-    """Inside a run folder (at any depth, through links too) a picture may replace only an
-    earlier picture at the folder's top level: never the run's model, config, records or
-    checkpoints, nor a file of the user's kept there."""
+    """Inside a run folder (at any depth, through links too) a picture goes only at the
+    folder's top level, as one of the picture names or as a new file of another name: it
+    never replaces the run's model, config, records or checkpoints, nor a user's file."""
     for path in (Path(os.path.abspath(target)), target.resolve()):
         run = next((p for p in path.parents if (p / MARKER).is_file()), None)
-        if run is not None and not (path.parent == run and path.name in PICTURES):
+        if run is None:
+            continue
+        new_file = path.name not in RUN_NAMES and not (path.exists() or path.is_symlink())
+        if path.parent != run or not (path.name in PICTURES or new_file):
             raise VaeDistError(
-                f"--out {target} is inside the run folder {run}, where a picture may only be one of "
-                f"{', '.join(PICTURES)} at its top level; give another path"
+                f"--out {target} is inside the run folder {run}, where a picture is written only at its top level, "
+                f"as one of {', '.join(PICTURES)} or under a new name; give another path"
             )
 
 
