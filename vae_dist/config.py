@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -281,39 +281,48 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a ``--config`` file, JSON or (by its suffix, .yaml/.yml) YAML, into a dict, with
     one-line errors for the usual mistakes; the same strict validation follows either way."""
     p = Path(path)
-    if p.suffix.lower() not in YAML_SUFFIXES:
-        return read_json_config(p)
-    text = _read_text(p)
+    if p.suffix.lower() in YAML_SUFFIXES:
+        return _parsed(p, _yaml_data, "YAML mapping (key: value lines)")
+    return read_json_config(p)
+
+
+def read_json_config(path: str | Path) -> dict[str, Any]:
+    """Read a JSON config file into a dict, with one-line errors for the usual mistakes."""
+    return _parsed(Path(path), _json_data, "JSON object")
+
+
+def _json_data(p: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+
+
+def _yaml_data(p: Path, text: str) -> Any:
     import yaml  # only a YAML config pays for the import
 
     from vae_dist.yamlconfig import StrictLoader
 
     try:
-        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader: plain data only)
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader: plain data only)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {p} is not valid YAML: {e.problem or e.context}{where}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {first_line(e)}") from None
-    except RecursionError:
-        raise ConfigError(f"config file {p} is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a YAML mapping (key: value lines)")
-    return data
 
 
-def read_json_config(path: str | Path) -> dict[str, Any]:
-    """Read a JSON config file into a dict, with one-line errors for the usual mistakes."""
-    p = Path(path)
+def _parsed(p: Path, parse: Callable[[Path, str], Any], mapping: str) -> dict[str, Any]:
+    """The file's text through ``parse`` (one format's reader), with the errors every
+    format shares: nesting too deep for the parser, and a document that is not a mapping."""
+    text = _read_text(p)
     try:
-        data = json.loads(_read_text(p))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        data = parse(p, text)
     except RecursionError:
         raise ConfigError(f"config file {p} is nested too deeply") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a JSON object")
+        raise ConfigError(f"config file {p} must hold a {mapping}")
     return data
 
 
