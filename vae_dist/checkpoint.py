@@ -126,6 +126,12 @@ def tmp_name(global_step: int, run_id: str) -> str:
     return f"{TMP_PREFIX}{folder_name(global_step)}-{run_id}"
 
 
+def named_for(name: str, global_step: int) -> bool:
+    """Whether a checkpoint folder's name is one a save of ``global_step`` gives it: its
+    step's, or its step's with REPLACED (what a kill between a save's two renames leaves)."""
+    return name in (folder_name(global_step), folder_name(global_step) + REPLACED)
+
+
 def written_by(path: Path, run_id: str) -> bool:
     """Whether an entry of the checkpoint folder is something run ``run_id`` wrote: its
     unfinished write (by the id in the name) or a checkpoint whose manifest records that
@@ -144,7 +150,7 @@ def written_by(path: Path, run_id: str) -> bool:
     step = record.get("global_step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return False
-    return path.name in (folder_name(step), folder_name(step) + REPLACED)
+    return named_for(path.name, step)
 
 
 def file_sha256(path: Path) -> str:
@@ -224,10 +230,9 @@ class Checkpointer(Generic[S]):
                 if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX)]
 
     def _is_ours(self, found: Found[S]) -> bool:
-        """Written by this run, at the name the save gives (or the name a same-step
-        save moves the previous one to, which a kill between its two renames leaves)."""
-        name = folder_name(found.manifest.global_step)
-        return found.manifest.run_id == self.run_id and found.path.name in (name, name + REPLACED)
+        """Written by this run, at a name the save gives (written_by's rule, on a manifest
+        already validated)."""
+        return found.manifest.run_id == self.run_id and named_for(found.path.name, found.manifest.global_step)
 
     def complete(self) -> list[Found[S]]:
         """This run's complete, intact checkpoints, newest first."""
