@@ -125,7 +125,7 @@ def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
     x = as_images(images).cpu()
     device = model.device  # the estimator's draws come from CPU generators: it runs there
     try:
-        nll = iw_nll_per_image(model.model.cpu(), model.config, x.mul(255.0), torch.arange(x.shape[0]), k)
+        nll = iw_nll_per_image(model.model.cpu(), model.config, x, torch.arange(x.shape[0]), k)
     finally:
         model.model.to(device)
     return nll.mean().item()

@@ -124,7 +124,7 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
         }
         if iw_samples:
             mine = torch.arange(acc.process_index, images.shape[0], acc.num_processes)  # this rank's shard
-            nll = iw_nll_per_image(model, config, images, mine, iw_samples, show=acc.is_main_process)
+            nll = iw_nll_per_image(model, config, images.float().div(255.0), mine, iw_samples, show=acc.is_main_process)
             rows = torch.stack([mine.double(), nll], dim=1)  # (index, NLL)
             if acc.num_processes > 1:  # shards differ by one row at most: pad (index -1) to gather
                 rows = acc.gather(acc.pad_across_processes(rows, dim=0, pad_index=-1))
@@ -142,8 +142,8 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
 def iw_nll_per_image(
     model: VAE, config: TrainingConfig, images: torch.Tensor, indices: torch.Tensor, k: int, *, show: bool = False
 ) -> torch.Tensor:
-    """Importance-weighted estimates of -log p(x) (nats) for ``images[indices]`` (Burda et
-    al. 2015): log p(x) ~ logsumexp_k [log p(x | z_k) + log p(z_k) - log q(z_k | x)] - log K,
+    """Importance-weighted estimates of -log p(x) (nats) for ``images[indices]``, floats in
+    [0, 1] shaped (N, 1, 28, 28) (Burda et al. 2015): log p(x) ~ logsumexp_k [log p(x | z_k) + log p(z_k) - log q(z_k | x)] - log K,
     z_k ~ q(z | x), float64 (len(indices),).
 
     Each image's K draws come from its own generator, in chunks of IW_CHUNK, so an image's
@@ -158,7 +158,7 @@ def iw_nll_per_image(
     try:
         for start in batches:
             idx = indices[start : start + IW_BATCH]
-            x = images[idx].float().div(255.0)  # (B, 1, 28, 28)
+            x = images[idx]  # (B, 1, 28, 28)
             b = x.shape[0]
             mu, logvar = model.encode(x)  # (B, L)
             generators = [generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
