@@ -102,7 +102,8 @@ def _other_value(o) -> tuple[list[str], object]:
         value = next(v for v in typing.get_args(ann) if v != o.default)
         return [o.flag, value], value
     if typing.get_origin(ann) is tuple:
-        value = {"model.conv_channels": (8, 24), "model.hidden_sizes": (64, 32, 16)}.get(o.dotted, (0.5, 0.75))
+        value = {"model.conv_channels": (8, 24), "model.hidden_sizes": (64, 32, 16),
+                 "report_to": ("wandb", "tensorboard")}.get(o.dotted, (0.5, 0.75))
         return [o.flag, ",".join(map(str, value))], value
     if ann is int:
         value = (o.default or 1) + 2

@@ -58,7 +58,7 @@ def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", rank
     valid = data.make_loader(data.MnistImages(_images(100, 1)), 100, shuffle_seed=None, drop_last=False, num_workers=0)
     learner = Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
-        artifact_dir=tmp_path, tracker=Tracker(acc, "disabled"),
+        artifact_dir=tmp_path, tracker=Tracker(acc),
         checkpointer=Checkpointer(acc, tmp_path / rundir.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position),
         run_id=run_id,
     )

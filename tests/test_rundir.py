@@ -26,6 +26,7 @@ from vae_dist.rundir import (
     METRICS,
     MODEL,
     PREVIOUS,
+    TENSORBOARD,
     RunLock,
     discard_previous,
     marker_run_id,
@@ -135,10 +136,17 @@ def test_overwrite_deletes_by_the_previous_runs_record_not_by_name(tmp_path):
         (wandb / run / "files").mkdir(parents=True)
     (wandb / "latest-run").symlink_to("run-20261202_120000-prev")
     (wandb / "run-notes.txt").write_text("mine")
+    tb = root / TENSORBOARD
+    tb.mkdir()
+    for name in ("events.out.tfevents.1796231812.vm.2969.0.prev", "events.out.tfevents.1796231812.vm.2969.1.someone",
+                 "events.out.tfevents.1796231812.vm.2969.2.prev.mine"):
+        (tb / name).write_bytes(b"x")
     prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
     discard_previous(root)
     assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000000030", "step-000000011", "step-000000020"]
     assert sorted(p.name for p in wandb.iterdir()) == ["run-20261202_120000-someone", "run-notes.txt"]
+    assert sorted(p.name for p in tb.iterdir()) == ["events.out.tfevents.1796231812.vm.2969.1.someone",
+                                                    "events.out.tfevents.1796231812.vm.2969.2.prev.mine"]
 
 
 def test_resume_keeps_the_marker_and_its_run_id(tmp_path):

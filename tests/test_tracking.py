@@ -48,15 +48,22 @@ def test_online_without_an_api_key_logs_offline_and_says_so(monkeypatch):
     assert len(said) == 1 and "API key" in said[0]
 
 
-def test_accelerator_gets_no_tracker_when_wandb_mode_disables(monkeypatch):
-    from vae_dist.train import make_accelerator
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    acc = make_accelerator(TrainingConfig.from_dict({"cpu": True}))
+@pytest.mark.parametrize(
+    "report_to, env, started",
+    [("wandb", "disabled", []), ("none", "offline", []), ("tensorboard", "offline", ["tensorboard"])],
+)
+def test_only_the_trackers_report_to_names_start(report_to, env, started, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", env)
+    acc = Accelerator(cpu=True)
+    tracker = tracking.Tracker(acc)
     try:
-        assert acc.log_with == []
+        tracker.start(TrainingConfig.from_dict({"report_to": report_to}), "abcd1234", tmp_path)
+        assert [t.name for t in acc.trackers] == started
+        assert tracker.run is None  # no W&B run
     finally:
+        tracker.finish()
         acc.end_training()
+    assert acc.trackers == []
 
 
 # Two ways W&B cannot start: a malformed key (refused at once) and a well-formed key with
@@ -76,12 +83,12 @@ def test_wandb_failing_at_start_neither_fails_nor_holds_up_the_run(key, tmp_path
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
     monkeypatch.setattr(tracking, "INIT_TIMEOUT_SECONDS", 1.0)  # ours, not W&B's 90 s, is what bounds the wait
-    acc = Accelerator(cpu=True, log_with="wandb")
+    acc = Accelerator(cpu=True)
     said: list[str] = []
-    tracker = tracking.Tracker(acc, "online", said.append)
+    tracker = tracking.Tracker(acc, said.append)
     t0 = time.monotonic()
     try:
-        tracker.start(TrainingConfig(), "abcd1234", tmp_path)
+        tracker.start(TrainingConfig(wandb_mode="online"), "abcd1234", tmp_path)
         seconds = time.monotonic() - t0
         assert len(said) == 1 and "training continues without it" in said[0], said
         assert not tracker.enabled and acc.trackers == []  # nothing left for end_training() to fail on

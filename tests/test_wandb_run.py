@@ -1,12 +1,17 @@
 """The offline W&B run a training records: its config, each epoch's metrics (as in
-metrics.jsonl, the KL warm-up's weight included) and pictures, each at the epoch's step.
+metrics.jsonl, the KL warm-up's weight included) and pictures, each at the epoch's step,
+the final and best valid/loss in its summary, and the model as an artifact; a resumed
+training continues the same W&B run.
 
 One short training (2 epochs on a slice, W&B offline into a private WANDB_DIR, KL warm-up
-over both epochs) runs in this process; W&B runs its own service process beside it.
+over both epochs), then its resumption for a third epoch, run in this process; W&B runs
+its own service process beside it.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import struct
 import zlib
@@ -16,6 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import check_ok, main_in_process, small_train_args
+from vae_dist.modelfile import model_results
 from vae_dist.rundir import read_metrics
 
 EPOCHS = 2
@@ -84,8 +90,10 @@ def test_offline_wandb_run(data_dir: Path, tmp_path: Path, monkeypatch, capsys) 
     wandb_dir.mkdir()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
-    ran = main_in_process(small_train_args(data_dir, art, "--model", "mlp", "--epochs", str(EPOCHS), "--wandb-mode",
-                                           "offline", "--kl-warmup-epochs", str(EPOCHS)), capsys)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # where an artifact is staged
+    args = small_train_args(data_dir, art, "--model", "mlp", "--epochs", str(EPOCHS), "--wandb-mode", "offline",
+                            "--kl-warmup-epochs", str(EPOCHS))
+    ran = main_in_process(args, capsys)
     check_ok(ran)
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
@@ -122,3 +130,24 @@ def test_offline_wandb_run(data_dir: Path, tmp_path: Path, monkeypatch, capsys) 
     assert config["epochs"] == EPOCHS and config["wandb_mode"] == "offline"
     for key in saved_config:
         assert config[key] == saved_config[key], key
+
+    summary = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for u in r.summary.update if u.key}
+    losses = [m["valid/loss"] for m in metrics]
+    assert summary["final/valid/loss"] == pytest.approx(losses[-1])
+    assert summary["best/valid/loss"] == pytest.approx(min(losses))
+    assert summary["best/step"] == metrics[losses.index(min(losses))]["step"]
+
+    (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert (artifact.type, artifact.name) == ("model", f"model-{run_id}")
+    assert json.loads(artifact.metadata) == {"config": saved_config, "results": model_results(art / "model.safetensors")}
+    (entry,) = artifact.manifest.contents
+    md5 = base64.b64encode(hashlib.md5((art / "model.safetensors").read_bytes()).digest()).decode()
+    assert (entry.path, entry.digest) == ("model.safetensors", md5)
+
+    # Resumed for one more epoch: the same W&B run goes on (a second offline folder, same id).
+    check_ok(main_in_process([*args, "--resume", "--epochs", str(EPOCHS + 1)], capsys))
+    later = sorted(set((wandb_dir / "wandb").glob("offline-run-*")) - {run})
+    assert [p.name.rsplit("-", 1)[1] for p in later] == [run_id]
+    (resumed,) = [r.run for r in wandb_records(later[0] / f"run-{run_id}.wandb") if r.WhichOneof("record_type") == "run"]
+    assert resumed.run_id == run_id

@@ -70,9 +70,13 @@ def _param_name(o: Option) -> str:
     return o.dotted.replace(".", "__")
 
 
-def _numbers(o: Option, text: str) -> list[float]:
-    """'16,32' -> [16, 32] for the fields that hold a tuple of numbers."""
-    item = typing.get_args(typing.get_args(_bare(o))[0])[0]  # tuple[Annotated[int, ...], ...] -> int
+def _listed(o: Option, text: str) -> list[float] | str:
+    """'16,32' -> [16, 32] for the fields that hold a tuple of numbers; a tuple of names
+    (report_to) splits its own text, as it does from a config file."""
+    inner = typing.get_args(_bare(o))[0]
+    if typing.get_origin(inner) is typing.Literal:
+        return text
+    item = typing.get_args(inner)[0]  # tuple[Annotated[int, ...], ...] -> int
     try:
         return [item(v) for v in text.split(",")]
     except ValueError:
@@ -132,7 +136,7 @@ def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             continue
         v = values[_param_name(o)]
-        out[o.dotted] = _numbers(o, v) if isinstance(v, str) and typing.get_origin(_bare(o)) is tuple else v
+        out[o.dotted] = _listed(o, v) if isinstance(v, str) and typing.get_origin(_bare(o)) is tuple else v
     return out
 
 

@@ -220,11 +220,31 @@ class TrainingConfig(Section):
     flush_denormal: bool = option(
         True, "Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime).", resumable=True,
     )
+    report_to: tuple[Literal["wandb", "tensorboard", "none"], ...] = option(
+        ("wandb",), "Where metrics and pictures go besides metrics.jsonl: wandb, tensorboard (event files under the "
+        "artifact folder's tensorboard/), both as wandb,tensorboard, or none.", resumable=True, strict=False,
+        min_length=1,
+    )
     wandb_project: str = option("vae-dist", "W&B project name.", resumable=True)
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = option(
         None, "W&B mode; online falls back to offline without an API key.", shown="$WANDB_MODE, else online",
         resumable=True,
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_names(cls, value: Any) -> Any:
+        # "wandb,tensorboard" as the HF Trainer takes it, from a config file as from the flag.
+        return tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else value
+
+    @field_validator("report_to", mode="after")
+    @classmethod
+    def _report_to_alone(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"names a tracker twice: {','.join(value)}")
+        if "none" in value and len(value) > 1:
+            raise ValueError(f"none cannot go with a tracker: {','.join(value)}")
+        return value
 
     # --- JSON in and out -------------------------------------------------------------
 
@@ -384,11 +404,12 @@ def options(cls: type[Section] = TrainingConfig, prefix: str = "") -> Iterator[O
 RESUMABLE_FIELDS = frozenset(o.dotted for o in options() if o.resumable)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"batch_size": 64}} -> {"data.batch_size": 64}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -399,7 +420,7 @@ def resume_mismatch(
 ) -> Optional[str]:
     """Name the fields that shape the model or data and differ, else None. The resume rule,
     for config.json against the flags and for a checkpoint's config against config.json."""
-    a, b = _flatten(saved.to_dict()), _flatten(given.to_dict())
+    a, b = flatten(saved.to_dict()), flatten(given.to_dict())
     differ = [key for key in sorted(a) if key not in RESUMABLE_FIELDS and a[key] != b.get(key)]
     if not differ:
         return None

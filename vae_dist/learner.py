@@ -133,48 +133,44 @@ class Learner:
         ``stop``: a StopRequest the caller has entered and keeps past this call (so a stop
         that comes after the last step is still seen); else fit installs its own."""
         cfg, pos, meter = self.config, self.position, self.meter
-        self.tracker.start(cfg, pos.wandb_run_id or "", self.artifact_dir)
-        try:
-            if self._max_steps_reached() and (not pos.history or pos.history[-1].get("step") != pos.global_step):
-                # Resumed at max_steps with no row for this step (the checkpoint of a stop
-                # signal): end the epoch in progress as a run stopped by max_steps would.
-                self._start_epoch()
+        if self._max_steps_reached() and (not pos.history or pos.history[-1].get("step") != pos.global_step):
+            # Resumed at max_steps with no row for this step (the checkpoint of a stop
+            # signal): end the epoch in progress as a run stopped by max_steps would.
+            self._start_epoch()
+            self._end_epoch()
+        with nullcontext(stop) if stop is not None else StopRequest() as stop:
+            while pos.epoch < cfg.epochs and not self._max_steps_reached():
+                noise, coins = self._start_epoch()
+                progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
+                                    enabled=self.acc.is_main_process)
+                try:
+                    for images_batch, index in self._batches():
+                        if coins is not None:  # dynamic binarization: this epoch's draw of each sample
+                            images_batch = binarize.apply(images_batch, coins.index_select(0, index))
+                        sums, loss = train_step(
+                            self.model, self.step_optimizer, self.acc, images_batch, noise.index_select(0, index),
+                            recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(),
+                            max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(),
+                        )
+                        pos.global_step += 1
+                        pos.batches_done += 1
+                        meter.add(sums, loss, images_batch.shape[0], self.acc.num_processes, pos.global_step)
+                        progress.step()
+                        if pos.global_step % cfg.log_every_steps == 0:
+                            self._log_train(progress)
+                        signum = self._stop_agreed(stop)
+                        if signum:
+                            raise Preempted(signum, str(self._save()))
+                        if self._max_steps_reached():
+                            break
+                        self.checkpointer.maybe_save(pos.global_step, pos.batches_done < self.steps_per_epoch,
+                                                     self._checkpoint_state)
+                finally:
+                    progress.close()  # also on errors, so the message does not land on the bar's line
+                # Freed before the next epoch draws its own: else, from the second epoch on,
+                # two noise tables (N x K x latent) are held at once.
+                noise = coins = None
                 self._end_epoch()
-            with nullcontext(stop) if stop is not None else StopRequest() as stop:
-                while pos.epoch < cfg.epochs and not self._max_steps_reached():
-                    noise, coins = self._start_epoch()
-                    progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
-                                        enabled=self.acc.is_main_process)
-                    try:
-                        for images_batch, index in self._batches():
-                            if coins is not None:  # dynamic binarization: this epoch's draw of each sample
-                                images_batch = binarize.apply(images_batch, coins.index_select(0, index))
-                            sums, loss = train_step(
-                                self.model, self.step_optimizer, self.acc, images_batch, noise.index_select(0, index),
-                                recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(),
-                                max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(),
-                            )
-                            pos.global_step += 1
-                            pos.batches_done += 1
-                            meter.add(sums, loss, images_batch.shape[0], self.acc.num_processes, pos.global_step)
-                            progress.step()
-                            if pos.global_step % cfg.log_every_steps == 0:
-                                self._log_train(progress)
-                            signum = self._stop_agreed(stop)
-                            if signum:
-                                raise Preempted(signum, str(self._save()))
-                            if self._max_steps_reached():
-                                break
-                            self.checkpointer.maybe_save(pos.global_step, pos.batches_done < self.steps_per_epoch,
-                                                         self._checkpoint_state)
-                    finally:
-                        progress.close()  # also on errors, so the message does not land on the bar's line
-                    # Freed before the next epoch draws its own: else, from the second epoch on,
-                    # two noise tables (N x K x latent) are held at once.
-                    noise = coins = None
-                    self._end_epoch()
-        finally:
-            self.tracker.finish()
         return self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------ pieces

@@ -29,10 +29,11 @@ CHECKPOINTS = "checkpoints"
 IMAGES = "images"
 LOSS_CURVES = "loss_curves.png"
 WANDB = "wandb"
+TENSORBOARD = "tensorboard"  # --report-to tensorboard's event files
 # Written by the sample / reconstruct / interpolate commands.
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 # Everything a run writes; --overwrite removes these and nothing else.
-OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, *PICTURES)
+OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, TENSORBOARD, *PICTURES)
 # Where --overwrite keeps the previous run until the new one has written its first
 # checkpoint: restored if the new run fails before that, or by the next training in the
 # folder if it was killed (see restore_previous).
@@ -43,7 +44,8 @@ LOCK = ".vae_dist.lock"
 # The children of each owned folder that vae_dist (in wandb/, W&B) writes, given the
 # previous run's id: --overwrite deletes these and leaves anything else a user put there,
 # and the folder with it. Checkpoints by their record (checkpoint.written_by); W&B's run
-# folders by the run's id at the end of their name; W&B's links by name, and only links.
+# folders by the run's id at the end of their name; W&B's links by name, and only links;
+# TensorBoard's event files by the run's id that ends their name (tracking.Tracker).
 _IMAGE = re.compile(r"\.?epoch-\d+-[a-z]+\.png(\..+\.tmp)?")
 _WANDB_LINKS = ("latest-run", "debug.log", "debug-internal.log")
 
@@ -54,10 +56,16 @@ def _wandb_owned(child: Path, run_id: str) -> bool:
     return bool(run_id) and child.is_dir() and re.fullmatch(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}", child.name) is not None
 
 
+def _event_file_owned(child: Path, run_id: str) -> bool:
+    return (bool(run_id) and child.is_file() and not child.is_symlink()
+            and re.fullmatch(rf"events\.out\.tfevents\.\d+\..+\.{re.escape(run_id)}", child.name) is not None)
+
+
 OWNED_CHILDREN: dict[str, Callable[[Path, str], bool]] = {
     CHECKPOINTS: written_by,
     IMAGES: lambda child, run_id: _IMAGE.fullmatch(child.name) is not None,
     WANDB: _wandb_owned,
+    TENSORBOARD: _event_file_owned,
 }
 
 

@@ -1,21 +1,28 @@
-"""W&B through Accelerate's tracker API, on the main process only, never blocking training.
+"""The run's trackers (``--report-to``: W&B, TensorBoard) through Accelerate's tracker
+classes, on the main process only, never blocking or failing training.
 
 Decides the W&B mode once (online falls back to offline without an API key, because
-without a terminal W&B raises and with one it prompts while the other ranks wait),
-and turns every W&B failure into one printed line: W&B being down never stops a run.
+without a terminal W&B raises and with one it prompts while the other ranks wait), and
+turns every tracker failure into one printed line: a tracker being down never stops a run.
+TensorBoard writes event files under the run folder (``tensorboard/``); a resumed run
+continues them, hiding what the interrupted run logged after its checkpoint (purge_step).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 
-from vae_dist.config import TrainingConfig
-from vae_dist.errors import first_line
+from vae_dist.config import TrainingConfig, flatten
+from vae_dist.errors import ConfigError, first_line
+from vae_dist.rundir import TENSORBOARD
 
 # WANDB_MODE values W&B itself accepts, as the mode they mean here.
 ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
@@ -23,6 +30,17 @@ ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "
 # default, 90 s, would hold every rank up that long when the server cannot be reached).
 # W&B's WANDB_INIT_TIMEOUT, when the user sets it, wins.
 INIT_TIMEOUT_SECONDS = 10.0
+NAMES = {"wandb": "W&B", "tensorboard": "TensorBoard"}
+
+
+def check_report_to(config: TrainingConfig) -> None:
+    """Before the run folder is touched: a tracker asked for whose package is missing.
+    (W&B is a dependency; TensorBoard an optional extra.)"""
+    if "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "--report-to tensorboard needs the tensorboard package: pip install 'vae_dist[tensorboard]' "
+            "(in a checkout: pip install -e '.[tensorboard]')"
+        )
 
 
 def has_wandb_api_key() -> bool:
@@ -44,11 +62,6 @@ def requested_mode(requested: Optional[str]) -> str:
     if requested is not None:
         return requested
     return ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower(), "online")
-
-
-def wants_tracker(requested: Optional[str]) -> bool:
-    """Whether the accelerator needs a W&B tracker at all (no messages, no key check)."""
-    return requested_mode(requested) != "disabled"
 
 
 def resolve_mode(requested: Optional[str], say: Callable[[str], None]) -> str:
@@ -91,28 +104,56 @@ def close_trackers(accelerator: Accelerator, say: Callable[[str], None] = print)
         try:
             tracker.finish()
         except Exception as e:
-            say(f"W&B did not close cleanly ({_first_line(e)})")
+            say(f"{NAMES.get(tracker.name, tracker.name)} did not close cleanly ({_first_line(e)})")
 
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def _hparams(config: TrainingConfig) -> dict[str, Any]:
+    """The config as TensorBoard's hparams take it: flat, and scalars only."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(config.to_dict()).items()}
+
+
 class Tracker:
-    """Metrics and images to W&B from the main process; a no-op elsewhere or when disabled."""
+    """Metrics and pictures to the trackers of ``--report-to``, from the main process; a
+    no-op elsewhere or with none. The started trackers are the accelerator's own list, so
+    that train()'s clean-up closes them whatever happens."""
 
-    def __init__(self, accelerator: Accelerator, mode: str, say: Callable[[str], None] = print):
+    def __init__(self, accelerator: Accelerator, say: Callable[[str], None] = print):
         self.accelerator = accelerator
-        self.mode = mode
         self.say = say
-        self.enabled = False
-        self.run: Any = None
+        self.run: Any = None  # the W&B run, once started
+        self._failed: set[str] = set()  # trackers whose failure was already said
 
-    def start(self, config: TrainingConfig, run_id: str, artifact_dir: Path) -> None:
-        if self.mode == "disabled" or not self.accelerator.is_main_process:
+    @property
+    def enabled(self) -> bool:
+        return bool(self.accelerator.trackers)
+
+    def start(self, config: TrainingConfig, run_id: str, artifact_dir: Path, first_step: int = 0) -> None:
+        """Start each tracker asked for; ``first_step``: the step the run resumes from (0: new)."""
+        if not self.accelerator.is_main_process:
             return
+        if "wandb" in config.report_to:
+            mode = resolve_mode(config.wandb_mode, self.say)
+            if mode != "disabled":
+                self._start("wandb", lambda: self._wandb(config, run_id, artifact_dir, mode))
+        if "tensorboard" in config.report_to:
+            self._start("tensorboard", lambda: self._tensorboard(config, run_id, artifact_dir, first_step))
+
+    def _start(self, name: str, make: Callable[[], GeneralTracker]) -> None:
+        try:
+            tracker = make()
+        except Exception as e:
+            # A tracker whose start failed is not kept: end_training() would call its finish().
+            self.say(f"{NAMES[name]} could not start ({_first_line(e)}); training continues without it")
+            return
+        self.accelerator.trackers.append(tracker)
+
+    def _wandb(self, config: TrainingConfig, run_id: str, artifact_dir: Path, mode: str) -> GeneralTracker:
         init: dict[str, Any] = {
-            "mode": self.mode,
+            "mode": mode,
             "id": run_id,
             "name": f"{Path(config.artifact_dir).name}-{run_id}",
             # "allow": a resumed run (same id) continues the same W&B run.
@@ -120,51 +161,99 @@ class Tracker:
         }
         if not os.environ.get("WANDB_DIR"):
             init["dir"] = str(artifact_dir)
+        settings = _bounded_settings(mode)
+        if settings is not None:
+            init["settings"] = settings
+        tracker = WandBTracker(config.wandb_project, **init)
+        tracker.start()
+        if tracker.run is None:
+            raise RuntimeError("no run was created")
         try:
-            settings = _bounded_settings(self.mode)
-            if settings is not None:
-                init["settings"] = settings
-            self.accelerator.init_trackers(config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": init})
-            self.run = self.accelerator.get_tracker("wandb", unwrap=True)
-            if self.run is None:
-                raise RuntimeError("no run was created")
-            self.enabled = True
-        except Exception as e:
-            # A tracker whose start failed has no run: left in place, accelerate's
-            # end_training() would call its finish() and fail the finished run.
-            self.accelerator.trackers = []
-            self.run = None
-            self.say(f"W&B could not start ({_first_line(e)}); training continues without it")
-            return
+            tracker.store_init_configuration(config.to_dict())
+        except Exception:
+            tracker.finish()
+            raise
+        self.run = tracker.run
+        self.say(f"W&B run {self.run.name} (id {self.run.id}, {mode})")
         where = getattr(self.run, "dir", None)
-        self.say(f"W&B run {self.run.name} (id {self.run.id}, {self.mode})")
-        if self.mode == "offline" and where:
+        if mode == "offline" and where:
             folder = Path(where).parent
             self.say(f"W&B offline run folder: {folder}; upload later with: wandb sync {folder}")
+        return tracker
+
+    def _tensorboard(self, config: TrainingConfig, run_id: str, artifact_dir: Path, first_step: int) -> GeneralTracker:
+        from torch.utils.tensorboard.summary import hparams
+
+        # The run's id ends each event file's name: --overwrite deletes only this run's
+        # files (rundir.OWNED_CHILDREN). purge_step: what the interrupted run logged after
+        # the checkpoint this run resumes from is hidden, so no step shows twice.
+        tracker = TensorBoardTracker(TENSORBOARD, artifact_dir, filename_suffix=f".{run_id}",
+                                     purge_step=first_step + 1 if first_step else None)
+        tracker.start()
+        writer = tracker.writer
+        # Not store_init_configuration: it writes its hparams into a new folder per call.
+        text = "    " + config.to_json().replace("\n", "\n    ")  # indented: a code block in the text plugin
+        writer.add_text("config", text, global_step=first_step)
+        for summary in hparams(_hparams(config), {"valid/loss": None}):
+            writer.file_writer.add_summary(summary)
+        writer.flush()
+        return tracker
+
+    def _each(self, what: str, step: int, call: Callable[[GeneralTracker], None]) -> None:
+        for tracker in list(self.accelerator.trackers):
+            try:
+                call(tracker)
+            except Exception as e:
+                if tracker.name not in self._failed:  # one line per tracker, not one per step
+                    self._failed.add(tracker.name)
+                    self.say(f"{NAMES[tracker.name]} {what} failed at step {step} ({_first_line(e)}); "
+                             "continuing (further failures not shown)")
 
     def log(self, values: dict[str, Any], step: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            self.accelerator.log(values, step=step)
-        except Exception as e:
-            self.say(f"W&B log failed at step {step} ({_first_line(e)}); continuing")
+        self._each("log", step, lambda t: t.log(values, step=step))
 
     def log_images(self, images: dict[str, Any], step: int) -> None:
         """images: {key: path of a PNG}."""
-        if not self.enabled:
+        def log(tracker: GeneralTracker) -> None:
+            if tracker.name == "wandb":
+                import wandb
+
+                tracker.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+            else:
+                import numpy as np
+                from PIL import Image
+
+                pictures = {}
+                for k, v in images.items():
+                    with Image.open(v) as picture:
+                        pictures[k] = np.asarray(picture.convert("RGB"))[None]
+                tracker.log_images(pictures, step=step, dataformats="NHWC")
+                tracker.writer.flush()
+
+        self._each("image log", step, log)
+
+    def record_results(self, model_path: Path, config: TrainingConfig, history: Sequence[dict[str, Any]],
+                       results: dict[str, Any]) -> None:
+        """After the export: the final and best valid/loss in the W&B run's summary, and the
+        model as a W&B artifact (type model) with the config and results as its metadata."""
+        if self.run is None or not history:
             return
+        best = min(history, key=lambda r: r["valid/loss"])
         try:
             import wandb
 
-            self.accelerator.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+            self.run.summary.update({
+                "final/valid/loss": history[-1]["valid/loss"], "best/valid/loss": best["valid/loss"],
+                "best/epoch": best["epoch"], "best/step": best["step"],
+            })
+            artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
+                                      metadata={"config": config.to_dict(), "results": results})
+            artifact.add_file(str(model_path), name=model_path.name)
+            self.run.log_artifact(artifact)
         except Exception as e:
-            self.say(f"W&B image log failed at step {step} ({_first_line(e)}); continuing")
+            self.say(f"W&B: the model artifact or summary was not logged ({_first_line(e)}); the model is saved")
 
     def finish(self) -> None:
-        if not self.enabled:
-            return
         # Not accelerator.end_training(): that also destroys the process group, which
-        # the run still needs to save the model.
+        # the run may still need.
         close_trackers(self.accelerator, self.say)
-        self.enabled = False

@@ -1,9 +1,9 @@
 """``train(config)``: the canonical Accelerate order, from a config to a saved model.
 
-Accelerator -> data -> every check that can fail (batch size, model size, resume) -> seed
--> model -> optimizer -> artifact directory (locked) -> Learner (which prepares) -> its
-restore (--resume: the checkpoint's checks) -> config.json -> Learner.fit
--> model.safetensors, loss curves and the summary. Nothing in the artifact
+Trackers' packages -> Accelerator -> data -> every check that can fail (batch size, model
+size, resume) -> seed -> model -> optimizer -> artifact directory (locked) -> Learner (which
+prepares) -> its restore (--resume: the checkpoint's checks) -> config.json -> trackers ->
+Learner.fit -> model.safetensors (and to W&B), loss curves and the summary. Nothing in the artifact
 directory is created or deleted until everything that can be checked first has passed.
 """
 
@@ -35,7 +35,7 @@ from vae_dist.model import VAE
 from vae_dist.position import Position
 from vae_dist.signals import Preempted, StopRequest
 from vae_dist.summary import format_summary
-from vae_dist.tracking import Tracker, close_trackers, new_run_id, resolve_mode, wants_tracker
+from vae_dist.tracking import Tracker, check_report_to, close_trackers, new_run_id
 
 # Collectives give up after this long, so a rank that died on another node cannot leave
 # the rest waiting for torch's default 30 minutes.
@@ -69,12 +69,10 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
             raise ConfigError(f"{named}: must be one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise ConfigError(f"{named} needs a GPU; on the CPU use bf16 or no")
-    log_with = "wandb" if wants_tracker(config.wandb_mode) else None
     try:
         return Accelerator(
             cpu=cpu,
             mixed_precision=config.mixed_precision,
-            log_with=log_with,
             dataloader_config=DataLoaderConfiguration(even_batches=True),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
             dynamo_backend="inductor" if config.compile else None,
@@ -193,6 +191,7 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 
     Process-wide settings (vae_dist.runtime.prepare_process) are the caller's: the CLI
     applies them at its entry point, before any tensor work."""
+    check_report_to(config)
     acc = make_accelerator(config)
     # A stop signal from here to the first step (loading, building, preparing) ends the run
     # at once, as an exception (nothing to checkpoint yet); from the first step on, _train
@@ -272,7 +271,7 @@ def _train(
         f"= {config.data.batch_size} per process x {acc.num_processes}, {len(train_images) // global_batch} steps per epoch"
     )
 
-    tracker = Tracker(acc, resolve_mode(config.wandb_mode, say) if acc.is_main_process else "disabled", say)
+    tracker = Tracker(acc, say)
     learner = Learner(
         acc,
         model,
@@ -292,12 +291,13 @@ def _train(
     if resume:
         learner.restore()  # what it refuses (another config, --max-steps below the checkpoint) leaves config.json as it was
     on_main_then_share(acc, lambda: rundir.write_config(root, config))
+    tracker.start(config, run_id, root, first_step=learner.position.global_step)
     t0 = time.perf_counter()
     # One stop request from the first step to the end of the export: a SIGTERM/SIGINT/SIGHUP
     # after the last step (final validation, the export) lets the export finish, and the
     # run then ends with the stop's line and exit status, the same on every rank.
     with stop.deferred():
-        path = _fit_and_export(acc, config, learner, root, stop, say, t0)
+        path = _fit_and_export(acc, config, learner, tracker, root, stop, say, t0)
         signum = max_over_ranks(acc, stop.signum or 0)
     if signum:
         raise Preempted(signum, str(path), finished=True)
@@ -305,7 +305,7 @@ def _train(
 
 
 def _fit_and_export(
-    acc: Accelerator, config: TrainingConfig, learner: Learner, root: Path, stop: StopRequest,
+    acc: Accelerator, config: TrainingConfig, learner: Learner, tracker: Tracker, root: Path, stop: StopRequest,
     say: Callable[[str], None], t0: float,
 ) -> Path:
     learner.fit(stop)
@@ -318,6 +318,8 @@ def _fit_and_export(
         history = learner.position.history
         last = {k: v for k, v in history[-1].items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
         modelfile.save_model_file(path, state, config, results=last)
+        tracker.record_results(path, config, history, last)
+        tracker.finish()
         try:
             images.save_loss_curves(history, root / rundir.LOSS_CURVES)
         except OSError as e:  # the model is saved: a picture is not worth failing the run
