@@ -76,3 +76,8 @@ def test_event_files_match_metrics_and_a_resumed_run_repeats_no_step(data_dir: P
     assert [t.step for t in texts] == [0, STEPS_PER_EPOCH]  # the resumed run records the config it runs under
     text = texts[-1].tensor_proto.string_val[0].decode()
     assert json.loads(text) == json.loads((art / "config.json").read_text())
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = shown.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["model.kind"].string_value == "mlp" and hparams["epochs"].number_value == 2
