@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -195,7 +196,6 @@ def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monke
     benchmark runs is the file's, with only the benchmark's own flags on top."""
     import importlib
     import sys
-    from pathlib import Path
 
     from vae_dist.cli import parse_train_args
 
@@ -212,3 +212,21 @@ def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monke
         kinds.add((ran.model.kind, ran.data.binarize, ran.loss.iw_samples, ran.optimizer.learning_rate))
     assert len(kinds) == len(quality.RECIPES)  # no two recipes train the same thing
     sys.modules.pop("quality", None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
+def test_every_recipe_in_configs_trains_through_config(recipe, data_dir, tmp_path, capsys):
+    from conftest import check_ok, main_in_process
+    from vae_dist.cli import parse_train_args
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{recipe}.yaml"
+    art = tmp_path / "run"
+    ran = main_in_process(["train", "--config", str(path), "--cpu", "--data-dir", str(data_dir), "--artifact-dir", str(art),
+                           "--limit-train-samples", "128", "--limit-eval-samples", "100", "--batch-size", "32",
+                           "--max-steps", "2", "--wandb-mode", "disabled"], capsys)
+    check_ok(ran)
+    saved, recipe_config = TrainingConfig.from_json_file(art / "config.json"), parse_train_args(["--config", str(path)])
+    assert (saved.model, saved.loss, saved.optimizer, saved.data.binarize) == (
+        recipe_config.model, recipe_config.loss, recipe_config.optimizer, recipe_config.data.binarize)
+    assert (art / "model.safetensors").is_file()
