@@ -115,3 +115,25 @@ def test_wandb_mode_disabled_in_the_environment_is_followed(data_dir: Path, tmp_
     check_ok(ran)
     assert "W&B" not in output(ran)
     assert (art / "model.safetensors").is_file() and not (art / "wandb").exists()
+
+
+def test_a_tensorboard_that_cannot_write_costs_one_line_and_no_traceback(tmp_path, monkeypatch):
+    import threading
+
+    printed: list = []  # what threading would print as a traceback
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    acc = Accelerator(cpu=True)
+    said: list[str] = []
+    tracker = tracking.Tracker(acc, said.append)
+    tracker.start(TrainingConfig.from_dict({"report_to": "tensorboard"}), "abcd1234", tmp_path)
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    events.unlink()
+    events.symlink_to("/dev/full")  # TensorBoard opens the file by name at each write: a full disk from here on
+    try:
+        for step in (1, 2, 3):
+            tracker.log({"train/loss": 1.0}, step=step)
+        tracker.finish()
+    finally:
+        acc.end_training()
+    assert [line.split(" (")[0] for line in said] == ["TensorBoard log failed at step 1", "TensorBoard did not close cleanly"]
+    assert printed == []

@@ -226,7 +226,10 @@ def _prune(root: Path) -> None:
     for name in OWNED_CHILDREN:
         p = root / name
         if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
-            p.rmdir()
+            try:
+                p.rmdir()
+            except OSError:  # an empty folder that cannot go (a mount point) costs nothing
+                pass
 
 
 def _set_aside(root: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -116,6 +117,19 @@ def _hparams(config: TrainingConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(config.to_dict()).items()}
 
 
+def _quiet_writer_thread(args: Any) -> None:
+    """threading.excepthook once TensorBoard writes: its writer thread keeps a write's error
+    (a full disk) for the next call on the writer, which Tracker reports as one line, and
+    also re-raises it, which threading would print as a traceback."""
+    thread = type(args.thread)
+    if thread.__name__ == "_AsyncWriterThread" and thread.__module__.startswith("tensorboard."):
+        return
+    _previous_excepthook(args)
+
+
+_previous_excepthook = threading.excepthook
+
+
 class Tracker:
     """Metrics and pictures to the trackers of ``--report-to``, from the main process; a
     no-op elsewhere or with none. The started trackers are the accelerator's own list, so
@@ -189,6 +203,9 @@ class Tracker:
         # the checkpoint this run resumes from is hidden, so no step shows twice.
         tracker = TensorBoardTracker(TENSORBOARD, artifact_dir, filename_suffix=f".{run_id}",
                                      purge_step=first_step + 1 if first_step else None)
+        global _previous_excepthook
+        if threading.excepthook is not _quiet_writer_thread:
+            _previous_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread
         tracker.start()
         writer = tracker.writer
         # Not store_init_configuration: it writes its hparams into a new folder per call.

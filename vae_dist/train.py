@@ -29,7 +29,7 @@ from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError, first_line
-from vae_dist.fileio import checking, print_out
+from vae_dist.fileio import checking, print_err, print_out
 from vae_dist.learner import Learner
 from vae_dist.model import VAE
 from vae_dist.position import Position
@@ -210,7 +210,12 @@ def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopReques
     except BaseException:
         if lock.fd is not None:  # the main process, which claimed the folder
             # A run set aside by --overwrite is still there until the first checkpoint.
-            undo_unfinished_overwrite(Path(config.artifact_dir).expanduser(), lock)
+            root = Path(config.artifact_dir).expanduser()
+            try:
+                undo_unfinished_overwrite(root, lock)
+            except (OSError, ArtifactError) as e:  # the error that got here is the one to report
+                print_err(f"the previous run could not be put back ({first_line(e)}); it is kept in {root / rundir.PREVIOUS} "
+                          "and the next training in the folder tries again")
         raise
     finally:
         try:
