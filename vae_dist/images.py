@@ -1,8 +1,10 @@
-"""PNG files of digits (torchvision's make_grid / save_image) and of the loss per epoch
-(matplotlib's Agg canvas: no display, no pyplot global state), each written atomically.
+"""PNG files of digits (tiled as torchvision's make_grid tiles them, written by Pillow) and
+of the loss per epoch (matplotlib's Agg canvas: no display, no pyplot global state), each
+written atomically.
 
-torchvision and matplotlib are imported where used: each costs about a second per process,
-and `--help` or a usage error needs neither.
+Not torchvision's save_image: importing torchvision (its models and ops) costs most of a
+second of every training process, for a picture that is a few lines of tensor work.
+matplotlib is imported where used, so `--help` or a usage error never pays for it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,19 @@ _COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> None:
-    """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row, into a PNG at ``path``."""
-    from torchvision.utils import save_image
+    """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap
+    around and between them, into a greyscale PNG at ``path``."""
+    from PIL import Image
 
-    tiles = images.detach().float().cpu()
-    atomic_write(path, lambda f: save_image(tiles, f, format="png", nrow=nrow, padding=PADDING))
+    tiles = images.detach().float().cpu().clamp(0.0, 1.0)
+    n, _, h, w = tiles.shape
+    cols = min(nrow, n)
+    grid = torch.zeros(math.ceil(n / cols) * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
+    for i, tile in enumerate(tiles):
+        y, x = (PADDING + (h + PADDING) * k for k in divmod(i, cols))
+        grid[y : y + h, x : x + w] = tile[0]
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="png"))
 
 
 def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, nrow: int = 8) -> torch.Tensor:
