@@ -1,7 +1,7 @@
-"""The benchmarks run end to end as scripts, print one JSON object with what
-benchmarks/README.md says, and take the trainer's own flags. Their figures are checked by
-reading them, not by timed tests: each smoke run here is a slice of MNIST for seconds.
-Argument errors, --list and the time-to-quality curve are checked in this process."""
+"""The benchmarks run end to end (their main(), in this process), print one JSON object with
+what benchmarks/README.md says, and take the trainer's own flags. Their figures are checked
+by reading them, not by timed tests: each smoke run here is a slice of MNIST for seconds.
+The GPU script's dry run starts its steps as processes, as it does on the device."""
 
 from __future__ import annotations
 
@@ -19,14 +19,21 @@ BENCHMARKS = REPO / "benchmarks"
 TINY = ["--limit-train-samples", "512", "--limit-eval-samples", "100", "--batch-size", "64"]
 
 
-def run_json(script: str, *args: str) -> dict:
-    """`python benchmarks/SCRIPT ARGS --json`: exactly one JSON object on stdout."""
-    r = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json"], cwd=REPO, env=cli_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1, r.stdout[-2000:]
-    return json.loads(lines[0])
+@pytest.fixture
+def run_json(bench, capfd):
+    """``run_json(SCRIPT, *ARGS)``: the script's main(ARGS + --json) in this process (a fresh
+    interpreter would add seconds of imports): exit 0 and exactly one JSON object on stdout."""
+
+    def run(script: str, *args: str) -> dict:
+        capfd.readouterr()
+        rc = bench(script.removesuffix(".py")).main([*args, "--json"])
+        out, err = capfd.readouterr()
+        assert rc == 0, err[-3000:]
+        lines = out.strip().splitlines()
+        assert len(lines) == 1, out[-2000:]
+        return json.loads(lines[0])
+
+    return run
 
 
 @pytest.fixture
@@ -37,7 +44,7 @@ def bench(monkeypatch):
 
 
 @pytest.mark.slow
-def test_throughput(data_dir):
+def test_throughput(data_dir, run_json):
     out = run_json("throughput.py", "--data-dir", str(data_dir), "--epochs", "2", *TINY, "--reference-epochs", "1",
                    "--reference-batches", "2")
     assert out["torch"] and out["accelerate"] and out["torchvision"] and out["device"] and out["date"]
@@ -63,7 +70,7 @@ def test_throughput(data_dir):
 
 
 @pytest.mark.slow
-def test_time_to_quality(data_dir):
+def test_time_to_quality(data_dir, run_json):
     # A target any trained model reaches.
     out = run_json("time_to_quality.py", "--data-dir", str(data_dir), "--epochs", "2", *TINY, "--target", "1000")
     assert out["mode"] == "time_to_quality" and out["target_valid_loss"] == 1000 and out["batch_size"] == 64
@@ -99,7 +106,7 @@ def test_quality_lists_its_recipes(bench, capsys):
 
 
 @pytest.mark.slow
-def test_quality_trains_a_recipe_and_scores_it_with_its_protocol():
+def test_quality_trains_a_recipe_and_scores_it_with_its_protocol(run_json):
     out = run_json("quality.py", "--recipe", "burda-iwae", "--iw-samples", "20", "--epochs", "1", *TINY)
     # The recipe's flags reached the config; the pass-through ones came after them.
     assert out["config"]["model"]["kind"] == "burda" and out["config"]["loss"]["iw_samples"] == 5
@@ -111,7 +118,7 @@ def test_quality_trains_a_recipe_and_scores_it_with_its_protocol():
 
 
 @pytest.mark.slow
-def test_canonical_example_reports_its_time_and_loss():
+def test_canonical_example_reports_its_time_and_loss(run_json):
     out = run_json("canonical.py", "--epochs", "1", "--limit-train-samples", "1024")
     assert out["mode"] == "canonical" and out["epochs"] == len(out["curve"]) == 1
     assert out["wall_s"] == out["curve"][-1]["elapsed_s"] > 0
