@@ -107,7 +107,8 @@ class Learner:
     ):
         """``on_epoch_end(model, epoch, step)`` runs after each epoch's validation, on the
         main process only and with the unwrapped model, so it may not be collective.
-        A run that resumes calls ``restore()`` before ``fit()``."""
+        A run that resumes calls ``restore()`` before ``fit()``; the caller starts ``tracker``
+        before and finishes it after (train() does, around the export)."""
         self.acc = accelerator
         self.config = config
         self.latent = model.latent_size

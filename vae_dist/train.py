@@ -112,7 +112,7 @@ def epoch_previews(
     root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor, seed: int
 ) -> Callable[[VAE, int, int], None]:
     """The Learner's on_epoch_end: the first test images above their reconstructions, and
-    samples from the prior (the same latents every epoch), as PNGs under images/ and in W&B."""
+    samples from the prior (the same latents every epoch), as PNGs under images/ and to the trackers."""
     originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
 
     def write(model: VAE, epoch: int, step: int) -> None:
