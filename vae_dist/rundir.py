@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from vae_dist.checkpoint import written_by
 from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError
 from vae_dist.fileio import atomic_write, checking
@@ -56,13 +55,21 @@ def _wandb_owned(child: Path, run_id: str) -> bool:
     return bool(run_id) and child.is_dir() and re.fullmatch(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}", child.name) is not None
 
 
+def _checkpoint_owned(child: Path, run_id: str) -> bool:
+    # Imported here: checkpoint.py imports accelerate (and torch), which the CLI's --help,
+    # its usage errors and the picture commands' --out check do not need.
+    from vae_dist.checkpoint import written_by
+
+    return written_by(child, run_id)
+
+
 def _event_file_owned(child: Path, run_id: str) -> bool:
     return (bool(run_id) and child.is_file() and not child.is_symlink()
             and re.fullmatch(rf"events\.out\.tfevents\.\d+\..+\.{re.escape(run_id)}", child.name) is not None)
 
 
 OWNED_CHILDREN: dict[str, Callable[[Path, str], bool]] = {
-    CHECKPOINTS: written_by,
+    CHECKPOINTS: _checkpoint_owned,
     IMAGES: lambda child, run_id: _IMAGE.fullmatch(child.name) is not None,
     WANDB: _wandb_owned,
     TENSORBOARD: _event_file_owned,
@@ -262,7 +269,7 @@ def restore_previous(root: Path) -> bool:
     previous_id, current_id = marker_run_id(aside), marker_run_id(root)
     checkpoints = root / CHECKPOINTS
     if current_id != previous_id and checkpoints.is_dir() and any(
-        c.name.startswith("step-") and written_by(c, current_id) for c in checkpoints.iterdir()
+        c.name.startswith("step-") and _checkpoint_owned(c, current_id) for c in checkpoints.iterdir()
     ):  # the new run has a checkpoint (its discard of the set-aside failed): the new run is kept
         discard_previous(root)
         return False
