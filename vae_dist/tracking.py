@@ -10,6 +10,7 @@ continues them, hiding what the interrupted run logged after its checkpoint (pur
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -208,12 +209,17 @@ class Tracker:
             _previous_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread
         tracker.start()
         writer = tracker.writer
-        # Not store_init_configuration: it writes its hparams into a new folder per call.
-        text = "    " + config.to_json().replace("\n", "\n    ")  # indented: a code block in the text plugin
-        writer.add_text("config", text, global_step=first_step)
-        for summary in hparams(_hparams(config), {"valid/loss": None}):
-            writer.file_writer.add_summary(summary)
-        writer.flush()
+        try:
+            # Not store_init_configuration: it writes its hparams into a new folder per call.
+            text = "    " + config.to_json().replace("\n", "\n    ")  # indented: a code block in the text plugin
+            writer.add_text("config", text, global_step=first_step)
+            for summary in hparams(_hparams(config), {"valid/loss": None}):
+                writer.file_writer.add_summary(summary)
+            writer.flush()
+        except Exception:
+            with contextlib.suppress(Exception):  # the first error is the one to say
+                tracker.finish()
+            raise
         return tracker
 
     def _each(self, what: str, step: int, call: Callable[[GeneralTracker], None]) -> None:
