@@ -142,10 +142,6 @@ class Tracker:
         self.run: Any = None  # the W&B run, once started
         self._failed: set[str] = set()  # trackers whose failure was already said
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.accelerator.trackers)
-
     def start(self, config: TrainingConfig, run_id: str, artifact_dir: Path, first_step: int = 0) -> None:
         """Start each tracker asked for; ``first_step``: the step the run resumes from (0: new)."""
         if not self.accelerator.is_main_process:
