@@ -31,14 +31,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # never touch the network from 
 
 import torch  # noqa: E402
 
-from vae_dist import mnist  # noqa: E402
-from vae_dist.rundir import read_metrics  # noqa: E402
-from vae_dist.cli import parse_train_args  # noqa: E402
+from vae_dist.data import datasets  # noqa: E402
+from vae_dist.run.folder import read_metrics  # noqa: E402
+from vae_dist.cli.app import parse_train_args  # noqa: E402
 from vae_dist.config import TrainingConfig  # noqa: E402
 from vae_dist.errors import VaeDistError  # noqa: E402
-from vae_dist.loss import negative_elbo  # noqa: E402
-from vae_dist.model import VAE  # noqa: E402
-from vae_dist.train import make_optimizer  # noqa: E402
+from vae_dist.models.gaussian import negative_elbo  # noqa: E402
+from vae_dist.models.gaussian import VAE  # noqa: E402
+from vae_dist.training.trainer import make_optimizer  # noqa: E402
 
 # The benchmarks' historical setting: the canonical PyTorch VAE example (mlp, batch 128,
 # constant lr 1e-3, no KL warm-up), no loader workers, no W&B. --epochs is each script's own.
@@ -96,7 +96,7 @@ def parse(
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     if config.data.data_dir is None:  # never download from a benchmark: the offline copy
-        config = config.model_copy(update={"data": config.data.model_copy(update={"data_dir": str(mnist.default_data_dir())})})
+        config = config.model_copy(update={"data": config.data.model_copy(update={"data_dir": str(datasets.default_data_dir())})})
     return args, config, train_args
 
 
@@ -244,7 +244,7 @@ def torchvision_root(data_dir: Path) -> Path:
     """A folder torchvision's MNIST accepts (``root/MNIST/raw/`` with the four uncompressed
     files), made once under the temp dir and keyed by the data files' paths, sizes and times.
     Nothing is ever written into the data dir or the repository."""
-    sources = {name: mnist.find_idx_file(data_dir, name) for split in mnist.FILES.values() for name in split[:2]}
+    sources = {name: datasets.find_idx_file(data_dir, name) for split in datasets.FILES.values() for name in split[:2]}
     key = hashlib.sha256(
         "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources.values()).encode()
     ).hexdigest()[:16]
@@ -263,9 +263,9 @@ def torchvision_root(data_dir: Path) -> Path:
 
 
 def run_trainer(config: TrainingConfig) -> tuple[list[dict[str, Any]], float]:
-    """Train through ``vae_dist.train.train`` (its stdout sent to stderr); returns the
+    """Train through ``vae_dist.training.trainer.train`` (its stdout sent to stderr); returns the
     metrics.jsonl rows and the wall seconds of the whole train() call."""
-    from vae_dist.train import train
+    from vae_dist.training.trainer import train
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):

@@ -71,13 +71,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args, config, train_args) -> int:
-    from vae_dist.runtime import prepare_process
+    from vae_dist.training.runtime import prepare_process
 
     prepare_process(config.flush_denormal)  # as the CLI does: before any tensor work
     import torch
 
-    from vae_dist.modelfile import load_model_file
-    from vae_dist.evaluate import score, test_images
+    from vae_dist.run.modelfile import load_model_file
+    from vae_dist.evaluation.evaluate import score, test_images
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

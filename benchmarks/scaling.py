@@ -97,7 +97,7 @@ def run_trainer(model: str, procs: int, batch: int, threads: int, args: argparse
 
 
 def worker(args: argparse.Namespace) -> None:
-    from vae_dist.runtime import prepare_process
+    from vae_dist.training.runtime import prepare_process
 
     prepare_process(True)  # the trainer's process settings (as its CLI applies them), before any tensor work
     import torch
@@ -107,11 +107,11 @@ def worker(args: argparse.Namespace) -> None:
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     from vae_dist.config import ModelConfig
-    from vae_dist.data import MnistImages, make_loader
-    from vae_dist.mnist import load_split
-    from vae_dist.loss import negative_elbo
-    from vae_dist.model import VAE
-    from vae_dist.noise import train_noise
+    from vae_dist.data.loaders import MnistImages, make_loader
+    from vae_dist.data.datasets import load_split
+    from vae_dist.models.gaussian import negative_elbo
+    from vae_dist.models.gaussian import VAE
+    from vae_dist.data.keyed import train_noise
 
     acc = Accelerator(cpu=True)
     world = acc.num_processes

@@ -2,7 +2,7 @@
 
 One run, one config (built from train flags as ``python -m vae_dist train`` builds it):
 
-- trainer_s_per_epoch: ``vae_dist.train.train(config)``, training seconds per epoch
+- trainer_s_per_epoch: ``vae_dist.training.trainer.train(config)``, training seconds per epoch
   (epoch_seconds - valid_seconds from metrics.jsonl), median of the epochs after the first;
 - bare_loop_s_per_epoch: the floor: the training images as one float tensor on the device,
   a seeded randperm per epoch, index_select / forward / negative_elbo / backward / Adam;
@@ -178,8 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args, config, train_args) -> int:
-    from vae_dist import mnist
-    from vae_dist.runtime import prepare_process
+    from vae_dist.data import datasets
+    from vae_dist.training.runtime import prepare_process
 
     prepare_process(config.flush_denormal)  # as the CLI does: first, and so for all three loops
     import torch
@@ -189,12 +189,12 @@ def run(args, config, train_args) -> int:
     other, device = common.OtherLoad(), common.resolve_device(args.device)
     with common.json_stdout(args.json) as emit:
         r: dict[str, Any] = {"mode": "throughput", **common.environment(device), **common.settings(config, train_args)}
-        images = mnist.load_split(config.data.data_dir, "train").images[: config.data.limit_train_samples]
+        images = datasets.load_split(config.data.data_dir, "train").images[: config.data.limit_train_samples]
         r.update(train_samples=int(images.shape[0]), reference_adam=args.reference_adam)
         bare, before = BareLoop(config, device, images), (config.epochs + 1) // 2
         log(f"[1/3] bare loop: {before} timed epoch(s) after 1 warm-up epoch on {device}, the rest after the trainer")
         bare_s = bare.epochs(before)
-        log(f"[2/3] trainer: vae_dist.train.train, {config.epochs} epoch(s), epoch 1 counted as warm-up")
+        log(f"[2/3] trainer: vae_dist.training.trainer.train, {config.epochs} epoch(s), epoch 1 counted as warm-up")
         r.update(measure_trainer(config))
         bare_s += bare.epochs(config.epochs - before)
         r.update(bare_loop_s_per_epoch=median(bare_s), bare_loop_epoch_s=bare_s, bare_loop_last_loss=bare.loss,

@@ -66,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args, config, train_args) -> int:
-    from vae_dist.runtime import prepare_process
+    from vae_dist.training.runtime import prepare_process
 
     prepare_process(config.flush_denormal)  # as the CLI does: before any tensor work
     import torch

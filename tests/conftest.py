@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vae_dist.mnist import DATA_DIR_ENV, default_data_dir
+from vae_dist.data.datasets import DATA_DIR_ENV, default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ class Ran:
 def main_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> Ran:
     """`vae-dist ARGS` in this process: the CLI's entry point with its exit code and output,
     without the seconds a fresh interpreter costs."""
-    from vae_dist.cli import main
+    from vae_dist.cli.app import main
 
     capsys.readouterr()  # drop what came before
     try:
@@ -131,7 +131,7 @@ def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """A finished small run (mlp, 1 epoch of 640 images at batch 32, checkpoints every 5
     steps), trained once per session in this process. Copy it (``copy_run``) before
     changing anything in it."""
-    from vae_dist.cli import main
+    from vae_dist.cli.app import main
 
     art = tmp_path_factory.mktemp("finished") / "run"
     main(small_train_args(data_dir, art, "--model", "mlp", "--batch-size", "32", "--limit-train-samples", "640",

@@ -15,7 +15,7 @@ import vae_dist
 from conftest import REPO, copy_run
 from test_pictures import model_run
 from vae_dist.errors import VaeDistError
-from vae_dist.evaluate import score
+from vae_dist.evaluation.evaluate import score
 
 
 def test_import_vae_dist_and_the_clis_help_and_usage_errors_do_not_import_torch() -> None:
@@ -24,7 +24,7 @@ def test_import_vae_dist_and_the_clis_help_and_usage_errors_do_not_import_torch(
     code = """
 import sys, vae_dist
 vae_dist.TrainingConfig
-from vae_dist.cli import main
+from vae_dist.cli.app import main
 for argv in (["--help"], ["train", "--help"], ["train", "--epochs", "0"], ["sample", "--help"]):
     try:
         main(argv)

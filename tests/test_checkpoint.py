@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
-from vae_dist.checkpoint import FORMAT, MANIFEST, TMP_PREFIX, Checkpointer, read_manifest, rotation_plan
+from vae_dist.run.checkpoint import FORMAT, MANIFEST, TMP_PREFIX, Checkpointer, read_manifest, rotation_plan
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import CheckpointError
-from vae_dist.position import Position
+from vae_dist.run.position import Position
 
 
 def test_rotation_keeps_the_newest_by_step_not_by_name():
@@ -302,7 +302,7 @@ def test_a_full_disk_in_a_library_writer_is_one_checkpoint_error_without_debris(
 
     ck = _ck(tmp_path / "checkpoints")
     monkeypatch.setattr(ck.accelerator, "save_state", full)
-    monkeypatch.setattr("vae_dist.checkpoint._disk_full", lambda path: True)  # the disk as a full one reports
+    monkeypatch.setattr("vae_dist.run.checkpoint._disk_full", lambda path: True)  # the disk as a full one reports
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$") as e:
         _save(ck, 3)
     assert "\n" not in str(e.value)

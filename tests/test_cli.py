@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, check_ok, cli_env, copy_run, main_in_process, one_error_line, small_train_args
-from vae_dist.cli import build_config, main, parse_train_args
+from vae_dist.cli.app import build_config, main, parse_train_args
 from vae_dist.config import ARCHITECTURE_DEFAULTS, RESUMABLE_FIELDS, TrainingConfig, options
 from vae_dist.errors import ConfigError, OutputError, VaeDistError
-from vae_dist.fileio import print_out
+from vae_dist.run.fileio import print_out
 
 OPTIONS = list(options())
 NEEDS_DEV_FULL = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
@@ -133,12 +133,12 @@ def test_every_flag_sets_its_field(o):
 
 
 def test_train_applies_the_process_settings_then_trains_the_config(monkeypatch, tmp_path):
-    import vae_dist.train
-    from vae_dist import runtime
+    import vae_dist.training.trainer
+    from vae_dist.training import runtime
 
     calls: list[tuple] = []
     monkeypatch.setattr(runtime, "prepare_process", lambda flush: calls.append(("prepare", flush)))
-    monkeypatch.setattr(vae_dist.train, "train", lambda cfg, **kw: calls.append(("train", cfg, kw)))
+    monkeypatch.setattr(vae_dist.training.trainer, "train", lambda cfg, **kw: calls.append(("train", cfg, kw)))
     main(["train", "--artifact-dir", str(tmp_path / "run"), "--no-flush-denormal", "--overwrite"])
     (_, flush), (_, cfg, kw) = calls
     assert flush is False and cfg.flush_denormal is False and cfg.artifact_dir == str(tmp_path / "run")
@@ -351,8 +351,8 @@ def test_a_picture_command_on_a_path_the_file_system_refuses_is_one_line_and_wri
 def test_evaluate_with_an_unreadable_accelerate_variable_is_one_line(monkeypatch):
     import torch
 
-    from vae_dist.evaluate import score
-    from vae_dist.model import VAE
+    from vae_dist.evaluation.evaluate import score
+    from vae_dist.models.gaussian import VAE
 
     cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 2}})
     monkeypatch.setenv("ACCELERATE_USE_CPU", "garbage")

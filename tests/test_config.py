@@ -197,7 +197,7 @@ def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monke
     import importlib
     import sys
 
-    from vae_dist.cli import parse_train_args
+    from vae_dist.cli.app import parse_train_args
 
     root = Path(__file__).resolve().parent.parent
     monkeypatch.syspath_prepend(str(root / "benchmarks"))
@@ -218,7 +218,7 @@ def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monke
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
 def test_every_recipe_in_configs_trains_through_config(recipe, data_dir, tmp_path, capsys):
     from conftest import check_ok, main_in_process
-    from vae_dist.cli import parse_train_args
+    from vae_dist.cli.app import parse_train_args
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{recipe}.yaml"
     art = tmp_path / "run"

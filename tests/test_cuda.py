@@ -44,7 +44,7 @@ def weights(art: Path) -> dict[str, torch.Tensor]:
 
 
 def finite_rows(art: Path) -> list[dict]:
-    from vae_dist.rundir import read_metrics
+    from vae_dist.run.folder import read_metrics
 
     rows = read_metrics(art)
     assert rows and all(torch.isfinite(torch.tensor([r["train/loss"], r["valid/loss"]])).all() for r in rows), rows
@@ -72,7 +72,7 @@ def test_resume_on_cuda_reaches_the_uninterrupted_weights(model, deterministic_c
 @pytest.fixture(scope="module")
 def cuda_run(data_dir, tmp_path_factory) -> Path:
     """A finished float32 CUDA run (deep-mlp, dynamic binarization)."""
-    from vae_dist.cli import main
+    from vae_dist.cli.app import main
 
     art = tmp_path_factory.mktemp("cuda") / "run"
     main(cuda_args(data_dir, art, "--binarize", "dynamic"))
@@ -83,7 +83,7 @@ def test_commands_serve_a_cuda_trained_model_on_a_cpu_only_machine(cuda_run, dat
     # One fresh interpreter that sees no GPU runs every command on the CUDA run's folder.
     code = textwrap.dedent("""
         import sys, torch
-        from vae_dist.cli import main
+        from vae_dist.cli.app import main
         assert not torch.cuda.is_available()
         run, data, out = sys.argv[1:4]
         for args in (["evaluate", run, "--json", "--iw-samples", "10", "--limit-eval-samples", "200", "--data-dir", data],
@@ -117,7 +117,7 @@ def test_no_host_sync_between_logging_points(data_dir, tmp_path, capsys, monkeyp
     """torch's sync debug mode raises on any synchronizing CUDA call from the first step
     after the run's first logging point (the warm-up: handles, the allocator's first
     blocks) to the end: only the logging points and the epoch ends may sync."""
-    from vae_dist import learner as learner_mod
+    from vae_dist.training import learner as learner_mod
 
     def syncs_allowed(fn):
         def wrapper(*a, **kw):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vae_dist import binarize, noise
-from vae_dist.data import EpochShuffleSampler, MnistImages, check_batch_fits, make_loader
+from vae_dist.data import keyed
+from vae_dist.data.loaders import EpochShuffleSampler, MnistImages, check_batch_fits, make_loader
 from vae_dist.errors import ConfigError
 
 
@@ -44,9 +44,9 @@ def test_the_order_is_a_permutation_that_depends_on_seed_and_epoch_only():
 
 
 def test_the_noise_depends_on_seed_and_epoch_only():
-    a = noise.train_noise(7, 3, 50, 4)
-    assert torch.equal(a, noise.train_noise(7, 3, 50, 4))
-    assert not torch.equal(a, noise.train_noise(7, 4, 50, 4)) and not torch.equal(a, noise.train_noise(8, 3, 50, 4))
+    a = keyed.train_noise(7, 3, 50, 4)
+    assert torch.equal(a, keyed.train_noise(7, 3, 50, 4))
+    assert not torch.equal(a, keyed.train_noise(7, 4, 50, 4)) and not torch.equal(a, keyed.train_noise(8, 3, 50, 4))
 
 
 def test_shuffle_and_noise_draw_from_independent_streams(monkeypatch):
@@ -66,9 +66,9 @@ def test_shuffle_and_noise_draw_from_independent_streams(monkeypatch):
             sampler = EpochShuffleSampler(16, seed)
             sampler.set_epoch(epoch)
             list(sampler)
-            noise.train_noise(seed, epoch, 16, 2)
-            binarize.coins(seed, binarize.train_stream(epoch), 1)
-        noise.eval_noise(seed, 16, 2)
+            keyed.train_noise(seed, epoch, 16, 2)
+            keyed.coins(seed, keyed.train_stream(epoch), 1)
+        keyed.eval_noise(seed, 16, 2)
     assert len(seeds) == 3 * 13
     assert len(set(seeds)) == len(seeds), "two purposes share a random stream"
 
@@ -112,20 +112,20 @@ def test_an_epoch_needs_one_global_batch():
 
 def test_a_samples_coins_depend_on_its_index_not_on_its_batch():
     images = _grey(64).float() / 255
-    coins = binarize.coins(42, binarize.train_stream(3), 64)
-    whole = binarize.apply(images, coins)
+    coins = keyed.coins(42, keyed.train_stream(3), 64)
+    whole = keyed.apply(images, coins)
     order = torch.randperm(64)
-    assert torch.equal(binarize.apply(images[order], coins[order]), whole[order])  # any batching, any rank
-    assert not torch.equal(binarize.apply(images, binarize.coins(42, binarize.train_stream(4), 64)), whole)  # new epoch
-    assert not torch.equal(binarize.apply(images, binarize.coins(43, binarize.train_stream(3), 64)), whole)  # new seed
+    assert torch.equal(keyed.apply(images[order], coins[order]), whole[order])  # any batching, any rank
+    assert not torch.equal(keyed.apply(images, keyed.coins(42, keyed.train_stream(4), 64)), whole)  # new epoch
+    assert not torch.equal(keyed.apply(images, keyed.coins(43, keyed.train_stream(3), 64)), whole)  # new seed
 
 
 def test_binarization_is_bernoulli_of_the_grey_level():
     level = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(256, 1, 28, 28).contiguous()
-    on = torch.cat([binarize.binarize_split(level, s, 1) for s in range(5)]).float().div(255)  # 5 draws per level
+    on = torch.cat([keyed.binarize_split(level, s, 1) for s in range(5)]).float().div(255)  # 5 draws per level
     frequency = on.view(5, 256, -1).mean(dim=(0, 2))  # per level, over 5 x 784 coins
     assert frequency[0] == 0 and frequency[255] == 1  # blank stays blank, ink stays ink
     assert torch.allclose(frequency, torch.arange(256) / 255, atol=0.04)
     # The batch path gives the same bits as the whole-split path.
-    coins = binarize.coins(5, 9, 256)
-    assert torch.equal(binarize.apply(level.float() / 255, coins) * 255, binarize.binarize_split(level, 5, 9).float())
+    coins = keyed.coins(5, 9, 256)
+    assert torch.equal(keyed.apply(level.float() / 255, coins) * 255, keyed.binarize_split(level, 5, 9).float())

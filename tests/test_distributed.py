@@ -109,7 +109,7 @@ def run_tree(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
 LIST_THREADS = """\
 import gc, glob, os, sys
 gc.disable()
-from vae_dist.cli import main
+from vae_dist.cli.app import main
 main(sys.argv[2:])
 names = sorted(open(p).read().strip() for p in glob.glob('/proc/self/task/*/comm'))
 open(os.path.join(sys.argv[1], 'rank-' + os.environ['RANK']), 'w').write(' '.join(names))
@@ -156,7 +156,7 @@ def two_machines(tmp_path_factory, data_dir) -> dict:
 @pytest.fixture(scope="module")
 def one_proc(tmp_path_factory, data_dir) -> Path:
     """1 process x batch 64, in this process: the same global batch."""
-    from vae_dist.cli import main
+    from vae_dist.cli.app import main
 
     art = tmp_path_factory.mktemp("one") / "art"
     with one_thread():
@@ -222,7 +222,7 @@ def test_weights_and_log_do_not_depend_on_process_count(two_machines, one_proc, 
     # Negative control: the same seed, so the same initial weights, data order, noise and
     # coins, but another global batch (1 x 32): only how samples are grouped into steps
     # differs, which is exactly what a sharding or noise-keying bug would change.
-    from vae_dist.cli import main
+    from vae_dist.cli.app import main
 
     with one_thread():
         main(train_args(data_dir, tmp_path / "batch32", GLOBAL_BATCH // 2, "--wandb-mode", "disabled"))
@@ -263,7 +263,7 @@ def test_evaluate_at_1_and_3_processes_matches_the_two_rank_validation(two_machi
 
 
 def test_the_other_ranks_raise_the_main_process_error_as_one_line():
-    from vae_dist.distributed import as_seen_by_the_others
+    from vae_dist.training.distributed import as_seen_by_the_others
     from vae_dist.errors import ArtifactError, MainProcessError
 
     user = as_seen_by_the_others(ArtifactError("artifact directory x is refused"))

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vae_dist import evaluate
+from vae_dist.evaluation import evaluate
 from vae_dist.config import TrainingConfig
-from vae_dist.evaluate import json_result
-from vae_dist.model import VAE
+from vae_dist.evaluation.evaluate import json_result
+from vae_dist.models.gaussian import VAE
 
 
 def _config(**data) -> TrainingConfig:
@@ -23,7 +23,7 @@ def _config(**data) -> TrainingConfig:
 
 def test_the_test_images_are_one_fixed_draw_whatever_the_run(monkeypatch) -> None:
     split = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
-    monkeypatch.setattr(evaluate.mnist, "load_split", lambda root, name: SimpleNamespace(images=split))
+    monkeypatch.setattr(evaluate.datasets, "load_split", lambda root, name: SimpleNamespace(images=split))
     assert torch.equal(evaluate.test_images(_config(binarize="none")), split)
     static = evaluate.test_images(_config(binarize="static", seed=1))
     dynamic = evaluate.test_images(_config(binarize="dynamic", seed=99))

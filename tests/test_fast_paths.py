@@ -41,7 +41,7 @@ def test_flush_denormal_reaches_all_threads_when_set_first():
     out = _run_python(
         SUBNORMAL_PRODUCT
         + """
-    from vae_dist.runtime import prepare_process
+    from vae_dist.training.runtime import prepare_process
     prepare_process(flush_denormal=True)
     on = nonzero_products()
     torch.set_flush_denormal(False)  # only this thread is switched back: check it alone
@@ -58,7 +58,7 @@ def test_train_step_bypasses_the_optimizer_wrapper_only_when_it_is_a_pass_throug
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from vae_dist.learner import stepping_optimizer
+    from vae_dist.training.learner import stepping_optimizer
 
     acc = Accelerator(cpu=True)
     opt = acc.prepare(torch.optim.Adam(torch.nn.Linear(2, 2).parameters()))
@@ -71,7 +71,7 @@ def test_train_step_bypasses_the_optimizer_wrapper_only_when_it_is_a_pass_throug
 
 
 def test_user_allocator_settings_are_left_alone(monkeypatch):
-    from vae_dist.runtime import keep_freed_memory
+    from vae_dist.training.runtime import keep_freed_memory
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert keep_freed_memory() is False
@@ -81,7 +81,7 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
 
 
 def test_interval_loss_comes_from_snapshots_of_the_running_sums():
-    from vae_dist.meter import TrainMeter
+    from vae_dist.training.meter import TrainMeter
 
     meter = TrainMeter(torch.device("cpu"))
     meter.start_epoch([1000.0, 0.0, 0.0, 8.0])  # a resumed epoch's totals

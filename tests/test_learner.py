@@ -11,15 +11,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from vae_dist import data, rundir
-from vae_dist.checkpoint import Checkpointer
+from vae_dist.data import loaders
+from vae_dist.run import folder
+from vae_dist.run.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import TrainingError
-from vae_dist.learner import Learner
-from vae_dist.model import VAE
-from vae_dist.position import Position
-from vae_dist.tracking import Tracker
-from vae_dist.train import make_optimizer
+from vae_dist.training.learner import Learner
+from vae_dist.models.gaussian import VAE
+from vae_dist.run.position import Position
+from vae_dist.training.tracking import Tracker
+from vae_dist.training.trainer import make_optimizer
 
 NUM_IMAGES = 320
 
@@ -53,13 +54,13 @@ def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", rank
     acc = Accelerator(cpu=True)
     set_seed(cfg.seed)
     model = VAE.from_config(cfg.model)
-    train = data.make_loader(data.MnistImages(_images(NUM_IMAGES, 0)), 32 * ranks, shuffle_seed=cfg.seed, drop_last=True,
+    train = loaders.make_loader(loaders.MnistImages(_images(NUM_IMAGES, 0)), 32 * ranks, shuffle_seed=cfg.seed, drop_last=True,
                              num_workers=0)
-    valid = data.make_loader(data.MnistImages(_images(100, 1)), 100, shuffle_seed=None, drop_last=False, num_workers=0)
+    valid = loaders.make_loader(loaders.MnistImages(_images(100, 1)), 100, shuffle_seed=None, drop_last=False, num_workers=0)
     learner = Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
         artifact_dir=tmp_path, tracker=Tracker(acc),
-        checkpointer=Checkpointer(acc, tmp_path / rundir.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position),
+        checkpointer=Checkpointer(acc, tmp_path / folder.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position),
         run_id=run_id,
     )
     if resume:
@@ -83,7 +84,7 @@ def test_fit_trains_logs_and_checkpoints(tmp_path):
     assert learner.position.global_step == 2 * (NUM_IMAGES // 32)
     assert history[-1]["valid/loss"] < history[0]["valid/loss"] - 5  # it learns
     assert all(r["train/samples"] == NUM_IMAGES for r in history)
-    assert [json.loads(l)["epoch"] for l in (tmp_path / rundir.METRICS).read_text().splitlines()] == [1, 2]
+    assert [json.loads(l)["epoch"] for l in (tmp_path / folder.METRICS).read_text().splitlines()] == [1, 2]
     steps = sorted(f.manifest.global_step for f in learner.checkpointer.complete())
     assert steps == [16, 20]  # the newest two: every 4 steps mid-epoch, and the end of epoch 2
 
@@ -94,7 +95,7 @@ def test_max_steps_inside_an_epoch_is_a_complete_run(tmp_path):
     (first, last) = learner.position.history
     assert (last["epoch"], last["step"], last["complete_epoch"], last["train/samples"]) == (2, 13, False, 3 * 32)
     assert last["valid/samples"] == 100
-    assert [json.loads(l)["step"] for l in (tmp_path / rundir.METRICS).read_text().splitlines()] == [10, 13]
+    assert [json.loads(l)["step"] for l in (tmp_path / folder.METRICS).read_text().splitlines()] == [10, 13]
     newest = learner.checkpointer.complete()[0].manifest.state
     assert (newest.epoch, newest.batches_done, newest.global_step) == (1, 3, 13)
 
@@ -104,4 +105,4 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     learner = _learner(tmp_path, epochs=1, checkpoint_every_steps=5)
     with pytest.raises(TrainingError, match=r"^loss became non-finite at step 7; the last good checkpoint .*step-000000005 is kept$"):
         learner.fit()
-    assert [p.name for p in (tmp_path / rundir.CHECKPOINTS).iterdir()] == ["step-000000005"]  # nothing NaN written
+    assert [p.name for p in (tmp_path / folder.CHECKPOINTS).iterdir()] == ["step-000000005"]  # nothing NaN written

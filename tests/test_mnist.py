@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO, cli_env
 from vae_dist.errors import DataError
-from vae_dist.mnist import IMAGE_MAGIC, LABEL_MAGIC, download, load_split, read_idx
+from vae_dist.data.datasets import IMAGE_MAGIC, LABEL_MAGIC, download, load_split, read_idx
 
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 
@@ -148,7 +148,7 @@ BOUNDED_READ = textwrap.dedent(
     import resource, sys, time
     from pathlib import Path
     resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
-    from vae_dist.mnist import IMAGE_MAGIC, read_idx
+    from vae_dist.data.datasets import IMAGE_MAGIC, read_idx
     for path in sys.argv[1:]:
         t0 = time.monotonic()
         try:

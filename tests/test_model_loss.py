@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vae_dist.config import ModelConfig
-from vae_dist.loss import gaussian_log_prob, kl_divergence, negative_bound, negative_elbo, reconstruction
-from vae_dist.model import VAE, parameter_count
+from vae_dist.models.gaussian import gaussian_log_prob, kl_divergence, negative_bound, negative_elbo, reconstruction
+from vae_dist.models.gaussian import VAE, parameter_count
 
 
 def _images(b: int, seed: int = 0) -> torch.Tensor:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from conftest import check_ok, main_in_process, small_train_args
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
-from vae_dist.model import VAE, parameter_count
-from vae_dist.modelfile import check_model_size, load_model_file, save_model_file
-from vae_dist.rundir import MODEL
+from vae_dist.models.gaussian import VAE, parameter_count
+from vae_dist.run.modelfile import check_model_size, load_model_file, save_model_file
+from vae_dist.run.folder import MODEL
 
 
 @pytest.mark.parametrize("kind, latent", [("conv", 8), ("mlp", 5)])

@@ -13,15 +13,17 @@ import torch
 from PIL import Image
 
 from conftest import check_ok, main_in_process, one_error_line
-from vae_dist import evaluate, images, inference
-from vae_dist.cli_visual import _output_path
+from vae_dist.evaluation import evaluate
+from vae_dist.evaluation import images
+from vae_dist.evaluation import inference
+from vae_dist.cli.pictures import _output_path
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import VaeDistError
-from vae_dist.images import PADDING
-from vae_dist.model import VAE
-from vae_dist.modelfile import save_model_file
-from vae_dist.rundir import CONFIG, MARKER, METRICS, MODEL
-from vae_dist.train import NUM_PREVIEW, NUM_SAMPLES, epoch_previews
+from vae_dist.evaluation.images import PADDING
+from vae_dist.models.gaussian import VAE
+from vae_dist.run.modelfile import save_model_file
+from vae_dist.run.folder import CONFIG, MARKER, METRICS, MODEL
+from vae_dist.training.trainer import NUM_PREVIEW, NUM_SAMPLES, epoch_previews
 
 SIDE = 28
 

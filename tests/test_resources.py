@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import copy_run, main_in_process, one_error_line, small_train_args
-from vae_dist import resources
+from vae_dist.training import resources
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ConfigError
 

@@ -27,11 +27,11 @@ from test_learner import _learner, _untimed, _weights
 from conftest import (
     check_ok, cli_env, copy_run, main_in_process, one_error_line, output, run_cli, run_launch, small_train_args,
 )
-from vae_dist import rundir
-from vae_dist.checkpoint import MANIFEST, TMP_PREFIX, file_sha256, read_manifest
+from vae_dist.run import folder as rundir
+from vae_dist.run.checkpoint import MANIFEST, TMP_PREFIX, file_sha256, read_manifest
 from vae_dist.errors import CheckpointError, ConfigError, TrainingError
-from vae_dist.position import Position
-from vae_dist.schedule import learning_rate
+from vae_dist.run.position import Position
+from vae_dist.training.schedule import learning_rate
 
 
 # ----------------------------------------------------------------------- in process

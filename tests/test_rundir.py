@@ -14,10 +14,10 @@ import pytest
 from conftest import check_ok, cli_env, copy_run, main_in_process, one_error_line, run_cli, small_train_args
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError
-from vae_dist.train import undo_unfinished_overwrite
-from vae_dist.fileio import atomic_write
-from vae_dist.faults import FAIL_HOOK_ENV
-from vae_dist.rundir import (
+from vae_dist.training.trainer import undo_unfinished_overwrite
+from vae_dist.run.fileio import atomic_write
+from vae_dist.training.faults import FAIL_HOOK_ENV
+from vae_dist.run.folder import (
     CHECKPOINTS,
     CONFIG,
     IMAGES,

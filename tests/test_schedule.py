@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vae_dist.config import LossConfig, OptimizerConfig
-from vae_dist.schedule import burda_factor, kl_weight, learning_rate
+from vae_dist.training.schedule import burda_factor, kl_weight, learning_rate
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():

@@ -25,8 +25,8 @@ import torch
 
 from conftest import REPO, check_ok, cli_env, launch_cmd, main_in_process, output, small_train_args
 from test_learner import _learner, _untimed, _weights
-from vae_dist import faults
-from vae_dist.signals import Preempted, StopRequest, signal_name
+from vae_dist.training import faults
+from vae_dist.training.signals import Preempted, StopRequest, signal_name
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -82,7 +82,7 @@ def test_stop_request_semantics(stray_signals) -> None:
 
 
 def test_loader_workers_ignore_stop_signals(stray_signals) -> None:
-    from vae_dist.data import MnistImages, make_loader
+    from vae_dist.data.loaders import MnistImages, make_loader
 
     loader = make_loader(MnistImages(torch.zeros(8, 1, 28, 28, dtype=torch.uint8)), 4, shuffle_seed=None,
                          drop_last=False, num_workers=1)
@@ -143,7 +143,7 @@ def test_a_stop_before_the_first_step_ends_the_run_at_once_with_one_line(tmp_pat
     stop's line and 128 + the signal (it used to die of SIGTERM/SIGHUP without a word, or
     print "interrupted" for SIGINT), as an exception out of train(), before the artifact
     folder exists."""
-    from vae_dist import train as training
+    from vae_dist.training import trainer as training
 
     def loading(accelerator, config):
         os.kill(os.getpid(), signum)
@@ -163,8 +163,8 @@ def test_the_main_processs_stop_reaches_the_other_ranks_as_the_same_stop() -> No
     the other ranks with the same exit status and no "error:" line of their own."""
     import pickle
 
-    from vae_dist.distributed import as_seen_by_the_others
-    from vae_dist.signals import StoppedBeforeStart
+    from vae_dist.training.distributed import as_seen_by_the_others
+    from vae_dist.training.signals import StoppedBeforeStart
 
     seen = pickle.loads(pickle.dumps(as_seen_by_the_others(StoppedBeforeStart(signal.SIGTERM))))  # as broadcast
     assert type(seen) is StoppedBeforeStart and seen.signum == signal.SIGTERM
@@ -177,7 +177,7 @@ def test_sigterm_during_the_export_finishes_it_and_ends_with_one_line(data_dir, 
                                                                       stray_signals) -> None:
     """The whole path: SIGTERM while the loss curves are written (after model.safetensors):
     the export finishes, then one line and 143 (it used to die at once, with no line)."""
-    from vae_dist import images
+    from vae_dist.evaluation import images
 
     save = images.save_loss_curves
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vae_dist.summary import format_summary
+from vae_dist.training.summary import format_summary
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import check_ok, main_in_process, one_error_line, small_train_args
-from vae_dist import tracking
-from vae_dist.rundir import CHECKPOINTS, MODEL, TENSORBOARD, read_metrics
+from vae_dist.training import tracking
+from vae_dist.run.folder import CHECKPOINTS, MODEL, TENSORBOARD, read_metrics
 
 LOG_EVERY = 4
 STEPS_PER_EPOCH = 1024 // 64

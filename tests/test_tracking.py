@@ -10,7 +10,7 @@ import pytest
 from accelerate import Accelerator
 
 from conftest import check_ok, main_in_process, output, small_train_args
-from vae_dist import tracking
+from vae_dist.training import tracking
 from vae_dist.config import TrainingConfig
 
 UNSET = object()

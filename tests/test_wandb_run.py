@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import check_ok, main_in_process, small_train_args
-from vae_dist.modelfile import model_results
-from vae_dist.rundir import read_metrics
+from vae_dist.run.modelfile import model_results
+from vae_dist.run.folder import read_metrics
 
 EPOCHS = 2
 PREVIEW_WIDTH = 8 * 30 + 2  # 8 tiles of 28 pixels, 2 between and around them

@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:
 
         return TrainingConfig
     if name in __all__:
-        from vae_dist import api
+        from vae_dist.evaluation import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'vae_dist' has no attribute {name!r}")

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from vae_dist import inference
-from vae_dist.checkpoint import MANIFEST, read_manifest, verify_hashes
+from vae_dist.evaluation import inference
+from vae_dist.run.checkpoint import MANIFEST, read_manifest, verify_hashes
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, DataError
-from vae_dist.evaluate import iw_nll_per_image
-from vae_dist.fileio import checking
-from vae_dist.model import VAE
-from vae_dist.modelfile import load_model_file, model_results
-from vae_dist.position import Position
-from vae_dist.rundir import MODEL
+from vae_dist.evaluation.evaluate import iw_nll_per_image
+from vae_dist.run.fileio import checking
+from vae_dist.models.gaussian import VAE
+from vae_dist.run.modelfile import load_model_file, model_results
+from vae_dist.run.position import Position
+from vae_dist.run.folder import MODEL
 
 PIXELS = 28 * 28
 
@@ -133,8 +133,8 @@ def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
 
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> TrainedVAE:
     """Train as ``vae-dist train`` does with this config; returns the trained model."""
-    from vae_dist import runtime
-    from vae_dist.train import train as run_training
+    from vae_dist.training import runtime
+    from vae_dist.training.trainer import train as run_training
 
     runtime.prepare_process(config.flush_denormal)
     return load(run_training(config, resume=resume, overwrite=overwrite))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vae_dist.errors import DataError, first_line
-from vae_dist.fileio import checking
+from vae_dist.run.fileio import checking
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 SIDE = 28
@@ -34,7 +34,7 @@ DATA_DIR_ENV = "VAE_DIST_DATA_DIR"
 
 def default_data_dir() -> Path:
     """The data folder for tests and benchmarks: $VAE_DIST_DATA_DIR, else ../shared/mnist."""
-    return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[1].parent / "shared" / "mnist"))
+    return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[2].parent / "shared" / "mnist"))
 
 
 def find_idx_file(data_dir: Path, name: str) -> Path:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vae_dist.fileio import atomic_write
+from vae_dist.run.fileio import atomic_write
 
 PADDING = 2  # make_grid's gap between tiles
 

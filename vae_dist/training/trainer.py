@@ -24,18 +24,26 @@ import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 
-from vae_dist import binarize, data, evaluate, images, inference, mnist, modelfile, resources, rundir
-from vae_dist.checkpoint import TMP_PREFIX, Checkpointer
+from vae_dist.data import keyed
+from vae_dist.data import loaders
+from vae_dist.evaluation import evaluate
+from vae_dist.evaluation import images
+from vae_dist.evaluation import inference
+from vae_dist.data import datasets
+from vae_dist.run import modelfile
+from vae_dist.training import resources
+from vae_dist.run import folder
+from vae_dist.run.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
-from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
+from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError, first_line
-from vae_dist.fileio import checking, print_err, print_out
-from vae_dist.learner import Learner
-from vae_dist.model import VAE
-from vae_dist.position import Position
-from vae_dist.signals import Preempted, StopRequest
-from vae_dist.summary import format_summary
-from vae_dist.tracking import Tracker, check_report_to, close_trackers, new_run_id
+from vae_dist.run.fileio import checking, print_err, print_out
+from vae_dist.training.learner import Learner
+from vae_dist.models.gaussian import VAE
+from vae_dist.run.position import Position
+from vae_dist.training.signals import Preempted, StopRequest
+from vae_dist.training.summary import format_summary
+from vae_dist.training.tracking import Tracker, check_report_to, close_trackers, new_run_id
 
 # Collectives give up after this long, so a rank that died on another node cannot leave
 # the rest waiting for torch's default 30 minutes.
@@ -95,14 +103,14 @@ def data_dir_for(accelerator: Accelerator, config: TrainingConfig) -> Path:
     while the others wait (torchvision writes straight to the final paths)."""
     if config.data.data_dir:
         return Path(config.data.data_dir).expanduser()
-    return on_main_then_share(accelerator, lambda: mnist.download(config.data.cache_dir))
+    return on_main_then_share(accelerator, lambda: datasets.download(config.data.cache_dir))
 
 
 def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     folder = data_dir_for(accelerator, config)
-    train = mnist.load_split(folder, "train").images
+    train = datasets.load_split(folder, "train").images
     if config.data.binarize == "static":  # before the limit: a sample's draw depends on its index, not on the slice
-        train = binarize.binarize_split(train, config.seed, binarize.STATIC_STREAM)
+        train = keyed.binarize_split(train, config.seed, keyed.STATIC_STREAM)
     if config.data.limit_train_samples:
         train = train[: config.data.limit_train_samples]
     return train, evaluate.test_images(config, folder)
@@ -122,7 +130,7 @@ def epoch_previews(
         }
         written = {}
         for key, tiles in grids.items():
-            path = rundir.epoch_picture(root, epoch, key.split("/")[1])
+            path = folder.epoch_picture(root, epoch, key.split("/")[1])
             try:
                 images.save_grid(tiles, path, nrow=8)
                 written[key] = str(path)
@@ -137,15 +145,15 @@ def epoch_previews(
 def check_resumable(root: Path, config: TrainingConfig) -> None:
     """--resume continues the run in ``root``: the same model and data, and a checkpoint
     to continue from whenever the run already got far enough to write its outputs."""
-    saved = TrainingConfig.from_json_file(root / rundir.CONFIG)
+    saved = TrainingConfig.from_json_file(root / folder.CONFIG)
     mismatch = resume_mismatch(saved, config)
     if mismatch:
         raise ConfigError(f"cannot resume: {mismatch}")
-    checkpoints = root / rundir.CHECKPOINTS
+    checkpoints = root / folder.CHECKPOINTS
     has_checkpoint = checkpoints.is_dir() and any(
         p.is_dir() and (p.name.startswith("step-") or p.name.startswith(TMP_PREFIX)) for p in checkpoints.iterdir()
     )
-    finished = [name for name in (rundir.MODEL, rundir.METRICS) if (root / name).exists()]
+    finished = [name for name in (folder.MODEL, folder.METRICS) if (root / name).exists()]
     if finished and not has_checkpoint:
         raise ArtifactError(
             f"cannot resume {root}: it holds {' and '.join(finished)} but no checkpoint ({checkpoints} is missing "
@@ -154,30 +162,30 @@ def check_resumable(root: Path, config: TrainingConfig) -> None:
 
 
 def claim_artifact_dir(
-    config: TrainingConfig, lock: rundir.RunLock, *, resume: bool, overwrite: bool, run_id: str
+    config: TrainingConfig, lock: folder.RunLock, *, resume: bool, overwrite: bool, run_id: str
 ) -> tuple[Path, str]:
     """Main process: check the folder (and what --resume needs), lock it, then prepare it.
     Returns the folder and the run's id: ``run_id`` for a new run, the marker's on --resume."""
     try:
         undo_unfinished_overwrite(Path(config.artifact_dir).expanduser(), lock)
-        root = rundir.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
+        root = folder.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
         if resume:
             check_resumable(root, config)
-        root = rundir.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock, run_id=run_id)
-        return root, rundir.marker_run_id(root)
+        root = folder.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock, run_id=run_id)
+        return root, folder.marker_run_id(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
 
 
-def undo_unfinished_overwrite(root: Path, lock: rundir.RunLock) -> None:
+def undo_unfinished_overwrite(root: Path, lock: folder.RunLock) -> None:
     """Main process: a run that --overwrite set aside and whose new run never got to its
     first checkpoint (killed, or failed before) is put back before anything else looks at
     the folder; with the folder locked, so never under a run still going."""
     with checking(root, ArtifactError, "artifact directory"):
-        unfinished = (root / rundir.PREVIOUS).is_dir() and not root.is_symlink()
+        unfinished = (root / folder.PREVIOUS).is_dir() and not root.is_symlink()
     if unfinished:
         lock.acquire(root)
-        if rundir.restore_previous(root):
+        if folder.restore_previous(root):
             print_out(f"{root}: restored the previous run, which an --overwrite had set aside before the new run's "
                       "first checkpoint", required=False)
 
@@ -204,7 +212,7 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
 
 def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopRequest, *, resume: bool,
                       overwrite: bool) -> Path:
-    lock = rundir.RunLock()
+    lock = folder.RunLock()
     try:
         return _train(acc, config, lock, stop, resume=resume, overwrite=overwrite)
     except BaseException:
@@ -214,7 +222,7 @@ def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopReques
             try:
                 undo_unfinished_overwrite(root, lock)
             except (OSError, ArtifactError) as e:  # the error that got here is the one to report
-                print_err(f"the previous run could not be put back ({first_line(e)}); it is kept in {root / rundir.PREVIOUS} "
+                print_err(f"the previous run could not be put back ({first_line(e)}); it is kept in {root / folder.PREVIOUS} "
                           "and the next training in the folder tries again")
         raise
     finally:
@@ -236,7 +244,7 @@ def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopReques
 
 
 def _train(
-    acc: Accelerator, config: TrainingConfig, lock: rundir.RunLock, stop: StopRequest, *, resume: bool,
+    acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop: StopRequest, *, resume: bool,
     overwrite: bool,
 ) -> Path:
     # Record the precision actually in force (the launcher may have chosen it).
@@ -246,7 +254,7 @@ def _train(
     # --data-dir, a batch larger than the data or an absurd model must not cost the
     # previous run's files to --overwrite.
     train_images, test_images = load_images(acc, config)
-    data.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
+    loaders.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
     resources.check_resources(config, len(train_images), len(test_images), acc.device)  # memory, a compiler
     set_seed(config.seed)  # the same initial weights on every rank
@@ -261,12 +269,12 @@ def _train(
         # The dataset lives on the GPU and each batch is one index there: no host copies,
         # and so no loader workers (they cannot share CUDA tensors).
         train_images, test_images, workers = train_images.to(acc.device), test_images.to(acc.device), 0
-    train_loader = data.make_loader(
-        data.MnistImages(train_images), config.data.batch_size, shuffle_seed=config.seed, drop_last=True,
+    train_loader = loaders.make_loader(
+        loaders.MnistImages(train_images), config.data.batch_size, shuffle_seed=config.seed, drop_last=True,
         num_workers=workers,
     )
-    valid_loader = data.make_loader(
-        data.MnistImages(test_images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False,
+    valid_loader = loaders.make_loader(
+        loaders.MnistImages(test_images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False,
         num_workers=workers,
     )
     global_batch = config.data.batch_size * acc.num_processes
@@ -287,15 +295,15 @@ def _train(
         artifact_dir=root,
         tracker=tracker,
         checkpointer=Checkpointer(
-            acc, root / rundir.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
-            schema=Position, run_id=run_id, on_saved=lambda: rundir.discard_previous(root),
+            acc, root / folder.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
+            schema=Position, run_id=run_id, on_saved=lambda: folder.discard_previous(root),
         ),
         run_id=run_id,
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
     )
     if resume:
         learner.restore()  # what it refuses (another config, --max-steps below the checkpoint) leaves config.json as it was
-    on_main_then_share(acc, lambda: rundir.write_config(root, config))
+    on_main_then_share(acc, lambda: folder.write_config(root, config))
     tracker.start(config, run_id, root, first_step=learner.position.global_step)
     t0 = time.perf_counter()
     # One stop request from the first step to the end of the export: a SIGTERM/SIGINT/SIGHUP
@@ -317,7 +325,7 @@ def _fit_and_export(
     # Every rank takes part in gathering the weights (needed for sharded models); one writes.
     # Without the compile wrapper's "_orig_mod." in the names: the file is the plain model's.
     state = modelfile.strip_compile_prefix(acc.get_state_dict(learner.model))
-    path = root / rundir.MODEL
+    path = root / folder.MODEL
 
     def finish() -> None:
         history = learner.position.history
@@ -326,9 +334,9 @@ def _fit_and_export(
         tracker.record_results(path, config, history, last)
         tracker.finish()
         try:
-            images.save_loss_curves(history, root / rundir.LOSS_CURVES)
+            images.save_loss_curves(history, root / folder.LOSS_CURVES)
         except OSError as e:  # the model is saved: a picture is not worth failing the run
-            say(f"loss curves {root / rundir.LOSS_CURVES} not written ({e.strerror or e}); the model is saved")
+            say(f"loss curves {root / folder.LOSS_CURVES} not written ({e.strerror or e}); the model is saved")
         say(format_summary(history))
         say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
 

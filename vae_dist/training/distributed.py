@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from vae_dist import errors
-from vae_dist.fileio import print_out
-from vae_dist.signals import Preempted
+from vae_dist.run.fileio import print_out
+from vae_dist.training.signals import Preempted
 
 T = TypeVar("T")
 

@@ -38,9 +38,9 @@ from accelerate import Accelerator
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError
 
-from vae_dist.distributed import any_rank, on_main_then_share
+from vae_dist.training.distributed import any_rank, on_main_then_share
 from vae_dist.errors import CheckpointError, first_line
-from vae_dist.fileio import atomic_write
+from vae_dist.run.fileio import atomic_write
 
 MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from vae_dist.errors import VaeDistError
-from vae_dist.fileio import checking, print_out
-from vae_dist.rundir import LOCK, MARKER, OWNED, PICTURES, PREVIOUS
+from vae_dist.run.fileio import checking, print_out
+from vae_dist.run.folder import LOCK, MARKER, OWNED, PICTURES, PREVIOUS
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
@@ -80,7 +80,7 @@ def _check_range(flag: str, value: int, low: int, high: int) -> None:
 
 
 def _save(tiles: "torch.Tensor", path: Path, nrow: int) -> None:
-    from vae_dist.images import save_grid
+    from vae_dist.evaluation.images import save_grid
 
     try:
         save_grid(tiles, path, nrow)
@@ -93,8 +93,8 @@ def _model_and_test_images(
     artifact_dir: Path, data_dir: Optional[str], out: Optional[Path], default_name: str
 ) -> tuple[Any, Path, "torch.Tensor"]:
     """The model, where its picture goes, and the whole test split (as floats in [0, 1])."""
-    from vae_dist.api import load
-    from vae_dist.evaluate import test_images
+    from vae_dist.evaluation.api import load
+    from vae_dist.evaluation.evaluate import test_images
 
     model = load(artifact_dir)
     # limit 0 = the whole test split, not the slice the model was validated on.
@@ -110,8 +110,8 @@ def sample(
     grid_size: int = typer.Option(20, "--grid-size", help="Images per side of the --manifold grid."),
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
-    from vae_dist import inference
-    from vae_dist.api import load
+    from vae_dist.evaluation import inference
+    from vae_dist.evaluation.api import load
 
     _check_range("--num", num, 1, MAX_IMAGES)
     _check_range("--grid-size", grid_size, 1, MAX_GRID_SIZE)
@@ -132,7 +132,7 @@ def reconstruct(
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/reconstructions.png)."),
 ) -> None:
     """The first N test images, each above its reconstruction (decoded posterior mean)."""
-    from vae_dist import images
+    from vae_dist.evaluation import images
 
     _check_range("--num", num, 1, MAX_IMAGES)
     model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")

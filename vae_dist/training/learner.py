@@ -18,22 +18,23 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vae_dist import binarize, faults
-from vae_dist.checkpoint import Checkpointer
+from vae_dist.data import keyed
+from vae_dist.training import faults
+from vae_dist.run.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
-from vae_dist.distributed import main_print, max_over_ranks, on_main_then_share
+from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import TrainingError
-from vae_dist.evaluate import protocol, validate
-from vae_dist.loss import negative_bound
-from vae_dist.meter import TrainMeter
-from vae_dist.model import VAE
-from vae_dist.noise import eval_noise, train_noise
-from vae_dist.position import Position
-from vae_dist.progress import Progress
-from vae_dist.rundir import write_metrics
-from vae_dist.schedule import kl_weight, learning_rate
-from vae_dist.signals import Preempted, StopRequest
-from vae_dist.tracking import Tracker
+from vae_dist.evaluation.evaluate import protocol, validate
+from vae_dist.models.gaussian import negative_bound
+from vae_dist.training.meter import TrainMeter
+from vae_dist.models.gaussian import VAE
+from vae_dist.data.keyed import eval_noise, train_noise
+from vae_dist.run.position import Position
+from vae_dist.training.progress import Progress
+from vae_dist.run.folder import write_metrics
+from vae_dist.training.schedule import kl_weight, learning_rate
+from vae_dist.training.signals import Preempted, StopRequest
+from vae_dist.training.tracking import Tracker
 
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
@@ -147,7 +148,7 @@ class Learner:
                 try:
                     for images_batch, index in self._batches():
                         if coins is not None:  # dynamic binarization: this epoch's draw of each sample
-                            images_batch = binarize.apply(images_batch, coins.index_select(0, index))
+                            images_batch = keyed.apply(images_batch, coins.index_select(0, index))
                         sums, loss = train_step(
                             self.model, self.step_optimizer, self.acc, images_batch, noise.index_select(0, index),
                             recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(),
@@ -209,7 +210,7 @@ class Learner:
         noise = noise.view(self.num_train, k, self.latent) if k > 1 else noise
         coins = None
         if cfg.data.binarize == "dynamic":
-            coins = binarize.coins(cfg.seed, binarize.train_stream(pos.epoch), self.num_train).to(device)
+            coins = keyed.coins(cfg.seed, keyed.train_stream(pos.epoch), self.num_train).to(device)
         return noise.to(device), coins
 
     def _batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,9 +13,9 @@ from safetensors.torch import safe_open, save
 
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, first_line
-from vae_dist.fileio import checking
-from vae_dist.model import VAE, parameter_count
-from vae_dist.rundir import MODEL, write_run_file
+from vae_dist.run.fileio import checking
+from vae_dist.models.gaussian import VAE, parameter_count
+from vae_dist.run.folder import MODEL, write_run_file
 
 T = TypeVar("T")
 # Models larger than this are refused before any memory is allocated for them.

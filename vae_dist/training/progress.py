@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
-from vae_dist.fileio import print_err
+from vae_dist.run.fileio import print_err
 
 # Seconds between progress lines when stderr is not a terminal.
 LINE_EVERY_SECONDS = 30.0

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from vae_dist import binarize, data, mnist
+from vae_dist.data import keyed
+from vae_dist.data import loaders
+from vae_dist.data import datasets
 from vae_dist.config import LossConfig, TrainingConfig
 from vae_dist.errors import VaeDistError, first_line
-from vae_dist.loss import log_importance_weights, negative_elbo, reconstruction
-from vae_dist.model import VAE
-from vae_dist.noise import eval_noise, generator
-from vae_dist.progress import Progress
+from vae_dist.models.gaussian import log_importance_weights, negative_elbo, reconstruction
+from vae_dist.models.gaussian import VAE
+from vae_dist.data.keyed import eval_noise, generator
+from vae_dist.training.progress import Progress
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
     from accelerate import Accelerator
@@ -45,10 +47,10 @@ def test_images(
     commands use: the first ``limit`` (None: the config's limit; 0: all), binarized by the
     one fixed draw unless the run is grey-level."""
     folder = data_dir or config.data.data_dir
-    root = Path(folder).expanduser() if folder else mnist.download(config.data.cache_dir)
-    images = mnist.load_split(root, "test").images
+    root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir)
+    images = datasets.load_split(root, "test").images
     if config.data.binarize != "none":
-        images = binarize.binarize_split(images, binarize.TEST_SEED, binarize.TEST_STREAM)
+        images = keyed.binarize_split(images, keyed.TEST_SEED, keyed.TEST_STREAM)
     n = limit if limit is not None else config.data.limit_eval_samples
     return images[:n] if n else images
 
@@ -93,7 +95,7 @@ def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> d
     """What the numbers were measured on, and the KL weight the model was trained with (its
     test loss is the true negative ELBO whatever that weight)."""
     out = {
-        **binarize.protocol(config.data.binarize), "likelihood": config.loss.recon_loss,
+        **keyed.protocol(config.data.binarize), "likelihood": config.loss.recon_loss,
         "train_kl_weight": config.loss.kl_weight, "test_images": test_images,
     }
     if iw_samples:
@@ -112,8 +114,8 @@ def score(model: VAE, config: TrainingConfig, images: torch.Tensor, *, iw_sample
     except (ValueError, RuntimeError) as e:  # e.g. an ACCELERATE_* variable it cannot read
         raise VaeDistError(f"cannot set up the accelerator: {first_line(e)}") from None
     try:
-        loader = data.make_loader(
-            data.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0
+        loader = loaders.make_loader(
+            loaders.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0
         )
         model = model.to(acc.device)  # no DDP wrapper: evaluation has no gradients to sync
         noise = eval_noise(config.seed, images.shape[0], model.latent_size).to(acc.device)

@@ -18,10 +18,10 @@ from typing import Any, Callable, Optional
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
-from vae_dist import cli_visual
+from vae_dist.cli import pictures
 from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
-from vae_dist.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
+from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 
 app = typer.Typer(
     add_completion=False,
@@ -167,8 +167,8 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dict[str, Any]) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
     cfg = build_config(config_file, resume, flags)
-    from vae_dist import runtime
-    from vae_dist.train import train as run_training
+    from vae_dist.training import runtime
+    from vae_dist.training.trainer import train as run_training
 
     runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
     run_training(cfg, resume=resume, overwrite=overwrite)
@@ -187,8 +187,8 @@ MAX_IW_SAMPLES = 100_000
 
 
 def evaluate(
-    artifact_dir: Path = typer.Argument(..., help=cli_visual.ARTIFACT_HELP),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=cli_visual.DATA_DIR_HELP),
+    artifact_dir: Path = typer.Argument(..., help=pictures.ARTIFACT_HELP),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=pictures.DATA_DIR_HELP),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1, help="Use the first N test images."),
     iw_samples: int = typer.Option(
         0, "--iw-samples", min=0, max=MAX_IW_SAMPLES, help="Also estimate the test NLL with K importance samples.",
@@ -200,8 +200,8 @@ def evaluate(
 
     Runs on the CPU; under `accelerate launch --multi_gpu -m vae_dist evaluate ...` the
     test split is sharded across the processes (each sample counted once)."""
-    from vae_dist.api import load
-    from vae_dist.evaluate import json_result, score, test_images
+    from vae_dist.evaluation.api import load
+    from vae_dist.evaluation.evaluate import json_result, score, test_images
 
     model = load(artifact_dir)
     images = test_images(model.config, data_dir, limit_eval_samples)
@@ -228,7 +228,7 @@ def _is_rank_zero() -> bool:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
-    from vae_dist.signals import Preempted
+    from vae_dist.training.signals import Preempted
 
     open_standard_streams()
     try:
@@ -259,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except RuntimeError as e:
         # Only torch raises these (the collectives load it): a dead peer is one line, any
         # other RuntimeError keeps its traceback.
-        from vae_dist.distributed import lost_process, lost_process_line
+        from vae_dist.training.distributed import lost_process, lost_process_line
 
         if not lost_process(e):
             raise
@@ -274,6 +274,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 # loading and checking helpers); nothing there imports this module back.
 app.command(cls=Command)(train)
 app.command(cls=Command)(evaluate)
-app.command(cls=Command)(cli_visual.sample)
-app.command(cls=Command)(cli_visual.reconstruct)
-app.command(cls=Command)(cli_visual.interpolate)
+app.command(cls=Command)(pictures.sample)
+app.command(cls=Command)(pictures.reconstruct)
+app.command(cls=Command)(pictures.interpolate)

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 
 from vae_dist.errors import VaeDistError
-from vae_dist.model import VAE
+from vae_dist.models.gaussian import VAE
 
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 

@@ -24,7 +24,7 @@ from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 
 from vae_dist.config import TrainingConfig, flatten
 from vae_dist.errors import ConfigError, first_line
-from vae_dist.rundir import TENSORBOARD
+from vae_dist.run.folder import TENSORBOARD
 
 # WANDB_MODE values W&B itself accepts, as the mode they mean here.
 ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}

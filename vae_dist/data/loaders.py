@@ -15,9 +15,9 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vae_dist import noise
+from vae_dist.data import keyed
 from vae_dist.errors import ConfigError
-from vae_dist.signals import STOP_SIGNALS
+from vae_dist.training.signals import STOP_SIGNALS
 
 
 class MnistImages(Dataset):
@@ -70,7 +70,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        g = noise.generator(noise.SHUFFLE, self.seed, self.epoch)
+        g = keyed.generator(keyed.SHUFFLE, self.seed, self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 

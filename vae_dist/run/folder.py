@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError
-from vae_dist.fileio import atomic_write, checking
+from vae_dist.run.fileio import atomic_write, checking
 
 MARKER = ".vae_dist"
 CONFIG = CONFIG_FILE
@@ -58,7 +58,7 @@ def _wandb_owned(child: Path, run_id: str) -> bool:
 def _checkpoint_owned(child: Path, run_id: str) -> bool:
     # Imported here: checkpoint.py imports accelerate (and torch), which the CLI's --help,
     # its usage errors and the picture commands' --out check do not need.
-    from vae_dist.checkpoint import written_by
+    from vae_dist.run.checkpoint import written_by
 
     return written_by(child, run_id)
 

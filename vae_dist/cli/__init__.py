@@ -1,0 +1,5 @@
+"""The command line (`vae-dist`, `python -m vae_dist`): the commands are in app.py, the picture commands in pictures.py."""
+
+from vae_dist.cli.app import main
+
+__all__ = ["main"]

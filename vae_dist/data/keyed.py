@@ -1,0 +1,91 @@
+"""Reparameterisation noise keyed by (seed, epoch, sample index).
+
+Each sample's noise is a row of a table drawn from a generator seeded by (seed, epoch),
+indexed by the sample's position in the dataset. So the noise a sample gets does not
+depend on the batch it lands in, the rank that holds it, the process count, or whether
+the run was resumed: the same samples in the same global step get the same noise, which
+is what makes N processes with batch b follow one process with batch N*b.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+# Each use of randomness has its own stream: a generator seeded from a hash of
+# (purpose, seed, epoch), so that no two purposes (the data order of one epoch and the
+# noise of another, say) ever draw from one sequence.
+SHUFFLE, TRAIN_NOISE, EVAL_NOISE = "shuffle", "train-noise", "eval-noise"
+
+
+def stream_seed(purpose: str, seed: int, index: int = 0) -> int:
+    """A 63-bit generator seed, a pure function of (purpose, seed, index)."""
+    digest = hashlib.sha256(f"vae_dist/{purpose}/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def generator(purpose: str, seed: int, index: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(purpose, seed, index))
+
+
+def train_noise(seed: int, epoch: int, num_samples: int, latent: int) -> torch.Tensor:
+    """(num_samples, latent) standard normal noise for one training epoch, on the CPU."""
+    return torch.randn(num_samples, latent, generator=generator(TRAIN_NOISE, seed, epoch))
+
+
+def eval_noise(seed: int, num_samples: int, latent: int) -> torch.Tensor:
+    """(num_samples, latent) noise for validation: the same every epoch and in `evaluate`,
+    so validation losses of different epochs and of the saved model are comparable."""
+    return torch.randn(num_samples, latent, generator=generator(EVAL_NOISE, seed))
+
+
+# --- binarization ------------------------------------------------------------
+# Binarized MNIST as the literature uses it: each pixel is 1 with probability its grey level.
+# 
+# The coins for a split are one table per (seed, stream), row i for sample i, drawn from a
+# generator keyed by those two numbers on the CPU: the same bits on any device, at any
+# process count and after a resume. ``dynamic`` training draws a fresh table each epoch
+# (the stream is the epoch); ``static`` binarizes the training set once. Evaluation always
+# uses one fixed binarization of the test set (TEST_SEED, TEST_STREAM: the same in every run
+# whatever its seed), so numbers of different runs are comparable.
+
+
+
+# Its own purpose, so these coins share no stream with the shuffle or the noise.
+BINARIZE = "binarize"
+TEST_SEED = 0
+TEST_STREAM = 1 << 40
+STATIC_STREAM = 1 << 41
+LEVELS = 255  # grey levels are k/255, k = 0..255
+
+
+def coins(seed: int, stream: int, n: int) -> torch.Tensor:
+    """(n, 1, 28, 28) int16 uniform on 0..254: pixel k/255 is on iff its coin < k, which
+    happens with probability exactly k/255."""
+    return torch.randint(0, LEVELS, (n, 1, 28, 28), dtype=torch.int16, generator=generator(BINARIZE, seed, stream))
+
+
+def apply(images: torch.Tensor, coin: torch.Tensor) -> torch.Tensor:
+    """images: grey levels in [0, 1] (any float dtype) -> 0/1 of the same dtype."""
+    return (coin < torch.round(images * LEVELS)).to(images.dtype)
+
+
+def binarize_split(images_u8: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    """A whole uint8 split (N, 1, 28, 28) binarized once, as uint8 0/255."""
+    return (coins(seed, stream, images_u8.shape[0]) < images_u8.to(torch.int16)).to(torch.uint8) * 255
+
+
+def train_stream(epoch: int) -> int:
+    """The stream of an epoch's dynamic binarization: a fresh draw each epoch."""
+    return epoch + 1
+
+
+def protocol(mode: str) -> dict[str, object]:
+    """What a reported number was measured on; recorded wherever the number is."""
+    if mode == "none":
+        return {"data": "grey-level MNIST (pixel/255) with a Bernoulli likelihood"}
+    return {
+        "data": f"binarized MNIST, training binarization {mode}",
+        "test_binarization": f"one fixed Bernoulli draw of the 10,000 test images (seed {TEST_SEED})",
+    }

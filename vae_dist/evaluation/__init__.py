@@ -1,0 +1,1 @@
+"""Evaluation, pictures and the Python API over a trained model."""

@@ -1,0 +1,1 @@
+"""Training: train(config) orders the components; the Learner owns the loop."""
