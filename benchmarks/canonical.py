@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import common
-from vae_dist.data import datasets
+from vae_dist.data import datasets as idx
 
 
 class VAE(nn.Module):
@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(1)  # the example's default --seed
-    root = str(common.torchvision_root(datasets.default_data_dir()))
+    root = str(common.torchvision_root(idx.default_data_dir()))
     train_set = datasets.MNIST(root, train=True, transform=transforms.ToTensor())
     if args.limit_train_samples:
         train_set = Subset(train_set, range(args.limit_train_samples))

@@ -178,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args, config, train_args) -> int:
-    from vae_dist.data import datasets
+    from vae_dist.data import datasets as idx
     from vae_dist.training.runtime import prepare_process
 
     prepare_process(config.flush_denormal)  # as the CLI does: first, and so for all three loops
@@ -189,7 +189,7 @@ def run(args, config, train_args) -> int:
     other, device = common.OtherLoad(), common.resolve_device(args.device)
     with common.json_stdout(args.json) as emit:
         r: dict[str, Any] = {"mode": "throughput", **common.environment(device), **common.settings(config, train_args)}
-        images = datasets.load_split(config.data.data_dir, "train").images[: config.data.limit_train_samples]
+        images = idx.load_split(config.data.data_dir, "train").images[: config.data.limit_train_samples]
         r.update(train_samples=int(images.shape[0]), reference_adam=args.reference_adam)
         bare, before = BareLoop(config, device, images), (config.epochs + 1) // 2
         log(f"[1/3] bare loop: {before} timed epoch(s) after 1 warm-up epoch on {device}, the rest after the trainer")
