@@ -136,7 +136,6 @@ UNUSABLE = {
     "a row of another epoch": _in_row(epoch=2),
     "two epochs in progress": _do(lambda m: m["state"]["history"].extend(
         [{**m["state"]["history"][0], "epoch": e, "step": 10 + e, "complete_epoch": False} for e in (2, 3)])),
-    "a row with an unknown key": _in_row(foo=1),
     "a loss a string": _in_row(**{"valid/loss": "low"}),
     "a finished epoch not complete": _in_row(complete_epoch=False),
     "a protocol that is a list": _in_row(protocol=[]),
@@ -215,7 +214,7 @@ def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monke
     monkeypatch.setattr(acc, "save_state", full)
     ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$"):
-        ck.save(0, Position.start("abc", 1, TrainingConfig()))
+        ck.save(0, Position.start("abc", 1, TrainingConfig(), 3))
     assert not list((tmp_path / "checkpoints").iterdir())  # no debris
 
 
@@ -243,7 +242,7 @@ def _ck(d: Path, keep: int = 1, run_id: str = "r1") -> Checkpointer:
 
 
 def _save(ck: Checkpointer, step: int) -> Path:
-    epoch0 = Position.start(ck.run_id, 1, TrainingConfig())
+    epoch0 = Position.start(ck.run_id, 1, TrainingConfig(), 3)
     return ck.save(step, epoch0.model_copy(update={"global_step": step, "batches_done": step}))
 
 

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import REPO, check_ok, cli_env, copy_run, main_in_process, one_error_line, small_train_args
 from vae_dist.cli.app import build_config, main, parse_train_args
-from vae_dist.config import ARCHITECTURE_DEFAULTS, RESUMABLE_FIELDS, TrainingConfig, options
+from vae_dist.models import REGISTRY
+from vae_dist.config import RESUMABLE_FIELDS, TrainingConfig, options
 from vae_dist.errors import ConfigError, OutputError, VaeDistError
 from vae_dist.run.fileio import print_out
 
@@ -125,7 +126,7 @@ def test_every_flag_sets_its_field(o):
     if o.dotted == "loss.iw_samples":
         base["loss"]["kl_warmup_epochs"] = changed["loss"]["kl_warmup_epochs"]  # no warm-up for the IW bound
     if o.dotted == "model.kind":
-        for name in set().union(*ARCHITECTURE_DEFAULTS.values()):  # these follow the kind
+        for name in set().union(*(f.defaults for f in REGISTRY.values())):  # these follow the kind
             base["model"][name] = changed["model"][name]
     section_dict = changed[section] if section else changed
     section_dict[leaf] = (base[section] if section else base)[leaf]
@@ -352,12 +353,12 @@ def test_evaluate_with_an_unreadable_accelerate_variable_is_one_line(monkeypatch
     import torch
 
     from vae_dist.evaluation.evaluate import score
-    from vae_dist.models.gaussian import VAE
+    from vae_dist.models import build
 
     cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 2}})
     monkeypatch.setenv("ACCELERATE_USE_CPU", "garbage")
     with pytest.raises(VaeDistError, match="^cannot set up the accelerator: "):
-        score(VAE(cfg.model), cfg, torch.rand(4, 1, 28, 28))
+        score(build(cfg), cfg, torch.rand(4, 1, 28, 28))
 
 
 @NEEDS_DEV_FULL

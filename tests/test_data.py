@@ -44,9 +44,9 @@ def test_the_order_is_a_permutation_that_depends_on_seed_and_epoch_only():
 
 
 def test_the_noise_depends_on_seed_and_epoch_only():
-    a = keyed.train_noise(7, 3, 50, 4)
-    assert torch.equal(a, keyed.train_noise(7, 3, 50, 4))
-    assert not torch.equal(a, keyed.train_noise(7, 4, 50, 4)) and not torch.equal(a, keyed.train_noise(8, 3, 50, 4))
+    a = keyed.noise(keyed.TRAIN_NOISE, 7, 3, 50, (4,))
+    assert torch.equal(a, keyed.noise(keyed.TRAIN_NOISE, 7, 3, 50, (4,)))
+    assert not torch.equal(a, keyed.noise(keyed.TRAIN_NOISE, 7, 4, 50, (4,))) and not torch.equal(a, keyed.noise(keyed.TRAIN_NOISE, 8, 3, 50, (4,)))
 
 
 def test_shuffle_and_noise_draw_from_independent_streams(monkeypatch):
@@ -66,9 +66,9 @@ def test_shuffle_and_noise_draw_from_independent_streams(monkeypatch):
             sampler = EpochShuffleSampler(16, seed)
             sampler.set_epoch(epoch)
             list(sampler)
-            keyed.train_noise(seed, epoch, 16, 2)
+            keyed.noise(keyed.TRAIN_NOISE, seed, epoch, 16, (2,))
             keyed.coins(seed, keyed.train_stream(epoch), 1)
-        keyed.eval_noise(seed, 16, 2)
+        keyed.noise(keyed.EVAL_NOISE, seed, 0, 16, (2,))
     assert len(seeds) == 3 * 13
     assert len(set(seeds)) == len(seeds), "two purposes share a random stream"
 

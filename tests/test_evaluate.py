@@ -14,7 +14,7 @@ import torch
 from vae_dist.evaluation import evaluate
 from vae_dist.config import TrainingConfig
 from vae_dist.evaluation.evaluate import json_result
-from vae_dist.models.gaussian import VAE
+from vae_dist.models import build
 
 
 def _config(**data) -> TrainingConfig:
@@ -52,6 +52,6 @@ def test_the_test_loss_is_the_true_negative_elbo_whatever_the_training_kl_weight
     config = TrainingConfig.from_dict({"model": {"kind": "mlp"}, "loss": {"kl_weight": 0.0, "kl_warmup_epochs": 0}})
     torch.manual_seed(0)
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
-    result = evaluate.score(VAE.from_config(config.model), config, images)
+    result = evaluate.score(build(config), config, images)
     assert result["kl"] > 0.1 and result["loss"] == pytest.approx(result["recon"] + result["kl"], rel=1e-6)
     assert result["protocol"]["train_kl_weight"] == 0.0

@@ -83,7 +83,7 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
 def test_interval_loss_comes_from_snapshots_of_the_running_sums():
     from vae_dist.training.meter import TrainMeter
 
-    meter = TrainMeter(torch.device("cpu"))
+    meter = TrainMeter(torch.device("cpu"), 3)
     meter.start_epoch([1000.0, 0.0, 0.0, 8.0])  # a resumed epoch's totals
     for step, (objective, n) in enumerate([(640.0, 64), (320.0, 64)], start=1):
         meter.add(torch.tensor([objective, 0.0, 0.0], dtype=torch.float64), torch.tensor(1.0), n, 2, step)

@@ -17,7 +17,7 @@ from vae_dist.run.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import TrainingError
 from vae_dist.training.learner import Learner
-from vae_dist.models.gaussian import VAE
+from vae_dist.models import build
 from vae_dist.run.position import Position
 from vae_dist.training.tracking import Tracker
 from vae_dist.training.trainer import make_optimizer
@@ -53,7 +53,7 @@ def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", rank
     )
     acc = Accelerator(cpu=True)
     set_seed(cfg.seed)
-    model = VAE.from_config(cfg.model)
+    model = build(cfg)
     train = loaders.make_loader(loaders.MnistImages(_images(NUM_IMAGES, 0)), 32 * ranks, shuffle_seed=cfg.seed, drop_last=True,
                              num_workers=0)
     valid = loaders.make_loader(loaders.MnistImages(_images(100, 1)), 100, shuffle_seed=None, drop_last=False, num_workers=0)

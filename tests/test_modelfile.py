@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from conftest import check_ok, main_in_process, small_train_args
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
-from vae_dist.models.gaussian import VAE, parameter_count
+from vae_dist import models
+from vae_dist.models import build, parameter_count
 from vae_dist.run.modelfile import check_model_size, load_model_file, save_model_file
 from vae_dist.run.folder import MODEL
 
@@ -25,7 +26,7 @@ from vae_dist.run.folder import MODEL
 def test_model_file_round_trip_from_file_alone(tmp_path, kind, latent):
     cfg = TrainingConfig.from_dict({"model": {"kind": kind, "latent_size": latent}, "seed": 3, "epochs": 2})
     torch.manual_seed(0)
-    model = VAE.from_config(cfg.model)
+    model = build(cfg)
     with torch.no_grad():  # not just a fresh default init
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
@@ -36,7 +37,7 @@ def test_model_file_round_trip_from_file_alone(tmp_path, kind, latent):
         a, b = model.state_dict(), loaded.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x, eps = torch.rand(2, 1, 28, 28), torch.randn(2, latent)
-    assert torch.equal(model.eval()(x, eps).logits, loaded(x, eps).logits)
+    assert torch.equal(model.eval()(x, eps).terms["loss"], loaded(x, eps).terms["loss"])
 
 
 def _foreign(p):
@@ -49,14 +50,14 @@ def _garbage(p):
 
 def _truncated(p):
     cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
-    save_model_file(p, VAE.from_config(cfg.model).state_dict(), cfg)
+    save_model_file(p, build(cfg).state_dict(), cfg)
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
 def _other_config(p):
     cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 8}})
     other = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 9}})
-    save_model_file(p, VAE.from_config(cfg.model).state_dict(), other)
+    save_model_file(p, build(cfg).state_dict(), other)
 
 
 def _unreadable_config(p):
@@ -84,9 +85,10 @@ def test_a_file_that_is_not_a_vae_dist_model_is_one_line(tmp_path, make, message
 def test_model_size_is_bounded_from_the_config_alone() -> None:
     """Whatever the config's own ranges allow, a model over the bound is refused from its
     sizes, before a byte is allocated (built unvalidated, as a future range could allow)."""
-    for cfg in (ModelConfig(), ModelConfig(kind="mlp", latent_size=3, hidden_sizes=(17,)),
-                ModelConfig(kind="conv", latent_size=5, conv_channels=(3, 7))):
-        assert parameter_count(cfg) == sum(p.numel() for p in VAE(cfg).parameters())
+    for model in (ModelConfig(), ModelConfig(kind="mlp", latent_size=3, hidden_sizes=(17,)),
+                  ModelConfig(kind="conv", latent_size=5, conv_channels=(3, 7))):
+        cfg = TrainingConfig(model=model)
+        assert parameter_count(cfg) == sum(p.numel() for p in build(cfg).parameters())
     huge = ModelConfig(kind="mlp").model_copy(update={"latent_size": 10**6, "hidden_sizes": (10**6,)})
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="parameters, more than the"):
@@ -103,22 +105,23 @@ def test_a_file_declaring_a_huge_model_is_refused_unallocated(tmp_path, monkeypa
     tiny = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
     p = tmp_path / MODEL
     config = {**tiny.to_dict(), "model": HUGE}
-    state = VAE.from_config(tiny.model).state_dict()
+    state = build(tiny).state_dict()
     save_file(state, str(p), metadata={"format": "pt", "vae_dist_config": json.dumps(config)})
-    built = VAE.from_config
+    built = models.build
 
-    def from_config(model_config):
-        assert model_config.kind == "mlp" and model_config.hidden_sizes == (8,) or torch.empty(0).device.type == "meta"
-        return built(model_config)
+    def build_checked(config):
+        assert config.model.hidden_sizes == (8,) or torch.empty(0).device.type == "meta"
+        return built(config)
 
-    monkeypatch.setattr(VAE, "from_config", staticmethod(from_config))
+    monkeypatch.setattr(models, "build", build_checked)
+    monkeypatch.setattr("vae_dist.run.modelfile.build", build_checked)
     with pytest.raises(ArtifactError, match=r"does not match its config: decoder\..* has shape"):
         load_model_file(p)
 
 
 def test_compiled_model_names_load(tmp_path):
     cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 3}})
-    model = VAE.from_config(cfg.model)
+    model = build(cfg)
     # What a torch.compile'd model's state_dict names look like.
     save_model_file(tmp_path / MODEL, {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, cfg)
     loaded, _ = load_model_file(tmp_path)

@@ -20,7 +20,8 @@ from vae_dist.cli.pictures import _output_path
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import VaeDistError
 from vae_dist.evaluation.images import PADDING
-from vae_dist.models.gaussian import VAE
+from vae_dist.models import build
+from vae_dist.models.protocol import Model
 from vae_dist.run.modelfile import save_model_file
 from vae_dist.run.folder import CONFIG, MARKER, METRICS, MODEL
 from vae_dist.training.trainer import NUM_PREVIEW, NUM_SAMPLES, epoch_previews
@@ -56,7 +57,7 @@ def model_run(root: Path, latent: int = 2, data_dir: Path | None = None) -> Path
         "data": {"data_dir": str(data_dir) if data_dir else None},
     })
     torch.manual_seed(0)
-    save_model_file(root / MODEL, VAE.from_config(cfg.model).state_dict(), cfg)
+    save_model_file(root / MODEL, build(cfg).state_dict(), cfg)
     (root / MARKER).write_text("{}")
     return root
 
@@ -64,9 +65,9 @@ def model_run(root: Path, latent: int = 2, data_dir: Path | None = None) -> Path
 # --- inference -----------------------------------------------------------------------------
 
 
-def _small_model(kind: str, latent: int = 8) -> VAE:
+def _small_model(kind: str, latent: int = 8) -> Model:
     torch.manual_seed(0)
-    return VAE.from_config(ModelConfig(kind=kind, latent_size=latent))
+    return build(TrainingConfig(model=ModelConfig(kind=kind, latent_size=latent)))
 
 
 def test_prior_samples_are_seeded_images() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from vae_dist.training.summary import format_summary
 
+TERMS = ("loss", "recon", "kl")
+
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
     """(header cells, body rows of cells) from the rendered table."""
@@ -27,7 +29,7 @@ def _history() -> list[dict]:
 
 
 def test_best_and_worst_marked_per_column():
-    text = format_summary(_history())
+    text = format_summary(_history(), TERMS)
     assert _column(text, "train/loss") == ["300.000!", "200.000*", "250.000"]
     assert _column(text, "valid/loss") == ["250.000", "260.000!", "240.000*"]
     assert _column(text, "train/kl") == ["5.000*", "15.000!", "10.000"]
@@ -35,14 +37,14 @@ def test_best_and_worst_marked_per_column():
 
 
 def test_epoch_and_step_columns():
-    header, rows = _table(format_summary(_history()))
+    header, rows = _table(format_summary(_history(), TERMS))
     assert header[:2] == ["epoch", "step"]
     assert [r[0] for r in rows] == ["1", "2", "3"]
     assert [r[1] for r in rows] == ["10", "20", "30"]
 
 
 def test_one_epoch_has_no_marks():
-    text = format_summary(_history()[:1])
+    text = format_summary(_history()[:1], TERMS)
     header, rows = _table(text)
     assert len(rows) == 1
     assert not any(c.endswith(("*", "!")) for c in rows[0])
@@ -50,7 +52,7 @@ def test_one_epoch_has_no_marks():
 
 
 def test_empty_history():
-    assert format_summary([]) == "no epochs completed"
+    assert format_summary([], TERMS) == "no epochs completed"
 
 
 def test_missing_keys():
@@ -59,7 +61,7 @@ def test_missing_keys():
         {"epoch": 2, "step": 10, "train/loss": 8.0, "valid/loss": 9.0},
         {"epoch": 3, "step": 15, "train/loss": 12.0, "valid/loss": 7.0},
     ]
-    text = format_summary(history)
+    text = format_summary(history, TERMS)
     header, rows = _table(text)
     # Columns absent from every row are left out; the others are kept.
     assert "train/recon" not in header and "valid/kl" not in header
@@ -69,14 +71,14 @@ def test_missing_keys():
 
 
 def test_rows_without_epoch_or_step_are_numbered():
-    text = format_summary([{"train/loss": 2.0}, {"train/loss": 1.0}])
+    text = format_summary([{"train/loss": 2.0}, {"train/loss": 1.0}], TERMS)
     _, rows = _table(text)
     assert [r[0] for r in rows] == ["1", "2"]
     assert [r[1] for r in rows] == ["", ""]
 
 
 def test_table_lines_have_equal_width():
-    text = format_summary(_history())
+    text = format_summary(_history(), TERMS)
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len({len(line) for line in lines}) == 1
     assert "* best" in text and "! worst" in text

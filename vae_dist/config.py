@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from vae_dist.errors import ConfigError, first_line
+from vae_dist.models import REGISTRY
+from vae_dist.schema import Section, explain, option
 
 # The run's own config, in its artifact folder (here so the CLI finds it without torch).
 CONFIG_FILE = "config.json"
@@ -26,80 +28,33 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_SEED = 2**32 - 1
 
 
-def option(
-    default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False, shown: Optional[str] = None,
-    **constraints: Any,
-) -> Any:
-    """A config field: its default, one line of help, its CLI flag (default: ``--field-name``),
-    whether it may differ on ``--resume`` (only fields that change how a run is driven,
-    logged or stored, never which samples it sees or what the model is), and how ``--help``
-    shows its default when the value itself does not say it (``shown``)."""
-    extra = {"flag": flag, "resumable": resumable, "shown": shown}
-    return Field(default, description=help, json_schema_extra=extra, **constraints)
-
-
 # Lists of numbers: JSON has no tuples, so lists are accepted (strict=False on the field)
 # while each item stays strict (no "3" for 3, no true for 1).
 Channels = Annotated[int, Field(strict=True, ge=1, le=1024)]
 Beta = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
 
 
-class Section(BaseModel):
-    """Base of every section. ``path`` is where the section sits in the tree, so that even
-    a section built directly (``DataConfig(batch_size=0)``) names ``data.batch_size``."""
-
-    # No infinities or NaN: an infinite rate, weight or warm-up passes every bound and then
-    # trains nothing, or diverges after --overwrite has already cleared the previous run.
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
-    path: ClassVar[str] = ""
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        # Paths and names reach the OS, which refuses a NUL byte with a ValueError of its own.
-        if isinstance(value, str) and "\x00" in value:
-            raise ValueError("must not contain a NUL byte")
-        return value
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise ConfigError(explain(e, self.path)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-
-# Per architecture, what a field left unset (null) means.
-ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "deep-mlp": {"latent_size": 50, "hidden_sizes": (512, 256), "activation": "relu"},
-    "conv": {"latent_size": 64},
-    "mlp": {"latent_size": 20, "hidden_sizes": (400,), "activation": "relu"},
-    "burda": {"latent_size": 50, "hidden_sizes": (200, 200), "activation": "tanh"},
-}
 Width = Annotated[int, Field(strict=True, ge=1, le=16384)]
 
 
-class ModelConfig(Section):
+def _by_kind(field: str, show: Callable[[Any], str] = str) -> str:
+    """How --help shows a field's default per --model: "deep-mlp 50, conv 64, ..."."""
+    return ", ".join(f"{name} {show(f.defaults[field])}" for name, f in REGISTRY.items() if field in f.defaults)
+
+
+class ModelFields(Section):
     path: ClassVar[str] = "model"
 
-    kind: Literal["deep-mlp", "conv", "mlp", "burda"] = option(
-        "deep-mlp",
-        "Architecture: deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the original Burn flow's "
-        "stride-2 conv encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 "
-        "tanh, Burda et al. (2015)'s one-stochastic-layer model.",
-        flag="--model",
+    kind: Literal[tuple(REGISTRY)] = option(  # type: ignore[valid-type]
+        "deep-mlp", "Model: " + "; ".join(dict.fromkeys(f.help for f in REGISTRY.values())) + ".", flag="--model",
     )
-    latent_size: Optional[int] = option(
-        None, "Latent dimensions.", shown="deep-mlp 50, conv 64, mlp 20, burda 50", ge=1, le=4096,
-    )
+    latent_size: Optional[int] = option(None, "Latent dimensions.", shown=_by_kind("latent_size"), ge=1, le=4096)
     hidden_sizes: Optional[tuple[Width, ...]] = option(
         None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
-        shown="deep-mlp 512,256, mlp 400, burda 200,200", strict=False, min_length=1, max_length=16,
+        shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16,
     )
     activation: Optional[Literal["relu", "tanh"]] = option(
-        None, "Activation of the MLP hidden layers.", shown="burda tanh, others relu",
+        None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"),
     )
     conv_channels: tuple[Channels, Channels] = option(
         (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
@@ -107,11 +62,18 @@ class ModelConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _architecture_defaults(self) -> "ModelConfig":
-        for name, value in ARCHITECTURE_DEFAULTS[self.kind].items():
+    def _architecture_defaults(self) -> "ModelFields":
+        for name, value in REGISTRY[self.kind].defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         return self
+
+
+# A family's own options are the section model.<name> (model.vq_vae for vq-vae).
+ModelConfig = create_model("ModelConfig", __base__=ModelFields, **{  # type: ignore[call-overload]
+    name.replace("-", "_"): (f.options, Field(default_factory=f.options))
+    for name, f in REGISTRY.items() if f.options is not None
+})
 
 
 class OptimizerConfig(Section):
@@ -260,38 +222,6 @@ class TrainingConfig(Section):
     @classmethod
     def from_json_file(cls, path: str | Path) -> "TrainingConfig":
         return cls.from_dict(read_json_config(path))
-
-
-# --- errors ----------------------------------------------------------------------------
-
-# pydantic's error types, in words; {names} are filled from the error's context.
-_WORDS = {
-    "greater_than_equal": "must be ≥ {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be ≤ {le}",
-    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}",
-    "too_short": "must have at least {min_length} item(s)", "too_long": "must have at most {max_length} items",
-    "int_type": "must be an integer", "int_from_float": "must be an integer", "float_type": "must be a number",
-    "bool_type": "must be true or false", "string_type": "must be a string", "model_type": "must be a JSON object",
-    "dict_type": "must be a JSON object", "tuple_type": "must be a list", "list_type": "must be a list",
-    "finite_number": "must be a finite number",
-}
-
-
-def explain(error: ValidationError, prefix: str = "") -> str:
-    """The first problem of a pydantic error as one line: ``field.path: must be ..., got X``."""
-    e = error.errors()[0]
-    names = ((prefix,) if prefix else ()) + tuple(p for p in e["loc"] if isinstance(p, str))
-    loc = ".".join(names)
-    kind, ctx, got = e["type"], e.get("ctx") or {}, e.get("input")
-    if kind == "extra_forbidden":
-        return f"unknown config key {loc}"
-    if kind == "missing" and isinstance(e["loc"][-1], int):  # a pair given as a list of one
-        return f"{loc}: must have exactly 2 items"
-    if kind == "string_too_short":
-        return f"{loc}: must not be empty"
-    if kind == "value_error":
-        return f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-    what = _WORDS[kind].format(**ctx) if kind in _WORDS else f"must be valid ({e['msg']})"
-    return f"{loc}: {what}, got {got!r}"
 
 
 YAML_SUFFIXES = (".yaml", ".yml")

@@ -19,8 +19,9 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
 from vae_dist.cli import pictures
-from vae_dist.config import ARCHITECTURE_DEFAULTS, CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file, read_json_config
+from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file, read_json_config
 from vae_dist.errors import ConfigError, VaeDistError
+from vae_dist.models import REGISTRY
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 
 app = typer.Typer(
@@ -57,7 +58,7 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     merged = merge(base, overrides)
     kind = overrides.get("model", {}).get("kind")
     if kind is not None and kind != base.get("model", {}).get("kind"):
-        for name in ARCHITECTURE_DEFAULTS[kind]:  # a new architecture brings its own defaults
+        for name in REGISTRY[kind].defaults:  # a new architecture brings its own defaults
             if name not in overrides["model"]:
                 merged["model"][name] = None
     return TrainingConfig.from_dict(merged)

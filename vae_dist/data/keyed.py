@@ -10,6 +10,8 @@ is what makes N processes with batch b follow one process with batch N*b.
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Optional
 
 import torch
 
@@ -29,15 +31,14 @@ def generator(purpose: str, seed: int, index: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(purpose, seed, index))
 
 
-def train_noise(seed: int, epoch: int, num_samples: int, latent: int) -> torch.Tensor:
-    """(num_samples, latent) standard normal noise for one training epoch, on the CPU."""
-    return torch.randn(num_samples, latent, generator=generator(TRAIN_NOISE, seed, epoch))
-
-
-def eval_noise(seed: int, num_samples: int, latent: int) -> torch.Tensor:
-    """(num_samples, latent) noise for validation: the same every epoch and in `evaluate`,
-    so validation losses of different epochs and of the saved model are comparable."""
-    return torch.randn(num_samples, latent, generator=generator(EVAL_NOISE, seed))
+def noise(purpose: str, seed: int, index: int, n: int, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """(n, *shape) standard normal noise on the CPU from the stream (purpose, seed, index), row i
+    for sample i; None for a family that takes none (shape ()). Training draws a table per
+    epoch (TRAIN_NOISE, index = epoch); validation one for every epoch and for `evaluate`
+    (EVAL_NOISE, index 0), so the losses of different epochs and of the saved model compare."""
+    if not shape:
+        return None
+    return torch.randn(n, math.prod(shape), generator=generator(purpose, seed, index)).view(n, *shape)
 
 
 # --- binarization ------------------------------------------------------------

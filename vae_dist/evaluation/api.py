@@ -11,7 +11,7 @@ project's one-line errors (vae_dist.errors).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -20,8 +20,9 @@ from vae_dist.run.checkpoint import MANIFEST, read_manifest, verify_hashes
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, DataError
 from vae_dist.evaluation.evaluate import iw_nll_per_image
+from vae_dist.errors import VaeDistError
 from vae_dist.run.fileio import checking
-from vae_dist.models.gaussian import VAE
+from vae_dist.models.protocol import Model
 from vae_dist.run.modelfile import load_model_file, model_results
 from vae_dist.run.position import Position
 from vae_dist.run.folder import MODEL
@@ -48,7 +49,7 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
 class TrainedVAE:
     """A trained VAE with its config and results. ``model`` is the plain torch module."""
 
-    def __init__(self, model: VAE, config: TrainingConfig, results: dict[str, Any]):
+    def __init__(self, model: Model, config: TrainingConfig, results: dict[str, Any]):
         self.model = model.eval()
         self.config = config
         self.results = results
@@ -58,8 +59,13 @@ class TrainedVAE:
         return next(self.model.parameters()).device
 
     @property
-    def latent_size(self) -> int:
+    def latent_size(self) -> Optional[int]:
+        """The size of the continuous latent space (None for a family without one, as vq-vae)."""
         return self.model.latent_size
+
+    def _needs(self, ability: str, what: str) -> None:
+        if getattr(self.model, ability) is None:
+            raise VaeDistError(f"--model {self.config.model.kind} has no {what}")
 
     def to(self, device: str | torch.device) -> TrainedVAE:
         self.model.to(device)
@@ -68,18 +74,20 @@ class TrainedVAE:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU."""
+        self._needs("encode", "continuous latent space to encode into")
         mu, logvar = self.model.encode(as_images(images).to(self.device))
         return mu.cpu(), logvar.cpu()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Mean images of latents z (N, latent): float (N, 1, 28, 28) in [0, 1]."""
+        self._needs("decode", "continuous latent space to decode")
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise DataError(f"latents must be shaped (N, {self.latent_size}), got {shape}")
         return inference.decode(self.model, z)
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n images decoded from z ~ N(0, I); the same seed gives the same images."""
+        """n images from the model's prior; the same seed gives the same images."""
         if n < 1:
             raise DataError(f"n must be at least 1, got {n}")
         return inference.prior_samples(self.model, n, seed)
@@ -92,6 +100,7 @@ class TrainedVAE:
         """``steps`` decodings along the straight latent line between two images, ends included."""
         if steps < 2:
             raise DataError(f"steps must be at least 2, got {steps}")
+        self._needs("encode", "continuous latent space to interpolate in")
         a, b = as_images(x_from), as_images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
@@ -122,10 +131,11 @@ def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
     nats per image, averaged over ``images``: ``evaluate --iw-samples k``'s estimator."""
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
+    model._needs("iw_nll", "importance-weighted log-likelihood")
     x = as_images(images).cpu()
     device = model.device  # the estimator's draws come from CPU generators: it runs there
     try:
-        nll = iw_nll_per_image(model.model.cpu(), model.config, x, torch.arange(x.shape[0]), k)
+        nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k)
     finally:
         model.model.to(device)
     return nll.mean().item()

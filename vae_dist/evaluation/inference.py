@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 
 from vae_dist.errors import VaeDistError
-from vae_dist.models.gaussian import VAE
+from vae_dist.models.protocol import Model
 
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
@@ -23,7 +23,7 @@ def _inference(fn: F) -> F:
     """no_grad + eval mode for the call, then the model's previous mode back."""
 
     @functools.wraps(fn)
-    def wrapper(model: VAE, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(model: Model, *args, **kwargs):  # type: ignore[no-untyped-def]
         was_training = model.training
         model.eval()
         try:
@@ -35,50 +35,48 @@ def _inference(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _device(model: VAE) -> torch.device:
-    return next(model.parameters()).device
+def _means(model: Model, z: torch.Tensor) -> torch.Tensor:
+    if model.decode is None:
+        raise VaeDistError(f"this model ({type(model).__name__}) has no continuous latent space to decode")
+    return torch.sigmoid(model.decode(z.to(next(model.parameters()).device)).float()).cpu()
 
 
-def _decode_means(model: VAE, z: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(model.decode(z.to(_device(model))).float()).cpu()
-
-
-def _posterior_means(model: VAE, images: torch.Tensor) -> torch.Tensor:
-    return model.encode(images.float().to(_device(model)))[0]
+def _posterior_means(model: Model, images: torch.Tensor) -> torch.Tensor:
+    if model.encode is None:
+        raise VaeDistError(f"this model ({type(model).__name__}) has no continuous latent space to encode into")
+    return model.encode(images.float().to(next(model.parameters()).device))[0]
 
 
 @_inference
-def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
+def decode(model: Model, z: torch.Tensor) -> torch.Tensor:
     """The mean images of latents ``z`` (N, latent)."""
-    return _decode_means(model, z)
+    return _means(model, z)
 
 
 @_inference
-def prior_samples(model: VAE, n: int, seed: int) -> torch.Tensor:
-    """``n`` decodings of z ~ N(0, I) drawn from a generator seeded with ``seed``:
-    the same model and seed give the identical tensor."""
+def prior_samples(model: Model, n: int, seed: int) -> torch.Tensor:
+    """``n`` samples of the model's prior from a generator seeded with ``seed``: the same
+    model and seed give the identical tensor."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    z = torch.randn(n, model.latent_size, generator=torch.Generator().manual_seed(seed))
-    return _decode_means(model, z)
+    return model.sample(n, torch.Generator().manual_seed(seed))
 
 
 @_inference
-def reconstructions(model: VAE, images: torch.Tensor) -> torch.Tensor:
-    """Each of the (N, 1, 28, 28) images in [0, 1] encoded, its posterior mean decoded (no
-    sampling noise)."""
-    return _decode_means(model, _posterior_means(model, images))
+def reconstructions(model: Model, images: torch.Tensor) -> torch.Tensor:
+    """Each of the (N, 1, 28, 28) images in [0, 1] reconstructed without sampling noise."""
+    return model.reconstruct(images)
 
 
 @_inference
-def interpolate(model: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps: int) -> torch.Tensor:
+def interpolate(model: Model, x_from: torch.Tensor, x_to: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` decodings at evenly spaced points on the straight line from the posterior
     mean of the (1, 28, 28) image ``x_from`` to that of ``x_to``, both ends included."""
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
     ends = _posterior_means(model, torch.stack([x_from, x_to]))
     t = torch.linspace(0.0, 1.0, steps, device=ends.device, dtype=ends.dtype).unsqueeze(1)
-    return _decode_means(model, (1 - t) * ends[0] + t * ends[1])
+    return _means(model, (1 - t) * ends[0] + t * ends[1])
 
 
 def manifold_grid(n_per_side: int) -> torch.Tensor:
@@ -94,11 +92,11 @@ def manifold_grid(n_per_side: int) -> torch.Tensor:
 
 
 @_inference
-def manifold(model: VAE, n_per_side: int) -> torch.Tensor:
+def manifold(model: Model, n_per_side: int) -> torch.Tensor:
     """Decodings over an n x n grid of the 2-D latent space (see ``manifold_grid``)."""
     if model.latent_size != 2:
         raise VaeDistError(
             f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
             f"{model.latent_size} (train one with --latent-size 2)"
         )
-    return _decode_means(model, manifold_grid(n_per_side))
+    return _means(model, manifold_grid(n_per_side))

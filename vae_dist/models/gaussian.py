@@ -1,29 +1,39 @@
-"""The Gaussian VAE family: an encoder to (mu, logvar), a decoder to pixel logits (conv, mlp, deep-mlp,
-burda), and its objectives, the negative ELBO and the importance-weighted bound.
+"""The Gaussian VAE family: an encoder to N(mu, diag(exp(logvar))), a standard normal prior,
+a Bernoulli (or unit Gaussian) decoder; four architectures (deep-mlp, conv, mlp, burda) and
+two objectives, the negative ELBO and Burda et al.'s importance-weighted bound.
 
-The model knows nothing of devices, ranks, logging or randomness: the reparameterisation
-noise is passed in by the caller, which owns the seeded generator.
+KL(q(z|x) || N(0, I)) = -1/2 * sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j)). The original
+Burn flow wrote this without the leading minus, which rewarded moving away from the prior.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vae_dist.config import ModelConfig
+from vae_dist.errors import ConfigError
+from vae_dist.models.protocol import PIXELS, Model, Output, reconstruction
 
-PIXELS = 28 * 28
+if TYPE_CHECKING:
+    from vae_dist.config import ModelConfig
 
-
-class VAEOutput(NamedTuple):
-    logits: torch.Tensor  # (B, 1, 28, 28) Bernoulli logits, or (B, K, 1, 28, 28) for K samples each
-    mu: torch.Tensor  # (B, L) posterior mean
-    logvar: torch.Tensor  # (B, L) posterior log-variance
-    z: torch.Tensor  # (B, L) or (B, K, L): the latent samples decoded
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+IW_CHUNK = 400  # importance samples per image per pass: bounds memory whatever K is
+# A unit is "active" when its posterior mean varies over the data (Burda et al. 2016).
+ACTIVE_UNIT_THRESHOLD = 0.01
+# --model names of this family, with what their fields left unset mean.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "deep-mlp": {"latent_size": 50, "hidden_sizes": (512, 256), "activation": "relu"},
+    "conv": {"latent_size": 64},
+    "mlp": {"latent_size": 20, "hidden_sizes": (400,), "activation": "relu"},
+    "burda": {"latent_size": 50, "hidden_sizes": (200, 200), "activation": "tanh"},
+}
+HELP = ("deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the original Burn flow's stride-2 conv "
+        "encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 tanh, "
+        "Burda et al. (2015)'s one-stochastic-layer model")
 
 
 class ConvEncoder(nn.Module):
@@ -101,12 +111,13 @@ class MlpDecoder(nn.Module):
         return self.net(z).view(-1, 1, 28, 28)
 
 
-class VAE(nn.Module):
-    def __init__(self, config: ModelConfig):
+class VAE(Model):
+    TERMS = ("loss", "recon", "kl")
+
+    def __init__(self, config: ModelConfig, likelihood: str):
         super().__init__()
-        self.config = config
-        latent = config.latent_size
-        assert latent is not None  # resolved by ModelConfig's validator
+        self.likelihood = likelihood
+        latent = self.latent_size = int(config.latent_size)  # type: ignore[arg-type]  # resolved by ModelConfig
         if config.kind == "conv":  # every other kind is an MLP
             self.encoder: nn.Module = ConvEncoder(latent, config.conv_channels)
             self.decoder: nn.Module = ConvDecoder(latent, config.conv_channels)
@@ -115,53 +126,64 @@ class VAE(nn.Module):
             self.encoder = MlpEncoder(latent, hidden, config.activation)
             self.decoder = MlpDecoder(latent, hidden, config.activation)
 
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> "VAE":
-        return cls(config)
-
-    @property
-    def latent_size(self) -> int:
-        return int(self.config.latent_size)  # type: ignore[arg-type]
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None) -> VAEOutput:
-        """x: (B, 1, 28, 28) in [0, 1]; eps: (B, L), or (B, K, L) for K samples per image,
-        standard normal noise drawn by the caller so that runs are reproducible (None draws
-        one sample from the global RNG, for ad-hoc use)."""
+    def noise_shape(self, k: int) -> tuple[int, ...]:
+        return (k, self.latent_size) if k > 1 else (self.latent_size,)
+
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+        """noise: (B, L) for the ELBO, (B, K, L) for the K-sample importance-weighted bound."""
         mu, logvar = self.encode(x)
-        if eps is None:
-            eps = torch.randn_like(mu)
+        eps = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         if eps.dim() == 3:  # K samples each: (B, K, L) latents, decoded as one batch of B*K
-            z = mu.unsqueeze(1) + eps.to(mu.dtype) * torch.exp(0.5 * logvar).unsqueeze(1)
-            return VAEOutput(self.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2]), mu, logvar, z)
-        z = mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
-        return VAEOutput(self.decode(z), mu, logvar, z)
+            z = mu.unsqueeze(1) + eps * torch.exp(0.5 * logvar).unsqueeze(1)
+            logits = self.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+            total, recon, kl = negative_iw_bound(logits, z, mu, logvar, x, kind=self.likelihood)
+        else:
+            z = mu + eps * torch.exp(0.5 * logvar)
+            total, recon, kl = negative_elbo(self.decode(z), mu, logvar, x, kind=self.likelihood, kl_weight=kl_weight)
+        return Output({"loss": total, "recon": recon, "kl": kl}, mu.float())
+
+    def summarise(self, features: torch.Tensor) -> dict[str, Any]:
+        active = int((features.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if features.shape[0] > 1 else 0
+        return {"active_units": active}
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self._means(torch.randn(n, self.latent_size, generator=generator))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self._means(self.encode(x.float().to(self._device()))[0])
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _means(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode(z.to(self._device())).float()).cpu()
+
+    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator]) -> torch.Tensor:  # type: ignore[override]
+        """-log p(x) in nats per image (float64, (B,)) from k importance samples (Burda et al.
+        2015): log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k,
+        z_k ~ q(z|x), image i's draws from ``generators[i]``, in chunks of IW_CHUNK. log p(x|z)
+        is minus the training reconstruction term (for ``mse`` without its constant)."""
+        mu, logvar = self.encode(x)  # (B, L)
+        b = x.shape[0]
+        running = torch.full((b,), -math.inf, dtype=torch.float64)
+        for k0 in range(0, k, IW_CHUNK):
+            kk = min(IW_CHUNK, k - k0)
+            eps = torch.stack([torch.randn(kk, mu.shape[1], generator=g) for g in generators], dim=1)  # (kk, B, L)
+            z = mu + eps * torch.exp(0.5 * logvar)
+            logits = self.decode(z.reshape(kk * b, -1))
+            log_px_z = -reconstruction(logits, x.repeat(kk, 1, 1, 1), self.likelihood).view(kk, b)
+            log_w = log_importance_weights(log_px_z, z, mu, logvar)  # (kk, B)
+            running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
+        return -(running - math.log(k))
 
 
-def parameter_count(config: ModelConfig) -> int:
-    """The number of parameters ``VAE(config)`` would have, counted on the meta device: no
-    memory is allocated, so an absurd config can be refused before it is built."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in VAE(config).parameters())
-
-
-# --- the objective ------------------------------------------------------------
-
-
-
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-class LossParts(NamedTuple):
-    loss: torch.Tensor  # () mean over the batch of recon + kl_weight * kl: what is minimised
-    recon: torch.Tensor  # (B,) reconstruction nats per image
-    kl: torch.Tensor  # (B,) KL nats per image
-    total: torch.Tensor  # (B,) recon + kl_weight * kl per image
+# --- the objective: pure functions of tensors, in nats per image -----------------------
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -169,31 +191,14 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """-log p(x|z) per image, summed over pixels: (B, 1, 28, 28) -> (B,).
-
-    bce: Bernoulli likelihood on logits (the stable form of BCE(sigmoid(logits), x)).
-    mse: Gaussian with unit variance around sigmoid(logits), without the constant
-    784 * log(sqrt(2 pi)) nats, which moves the loss but not its gradient.
-    """
-    logits = logits.float()
-    if kind == "bce":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    elif kind == "mse":
-        per_pixel = 0.5 * (torch.sigmoid(logits) - x).pow(2)
-    else:
-        raise ValueError(f"unknown reconstruction loss {kind!r}")
-    return per_pixel.flatten(1).sum(dim=1)
-
-
 def negative_elbo(
     logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str, kl_weight: float
-) -> LossParts:
-    # Computed in float32 even under autocast: sums over 784 pixels lose too much in bf16.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (sums over
+    784 pixels lose too much in bf16)."""
     recon = reconstruction(logits, x, kind)
     kl = kl_divergence(mu.float(), logvar.float())
-    total = recon + kl_weight * kl
-    return LossParts(total.mean(), recon, kl, total)
+    return recon + kl_weight * kl, recon, kl
 
 
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -210,28 +215,13 @@ def log_importance_weights(
 
 def negative_iw_bound(
     logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str
-) -> LossParts:
-    """The negative importance-weighted bound (Burda et al. 2015) from K samples per image:
-    -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x); K = 1 gives the ELBO.
-
-    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L); x: (B, 1, 28, 28).
-    ``recon`` and ``kl`` report the ELBO's parts (mean reconstruction over the K samples,
-    analytic KL), so they stay comparable with K = 1; ``total`` is the bound itself.
-    """
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-log (1/K) sum_k p(x, z_k) / q(z_k | x) per image (Burda et al. 2015); K = 1 is the ELBO.
+    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L). The recon and kl reported
+    are the ELBO's (mean over the K samples, analytic KL), comparable with K = 1."""
     b, k = z.shape[:2]
     log_px_z = -reconstruction(logits.flatten(0, 1), x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1), kind).view(b, k)
     z, mu, logvar = z.float(), mu.float(), logvar.float()
     log_w = log_importance_weights(log_px_z, z, mu.unsqueeze(1), logvar.unsqueeze(1))  # (B, K)
     total = -(torch.logsumexp(log_w, dim=1) - math.log(k))
-    return LossParts(total.mean(), -log_px_z.mean(dim=1), kl_divergence(mu, logvar), total)
-
-
-def negative_bound(
-    logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *,
-    kind: str, kl_weight: float,
-) -> LossParts:
-    """The training objective: the (weighted) ELBO for one sample per image (z: (B, L)),
-    the importance-weighted bound for K (z: (B, K, L))."""
-    if z.dim() == 3:
-        return negative_iw_bound(logits, z, mu, logvar, x, kind=kind)
-    return negative_elbo(logits, mu, logvar, x, kind=kind, kl_weight=kl_weight)
+    return total, -log_px_z.mean(dim=1), kl_divergence(mu, logvar)

@@ -14,7 +14,8 @@ from safetensors.torch import safe_open, save
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, first_line
 from vae_dist.run.fileio import checking
-from vae_dist.models.gaussian import VAE, parameter_count
+from vae_dist.models import build, parameter_count
+from vae_dist.models.protocol import Model
 from vae_dist.run.folder import MODEL, write_run_file
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ def strip_compile_prefix(state: dict[str, T]) -> dict[str, T]:
 def check_model_size(config: TrainingConfig, where: str) -> None:
     """Refuse a model too large to build, from its config alone (nothing allocated)."""
     try:
-        n = parameter_count(config.model)
+        n = parameter_count(config)
     except (ValueError, TypeError, OverflowError) as e:
         raise ConfigError(f"{where}: the model cannot be sized ({e})") from None
     if n > MAX_PARAMETERS:
@@ -51,7 +52,7 @@ def check_model_size(config: TrainingConfig, where: str) -> None:
         )
 
 
-def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[VAE, TrainingConfig]:
+def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[Model, TrainingConfig]:
     """Rebuild the model and its training config from a model.safetensors file (or its
     folder), on the CPU whatever device wrote it. ``config``: the file's own when None; a
     checkpoint's weights file (accelerate's) carries none, and its manifest gives it."""
@@ -68,7 +69,7 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
             # The declared model is built without memory first: a config that declares a far
             # larger model than the file holds is refused before any of it is allocated.
             with torch.device("meta"):
-                want = {k: tuple(v.shape) for k, v in VAE.from_config(config.model).state_dict().items()}
+                want = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
             got = strip_compile_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
             mismatch = _shape_mismatch(want, got)
             if mismatch:
@@ -76,7 +77,7 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
             state = strip_compile_prefix({k: f.get_tensor(k) for k in f.keys()})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"model file {p} is not a readable safetensors file: {first_line(e) or type(e).__name__}") from None
-    model = VAE.from_config(config.model)
+    model = build(config)
     model.load_state_dict(state)  # the names and shapes were checked above
     return model.eval(), config
 

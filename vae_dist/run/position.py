@@ -17,16 +17,13 @@ from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 
 Count = Annotated[int, Field(ge=0)]
 
-# One epoch's metrics (metrics.jsonl has the same rows). A diverged validation is a
-# record, not an edit, so its floats may be inf or NaN; the summary and the curves cope.
-FLOATS = ("train/loss", "train/recon", "train/kl", "valid/loss", "valid/recon", "valid/kl", "train/lr",
-          "train/kl_weight", "epoch_seconds", "valid_seconds", "samples_per_second")
-COUNTS = ("step", "train/samples", "valid/active_units", "valid/samples")
-Row = with_config(ConfigDict(strict=True, extra="forbid"))(TypedDict("Row", {
-    "epoch": Annotated[int, Field(ge=1)], "complete_epoch": bool, "protocol": dict[str, Union[str, int, float]],
-    **{key: float for key in FLOATS}, **{key: Count for key in COUNTS},
-}))
-
+# One epoch's metrics (metrics.jsonl has the same rows): split/name numbers besides these
+# keys, named by the model family's terms. A diverged validation is a record, not an edit,
+# so its floats may be inf or NaN; the summary and the curves cope.
+Row = with_config(ConfigDict(strict=True))(TypedDict("Row", {  # type: ignore[call-overload]
+    "epoch": Annotated[int, Field(ge=1)], "step": Count, "complete_epoch": bool,
+    "protocol": dict[str, Union[str, int, float]],
+}, extra_items=Union[int, float]))
 
 
 def _invalid_not_refused(value: Any, handler: Callable[[Any], TrainingConfig]) -> TrainingConfig:
@@ -49,8 +46,8 @@ class Position(BaseModel):
     epoch: Count  # epochs finished; the one in progress is epoch + 1
     batches_done: Count  # optimizer steps already taken in the epoch in progress
     global_step: Count
-    # The partial epoch's [objective, recon, kl, images], summed over all ranks.
-    train_sums: Annotated[list[float], Field(min_length=4, max_length=4)]
+    # The partial epoch's [*the family's terms, images], summed over all ranks.
+    train_sums: Annotated[list[float], Field(min_length=2)]
     history: list[Row]
     wandb_run_id: Optional[str]
     num_processes: Annotated[int, Field(ge=1)]  # batches_done counts global batches of this many ranks
@@ -58,8 +55,8 @@ class Position(BaseModel):
     config: SavedConfig
 
     @classmethod
-    def start(cls, wandb_run_id: str, num_processes: int, config: TrainingConfig) -> Position:
-        return cls(epoch=0, batches_done=0, global_step=0, train_sums=[0.0] * 4, history=[],
+    def start(cls, wandb_run_id: str, num_processes: int, config: TrainingConfig, terms: int) -> Position:
+        return cls(epoch=0, batches_done=0, global_step=0, train_sums=[0.0] * (terms + 1), history=[],
                    wandb_run_id=wandb_run_id, num_processes=num_processes, config=config)
 
     @model_validator(mode="after")

@@ -25,10 +25,9 @@ from vae_dist.config import TrainingConfig
 from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import TrainingError
 from vae_dist.evaluation.evaluate import protocol, validate
-from vae_dist.models.gaussian import negative_bound
 from vae_dist.training.meter import TrainMeter
-from vae_dist.models.gaussian import VAE
-from vae_dist.data.keyed import eval_noise, train_noise
+from vae_dist.models.protocol import Model
+from vae_dist.data.keyed import EVAL_NOISE, TRAIN_NOISE, noise
 from vae_dist.run.position import Position
 from vae_dist.training.progress import Progress
 from vae_dist.run.folder import write_metrics
@@ -46,20 +45,18 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     images_batch: torch.Tensor,
-    eps: torch.Tensor,
+    noise: Optional[torch.Tensor],
     *,
-    recon_loss: str,
     kl_weight: float,
     max_grad_norm: Optional[float],
     lr: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, clip, Adam step at rate ``lr`` (None: the optimizer's own).
-    eps is (B, L) for the ELBO or (B, K, L) for the K-sample importance-weighted bound.
-    Returns (sums, loss) still on the device: sums = [sum of per-image objective, sum of
-    recon, sum of kl] over this rank's batch."""
-    out = model(images_batch, eps)
-    parts = negative_bound(out.logits, out.z, out.mu, out.logvar, images_batch, kind=recon_loss, kl_weight=kl_weight)
-    accelerator.backward(parts.loss)
+    """Forward (the family's objective), backward, clip, Adam step at rate ``lr`` (None: the
+    optimizer's own). Returns (sums, loss) still on the device: sums = each of the family's
+    terms summed over this rank's batch."""
+    terms = model(images_batch, noise, kl_weight=kl_weight).terms
+    loss = terms["loss"].mean()
+    accelerator.backward(loss)
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -68,8 +65,8 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # One stack and one reduction: per-step bookkeeping is a visible share of a CPU step.
-    sums = torch.stack([parts.total.detach(), parts.recon.detach(), parts.kl.detach()]).sum(dim=1)
-    return sums, parts.loss.detach()
+    sums = torch.stack([t.detach() for t in terms.values()]).sum(dim=1)
+    return sums, loss.detach()
 
 
 def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -94,7 +91,7 @@ class Learner:
     def __init__(
         self,
         accelerator: Accelerator,
-        model: VAE,
+        model: Model,
         optimizer: torch.optim.Optimizer,
         config: TrainingConfig,
         train_loader: DataLoader,
@@ -104,7 +101,7 @@ class Learner:
         tracker: Tracker,
         checkpointer: Checkpointer[Position],
         run_id: str = "",
-        on_epoch_end: Optional[Callable[[VAE, int, int], None]] = None,
+        on_epoch_end: Optional[Callable[[Model, int, int], None]] = None,
     ):
         """``on_epoch_end(model, epoch, step)`` runs after each epoch's validation, on the
         main process only and with the unwrapped model, so it may not be collective.
@@ -112,22 +109,24 @@ class Learner:
         before and finishes it after (train() does, around the export)."""
         self.acc = accelerator
         self.config = config
-        self.latent = model.latent_size
+        self.family = model  # the unwrapped model: its protocol (terms, noise, prior)
         self.sampler = train_loader.sampler  # EpochShuffleSampler: the order is a function of (seed, epoch)
-        self.num_train = len(train_loader.dataset)  # type: ignore[arg-type]
+        self.train_images = train_loader.dataset.images  # type: ignore[attr-defined]  # what fit_prior sees
+        self.num_train = len(self.train_images)
         self.model, self.optimizer, self.train_loader, self.valid_loader = accelerator.prepare(
             model, optimizer, train_loader, valid_loader
         )
         self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
         self.steps_per_epoch = len(self.train_loader)
-        self.valid_noise = eval_noise(config.seed, len(valid_loader.dataset), self.latent).to(accelerator.device)  # type: ignore[arg-type]
+        valid_noise = noise(EVAL_NOISE, config.seed, 0, len(valid_loader.dataset), model.noise_shape(1))  # type: ignore[arg-type]
+        self.valid_noise = valid_noise.to(accelerator.device) if valid_noise is not None else None
         self.artifact_dir = artifact_dir
         self.tracker = tracker
         self.checkpointer = checkpointer
         self.on_epoch_end = on_epoch_end
         self.say: Callable[[str], None] = main_print(accelerator)
-        self.position = Position.start(run_id, accelerator.num_processes, config)
-        self.meter = TrainMeter(accelerator.device)
+        self.position = Position.start(run_id, accelerator.num_processes, config, len(model.TERMS))
+        self.meter = TrainMeter(accelerator.device, len(model.TERMS))
 
     def fit(self, stop: Optional[StopRequest] = None) -> nn.Module:
         """Train for ``config.epochs`` (or ``max_steps``); returns the trained (unwrapped) model.
@@ -142,7 +141,7 @@ class Learner:
             self._end_epoch()
         with nullcontext(stop) if stop is not None else StopRequest() as stop:
             while pos.epoch < cfg.epochs and not self._max_steps_reached():
-                noise, coins = self._start_epoch()
+                epoch_noise, coins = self._start_epoch()
                 progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
                                     enabled=self.acc.is_main_process)
                 try:
@@ -150,8 +149,8 @@ class Learner:
                         if coins is not None:  # dynamic binarization: this epoch's draw of each sample
                             images_batch = keyed.apply(images_batch, coins.index_select(0, index))
                         sums, loss = train_step(
-                            self.model, self.step_optimizer, self.acc, images_batch, noise.index_select(0, index),
-                            recon_loss=cfg.loss.recon_loss, kl_weight=self._kl_weight(),
+                            self.model, self.step_optimizer, self.acc, images_batch,
+                            None if epoch_noise is None else epoch_noise.index_select(0, index), kl_weight=self._kl_weight(),
                             max_grad_norm=cfg.optimizer.max_grad_norm, lr=self._lr(),
                         )
                         pos.global_step += 1
@@ -171,7 +170,7 @@ class Learner:
                     progress.close()  # also on errors, so the message does not land on the bar's line
                 # Freed before the next epoch draws its own: else, from the second epoch on,
                 # two noise tables (N x K x latent) are held at once.
-                noise = coins = None
+                epoch_noise = coins = None
                 self._end_epoch()
         return self.acc.unwrap_model(self.model)
 
@@ -206,12 +205,11 @@ class Learner:
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
         k = cfg.loss.iw_samples
-        noise = train_noise(cfg.seed, pos.epoch, self.num_train, self.latent * k)
-        noise = noise.view(self.num_train, k, self.latent) if k > 1 else noise
+        table = noise(TRAIN_NOISE, cfg.seed, pos.epoch, self.num_train, self.family.noise_shape(k))
         coins = None
         if cfg.data.binarize == "dynamic":
             coins = keyed.coins(cfg.seed, keyed.train_stream(pos.epoch), self.num_train).to(device)
-        return noise.to(device), coins
+        return None if table is None else table.to(device), coins
 
     def _batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches; resuming mid-epoch, the same permutation minus those done."""
@@ -278,17 +276,16 @@ class Learner:
             # Would otherwise loop on the same epoch for ever.
             raise TrainingError(f"the training loader ended after {pos.batches_done} of {self.steps_per_epoch} batches")
         self._check_finite()
-        total, recon, kl, count = self._reduce(self.meter.totals()).tolist()
+        *sums, count = self._reduce(self.meter.totals()).tolist()
         train_seconds, samples = self.meter.seconds(), self.meter.samples
-        valid = validate(acc, self.model, self.valid_loader, self.valid_noise, self.config.loss)
+        self.family.fit_prior(self.train_images.split(self.config.data.eval_batch_size))
+        valid = validate(acc, self.model, self.valid_loader, self.valid_noise)
         valid_seconds = self.meter.seconds() - train_seconds
         row: dict[str, Any] = {
             "epoch": pos.epoch + 1,
             "step": pos.global_step,
             "complete_epoch": epoch_done,
-            "train/loss": total / max(count, 1),
-            "train/recon": recon / max(count, 1),
-            "train/kl": kl / max(count, 1),
+            **{f"train/{name}": total / max(count, 1) for name, total in zip(self.family.TERMS, sums)},
             "train/samples": int(count),
             **valid,
             "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -305,9 +302,10 @@ class Learner:
                          step=pos.global_step)
         if self.on_epoch_end is not None and acc.is_main_process:
             self.on_epoch_end(acc.unwrap_model(self.model), pos.epoch + 1, pos.global_step)
+        parts = ", ".join(f"{t} {row['valid/' + t]:.3f}" for t in self.family.TERMS[1:])
         self.say(
             f"epoch {pos.epoch + 1}: train/loss {row['train/loss']:.3f}  valid/loss {row['valid/loss']:.3f} "
-            f"(recon {row['valid/recon']:.3f}, kl {row['valid/kl']:.3f})  {row['epoch_seconds']:.1f} s, "
+            f"({parts})  {row['epoch_seconds']:.1f} s, "
             f"{row['samples_per_second']:,.0f} samples/s"
         )
         if epoch_done:

@@ -15,9 +15,9 @@ import torch
 
 
 class TrainMeter:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, terms: int):
         self.device = device
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # objective, recon, kl
+        self.sums = torch.zeros(terms, dtype=torch.float64, device=device)  # the family's terms, the objective first
         self.count = 0.0  # this rank's images this epoch
         self.samples = 0  # images seen by all ranks since the epoch (or the resumed part) began
         self.started = time.perf_counter()
@@ -25,12 +25,12 @@ class TrainMeter:
         self._unchecked: list[tuple[int, torch.Tensor]] = []  # (global step, loss) not yet checked
 
     def start_epoch(self, carried: Optional[list[float]] = None) -> None:
-        """Zero the sums, or start from a resumed partial epoch's [objective, recon, kl, count]."""
+        """Zero the sums, or start from a resumed partial epoch's [*terms, count]."""
         self.sums.zero_()
         self.count = 0.0
         if carried is not None:
-            self.sums += torch.tensor(carried[:3], dtype=torch.float64, device=self.device)
-            self.count = carried[3]
+            self.sums += torch.tensor(carried[:-1], dtype=torch.float64, device=self.device)
+            self.count = carried[-1]
         self.samples = 0
         self.started = time.perf_counter()
         self._mark = (self.sums.clone(), self.count)
@@ -49,7 +49,7 @@ class TrainMeter:
         return out
 
     def totals(self) -> torch.Tensor:
-        """[objective, recon, kl, count] of this rank's epoch so far."""
+        """[*terms, count] of this rank's epoch so far."""
         return torch.cat([self.sums, torch.tensor([self.count], dtype=torch.float64, device=self.device)])
 
     def first_nonfinite_step(self) -> torch.Tensor:

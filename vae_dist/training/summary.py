@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-# All losses, in nats per image: lower is better.
-SUMMARY_METRICS = ("train/loss", "train/recon", "train/kl", "valid/loss", "valid/recon", "valid/kl")
-
-
-def format_summary(history: list[dict[str, Any]]) -> str:
+def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
     """A plain-text table: one row per epoch, one column per metric; in each column the
-    best value is marked '*' and the worst '!' (lower loss is better)."""
+    best value is marked '*' and the worst '!'. ``terms``: the family's loss terms, train/ and
+    valid/ of each shown (all losses: lower is better)."""
     if not history:
         return "no epochs completed"
-    keys = [k for k in SUMMARY_METRICS if any(k in row for row in history)]
+    wanted = [f"{split}/{t}" for split in ("train", "valid") for t in terms]
+    keys = [k for k in wanted if any(k in row for row in history)]
     marks: dict[tuple[int, str], str] = {}
     for key in keys:
         vals = [(row[key], i) for i, row in enumerate(history) if key in row]

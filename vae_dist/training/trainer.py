@@ -39,7 +39,8 @@ from vae_dist.training.distributed import main_print, max_over_ranks, on_main_th
 from vae_dist.errors import ArtifactError, ConfigError, first_line
 from vae_dist.run.fileio import checking, print_err, print_out
 from vae_dist.training.learner import Learner
-from vae_dist.models.gaussian import VAE
+from vae_dist import models
+from vae_dist.models.protocol import Model
 from vae_dist.run.position import Position
 from vae_dist.training.signals import Preempted, StopRequest
 from vae_dist.training.summary import format_summary
@@ -118,12 +119,12 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
 
 def epoch_previews(
     root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor, seed: int
-) -> Callable[[VAE, int, int], None]:
+) -> Callable[[Model, int, int], None]:
     """The Learner's on_epoch_end: the first test images above their reconstructions, and
     samples from the prior (the same latents every epoch), as PNGs under images/ and to the trackers."""
     originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
 
-    def write(model: VAE, epoch: int, step: int) -> None:
+    def write(model: Model, epoch: int, step: int) -> None:
         grids = {
             "valid/reconstructions": images.side_by_side(originals, inference.reconstructions(model, originals)),
             "prior/samples": inference.prior_samples(model, NUM_SAMPLES, seed),  # not valid/samples: a count
@@ -258,7 +259,8 @@ def _train(
     modelfile.check_model_size(config, "config")
     resources.check_resources(config, len(train_images), len(test_images), acc.device)  # memory, a compiler
     set_seed(config.seed)  # the same initial weights on every rank
-    model = VAE.from_config(config.model)
+    model = models.build(config)
+    model.noise_shape(config.loss.iw_samples)  # a family refuses an objective it has not
     optimizer = make_optimizer(model, config.optimizer)
     root, run_id = on_main_then_share(
         acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite, run_id=new_run_id())
@@ -279,7 +281,7 @@ def _train(
     )
     global_batch = config.data.batch_size * acc.num_processes
     say(
-        f"training {config.model.kind} VAE (latent {config.model.latent_size}) on {len(train_images)} images, "
+        f"training {config.model.kind} ({models.parameter_count(config):,} parameters) on {len(train_images)} images, "
         f"{acc.num_processes} process(es) on {acc.device.type}: global batch {global_batch} "
         f"= {config.data.batch_size} per process x {acc.num_processes}, {len(train_images) // global_batch} steps per epoch"
     )
@@ -337,7 +339,7 @@ def _fit_and_export(
             images.save_loss_curves(history, root / folder.LOSS_CURVES)
         except OSError as e:  # the model is saved: a picture is not worth failing the run
             say(f"loss curves {root / folder.LOSS_CURVES} not written ({e.strerror or e}); the model is saved")
-        say(format_summary(history))
+        say(format_summary(history, learner.family.TERMS))
         say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
 
     on_main_then_share(acc, finish)

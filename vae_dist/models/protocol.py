@@ -1,0 +1,81 @@
+"""The model protocol: all that the trainer, checkpoints, evaluation, the API, the pictures
+and the trackers know of a model family.
+
+A family is one module under vae_dist/models/ with a subclass of ``Model`` and a line in
+the registry (vae_dist/models/__init__.py). A model knows nothing of devices, ranks,
+logging or randomness: noise and generators come from the caller, keyed by sample index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PIXELS = 28 * 28
+
+
+class Family(NamedTuple):
+    """A registry entry: what ``--model NAME`` builds."""
+
+    cls: type[Model]  # built as cls(config.model, likelihood)
+    defaults: dict[str, Any]  # what the shared model fields left unset (null) mean for it
+    help: str  # its line in --help
+    options: Optional[type] = None  # a schema.Section of its own options, the config's model.<name>
+
+
+class Output(NamedTuple):
+    terms: dict[str, torch.Tensor]  # per image (B,), one per name of Model.TERMS; "loss" is the objective
+    features: torch.Tensor  # (B, D) per image: what ``summarise`` turns into a metric of the whole test set
+
+
+class Model(nn.Module):
+    """What every family provides. ``forward`` is the objective (so that DDP sees it)."""
+
+    TERMS: ClassVar[tuple[str, ...]]  # the per-image terms, "loss" first, as metrics name them (train/kl, ...)
+    # Optional abilities: None where the family has none (the API and the CLI then say so in one line).
+    encode: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None  # images -> (mu, logvar)
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # latents -> pixel logits
+    iw_nll: Optional[Callable[..., torch.Tensor]] = None  # the importance-weighted -log p(x); see gaussian.VAE
+    latent_size: Optional[int] = None  # of the continuous latent space that encode and decode use
+
+    def noise_shape(self, k: int) -> tuple[int, ...]:
+        """The per-image noise ``forward`` takes when trained with ``k`` importance samples
+        (() for none); refuses (ConfigError) a ``k`` the family has no objective for."""
+        return ()
+
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+        """x: (B, 1, 28, 28) in [0, 1]; noise: (B, *noise_shape(k)), drawn by the caller."""
+        raise NotImplementedError
+
+    def summarise(self, features: torch.Tensor) -> dict[str, Any]:
+        """Metrics of the whole test set from every image's features (valid/<name>)."""
+        return {}
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n mean images (n, 1, 28, 28) in [0, 1] from the prior; the same generator, the same images."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image's mean reconstruction, (B, 1, 28, 28) in [0, 1], without sampling noise."""
+        raise NotImplementedError
+
+    def fit_prior(self, batches: Iterable[torch.Tensor]) -> None:
+        """Fit what the prior learns from the training set (every rank, every epoch end, the
+        same images and weights: the same result); a fixed prior has nothing to fit."""
+
+
+def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """-log p(x|z) per image, summed over pixels: (B, 1, 28, 28) -> (B,), in float32. bce:
+    Bernoulli on the logits; mse: unit-variance Gaussian around sigmoid(logits), without
+    the constant 784 * log(sqrt(2 pi)), which moves the loss but not its gradient."""
+    logits = logits.float()
+    if kind == "bce":
+        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    elif kind == "mse":
+        per_pixel = 0.5 * (torch.sigmoid(logits) - x).pow(2)
+    else:
+        raise ValueError(f"unknown reconstruction loss {kind!r}")
+    return per_pixel.flatten(1).sum(dim=1)

@@ -1,0 +1,79 @@
+"""Config sections: strict pydantic models whose fields carry their CLI flag, help and resume
+rule (``option``), and whose errors are one line naming the field (``explain``)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vae_dist.errors import ConfigError
+
+
+def option(
+    default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False, shown: Optional[str] = None,
+    **constraints: Any,
+) -> Any:
+    """A config field: its default, one line of help, its CLI flag (default: ``--field-name``),
+    whether it may differ on ``--resume`` (only fields that change how a run is driven,
+    logged or stored, never which samples it sees or what the model is), and how ``--help``
+    shows its default when the value itself does not say it (``shown``)."""
+    extra = {"flag": flag, "resumable": resumable, "shown": shown}
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+class Section(BaseModel):
+    """Base of every section. ``path`` is where the section sits in the tree, so that even
+    a section built directly (``DataConfig(batch_size=0)``) names ``data.batch_size``."""
+
+    # No infinities or NaN: an infinite rate, weight or warm-up passes every bound and then
+    # trains nothing, or diverges after --overwrite has already cleared the previous run.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    path: ClassVar[str] = ""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # Paths and names reach the OS, which refuses a NUL byte with a ValueError of its own.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(explain(e, self.path)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# pydantic's error types, in words; {names} are filled from the error's context.
+_WORDS = {
+    "greater_than_equal": "must be ≥ {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be ≤ {le}",
+    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}",
+    "too_short": "must have at least {min_length} item(s)", "too_long": "must have at most {max_length} items",
+    "int_type": "must be an integer", "int_from_float": "must be an integer", "float_type": "must be a number",
+    "bool_type": "must be true or false", "string_type": "must be a string", "model_type": "must be a JSON object",
+    "dict_type": "must be a JSON object", "tuple_type": "must be a list", "list_type": "must be a list",
+    "finite_number": "must be a finite number",
+}
+
+
+def explain(error: ValidationError, prefix: str = "") -> str:
+    """The first problem of a pydantic error as one line: ``field.path: must be ..., got X``."""
+    e = error.errors()[0]
+    names = ((prefix,) if prefix else ()) + tuple(p for p in e["loc"] if isinstance(p, str))
+    loc = ".".join(names)
+    kind, ctx, got = e["type"], e.get("ctx") or {}, e.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown config key {loc}"
+    if kind == "missing" and isinstance(e["loc"][-1], int):  # a pair given as a list of one
+        return f"{loc}: must have exactly 2 items"
+    if kind == "string_too_short":
+        return f"{loc}: must not be empty"
+    if kind == "value_error":
+        return f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+    what = _WORDS[kind].format(**ctx) if kind in _WORDS else f"must be valid ({e['msg']})"
+    return f"{loc}: {what}, got {got!r}"
