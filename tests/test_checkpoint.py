@@ -1,5 +1,6 @@
-"""vae_dist.checkpoint without training: rotation, which folders are complete checkpoints
-(the manifest's and the position's schemas), and a failed write."""
+"""vae_dist.run.checkpoint without training: rotation (of this run's checkpoints only), which
+folders are complete checkpoints (the manifest's and the position's schemas, a run id that is
+never a path), and a failed write."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from vae_dist.run.checkpoint import FORMAT, MANIFEST, TMP_PREFIX, Checkpointer, 
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import CheckpointError
 from vae_dist.run.position import Position
+
+R1, OTHER = "00000001", "0000000f"  # run ids
 
 
 def test_rotation_keeps_the_newest_by_step_not_by_name():
@@ -42,7 +45,7 @@ ROW = {
 }
 
 
-def _make_checkpoint(folder: Path, step: int = 13, run_id: str = "r1") -> dict:
+def _make_checkpoint(folder: Path, step: int = 13, run_id: str = R1) -> dict:
     """A folder as a save of run ``run_id`` leaves it: two files, and a manifest 3 batches into epoch 2."""
     files = {"model.safetensors": b"m" * 100, "sub/rng.pkl": b"r" * 7}
     for rel, data in files.items():
@@ -110,6 +113,9 @@ UNUSABLE = {
     "an older format": lambda m: {**m, "format": FORMAT - 1},
     "a newer format": lambda m: {**m, "format": FORMAT + 1},
     "no run id": lambda m: {k: v for k, v in m.items() if k != "run_id"},
+    "a run id that is a path": lambda m: {**m, "run_id": "/../../../x"},
+    "a run id of another shape": lambda m: {**m, "run_id": "0000000F"},
+    "a run id with a newline": lambda m: {**m, "run_id": R1 + "\n"},
     "format true": lambda m: {**m, "format": True},
     "unknown key": lambda m: {**m, "extra": 1},
     "step a string": lambda m: {**m, "global_step": "ten"},
@@ -186,21 +192,21 @@ def test_a_damaged_folder_is_unusable(damage, tmp_path):
 def test_complete_lists_this_runs_intact_checkpoints_newest_first(tmp_path):
     d = tmp_path / "checkpoints"
     for name, step, run_id in [
-        ("step-000000020", 20, "r1"), ("step-000000100", 100, "r1"), ("step-000000015-replaced", 15, "r1"),
-        ("step-000000999", 15, "r1"),  # named after another step than its manifest's
-        ("my-backup", 100, "r1"),  # a user's copy of one
-        ("step-000000700", 700, "other"),  # another run's
-        (f"{TMP_PREFIX}step-000000200-r1", 200, "r1"), ("step-000000300", 300, "r1"),
+        ("step-000000020", 20, R1), ("step-000000100", 100, R1), ("step-000000015-replaced", 15, R1),
+        ("step-000000999", 15, R1),  # named after another step than its manifest's
+        ("my-backup", 100, R1),  # a user's copy of one
+        ("step-000000700", 700, OTHER),  # another run's
+        (f"{TMP_PREFIX}step-000000200-{R1}", 200, R1), ("step-000000300", 300, R1),
     ]:
         _make_checkpoint(d / name, step, run_id)
     (d / "step-000000300" / "model.safetensors").write_bytes(b"short")  # size mismatch
     (d / "step-000000400").mkdir()  # no manifest
     (d / "step-000000500").symlink_to(d / "step-000000100", target_is_directory=True)  # not ours
-    found = Checkpointer(None, d, keep=2, schema=Position, run_id="r1").complete()  # type: ignore[arg-type]
+    found = Checkpointer(None, d, keep=2, schema=Position, run_id=R1).complete()  # type: ignore[arg-type]
     assert [(f.path.name, f.manifest.state.global_step) for f in found] == [
         ("step-000000100", 100), ("step-000000020", 20), ("step-000000015-replaced", 15),
     ]
-    assert Checkpointer(None, tmp_path / "none", keep=1, schema=Position).complete() == []  # type: ignore[arg-type]
+    assert Checkpointer(None, tmp_path / "none", keep=1, schema=Position, run_id=R1).complete() == []  # type: ignore[arg-type]
 
 
 def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monkeypatch):
@@ -212,7 +218,7 @@ def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(acc, "save_state", full)
-    ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position)
+    ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position, run_id=R1)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$"):
         ck.save(0, Position.start("abc", 1, TrainingConfig(), 3))
     assert not list((tmp_path / "checkpoints").iterdir())  # no debris
@@ -237,7 +243,7 @@ class _Acc:
         pass
 
 
-def _ck(d: Path, keep: int = 1, run_id: str = "r1") -> Checkpointer:
+def _ck(d: Path, keep: int = 1, run_id: str = R1) -> Checkpointer:
     return Checkpointer(_Acc(), d, keep=keep, log=lambda _: None, schema=Position, run_id=run_id)  # type: ignore[arg-type]
 
 
@@ -251,7 +257,7 @@ def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
     _save(_ck(d, keep=5), 1)
     shutil.copytree(d / "step-000000001", d / "my-backup")  # a user's copy, our manifest in it
     (d / "my-backup" / "NOTES.txt").write_text("mine")
-    _save(_ck(d, keep=5, run_id="other"), 2)  # another run's
+    _save(_ck(d, keep=5, run_id=OTHER), 2)  # another run's
     _save(_ck(d, keep=1), 3)
     assert sorted(p.name for p in d.iterdir()) == ["my-backup", "step-000000002", "step-000000003"]
     assert (d / "my-backup" / "NOTES.txt").read_text() == "mine"
@@ -259,7 +265,7 @@ def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
 
 def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path):
     d = tmp_path / "checkpoints"
-    _save(_ck(d, run_id="other"), 8)
+    _save(_ck(d, run_id=OTHER), 8)
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         _ck(d).load_latest()
 
@@ -281,11 +287,11 @@ def test_a_checkpoint_found_corrupt_is_never_counted_as_kept(tmp_path):
 def test_this_runs_unfinished_writes_are_removed_at_its_next_save_or_resume(tmp_path, at):
     d = tmp_path / "checkpoints"
     _save(_ck(d), 4)
-    for run_id in ("r1", "other"):  # what a second Ctrl-C during a save leaves
+    for run_id in (R1, OTHER, f"{R1}-mine", "x"):  # what a second Ctrl-C during a save leaves, and others
         (d / f"{TMP_PREFIX}step-000000006-{run_id}").mkdir()
     _save(_ck(d), 7) if at == "save" else _ck(d).load_latest()
-    assert f"{TMP_PREFIX}step-000000006-r1" not in {p.name for p in d.iterdir()}
-    assert (d / f"{TMP_PREFIX}step-000000006-other").is_dir()  # not this run's: left alone
+    left = {p.name for p in d.iterdir() if p.name.startswith(TMP_PREFIX)}
+    assert left == {f"{TMP_PREFIX}step-000000006-{i}" for i in (OTHER, f"{R1}-mine", "x")}  # not this run's: left alone
 
 
 @pytest.mark.parametrize("error", [
@@ -306,3 +312,27 @@ def test_a_full_disk_in_a_library_writer_is_one_checkpoint_error_without_debris(
         _save(ck, 3)
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "checkpoints").iterdir())  # no debris
+
+
+def test_a_run_id_that_is_not_one_names_no_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a run id"):
+        _ck(tmp_path / "checkpoints", run_id="../x")
+
+
+def test_a_crafted_run_id_in_a_manifest_makes_an_unusable_checkpoint_never_a_path(tmp_path):
+    d = tmp_path / "checkpoints"
+    outside = tmp_path / "outside"
+    (outside / "step-000000001").mkdir(parents=True)
+    (outside / "step-000000001" / "thesis.tex").write_text("mine")
+    _save(_ck(d, keep=5), 1)
+    crafted = d / "step-000000001"
+    manifest = json.loads((crafted / MANIFEST).read_text())
+    (crafted / MANIFEST).write_text(json.dumps({**manifest, "run_id": f"/../../../{outside}"}))
+    assert read_manifest(crafted, Position) is None
+    log: list[str] = []
+    with pytest.raises(CheckpointError, match="no usable checkpoint .*step-000000001"):
+        Checkpointer(_Acc(), d, keep=1, log=log.append, schema=Position, run_id=R1).load_latest()  # type: ignore[arg-type]
+    assert any("step-000000001 is unusable" in line for line in log)
+    _save(_ck(d, keep=1), 2)  # rotation: the crafted one is nobody's, so it stays, and so does outside
+    assert sorted(p.name for p in d.iterdir()) == ["step-000000001", "step-000000002"]
+    assert (outside / "step-000000001" / "thesis.tex").read_text() == "mine"

@@ -23,6 +23,7 @@ from vae_dist.training.tracking import Tracker
 from vae_dist.training.trainer import make_optimizer
 
 NUM_IMAGES = 320
+CHECKPOINT_RUN_ID = "0123abcd"  # the id the checkpoints of every run built here are written with
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -60,7 +61,7 @@ def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", rank
     learner = Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
         artifact_dir=tmp_path, tracker=Tracker(acc),
-        checkpointer=Checkpointer(acc, tmp_path / folder.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position),
+        checkpointer=Checkpointer(acc, tmp_path / folder.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position, run_id=CHECKPOINT_RUN_ID),
         run_id=run_id,
     )
     if resume:

@@ -1,7 +1,6 @@
-"""What the machine must provide, refused before the artifact folder is touched: memory for
-the tables the config asks for (a K-sample noise table can be tens of GB), and a working
-compiler for --compile. Both used to fail at step 1, after --overwrite had cleared the
-previous run."""
+"""What the machine must provide: memory for the tables the config asks for (a K-sample noise
+table can be tens of GB), refused in one line before the run starts; a compiler for
+--compile, whose lack is one line at the first step, the previous run safe beside it."""
 
 from __future__ import annotations
 
@@ -11,9 +10,11 @@ import pytest
 import torch
 
 from conftest import copy_run, main_in_process, one_error_line, small_train_args
+from test_rundir import snapshot
 from vae_dist.training import resources
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ConfigError
+from vae_dist.run.folder import marker_run_id, previous_run_folder
 
 CPU = torch.device("cpu")
 AVAILABLE = 16e9  # bytes, as if the machine had this much free
@@ -33,22 +34,40 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_naming_the_option_and_both
         resources.check_memory(k50, 60_000, 10_000, CPU, local_processes=64)
 
 
-@pytest.mark.slow  # a real run folder, the real MNIST files, and inductor's import
-@pytest.mark.parametrize("lacking", ["memory", "compiler"])
-def test_what_the_machine_lacks_is_one_line_before_overwrite_touches_the_previous_run(
-    lacking, finished_run, data_dir, tmp_path, capsys, monkeypatch
+@pytest.mark.slow  # a real run folder and the real MNIST files
+def test_a_run_that_does_not_fit_is_one_line_before_overwrite_moves_the_previous_run(
+    finished_run, data_dir, tmp_path, capsys, monkeypatch
 ):
     run = copy_run(finished_run, tmp_path)
-    before = {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    if lacking == "memory":
-        monkeypatch.setattr(resources, "available_memory", lambda device: AVAILABLE)
-        more, named = ["--iw-train-samples", "5000", "--limit-train-samples", "60000"], "--iw-train-samples"
-    else:
-        from torch._inductor import config as inductor_config
-
-        monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))  # CXX at nothing
-        more, named = ["--compile"], "--compile"
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(resources, "available_memory", lambda device: AVAILABLE)
+    more = ["--iw-train-samples", "5000", "--limit-train-samples", "60000"]
     line = one_error_line(main_in_process(small_train_args(data_dir, run, "--overwrite", *more), capsys))
-    assert named in line, line
-    after = {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    assert after == before
+    assert "lower --iw-train-samples" in line, line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one AcceleratorState per process, with the first Accelerator's dynamo
+    backend in it: without a fresh one, an in-process --compile after another run compiles nothing."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()  # and no later run compiles
+
+
+@pytest.mark.slow  # inductor's import and first compile
+def test_compile_without_a_compiler_is_one_line_at_the_first_step_and_the_previous_run_is_kept(
+    finished_run, data_dir, tmp_path, capsys, monkeypatch, fresh_accelerator_state
+):
+    from torch._inductor import config as inductor_config
+
+    run = copy_run(finished_run, tmp_path)
+    before, aside = snapshot(run, lock=False), previous_run_folder(run, marker_run_id(run))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))  # CXX at nothing
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cached graph needs no compiler
+    line = one_error_line(main_in_process(small_train_args(data_dir, run, "--overwrite", "--compile"), capsys))
+    assert line.startswith("error: --compile failed at step 1 (InvalidCxxCompiler: ") and "drop --compile" in line, line
+    assert snapshot(aside, lock=False) == before

@@ -1,6 +1,7 @@
-"""The run folder (vae_dist.rundir, vae_dist.fileio): vae_dist takes a folder only when it
-is empty or its own, clears only its own entries, never writes or deletes through a link,
-lets one training at a time use it, and writes each file whole or not at all."""
+"""The run folder (vae_dist.run.folder, vae_dist.run.fileio): vae_dist takes a folder only
+when it is empty or its own; --overwrite renames the previous run, whole, to a sibling and
+deletes nothing; a run id read from disk never names a path; one training at a time; no
+write through a link; each file written whole or not at all."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_ok, cli_env, copy_run, main_in_process, one_error_line, run_cli, small_train_args
+from conftest import check_ok, copy_run, main_in_process, one_error_line, small_train_args
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError
-from vae_dist.training.trainer import undo_unfinished_overwrite
+from vae_dist.run.checkpoint import MANIFEST
 from vae_dist.run.fileio import atomic_write
 from vae_dist.training.faults import FAIL_HOOK_ENV
 from vae_dist.run.folder import (
@@ -25,26 +26,27 @@ from vae_dist.run.folder import (
     MARKER,
     METRICS,
     MODEL,
-    PREVIOUS,
-    TENSORBOARD,
     RunLock,
-    discard_previous,
     marker_run_id,
     prepare_artifact_dir,
+    previous_run_folder,
     read_metrics,
-    restore_previous,
     write_config,
     write_metrics,
 )
 
+PREV, NEW = "0000aaaa", "0000bbbb"  # run ids
+CRAFTED = "/../../../x"  # a marker's run id that, joined into a path, leaves the folder
 
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under root (links not followed) with its bytes (None for folders and links)."""
+
+def snapshot(root: Path, *, lock: bool = True) -> dict[str, bytes | None]:
+    """Every path under root (links not followed) with its bytes (None for folders and
+    links); without the lock file if not ``lock`` (every training that takes it writes its pid there)."""
     if not root.exists():
         return {}
     return {
         str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
-        for p in sorted(root.rglob("*"))
+        for p in sorted(root.rglob("*")) if lock or p.name != LOCK
     }
 
 
@@ -54,18 +56,13 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def _checkpoint(folder: Path, step: int, run_id: str) -> None:
-    """As much of a checkpoint as tells whose it is: its manifest's step and run id."""
-    folder.mkdir(parents=True)
-    (folder / "MANIFEST.json").write_text(json.dumps({"global_step": step, "run_id": run_id}))
-
-
 def _previous_run(root: Path) -> None:
-    prepare_artifact_dir(root, overwrite=False, resume=False, run_id="prev")
+    prepare_artifact_dir(root, overwrite=False, resume=False, run_id=PREV)
     write_config(root, TrainingConfig())
     write_metrics(root, [{"epoch": 1, "step": 10}])
     (root / MODEL).write_bytes(b"weights")
-    _checkpoint(root / CHECKPOINTS / "step-000000010", 10, "prev")
+    (root / CHECKPOINTS / "step-000000010").mkdir(parents=True)
+    (root / CHECKPOINTS / "step-000000010" / MANIFEST).write_text(json.dumps({"global_step": 10, "run_id": PREV}))
     (root / IMAGES).mkdir()
     (root / IMAGES / "epoch-001-samples.png").write_bytes(b"png")
 
@@ -86,9 +83,9 @@ def test_an_empty_or_unused_folder_is_taken_and_marked(tmp_path, state):
     if state == "empty":
         root.mkdir(parents=True)
     elif state == "marker-only":  # a run that failed before writing anything
-        prepare_artifact_dir(root, overwrite=False, resume=False)
-    assert prepare_artifact_dir(root, overwrite=False, resume=False) == root
-    assert json.loads((root / MARKER).read_text())["created_by"] == "vae_dist"
+        prepare_artifact_dir(root, overwrite=False, resume=False, run_id=PREV)
+    assert prepare_artifact_dir(root, overwrite=False, resume=False, run_id=NEW) == root
+    assert json.loads((root / MARKER).read_text()) == {"created_by": "vae_dist", "run_id": NEW}
     assert sorted(p.name for p in root.iterdir()) == [MARKER]  # no probe or temp file left
 
 
@@ -97,107 +94,36 @@ def test_previous_run_refused_without_flags_and_kept_with_resume(tmp_path):
     _previous_run(root)
     before = snapshot(root)
     with pytest.raises(ArtifactError) as e:
-        prepare_artifact_dir(root, overwrite=False, resume=False)
+        prepare_artifact_dir(root, overwrite=False, resume=False, run_id=NEW)
     assert "--resume" in one_line(e) and "--overwrite" in one_line(e)
     assert snapshot(root) == before
     prepare_artifact_dir(root, overwrite=False, resume=True)
     assert snapshot(root) == before
-
-
-def test_overwrite_removes_only_own_entries(tmp_path):
-    root = tmp_path / "run"
-    _previous_run(root)
-    (root / "notes.txt").write_text("my notes")
-    (root / "mine").mkdir()
-    (root / "mine" / "keep.bin").write_bytes(b"\x00\x01")
-    (root / IMAGES / "my_notes.txt").write_text("mine")  # a user's file inside an owned folder
-    (root / CHECKPOINTS / "my_backup").mkdir()
-    (root / CHECKPOINTS / "my_backup" / "f").write_text("k")
-    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
-    discard_previous(root)  # what the new run's first checkpoint does
-    assert json.loads((root / MARKER).read_text()) == {"created_by": "vae_dist", "run_id": "new"}
-    assert {k: v for k, v in snapshot(root).items() if k != MARKER} == {
-        "notes.txt": b"my notes", "mine": None, "mine/keep.bin": b"\x00\x01",
-        IMAGES: None, f"{IMAGES}/my_notes.txt": b"mine",
-        CHECKPOINTS: None, f"{CHECKPOINTS}/my_backup": None, f"{CHECKPOINTS}/my_backup/f": b"k",
-    }
-
-
-def test_overwrite_deletes_by_the_previous_runs_record_not_by_name(tmp_path):
-    root = tmp_path / "run"
-    _previous_run(root)
-    ck, wandb = root / CHECKPOINTS, root / "wandb"
-    _checkpoint(ck / "step-000000010-replaced", 10, "prev")  # a kill between a save's two renames
-    (ck / ".tmp-step-000000012-prev").mkdir()  # an interrupted save
-    _checkpoint(ck / "step-000000020", 20, "someone")  # not the previous run's
-    (ck / ".tmp-step-000000030").mkdir()
-    _checkpoint(ck / "step-000000011", 10, "prev")  # a copy under another step's name
-    for run in ("run-20261202_120000-prev", "offline-run-20261202_120100-prev", "run-20261202_120000-someone"):
-        (wandb / run / "files").mkdir(parents=True)
-    (wandb / "latest-run").symlink_to("run-20261202_120000-prev")
-    (wandb / "run-notes.txt").write_text("mine")
-    tb = root / TENSORBOARD
-    tb.mkdir()
-    for name in ("events.out.tfevents.1796231812.vm.2969.0.prev", "events.out.tfevents.1796231812.vm.2969.1.someone",
-                 "events.out.tfevents.1796231812.vm.2969.2.prev.mine"):
-        (tb / name).write_bytes(b"x")
-    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
-    discard_previous(root)
-    assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-000000030", "step-000000011", "step-000000020"]
-    assert sorted(p.name for p in wandb.iterdir()) == ["run-20261202_120000-someone", "run-notes.txt"]
-    assert sorted(p.name for p in tb.iterdir()) == ["events.out.tfevents.1796231812.vm.2969.1.someone",
-                                                    "events.out.tfevents.1796231812.vm.2969.2.prev.mine"]
-
-
-def test_resume_keeps_the_marker_and_its_run_id(tmp_path):
-    root = tmp_path / "run"
-    _previous_run(root)
-    prepare_artifact_dir(root, overwrite=False, resume=True, run_id="new")
-    assert marker_run_id(root) == "prev"
-
-
-@pytest.mark.parametrize("name, make", [
-    (MODEL, lambda p: p.mkdir()),  # a folder where vae_dist writes a file
-    (IMAGES, lambda p: p.write_text("x")),  # a file where vae_dist makes a folder
-    (CONFIG, lambda p: os.mkfifo(p)),
-])
-def test_overwrite_refuses_an_entry_of_the_wrong_kind_before_deleting_anything(tmp_path, name, make):
-    root = tmp_path / "run"
-    _previous_run(root)
-    target = root / name
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
-    make(target)
-    before = sorted(p.name for p in root.rglob("*"))
-    with pytest.raises(ArtifactError, match="not what vae_dist writes"):
-        prepare_artifact_dir(root, overwrite=True, resume=False)
-    assert sorted(p.name for p in root.rglob("*")) == before
+    assert marker_run_id(root) == PREV  # --resume keeps the marker, and so the run's id
 
 
 def test_foreign_folder_refused_even_with_overwrite(tmp_path):
     root = tmp_path / "foreign"
     root.mkdir()
     (root / "thesis.tex").write_text("important")
-    # Names vae_dist would write, but the folder is not ours: they must survive too.
-    (root / CONFIG).write_text('{"mine": true}')
-    (root / CHECKPOINTS).mkdir()
-    (root / CHECKPOINTS / "x.pt").write_bytes(b"\x00" * 64)
-    before = snapshot(root)
+    (root / CONFIG).write_text('{"mine": true}')  # a name vae_dist writes, in a folder not its own
+    before = snapshot(tmp_path)
     for overwrite in (False, True):
         with pytest.raises(ArtifactError) as e:
-            prepare_artifact_dir(root, overwrite=overwrite, resume=False)
+            prepare_artifact_dir(root, overwrite=overwrite, resume=False, run_id=NEW)
         assert "not created by vae_dist" in one_line(e)
-        assert snapshot(root) == before
+        assert snapshot(tmp_path) == before  # nothing renamed either
 
 
 def test_a_file_or_an_unwritable_place_is_refused(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(ArtifactError, match="not a directory"):
-        prepare_artifact_dir(f, overwrite=False, resume=False)
+        prepare_artifact_dir(f, overwrite=False, resume=False, run_id=NEW)
     assert f.read_text() == "x"
     # mkdir under a file fails for any user (as root, a read-only folder does not).
     with pytest.raises(ArtifactError) as e:
-        prepare_artifact_dir(f / "run", overwrite=False, resume=False)
+        prepare_artifact_dir(f / "run", overwrite=False, resume=False, run_id=NEW)
     assert "not writable" in one_line(e)
 
 
@@ -206,97 +132,194 @@ def test_resume_and_overwrite_need_what_they_act_on(tmp_path):
     with pytest.raises(ArtifactError, match="no previous run"):
         prepare_artifact_dir(root, overwrite=False, resume=True)
     _previous_run(root)
-    before = snapshot(root)
+    before = snapshot(tmp_path)
     with pytest.raises(ArtifactError, match="together"):
         prepare_artifact_dir(root, overwrite=True, resume=True)
-    assert snapshot(root) == before
+    assert snapshot(tmp_path) == before
 
 
-def _new_run_wrote(root: Path) -> None:
-    """What a new run writes before its first checkpoint (and an unfinished save)."""
-    write_config(root, TrainingConfig(seed=7))
-    (root / IMAGES).mkdir(exist_ok=True)
-    (root / IMAGES / "epoch-001-samples.png").write_bytes(b"new png")
-    (root / CHECKPOINTS).mkdir(exist_ok=True)
-    (root / CHECKPOINTS / ".tmp-step-000000003-new").mkdir()
+# --- --overwrite: one rename ---------------------------------------------------------------
 
 
-def test_overwrite_sets_the_previous_run_aside_until_the_first_checkpoint_and_puts_it_back(tmp_path):
+def test_overwrite_renames_the_previous_run_whole_and_starts_empty(tmp_path, capsys):
     root = tmp_path / "run"
     _previous_run(root)
-    (root / "notes.txt").write_text("my notes")
+    (root / "notes.txt").write_text("my notes")  # everything inside is the run's: it goes along
+    (root / CHECKPOINTS / "my-backup").mkdir()
+    (root / "wandb" / "offline-run-20261202_120000-0000aaaa").mkdir(parents=True)
     before = snapshot(root)
-    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
-    assert not (root / MODEL).exists() and (root / PREVIOUS / MODEL).read_bytes() == b"weights"
-    _new_run_wrote(root)
-    assert restore_previous(root)  # the new run failed before its first checkpoint
-    assert snapshot(root) == before
-    # Once the new run has a checkpoint, the set-aside run is discarded, never restored over it.
-    prepare_artifact_dir(root, overwrite=True, resume=False, run_id="new")
-    _checkpoint(root / CHECKPOINTS / "step-000000005", 5, "new")
-    assert not restore_previous(root) and not (root / PREVIOUS).exists()
-    assert (root / CHECKPOINTS / "step-000000005").is_dir() and not (root / MODEL).exists()
+    lock = RunLock()
+    prepare_artifact_dir(root, overwrite=True, resume=False, lock=lock, run_id=NEW)
+    aside = tmp_path / f"run.previous-{PREV}"
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"--overwrite: the previous run is now {aside} (vae_dist never deletes it)"]
+    # The lock file aside (it held its holder's pid): the same bytes at the same paths.
+    assert snapshot(aside, lock=False) == {k: v for k, v in before.items() if k != LOCK}
+    assert sorted(os.listdir(root)) == [MARKER, LOCK] and marker_run_id(root) == NEW
+    assert sorted(os.listdir(tmp_path)) == ["run", aside.name]
+    # The new folder is locked, the old one free: a second training is refused.
+    with pytest.raises(ArtifactError, match="in use by another vae_dist run"):
+        prepare_artifact_dir(root, overwrite=False, resume=False, lock=RunLock(), run_id=NEW)
+    lock.release()
+    free = RunLock()
+    free.acquire(aside)
+    free.release()
 
 
-def test_a_kill_half_way_through_setting_aside_is_undone_by_the_next_training(tmp_path):
+def test_the_sibling_is_named_after_the_folder_even_when_given_as_dot(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    assert previous_run_folder(Path("."), PREV) == tmp_path / f"run.previous-{PREV}"
+
+
+def _rename_fails(root: Path, tmp_path: Path, monkeypatch) -> None:
+    def busy(src, dst):
+        raise OSError(16, "Device or resource busy")  # a mount point, a bind mount
+
+    monkeypatch.setattr(os, "rename", busy)
+
+
+CANNOT_RENAME = {
+    "the sibling exists (a file)": lambda root, tmp_path, mp: (tmp_path / f"run.previous-{PREV}").write_text("x"),
+    "the sibling exists (a folder)": lambda root, tmp_path, mp: (tmp_path / f"run.previous-{PREV}").mkdir(),
+    "the parent is read-only": lambda root, tmp_path, mp: os.chmod(tmp_path, 0o555),
+    "the rename fails (EBUSY)": _rename_fails,
+    "the current directory is in it": lambda root, tmp_path, mp: mp.chdir(root / IMAGES),
+}
+
+
+@pytest.mark.parametrize("make", CANNOT_RENAME.values(), ids=CANNOT_RENAME.keys())
+def test_an_overwrite_that_cannot_rename_is_one_line_and_changes_nothing(make, tmp_path, monkeypatch):
+    if make is CANNOT_RENAME["the parent is read-only"] and os.geteuid() == 0:
+        pytest.skip("root ignores a folder's permissions")
     root = tmp_path / "run"
     _previous_run(root)
-    before = snapshot(root)
-    # As a kill leaves it: the marker copied, the model moved, the rest not yet.
-    (root / PREVIOUS).mkdir()
-    shutil.copy2(root / MARKER, root / PREVIOUS / MARKER)
-    os.replace(root / MODEL, root / PREVIOUS / MODEL)
-    undo_unfinished_overwrite(root, RunLock())
-    assert {k: v for k, v in snapshot(root).items() if k != LOCK} == before
+    make(root, tmp_path, monkeypatch)
+    before = snapshot(tmp_path, lock=False)
+    try:
+        with pytest.raises(ArtifactError) as e:
+            prepare_artifact_dir(root, overwrite=True, resume=False, lock=RunLock(), run_id=NEW)
+    finally:
+        os.chmod(tmp_path, 0o755)
+    assert one_line(e).startswith(f"--overwrite cannot move the previous run {root}")
+    # The lock file aside: a rename that fails only once the folder is locked leaves its pid there.
+    assert snapshot(tmp_path, lock=False) == before
+
+
+def test_an_overwrite_of_a_run_still_going_is_refused_and_moves_nothing(tmp_path):
+    root = tmp_path / "run"
+    _previous_run(root)
+    holder = RunLock()  # as the training still running in the folder holds it
+    holder.acquire(root)
+    before = snapshot(tmp_path)
+    try:
+        with pytest.raises(ArtifactError) as e:
+            prepare_artifact_dir(root, overwrite=True, resume=False, lock=RunLock(), run_id=NEW)
+    finally:
+        holder.release()
+    assert f"in use by another vae_dist run (pid {os.getpid()})" in one_line(e)
+    assert snapshot(tmp_path) == before
+
+
+def _new_run(finished_run: Path, tmp_path: Path) -> tuple[Path, dict, Path]:
+    run = copy_run(finished_run, tmp_path)
+    (run / "notes.txt").write_text("mine")
+    shutil.copytree(run / CHECKPOINTS / sorted(os.listdir(run / CHECKPOINTS))[-1], run / CHECKPOINTS / "my-backup")
+    return run, snapshot(run, lock=False), previous_run_folder(run, marker_run_id(run))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["fails", "killed"])
-def test_an_overwrite_whose_new_run_ends_before_its_first_checkpoint_keeps_the_previous_run(
+@pytest.mark.parametrize("how", ["finishes", "fails at step 1"])
+def test_overwrite_keeps_the_previous_run_byte_identical_beside_the_new_one(
     how, finished_run, data_dir, tmp_path, capsys, monkeypatch
 ):
-    run = copy_run(finished_run, tmp_path)
-    before = {k: v for k, v in snapshot(run).items() if k != LOCK}  # the lock holds its holder's pid
-    args = [*small_train_args(data_dir, run, "--model", "mlp"), "--overwrite"]
-    if how == "killed":  # at step 2, in a process of its own; the next training puts the run back
-        assert run_cli(args, env=cli_env(**{FAIL_HOOK_ENV: "0:2:kill"})).returncode == -9
-        assert (run / PREVIOUS).is_dir()
-        undo_unfinished_overwrite(run, RunLock())
+    run, before, aside = _new_run(finished_run, tmp_path)
+    args = [*small_train_args(data_dir, run, "--model", "mlp", "--limit-train-samples", "320"), "--overwrite"]
+    if how == "finishes":
+        ran = main_in_process(args, capsys)
+        check_ok(ran)
+        assert f"the previous run is now {aside}" in ran.stdout
     else:
-        monkeypatch.setenv(FAIL_HOOK_ENV, "0:2")
+        monkeypatch.setenv(FAIL_HOOK_ENV, "0:0")
         with pytest.raises(RuntimeError, match="test fault"):
             main_in_process(args, capsys)
-    assert {k: v for k, v in snapshot(run).items() if k != LOCK} == before
+    assert snapshot(aside, lock=False) == before
+    # The new folder holds the new run only: its marker, and checkpoints of its id.
+    new_id = marker_run_id(run)
+    assert new_id != marker_run_id(aside)
+    assert not (run / "notes.txt").exists() and not (run / CHECKPOINTS / "my-backup").exists()
+    manifests = [json.loads((p / MANIFEST).read_text()) for p in (run / CHECKPOINTS).glob("step-*")]
+    assert {m["run_id"] for m in manifests} == ({new_id} if how == "finishes" else set())
+    assert (run / MODEL).exists() == (how == "finishes")
 
 
 @pytest.mark.slow
-def test_overwrite_with_a_value_that_fails_keeps_the_previous_run(finished_run, data_dir, tmp_path, capsys):
+def test_overwrite_with_a_value_that_fails_moves_nothing(finished_run, data_dir, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path)
-    before = snapshot(run)
+    before = snapshot(tmp_path)
     args = small_train_args(data_dir, run, "--model", "mlp", "--limit-train-samples", "100", "--batch-size", "128")
     assert "smaller than one global batch" in one_error_line(main_in_process([*args, "--overwrite"], capsys))
-    assert snapshot(run) == before
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_an_overwrite_the_cli_cannot_rename_is_one_error_line(finished_run, data_dir, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    previous_run_folder(run, marker_run_id(run)).write_text("a file of the sibling's name")
+    before = snapshot(tmp_path)
+    line = one_error_line(main_in_process([*small_train_args(data_dir, run, "--model", "mlp"), "--overwrite"], capsys))
+    assert "already exists" in line and "nothing was changed" in line
+    assert snapshot(tmp_path) == before
+
+
+# --- a run id read from disk ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run_id", [CRAFTED, "", "0000AAAA", "0000aaaa\n", 12345678, None])
+@pytest.mark.parametrize("flags", ["resume", "overwrite", "none"])
+def test_a_marker_without_a_valid_run_id_is_refused_naming_it(run_id, flags, tmp_path):
+    root = tmp_path / "deep" / "er" / "run"
+    _previous_run(root)
+    (root / MARKER).write_text(json.dumps({"created_by": "vae_dist", "run_id": run_id}))
+    _outside(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(ArtifactError) as e:
+        prepare_artifact_dir(root, overwrite=flags == "overwrite", resume=flags == "resume", lock=RunLock(), run_id=NEW)
+    assert one_line(e) == f"{root / MARKER} does not hold a valid run id (8 hex digits); nothing was touched"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_crafted_run_id_in_the_marker_is_one_line_and_touches_nothing(flag, finished_run, data_dir, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    (run / MARKER).write_text(json.dumps({"created_by": "vae_dist", "run_id": CRAFTED}))
+    _outside(tmp_path)
+    before = snapshot(tmp_path)
+    line = one_error_line(main_in_process([*small_train_args(data_dir, run, "--model", "mlp"), flag], capsys))
+    assert str(run / MARKER) in line and "valid run id" in line, line
+    assert snapshot(tmp_path) == before
 
 
 # --- links ---------------------------------------------------------------------------------
 
-# (entry, is the link to a folder, the flags): every path vae_dist writes or deletes.
+# (entry, is the link to a folder): every path a training writes in a folder it keeps.
 LINKS = [
-    (CONFIG, False, "overwrite"),
-    (METRICS, False, "resume"),
-    (MODEL, False, "overwrite"),
-    (MARKER, False, "resume"),
-    (LOCK, False, "overwrite"),
-    (IMAGES, True, "resume"),
-    (CHECKPOINTS, True, "resume"),
-    ("checkpoints/.tmp-step-000000005", True, "resume"),
-    ("checkpoints/step-000000005", True, "overwrite"),
-    ("images/epoch-001-samples.png", False, "resume"),
+    (CONFIG, False),
+    (METRICS, False),
+    (MODEL, False),
+    (MARKER, False),
+    (LOCK, False),
+    (IMAGES, True),
+    (CHECKPOINTS, True),
+    ("checkpoints/.tmp-step-000000005-0000aaaa", True),
+    ("checkpoints/step-000000005", True),
+    ("images/epoch-001-samples.png", False),
 ]
 
 
-@pytest.mark.parametrize(("entry", "folder", "flags"), LINKS, ids=[e for e, _, _ in LINKS])
-def test_symlink_where_vae_dist_writes_is_refused(entry: str, folder: bool, flags: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("entry", "folder"), LINKS, ids=[e for e, _ in LINKS])
+def test_symlink_where_vae_dist_writes_is_refused(entry: str, folder: bool, tmp_path: Path) -> None:
     outside = _outside(tmp_path)
     root = tmp_path / "run"
     _previous_run(root)
@@ -307,10 +330,21 @@ def test_symlink_where_vae_dist_writes_is_refused(entry: str, folder: bool, flag
     link.symlink_to(outside if folder else outside / "precious.txt")
     before_outside, before_root = snapshot(outside), snapshot(root)
     with pytest.raises(ArtifactError) as e:
-        prepare_artifact_dir(root, overwrite=flags == "overwrite", resume=flags == "resume")
+        prepare_artifact_dir(root, overwrite=False, resume=True, lock=RunLock())
     assert "symbolic link" in one_line(e)
     assert snapshot(outside) == before_outside
     assert snapshot(root) == before_root
+
+
+def test_a_link_in_a_previous_run_moves_with_it_on_overwrite(tmp_path: Path) -> None:
+    outside = _outside(tmp_path)
+    root = tmp_path / "run"
+    _previous_run(root)
+    (root / MODEL).unlink()
+    (root / MODEL).symlink_to(outside / "precious.txt")
+    prepare_artifact_dir(root, overwrite=True, resume=False, run_id=NEW)
+    assert (tmp_path / f"run.previous-{PREV}" / MODEL).is_symlink()
+    assert snapshot(outside) == {"precious.txt": b"keep me"}
 
 
 def test_artifact_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
@@ -318,10 +352,11 @@ def test_artifact_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     outside.mkdir()  # an empty folder, which would otherwise be taken over
     link = tmp_path / "run"
     link.symlink_to(outside, target_is_directory=True)
-    with pytest.raises(ArtifactError) as e:
-        prepare_artifact_dir(link, overwrite=False, resume=False)
-    assert "symbolic link" in one_line(e)
-    assert list(outside.iterdir()) == []
+    for overwrite in (False, True):
+        with pytest.raises(ArtifactError) as e:
+            prepare_artifact_dir(link, overwrite=overwrite, resume=False, run_id=NEW)
+        assert "symbolic link" in one_line(e)
+    assert list(outside.iterdir()) == [] and link.is_symlink()
 
 
 def test_write_probe_never_writes_through_a_planted_link(tmp_path: Path) -> None:
@@ -329,9 +364,9 @@ def test_write_probe_never_writes_through_a_planted_link(tmp_path: Path) -> None
     root = tmp_path / "run"
     _previous_run(root)
     (root / ".write-test").symlink_to(outside / "precious.txt")
-    prepare_artifact_dir(root, overwrite=True, resume=False)
+    prepare_artifact_dir(root, overwrite=False, resume=True)
     assert (outside / "precious.txt").read_text() == "keep me"
-    assert (root / ".write-test").is_symlink()  # not ours: neither followed nor deleted
+    assert (root / ".write-test").is_symlink()  # neither followed nor deleted
 
 
 # --- one training at a time ----------------------------------------------------------------
@@ -340,28 +375,28 @@ def test_write_probe_never_writes_through_a_planted_link(tmp_path: Path) -> None
 def test_lock_names_its_holder_and_is_released_when_the_holder_ends(tmp_path: Path) -> None:
     root = tmp_path / "run"
     holder = RunLock()
-    prepare_artifact_dir(root, overwrite=False, resume=False, lock=holder)
+    prepare_artifact_dir(root, overwrite=False, resume=False, lock=holder, run_id=NEW)
     with pytest.raises(ArtifactError) as e:
-        prepare_artifact_dir(root, overwrite=False, resume=False, lock=RunLock())
+        prepare_artifact_dir(root, overwrite=False, resume=False, lock=RunLock(), run_id=NEW)
     assert f"in use by another vae_dist run (pid {os.getpid()})" in one_line(e)
     holder.release()
     again = RunLock()
-    prepare_artifact_dir(root, overwrite=False, resume=False, lock=again)
+    prepare_artifact_dir(root, overwrite=False, resume=False, lock=again, run_id=NEW)
     again.release()
 
 
 @pytest.mark.slow
-def test_a_training_over_a_locked_folder_is_refused_before_clearing_it(finished_run, data_dir, tmp_path, capsys):
+def test_a_training_over_a_locked_folder_is_refused_before_moving_it(finished_run, data_dir, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path)
     holder = RunLock()  # as a training still running in that folder holds it
     holder.acquire(run)
-    before = snapshot(run)
+    before = snapshot(tmp_path)
     try:
         line = one_error_line(main_in_process([*small_train_args(data_dir, run, "--model", "mlp"), "--overwrite"], capsys))
     finally:
         holder.release()
     assert f"in use by another vae_dist run (pid {os.getpid()})" in line
-    assert snapshot(run) == before
+    assert snapshot(tmp_path) == before
 
 
 # --- the small files -----------------------------------------------------------------------

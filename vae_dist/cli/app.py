@@ -150,7 +150,7 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--resume", help="Continue from the newest complete checkpoint.", show_default=False)),
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--overwrite", help="Clear a previous vae_dist run in the artifact directory.", show_default=False)),
+            False, "--overwrite", help="Start again: a previous vae_dist run in the artifact directory is renamed to DIR.previous-<its id>.", show_default=False)),
     ]
     context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
     params = [context, *run_params, *_config_parameters()]

@@ -19,7 +19,7 @@ import typer
 
 from vae_dist.errors import VaeDistError
 from vae_dist.run.fileio import checking, print_out
-from vae_dist.run.folder import LOCK, MARKER, OWNED, PICTURES, PREVIOUS
+from vae_dist.run.folder import MARKER, RUN_NAMES
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
@@ -32,8 +32,8 @@ MAX_STEPS = 1_000
 # seed means one stream (no wrap-around of negative values).
 MAX_SEED = 2**63 - 1
 
-# The names a run folder's top level keeps for vae_dist's own entries.
-RUN_NAMES = (MARKER, LOCK, PREVIOUS, *OWNED)
+# What these commands write in a run folder by default (the only names they replace there).
+PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
 DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
 

@@ -1,23 +1,12 @@
-"""Checkpoints: atomic save, find the newest complete one, fall back past corrupt ones, rotate.
+"""Checkpoints: sealed saves, the newest usable one, fallback past corrupt ones, rotation.
 
-A checkpoint is a folder ``checkpoints/step-<global step>`` holding what
-``accelerator.save_state`` writes (model, optimizer, every rank's RNG states) plus
-``MANIFEST.json``: the caller's state (the run position, in the schema the Checkpointer
-is given), the size and the SHA-256 of every file. The manifest is written last, into a
-temporary folder renamed into place only when complete, so a folder without one is
-never loaded, and the position never comes from a folder name. A manifest of any other
-shape (edited, truncated, another format) makes its checkpoint unusable, like a corrupt file.
-
-What is ours is known from a record, not from a name pattern: every manifest holds the
-run's id (the artifact folder's marker holds the same id), and a folder counts as one of
-this run's checkpoints only if its manifest has that id and the folder is named after the
-manifest's step. Rotation counts, keeps and deletes only those; a user's copy such as
-``checkpoints/my-backup`` is never touched. An unfinished write is named with the run's
-id too (``.tmp-step-N-<id>``), so the leftovers of this run's interrupted saves are
-removed at its next save or resume, and nobody else's.
-
-Accelerate's own automatic checkpoint naming is not used: it does not restore its
-counter on load and can overwrite an old folder that a later resume then picks up.
+A checkpoint is ``checkpoints/step-<global step>``: what ``accelerator.save_state`` writes
+plus ``MANIFEST.json`` (the caller's state, the run's id, every file's size and SHA-256),
+written last into a temporary folder that one rename puts in place. A folder without a
+manifest of the exact schema is never loaded, and the position never comes from a name.
+A folder is one of this run's checkpoints only if its manifest holds the run's id and it is
+named after its step: rotation deletes only those, never a copy such as ``checkpoints/my-backup``.
+(Accelerate's automatic naming does not restore its counter on load, so it is not used.)
 """
 
 from __future__ import annotations
@@ -25,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -41,6 +30,7 @@ from safetensors import SafetensorError
 from vae_dist.training.distributed import any_rank, on_main_then_share
 from vae_dist.errors import CheckpointError, first_line
 from vae_dist.run.fileio import atomic_write
+from vae_dist.run.folder import RUN_ID, is_run_id
 
 MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
@@ -71,7 +61,7 @@ class Manifest(BaseModel, Generic[S]):
 
     format: Literal[FORMAT]  # a format no release wrote, earlier or later, is unusable
     global_step: Size
-    run_id: str  # the run that wrote it (the marker's id): only the run's own are rotated or resumed
+    run_id: Annotated[str, Field(pattern=f"^{RUN_ID}$")]  # the run that wrote it: only its own are rotated or resumed
     files: Annotated[dict[RelPath, Size], Field(min_length=1)]
     sha256: dict[RelPath, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
     state: S
@@ -92,11 +82,8 @@ class Found(Generic[S]):
 
 
 def rotation_plan(complete: dict[str, int], keep: int) -> list[str]:
-    """Which complete checkpoints to delete: all but the ``keep`` with the highest step.
-
-    Pure: takes {folder name: global step}, returns names to delete, newest kept.
-    Ties (the same step saved twice) keep the lexically last name.
-    """
+    """The names, of {folder name: global step}, to delete: all but the ``keep`` with the
+    highest step (ties keep the lexically last name)."""
     ordered = sorted(complete.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
     return [name for name, _ in ordered[keep:]]
 
@@ -119,38 +106,6 @@ def read_manifest(folder: Path, schema: type[S]) -> Optional[Manifest[S]]:
 def folder_name(global_step: int) -> str:
     """Where a save of ``global_step`` puts its checkpoint, under the checkpoint folder."""
     return f"step-{global_step:09d}"
-
-
-def tmp_name(global_step: int, run_id: str) -> str:
-    """The unfinished write of that save: the run's id in its name is what proves it ours."""
-    return f"{TMP_PREFIX}{folder_name(global_step)}-{run_id}"
-
-
-def named_for(name: str, global_step: int) -> bool:
-    """Whether a checkpoint folder's name is one a save of ``global_step`` gives it: its
-    step's, or its step's with REPLACED (what a kill between a save's two renames leaves)."""
-    return name in (folder_name(global_step), folder_name(global_step) + REPLACED)
-
-
-def written_by(path: Path, run_id: str) -> bool:
-    """Whether an entry of the checkpoint folder is something run ``run_id`` wrote: its
-    unfinished write (by the id in the name) or a checkpoint whose manifest records that
-    id at a name the save gives (its step's, or its step's with REPLACED). Read from the
-    record itself, of any format, so --overwrite also clears a previous release's own."""
-    if not run_id or path.is_symlink() or not path.is_dir():
-        return False
-    if path.name.startswith(TMP_PREFIX):
-        return path.name.endswith(f"-{run_id}")
-    try:
-        record = json.loads((path / MANIFEST).read_bytes())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict) or record.get("run_id") != run_id:
-        return False
-    step = record.get("global_step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return False
-    return named_for(path.name, step)
 
 
 def file_sha256(path: Path) -> str:
@@ -197,10 +152,10 @@ class Checkpointer(Generic[S]):
 
     def __init__(
         self, accelerator: Accelerator, directory: Path, keep: int, log: Callable[[str], None] = print,
-        every_steps: int = 0, *, schema: type[S], run_id: str = "", on_saved: Optional[Callable[[], None]] = None,
+        every_steps: int = 0, *, schema: type[S], run_id: str,
     ):
-        """``on_saved``: called on the main process after each complete save (the run folder
-        uses it to discard a run that --overwrite kept until the first checkpoint)."""
+        if not is_run_id(run_id):  # it names folders to delete: never a path
+            raise ValueError(f"not a run id: {run_id!r}")
         self.accelerator = accelerator
         self.directory = directory
         self.keep = keep
@@ -208,31 +163,28 @@ class Checkpointer(Generic[S]):
         self.every_steps = every_steps
         self.schema = schema
         self.run_id = run_id
-        self.on_saved = on_saved
         self.saves = 0
         # Ours, but failed to load (same-size corruption): never counted as a kept one.
         self.corrupt: set[str] = set()
 
     def maybe_save(self, global_step: int, mid_epoch: bool, state: Callable[[], S]) -> Optional[Path]:
-        """Save every ``every_steps`` steps; ``state`` (a collective) is called only then. The
-        end of an epoch (or of the run) has its own save, so a step that ends one is not due
-        here. Every rank calls this."""
+        """Save every ``every_steps`` steps, mid-epoch (an epoch's end has its own save);
+        ``state`` (a collective) is called only then. Every rank calls this."""
         if self.every_steps and global_step % self.every_steps == 0 and mid_epoch:
             return self.save(global_step, state())
         return None
 
     def _sealed_folders(self) -> list[Path]:
-        """Checkpoint folders that are not unfinished writes (those keep the .tmp- prefix).
-        A link is never ours: it is neither loaded nor rotated (deleted) through."""
+        """Checkpoint folders but unfinished writes; never a link (nothing is loaded or deleted through one)."""
         if not self.directory.is_dir():
             return []
         return [p for p in self.directory.iterdir()
                 if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX)]
 
     def _is_ours(self, found: Found[S]) -> bool:
-        """Written by this run, at a name the save gives (written_by's rule, on a manifest
-        already validated)."""
-        return found.manifest.run_id == self.run_id and named_for(found.path.name, found.manifest.global_step)
+        """Written by this run, at a name its save gives: its step's, or that with REPLACED."""
+        name = folder_name(found.manifest.global_step)
+        return found.manifest.run_id == self.run_id and found.path.name in (name, name + REPLACED)
 
     def complete(self) -> list[Found[S]]:
         """This run's complete, intact checkpoints, newest first."""
@@ -241,23 +193,20 @@ class Checkpointer(Generic[S]):
         return sorted(ours, key=lambda f: (f.manifest.global_step, f.path.name), reverse=True)
 
     def remove_leftovers(self) -> None:
-        """Main process: delete the unfinished writes of this run's interrupted saves
-        (a kill, a second Ctrl-C); they carry the run's id in their name."""
+        """Main process: delete this run's unfinished writes (a kill, a second Ctrl-C)."""
         if not self.directory.is_dir() or self.directory.is_symlink():
             return
         for p in self.directory.iterdir():
-            if p.name.startswith(TMP_PREFIX) and written_by(p, self.run_id):
+            if re.fullmatch(rf"{re.escape(TMP_PREFIX)}step-\d{{9,}}-{self.run_id}", p.name) and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
 
     def save(self, global_step: int, state: S) -> Path:
-        """Write a checkpoint from every rank; returns its final folder. Collective.
-
-        A write that fails on any rank (a full disk, a vanished folder) raises one
-        CheckpointError on every rank, so none is left waiting for the others."""
+        """Write a checkpoint from every rank; returns its folder. Collective: a write that
+        fails on any rank (a full disk) is one CheckpointError on every rank."""
         acc = self.accelerator
         t0 = time.perf_counter()
         final = self.directory / folder_name(global_step)
-        tmp = self.directory / tmp_name(global_step, self.run_id)
+        tmp = self.directory / f"{TMP_PREFIX}{final.name}-{self.run_id}"  # the id proves an unfinished write ours
 
         def make_tmp() -> None:
             for p in (self.directory, tmp, final):
@@ -297,8 +246,6 @@ class Checkpointer(Generic[S]):
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise _write_error("complete", final, e) from None
-            if self.on_saved is not None:
-                self.on_saved()
 
         on_main_then_share(acc, seal)
         self.log(f"checkpoint {final} written in {time.perf_counter() - t0:.2f} s")
@@ -347,11 +294,9 @@ class Checkpointer(Generic[S]):
             self.corrupt.discard(old)
 
     def _try_load(self, found: Found[S]) -> Optional[str]:
-        """Load one checkpoint on every rank; None if all succeeded, else why not.
-
-        Every rank checks the bytes it is about to read (same-size corruption, zeros or
-        flipped bits, would otherwise load without complaint), and the ranks agree on
-        the outcome before any of them loads, so they all load or all skip together."""
+        """Load one checkpoint on every rank; None if all succeeded, else why not. Every rank
+        checks the bytes it is about to read (same-size corruption would load without a
+        word), and the ranks agree before any of them loads: all load or all skip."""
         acc = self.accelerator
         error = verify_hashes(found.path, found.manifest)
         if any_rank(acc, error is not None):
@@ -365,13 +310,10 @@ class Checkpointer(Generic[S]):
         return None
 
     def load_latest(self) -> Optional[Found[S]]:
-        """Restore the newest usable checkpoint into the prepared objects; None if there is none.
-
-        A checkpoint that fails to load (corrupt bytes of the right size) is reported in
-        one line and the previous complete one is tried. Accelerate's loader reads the
-        optimizer and RNG files with ``torch.load(weights_only=True)`` and the model
-        through safetensors, so nothing from the folder is unpickled as code.
-        """
+        """Restore the newest usable checkpoint into the prepared objects; None if there is
+        none. One that fails to load is said in one line and the previous one is tried.
+        Accelerate reads the optimizer and RNG files with ``torch.load(weights_only=True)``
+        and the model through safetensors: nothing is unpickled as code."""
         candidates = self.complete()
         # A checkpoint's folder that fails the size check (truncated, a file missing) or is
         # another run's is said, not skipped silently; a user's folder there is not ours to judge.

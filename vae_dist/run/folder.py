@@ -1,7 +1,7 @@
-"""The run folder: its layout, its guard, its lock and its small files.
+"""The run folder: its marker, its lock, --overwrite's rename, and its small files.
 
-vae_dist only ever deletes what it made: a marker file proves a folder is ours, and
-``--overwrite`` removes only the entries vae_dist writes, never anything else.
+Everything inside a run folder is the run's own. vae_dist never deletes a run: --overwrite
+renames the previous one, whole, to a sibling folder, and the user deletes it.
 """
 
 from __future__ import annotations
@@ -11,16 +11,19 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError
-from vae_dist.run.fileio import atomic_write, checking
+from vae_dist.run.fileio import atomic_write, checking, print_out
 
-MARKER = ".vae_dist"
+MARKER = ".vae_dist"  # proves the folder is vae_dist's, and holds the run's id
+# Held (flock) by the main process of a training for its whole run; never deleted, since
+# removing a lock file lets two processes lock two different files of the same name.
+LOCK = ".vae_dist.lock"
 CONFIG = CONFIG_FILE
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
@@ -29,56 +32,29 @@ IMAGES = "images"
 LOSS_CURVES = "loss_curves.png"
 WANDB = "wandb"
 TENSORBOARD = "tensorboard"  # --report-to tensorboard's event files
-# Written by the sample / reconstruct / interpolate commands.
-PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
-# Everything a run writes; --overwrite removes these and nothing else.
-OWNED = (CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, TENSORBOARD, *PICTURES)
-# Where --overwrite keeps the previous run until the new one has written its first
-# checkpoint: restored if the new run fails before that, or by the next training in the
-# folder if it was killed (see restore_previous).
-PREVIOUS = ".vae_dist.previous"
-# Held (flock) by the main process of a training for its whole run; never deleted, since
-# removing a lock file lets two processes lock two different files of the same name.
-LOCK = ".vae_dist.lock"
-# The children of each owned folder that vae_dist (in wandb/, W&B) writes, given the
-# previous run's id: --overwrite deletes these and leaves anything else a user put there,
-# and the folder with it. Checkpoints by their record (checkpoint.written_by); W&B's run
-# folders by the run's id at the end of their name; W&B's links by name, and only links;
-# TensorBoard's event files by the run's id that ends their name (tracking.Tracker).
-_IMAGE = re.compile(r"\.?epoch-\d+-[a-z]+\.png(\..+\.tmp)?")
-_WANDB_LINKS = ("latest-run", "debug.log", "debug-internal.log")
+# What a training writes at the folder's top level.
+RUN_NAMES = (MARKER, LOCK, CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, TENSORBOARD)
+# A run's id (new_run_id's shape). One read from disk names a sibling folder and the
+# checkpoints to rotate, so it is checked against this before it names anything.
+RUN_ID = r"[0-9a-f]{8}"
 
 
-def _wandb_owned(child: Path, run_id: str) -> bool:
-    if child.is_symlink():
-        return child.name in _WANDB_LINKS
-    return bool(run_id) and child.is_dir() and re.fullmatch(rf"(offline-)?run-\d{{8}}_\d{{6}}-{re.escape(run_id)}", child.name) is not None
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]
 
 
-def _checkpoint_owned(child: Path, run_id: str) -> bool:
-    # Imported here: checkpoint.py imports accelerate (and torch), which the CLI's --help,
-    # its usage errors and the picture commands' --out check do not need.
-    from vae_dist.run.checkpoint import written_by
-
-    return written_by(child, run_id)
-
-
-def _event_file_owned(child: Path, run_id: str) -> bool:
-    return (bool(run_id) and child.is_file() and not child.is_symlink()
-            and re.fullmatch(rf"events\.out\.tfevents\.\d+\..+\.{re.escape(run_id)}", child.name) is not None)
-
-
-OWNED_CHILDREN: dict[str, Callable[[Path, str], bool]] = {
-    CHECKPOINTS: _checkpoint_owned,
-    IMAGES: lambda child, run_id: _IMAGE.fullmatch(child.name) is not None,
-    WANDB: _wandb_owned,
-    TENSORBOARD: _event_file_owned,
-}
+def is_run_id(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(RUN_ID, value) is not None
 
 
 def epoch_picture(root: Path, epoch: int, name: str) -> Path:
-    """Where an epoch's preview goes (a name OWNED_CHILDREN[IMAGES] matches)."""
     return root / IMAGES / f"epoch-{epoch:03d}-{name}.png"
+
+
+def previous_run_folder(root: Path, run_id: str) -> Path:
+    """Where --overwrite moves the run ``run_id`` (a valid id) out of ``root``: beside it."""
+    root = Path(os.path.abspath(root))  # "." or "run/.." have no name of their own
+    return root.parent / f"{root.name}.previous-{run_id}"
 
 
 def write_run_file(path: Path, data: bytes) -> None:
@@ -91,87 +67,100 @@ def write_run_file(path: Path, data: bytes) -> None:
 
 
 def refuse_links(root: Path) -> None:
-    """Refuse a symbolic link at the folder or at any path in it that vae_dist writes or
-    deletes: through one, a write or a delete would land outside the folder."""
-    links = [root] if root.is_symlink() else []
-    if root.is_dir() and not links:
-        links = [root / name for name in (MARKER, LOCK, PREVIOUS, *OWNED) if (root / name).is_symlink()]
-        for name in (CHECKPOINTS, IMAGES):
-            folder = root / name
-            if folder.is_dir() and not folder.is_symlink():
-                links += [p for p in folder.iterdir() if p.is_symlink()]
+    """Refuse a symbolic link where a training writes: through one, a write would land
+    outside the folder."""
+    links = [p for name in RUN_NAMES if (p := root / name).is_symlink()]
+    for folder in (root / CHECKPOINTS, root / IMAGES):
+        if folder.is_dir() and not folder.is_symlink():
+            links += [p for p in folder.iterdir() if p.is_symlink()]
     if links:
-        raise ArtifactError(
-            f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
-            "vae_dist never writes or deletes through a link: remove it or choose another --artifact-dir"
-        )
+        raise ArtifactError(f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
+                            "vae_dist never writes through a link: remove it or choose another --artifact-dir")
+
+
+def marker_run_id(root: Path) -> str:
+    """The run id in the folder's marker; one line naming the marker if it holds none valid."""
+    path = root / MARKER
+    try:
+        if path.is_symlink():
+            raise ArtifactError(f"{path} is a symbolic link; vae_dist never reads or writes through a link")
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    run_id = record.get("run_id") if isinstance(record, dict) else None
+    if not is_run_id(run_id):
+        raise ArtifactError(f"{path} does not hold a valid run id (8 hex digits); nothing was touched")
+    return run_id  # type: ignore[return-value]
 
 
 def check_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Path:
     """Everything prepare_artifact_dir refuses, checked without changing anything."""
-    if overwrite and resume:
-        raise ArtifactError("--overwrite and --resume cannot be used together")
     root = Path(path).expanduser()
-    with checking(root, ArtifactError, "artifact directory"):
-        return _check_artifact_dir(root, overwrite=overwrite, resume=resume)
-
-
-def _check_artifact_dir(root: Path, *, overwrite: bool, resume: bool) -> Path:
-    refuse_links(root)
-    if root.exists() and not root.is_dir():
-        raise ArtifactError(f"artifact directory {root} exists and is not a directory")
-    ours = (root / MARKER).is_file()
-    try:
-        # The lock file alone (a run killed before it marked the folder) is not foreign.
-        entries = [p for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
-    except OSError as e:
-        raise ArtifactError(f"artifact directory {root} cannot be read: {e.strerror or e}") from None
-    if entries and not ours:
-        raise ArtifactError(
-            f"artifact directory {root} is not empty and was not created by vae_dist; "
-            "choose another --artifact-dir (nothing in it was touched)"
-        )
-    previous_run = ours and any(p.name != MARKER for p in entries)
-    odd = _not_ours(root) if ours else None
-    if odd is not None and overwrite:
-        raise ArtifactError(f"{odd} is not what vae_dist writes there; --overwrite leaves it alone: move it away first")
-    if resume and not previous_run:
-        raise ArtifactError(f"--resume given but {root} holds no previous run")
-    if previous_run and not (resume or overwrite):
-        raise ArtifactError(
-            f"artifact directory {root} holds a previous vae_dist run; "
-            "pass --resume to continue it or --overwrite to start again"
-        )
+    _check(root, overwrite=overwrite, resume=resume)
     return root
 
 
-def prepare_artifact_dir(
-    path: str | Path, *, overwrite: bool, resume: bool, lock: Optional["RunLock"] = None, run_id: str = "",
-) -> Path:
-    """Create or check the artifact directory; called on the main process only.
+def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
+    """check_artifact_dir's checks; where --overwrite moves the previous run, if there is one."""
+    if overwrite and resume:
+        raise ArtifactError("--overwrite and --resume cannot be used together")
+    with checking(root, ArtifactError, "artifact directory"):
+        if root.is_symlink():
+            raise ArtifactError(f"artifact directory {root} is a symbolic link; vae_dist never writes through a link")
+        if root.exists() and not root.is_dir():
+            raise ArtifactError(f"artifact directory {root} exists and is not a directory")
+        # The lock file alone (a run killed before it marked the folder) is not foreign.
+        entries = [p.name for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
+        if entries and MARKER not in entries:
+            raise ArtifactError(f"artifact directory {root} is not empty and was not created by vae_dist; "
+                                "choose another --artifact-dir (nothing in it was touched)")
+        run_id = marker_run_id(root) if entries else ""
+        previous_run = len(entries) > 1
+        if resume and not previous_run:
+            raise ArtifactError(f"--resume given but {root} holds no previous run")
+        if previous_run and not (resume or overwrite):
+            raise ArtifactError(f"artifact directory {root} holds a previous vae_dist run; "
+                                "pass --resume to continue it or --overwrite to start again")
+        if previous_run and overwrite:  # the folder moves whole; the new run's is empty
+            aside = previous_run_folder(root, run_id)
+            _check_movable(root, aside)
+            return aside
+        refuse_links(root)
+    return None
 
-    - missing or empty: created and marked as ours;
-    - ours, with a previous run: refused unless --resume (keep) or --overwrite (clear ours);
-    - not ours and not empty: refused, even with --overwrite, and left untouched;
-    - a symbolic link at the folder or where vae_dist writes: refused, nothing touched.
 
-    With ``lock``, the folder is locked for this process before anything in it changes,
-    so a second training in the same folder fails instead of clearing the first's files.
+def _check_movable(root: Path, aside: Path) -> None:
+    """What would make --overwrite's rename fail or go wrong, found before anything changes."""
+    real = os.path.realpath(root)
+    # The current directory moves with the folder: relative paths would then write into the old run.
+    why = ("it is a mount point" if os.path.ismount(root)
+           else "it holds the current directory: run from elsewhere" if os.path.commonpath([os.getcwd(), real]) == real
+           else f"{aside} already exists" if os.path.lexists(aside)
+           else f"{os.path.dirname(real)} is not writable" if not os.access(os.path.dirname(real), os.W_OK | os.X_OK)
+           else "")
+    if why:
+        raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
 
-    The marker records the run's id (``run_id``, a new run's); --resume keeps the marker,
-    and so the id of the run it continues (see marker_run_id).
-    """
-    root = check_artifact_dir(path, overwrite=overwrite, resume=resume)
+
+def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, lock: Optional[RunLock] = None,
+                         run_id: str = "") -> Path:
+    """Check the folder (check_artifact_dir), lock it for this process (with ``lock``) and,
+    unless resuming, mark it as the run ``run_id``'s. Main process only.
+
+    --overwrite over a previous run renames the folder to previous_run_folder holding its
+    lock, so that a training still running there is never moved, then starts an empty one."""
+    if not (resume or is_run_id(run_id)):
+        raise ValueError(f"not a run id: {run_id!r}")
+    root = Path(path).expanduser()
+    aside = _check(root, overwrite=overwrite, resume=resume)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
-    if lock is not None:
-        lock.acquire(root)
-    try:
-        if overwrite:
-            _set_aside(root)
-        if not (resume and (root / MARKER).is_file()):
+        if aside is not None:
+            _move_aside(root, aside, lock)
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            if lock is not None:
+                lock.acquire(root)
+        if not resume:
             marker = json.dumps({"created_by": "vae_dist", "run_id": run_id}) + "\n"
             atomic_write(root / MARKER, lambda f: f.write(marker.encode()))
         _probe_writable(root)
@@ -180,114 +169,29 @@ def prepare_artifact_dir(
     return root
 
 
-def marker_run_id(root: Path) -> str:
-    """The id of the run the folder's marker records; "" for a marker without one (an
-    older release's), whose checkpoints then count as nobody's."""
+def _move_aside(root: Path, aside: Path, lock: Optional[RunLock]) -> None:
+    """One rename, under the old folder's lock; the new folder is locked before that one is
+    released, so a second training is refused throughout."""
+    old = RunLock()
+    old.acquire(root)
     try:
-        record = json.loads((root / MARKER).read_bytes())
-    except (OSError, ValueError):
-        return ""
-    run_id = record.get("run_id") if isinstance(record, dict) else None
-    return run_id if isinstance(run_id, str) else ""
-
-
-def _not_ours(root: Path) -> Optional[Path]:
-    """An entry at one of vae_dist's names that is not of the kind vae_dist makes there
-    (a folder named like a file, a file named like a folder, a FIFO): not ours to delete."""
-    for name in OWNED:
-        p = root / name
-        if p.is_symlink() or not p.exists():
-            continue
-        if not (p.is_dir() if name in OWNED_CHILDREN else p.is_file()):
-            return p
-    return None
-
-
-def _owned_entries(root: Path, run_id: str) -> list[Path]:
-    """What the run ``run_id`` wrote in the folder, never through a link (refuse_links ran
-    first; this re-checks each entry, since the folder may have changed since)."""
-    found = []
-    for name in OWNED:
-        p = root / name
-        if p.is_symlink():
-            raise ArtifactError(f"{p} is a symbolic link; vae_dist does not delete through links")
-        if p.is_dir():
-            owned = OWNED_CHILDREN.get(name)
-            if owned is None:
-                raise ArtifactError(f"{p} is a folder vae_dist did not make; not deleted")
-            found += [child for child in p.iterdir() if owned(child, run_id)]
-        elif p.exists():
-            found.append(p)
-    return found
-
-
-def _move_all(paths: Iterable[Path], src: Path, dst: Path) -> None:
-    for p in paths:
-        target = dst / p.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(p, target)
-
-
-def _prune(root: Path) -> None:
-    """Remove the run's folders left empty (one still holding a user's file stays)."""
-    for name in OWNED_CHILDREN:
-        p = root / name
-        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
-            try:
-                p.rmdir()
-            except OSError:  # an empty folder that cannot go (a mount point) costs nothing
-                pass
-
-
-def _set_aside(root: Path) -> None:
-    """--overwrite: move the previous run (what its id says it wrote, and its marker) into
-    PREVIOUS, to be discarded at the new run's first checkpoint. A copy of the marker goes
-    first, so that a kill half-way leaves a set-aside that restore_previous can undo."""
-    if not (root / MARKER).is_file():  # a new folder: nothing to keep
-        return
-    aside = root / PREVIOUS
-    aside.mkdir()
-    shutil.copy2(root / MARKER, aside / MARKER)
-    _move_all(_owned_entries(root, marker_run_id(root)), root, aside)
-    _prune(root)
-
-
-def discard_previous(root: Path) -> None:
-    """The new run has a checkpoint: the run --overwrite set aside is gone for good."""
-    aside = root / PREVIOUS
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside)
-
-
-def restore_previous(root: Path) -> bool:
-    """Undo an --overwrite whose new run ended (or was killed) before its first checkpoint:
-    delete what the new run wrote and move the previous run back. Main process, with the
-    folder locked. False if there is nothing set aside."""
-    aside = root / PREVIOUS
-    if aside.is_symlink() or not (aside / MARKER).is_file():
-        return False
-    previous_id, current_id = marker_run_id(aside), marker_run_id(root)
-    checkpoints = root / CHECKPOINTS
-    if current_id != previous_id and checkpoints.is_dir() and any(
-        c.name.startswith("step-") and _checkpoint_owned(c, current_id) for c in checkpoints.iterdir()
-    ):  # the new run has a checkpoint (its discard of the set-aside failed): the new run is kept
-        discard_previous(root)
-        return False
-    if (root / MARKER).is_file() and current_id != previous_id:  # the new run got as far as its marker
-        for p in _owned_entries(root, current_id):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    moved = [c for e in aside.iterdir() if e.name != MARKER
-             for c in (e.iterdir() if e.name in OWNED_CHILDREN and e.is_dir() else [e])]
-    _move_all(moved, aside, root)
-    os.replace(aside / MARKER, root / MARKER)  # last: until then the set-aside is still whole
-    shutil.rmtree(aside)
-    _prune(root)
-    return True
+        _check_movable(root, aside)  # again, now that no training can be running there
+        try:
+            os.rename(root, aside)
+        except OSError as e:
+            raise ArtifactError(f"--overwrite cannot move the previous run {root} to {aside}: "
+                                f"{e.strerror or e}; nothing was changed") from None
+        print_out(f"--overwrite: the previous run is now {aside} (vae_dist never deletes it)", required=False)
+        root.mkdir()
+        if lock is not None:
+            lock.acquire(root)
+    finally:
+        old.release()
 
 
 def _probe_writable(root: Path) -> None:
-    """Prove now that the run's outputs can be written, not after an hour of training.
-    A fresh name (O_EXCL): a planted file or link of a fixed name is never written through."""
+    """Prove now, not after an hour of training, that the run's outputs can be written;
+    under a fresh name (O_EXCL), so never through a planted link."""
     fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
     try:
         os.write(fd, b"ok")
@@ -297,12 +201,8 @@ def _probe_writable(root: Path) -> None:
 
 
 class RunLock:
-    """An exclusive, non-blocking flock on the artifact folder's lock file, holding the
-    holder's pid. The kernel drops it when the process dies, so a killed run never leaves
-    the folder locked. Only the main process takes it.
-
-    Not filelock: it keeps no holder's pid (outside its soft fallback) for the refusal
-    to name."""
+    """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's
+    pid for the refusal to name. The kernel drops it when the process dies."""
 
     def __init__(self) -> None:
         self.fd: Optional[int] = None
@@ -310,12 +210,11 @@ class RunLock:
     def acquire(self, root: Path) -> None:
         if self.fd is not None:  # already held by this process
             return
-        path = root / LOCK
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise ArtifactError(f"{path} is a symbolic link; vae_dist does not write through links") from None
+                raise ArtifactError(f"{root / LOCK} is a symbolic link; vae_dist does not write through links") from None
             raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -341,11 +240,8 @@ def write_config(root: Path, config: TrainingConfig) -> None:
 
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl from the run's history (one row per epoch).
-
-    Rewriting the whole file, rather than appending, is what keeps epochs from being
-    duplicated when a run is resumed from a checkpoint older than the file.
-    """
+    """Rewrite metrics.jsonl whole from the run's history: appending would repeat epochs
+    after a resume from a checkpoint older than the file."""
     write_run_file(root / METRICS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode())
 
 

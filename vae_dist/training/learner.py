@@ -23,7 +23,7 @@ from vae_dist.training import faults
 from vae_dist.run.checkpoint import Checkpointer
 from vae_dist.config import TrainingConfig
 from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
-from vae_dist.errors import TrainingError
+from vae_dist.errors import TrainingError, first_line
 from vae_dist.evaluation.evaluate import protocol, validate
 from vae_dist.training.meter import TrainMeter
 from vae_dist.models.protocol import Model
@@ -38,6 +38,18 @@ from vae_dist.training.tracking import Tracker
 # How often ranks agree on a stop request when there are several: each agreement is an
 # all-reduce and a host sync, so it is not done every step.
 STOP_SYNC_EVERY = 10
+
+
+def _raise_if_compile_failed(e: Exception, step: int, device: str) -> None:
+    """--compile's failure (inductor finds no working compiler) as one line where it happens,
+    at the first step: no check before the run, since a failure there costs no previous run."""
+    from torch._dynamo.exc import BackendCompilerFailed  # InductorError is one
+
+    if isinstance(e, BackendCompilerFailed):
+        inner = getattr(e, "inner_exception", None) or e
+        need = "triton and a C compiler" if device == "cuda" else "a C++ compiler (or set CXX)"
+        raise TrainingError(f"--compile failed at step {step} ({type(inner).__name__}: {first_line(inner)}): "
+                            f"install {need} or drop --compile") from None
 
 
 def train_step(
@@ -166,6 +178,10 @@ class Learner:
                             break
                         self.checkpointer.maybe_save(pos.global_step, pos.batches_done < self.steps_per_epoch,
                                                      self._checkpoint_state)
+                except Exception as e:
+                    if cfg.compile:
+                        _raise_if_compile_failed(e, pos.global_step + 1, self.acc.device.type)
+                    raise
                 finally:
                     progress.close()  # also on errors, so the message does not land on the bar's line
                 # Freed before the next epoch draws its own: else, from the second epoch on,

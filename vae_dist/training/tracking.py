@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import threading
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -109,10 +108,6 @@ def close_trackers(accelerator: Accelerator, say: Callable[[str], None] = print)
             say(f"{NAMES.get(tracker.name, tracker.name)} did not close cleanly ({_first_line(e)})")
 
 
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:8]
-
-
 def _hparams(config: TrainingConfig) -> dict[str, Any]:
     """The config as TensorBoard's hparams take it: flat, and scalars only."""
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(config.to_dict()).items()}
@@ -151,7 +146,7 @@ class Tracker:
             if mode != "disabled":
                 self._start("wandb", lambda: self._wandb(config, run_id, artifact_dir, mode))
         if "tensorboard" in config.report_to:
-            self._start("tensorboard", lambda: self._tensorboard(config, run_id, artifact_dir, first_step))
+            self._start("tensorboard", lambda: self._tensorboard(config, artifact_dir, first_step))
 
     def _start(self, name: str, make: Callable[[], GeneralTracker]) -> None:
         try:
@@ -192,14 +187,12 @@ class Tracker:
             self.say(f"W&B offline run folder: {folder}; upload later with: wandb sync {folder}")
         return tracker
 
-    def _tensorboard(self, config: TrainingConfig, run_id: str, artifact_dir: Path, first_step: int) -> GeneralTracker:
+    def _tensorboard(self, config: TrainingConfig, artifact_dir: Path, first_step: int) -> GeneralTracker:
         from torch.utils.tensorboard.summary import hparams
 
-        # The run's id ends each event file's name: --overwrite deletes only this run's
-        # files (rundir.OWNED_CHILDREN). purge_step: what the interrupted run logged after
-        # the checkpoint this run resumes from is hidden, so no step shows twice.
-        tracker = TensorBoardTracker(TENSORBOARD, artifact_dir, filename_suffix=f".{run_id}",
-                                     purge_step=first_step + 1 if first_step else None)
+        # purge_step: what the interrupted run logged after the checkpoint this run resumes
+        # from is hidden, so no step shows twice.
+        tracker = TensorBoardTracker(TENSORBOARD, artifact_dir, purge_step=first_step + 1 if first_step else None)
         global _previous_excepthook
         if threading.excepthook is not _quiet_writer_thread:
             _previous_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread

@@ -37,14 +37,14 @@ from vae_dist.run.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
 from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
 from vae_dist.errors import ArtifactError, ConfigError, first_line
-from vae_dist.run.fileio import checking, print_err, print_out
+from vae_dist.run.fileio import print_out
 from vae_dist.training.learner import Learner
 from vae_dist import models
 from vae_dist.models.protocol import Model
 from vae_dist.run.position import Position
 from vae_dist.training.signals import Preempted, StopRequest
 from vae_dist.training.summary import format_summary
-from vae_dist.training.tracking import Tracker, check_report_to, close_trackers, new_run_id
+from vae_dist.training.tracking import Tracker, check_report_to, close_trackers
 
 # Collectives give up after this long, so a rank that died on another node cannot leave
 # the rest waiting for torch's default 30 minutes.
@@ -168,7 +168,6 @@ def claim_artifact_dir(
     """Main process: check the folder (and what --resume needs), lock it, then prepare it.
     Returns the folder and the run's id: ``run_id`` for a new run, the marker's on --resume."""
     try:
-        undo_unfinished_overwrite(Path(config.artifact_dir).expanduser(), lock)
         root = folder.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
         if resume:
             check_resumable(root, config)
@@ -176,19 +175,6 @@ def claim_artifact_dir(
         return root, folder.marker_run_id(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
-
-
-def undo_unfinished_overwrite(root: Path, lock: folder.RunLock) -> None:
-    """Main process: a run that --overwrite set aside and whose new run never got to its
-    first checkpoint (killed, or failed before) is put back before anything else looks at
-    the folder; with the folder locked, so never under a run still going."""
-    with checking(root, ArtifactError, "artifact directory"):
-        unfinished = (root / folder.PREVIOUS).is_dir() and not root.is_symlink()
-    if unfinished:
-        lock.acquire(root)
-        if folder.restore_previous(root):
-            print_out(f"{root}: restored the previous run, which an --overwrite had set aside before the new run's "
-                      "first checkpoint", required=False)
 
 
 def with_precision(config: TrainingConfig, precision: str) -> TrainingConfig:
@@ -216,16 +202,6 @@ def _set_up_and_train(acc: Accelerator, config: TrainingConfig, stop: StopReques
     lock = folder.RunLock()
     try:
         return _train(acc, config, lock, stop, resume=resume, overwrite=overwrite)
-    except BaseException:
-        if lock.fd is not None:  # the main process, which claimed the folder
-            # A run set aside by --overwrite is still there until the first checkpoint.
-            root = Path(config.artifact_dir).expanduser()
-            try:
-                undo_unfinished_overwrite(root, lock)
-            except (OSError, ArtifactError) as e:  # the error that got here is the one to report
-                print_err(f"the previous run could not be put back ({first_line(e)}); it is kept in {root / folder.PREVIOUS} "
-                          "and the next training in the folder tries again")
-        raise
     finally:
         try:
             # Trackers first, each failure one line: a W&B that never started must not
@@ -263,7 +239,7 @@ def _train(
     model.noise_shape(config.loss.iw_samples)  # a family refuses an objective it has not
     optimizer = make_optimizer(model, config.optimizer)
     root, run_id = on_main_then_share(
-        acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite, run_id=new_run_id())
+        acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite, run_id=folder.new_run_id())
     )
 
     workers = config.data.num_workers
@@ -298,7 +274,7 @@ def _train(
         tracker=tracker,
         checkpointer=Checkpointer(
             acc, root / folder.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
-            schema=Position, run_id=run_id, on_saved=lambda: folder.discard_previous(root),
+            schema=Position, run_id=run_id,
         ),
         run_id=run_id,
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
