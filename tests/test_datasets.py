@@ -1,11 +1,13 @@
-"""Reading MNIST's IDX files: the real files in each layout found, one-line refusals for
-broken ones, bounded reads of hostile ones, and the download's failure."""
+"""The dataset table and its IDX files: the real MNIST files in each layout found, one-line
+refusals for broken ones, bounded reads of hostile ones, the download through each row's
+torchvision class, and test-written datasets in their own layout and image size."""
 
 from __future__ import annotations
 
 import functools
 import gzip
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -19,8 +21,12 @@ import pytest
 import torch
 
 from conftest import REPO, cli_env
+from vae_dist.data import keyed
+from vae_dist.data.datasets import (
+    DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_SIDE, class_names, download, load_split, read_idx,
+    torchvision_class,
+)
 from vae_dist.errors import DataError
-from vae_dist.data.datasets import IMAGE_MAGIC, LABEL_MAGIC, download, load_split, read_idx
 
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 
@@ -36,8 +42,23 @@ def _raw(data_dir: Path, name: str) -> bytes:
     return gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
 
 
-def _header(n: int, side: int = 28) -> bytes:
-    return struct.pack(">IIII", IMAGE_MAGIC, n, side, side)
+def _header(n: int, side: int = 28, cols: int | None = None) -> bytes:
+    return struct.pack(">IIII", IMAGE_MAGIC, n, side, cols or side)
+
+
+def write_idx_dataset(folder: Path, side: int = 28, cols: int | None = None, splits=("train", "test")) -> Path:
+    """A fake dataset's four IDX files, gzipped, in ``folder``: image i is a gradient shifted
+    by i % 7 and its label i % 10, so that even 60,000 images write and read in a blink."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = side * (cols or side)
+    for split in splits:
+        (images, labels), n = FILES[split], getattr(DATASETS["mnist"], split)
+        gradient = np.arange(pixels + 7, dtype=np.uint32).astype(np.uint8)
+        body = np.concatenate([gradient[k : k + pixels] for k in range(7)] * (n // 7 + 1))[: n * pixels]
+        (folder / f"{images}.gz").write_bytes(gzip.compress(_header(n, side, cols) + body.tobytes(), compresslevel=1))
+        label_bytes = struct.pack(">II", LABEL_MAGIC, n) + (np.arange(n) % 10).astype(np.uint8).tobytes()
+        (folder / f"{labels}.gz").write_bytes(gzip.compress(label_bytes, compresslevel=1))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +129,12 @@ BROKEN = {
     "padded": (lambda d: _raw(d, TEST_IMAGES) + b"\0" * 10, TEST_IMAGES, ["padded"]),
     "labels-as-images": (lambda d: _raw(d, TEST_LABELS), TEST_IMAGES, ["magic", str(LABEL_MAGIC)]),
     "wrong-count": (lambda d: _header(5) + bytes(5 * 784), TEST_IMAGES, ["holds 5 items, expected 10000"]),
-    "wrong-side": (lambda d: _header(10000, 27) + bytes(10000 * 27 * 27), TEST_IMAGES, ["27x27"]),
+    "side-zero": (lambda d: _header(10000, 0) + bytes(100), TEST_IMAGES, ["0x0 images", f"1 to {MAX_SIDE}"]),
+    "side-too-large": (lambda d: _header(10000, 28, MAX_SIDE + 1), TEST_IMAGES, [f"28x{MAX_SIDE + 1} images"]),
     "gzip-truncated": (_truncated_gzip, f"{TEST_IMAGES}.gz", ["cannot be read"]),
     "gzip-corrupt-deflate": (_corrupt_deflate, f"{TEST_IMAGES}.gz", ["cannot be read"]),
     "gz-name-plain-bytes": (lambda d: _raw(d, TEST_IMAGES), f"{TEST_IMAGES}.gz", ["cannot be read"]),
-    "label-above-9": (lambda d: _raw(d, TEST_LABELS)[:-1] + b"\x0a", TEST_LABELS, ["label 10 at item 9999"]),
+    "label-above-9": (lambda d: _raw(d, TEST_LABELS)[:-1] + b"\x0a", TEST_LABELS, ["label 10 at item 9999", "0 to 9"]),
 }
 
 
@@ -125,7 +147,7 @@ def test_a_broken_file_is_one_data_error(case, data_dir, tmp_path):
     with pytest.raises(DataError) as ei:
         load_split(tmp_path, "test")
     msg = str(ei.value)
-    assert "\n" not in msg and str(tmp_path / name) in msg, msg
+    assert "\n" not in msg and f"mnist file {tmp_path / name}" in msg, msg
     for w in words:
         assert w in msg, msg
 
@@ -137,7 +159,7 @@ def test_a_missing_folder_or_file_is_named(data_dir, tmp_path):
     with pytest.raises(DataError, match="file is not a directory"):
         load_split(tmp_path / "file", "test")
     shutil.copy(_gz(data_dir, TEST_IMAGES), tmp_path)
-    with pytest.raises(DataError, match=f"{TEST_LABELS}.* not found"):
+    with pytest.raises(DataError, match=f"mnist file {TEST_LABELS}.* not found"):
         load_split(tmp_path, "test")
 
 
@@ -191,4 +213,45 @@ def test_a_failed_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         download(tmp_path / "cache")
     msg = str(e.value)
-    assert "\n" not in msg and "could not download MNIST" in msg and "RuntimeError" in msg and "--data-dir" in msg
+    assert "\n" not in msg and "could not download mnist" in msg and "RuntimeError" in msg and "--data-dir" in msg
+
+
+def test_the_download_and_the_class_names_come_from_the_rows_torchvision_class(tmp_path, monkeypatch):
+    made = []
+
+    class FashionMNIST:  # a stand-in, as above
+        classes = ["T-shirt/top", "Trouser"]
+
+        def __init__(self, root, train, download):
+            made.append((root, train, download))
+
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", types.SimpleNamespace(FashionMNIST=FashionMNIST))
+    assert download(tmp_path, "fashion-mnist") == tmp_path / "FashionMNIST" / "raw"
+    assert made == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
+    assert class_names("fashion-mnist") == ["T-shirt/top", "Trouser"]
+
+
+@pytest.mark.slow  # imports torchvision
+def test_every_row_is_a_torchvision_class_with_the_four_files_and_its_classes():
+    for name, row in DATASETS.items():
+        checksummed = {file for file, _md5 in torchvision_class(name).resources}
+        assert checksummed == {f"{f}.gz" for pair in FILES.values() for f in pair}, name
+        assert len(class_names(name)) == row.classes, name
+
+
+# --- the table: which dataset, where its files are, what size its images are ---------------
+
+
+def test_a_dataset_is_found_in_its_torchvision_layout_and_not_in_anothers(tmp_path):
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", splits=("test",))
+    split = load_split(tmp_path, "test", "fashion-mnist")
+    assert split.images.shape == (10000, 1, 28, 28) and split.labels[:12].tolist() == [*range(10), 0, 1]
+    with pytest.raises(DataError, match=re.escape(f"mnist file {TEST_IMAGES}(.gz) not found in {tmp_path} ")):
+        load_split(tmp_path, "test", "mnist")  # MNIST's own folder is MNIST/raw/
+
+
+def test_the_image_size_comes_from_the_header(tmp_path):
+    write_idx_dataset(tmp_path, side=32, cols=20, splits=("test",))
+    images = load_split(tmp_path, "test", "kmnist").images
+    assert images.shape == (10000, 1, 32, 20) and images[1, 0, 0, :3].tolist() == [1, 2, 3]
+    assert keyed.binarize_split(images, 0, 1).shape == images.shape  # the coins follow the size
