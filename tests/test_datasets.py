@@ -1,11 +1,12 @@
 """The dataset table and its IDX files: the real MNIST files in each layout found, one-line
 refusals for broken ones, bounded reads of hostile ones, the download through each row's
-torchvision class, and test-written datasets in their own layout and image size."""
+torchvision class, and a test-written Fashion-MNIST trained on and named in every record."""
 
 from __future__ import annotations
 
 import functools
 import gzip
+import json
 import os
 import re
 import shutil
@@ -14,13 +15,15 @@ import subprocess
 import sys
 import textwrap
 import types
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, cli_env
+from conftest import REPO, check_ok, cli_env, main_in_process, one_error_line, small_train_args
+from vae_dist.config import options
 from vae_dist.data import keyed
 from vae_dist.data.datasets import (
     DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_SIDE, class_names, download, load_split, read_idx,
@@ -242,6 +245,17 @@ def test_every_row_is_a_torchvision_class_with_the_four_files_and_its_classes():
 # --- the table: which dataset, where its files are, what size its images are ---------------
 
 
+def test_the_config_offers_the_tables_rows():
+    (dataset,) = [o for o in options() if o.dotted == "data.dataset"]
+    assert typing.get_args(dataset.annotation) == tuple(DATASETS) and dataset.default == "mnist"
+    assert not dataset.resumable
+
+
+def test_a_bad_dataset_is_one_line_listing_the_choices(tmp_path, capsys):
+    line = one_error_line(main_in_process(["train", "--dataset", "cifar10", "--artifact-dir", str(tmp_path)], capsys))
+    assert "cifar10" in line and all(f"'{name}'" in line for name in DATASETS), line
+
+
 def test_a_dataset_is_found_in_its_torchvision_layout_and_not_in_anothers(tmp_path):
     write_idx_dataset(tmp_path / "FashionMNIST" / "raw", splits=("test",))
     split = load_split(tmp_path, "test", "fashion-mnist")
@@ -255,3 +269,47 @@ def test_the_image_size_comes_from_the_header(tmp_path):
     images = load_split(tmp_path, "test", "kmnist").images
     assert images.shape == (10000, 1, 32, 20) and images[1, 0, 0, :3].tolist() == [1, 2, 3]
     assert keyed.binarize_split(images, 0, 1).shape == images.shape  # the coins follow the size
+
+
+def test_training_refuses_images_the_models_do_not_take_before_writing_anything(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "data", side=9)
+    art = tmp_path / "run"
+    line = one_error_line(main_in_process(small_train_args(tmp_path / "data", art, "--dataset", "kmnist"), capsys))
+    assert line == "error: kmnist images are 9x9; the models take 28x28" and not art.exists()
+
+
+def test_the_loss_curves_title_names_the_dataset(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from vae_dist.evaluation import images
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, title, *args, **kwargs: titles.append(title))
+    monkeypatch.setattr(images, "atomic_write", lambda path, write: None)  # the title is all this test needs
+    row = {"epoch": 1, "train/loss": 2.0, "valid/loss": 1.0}
+    images.save_loss_curves([{**row, "protocol": {"dataset": "kmnist"}}], tmp_path / "a.png")
+    images.save_loss_curves([row], tmp_path / "b.png")  # a run recorded before datasets were named
+    assert titles == ["Loss per epoch (kmnist)", "Loss per epoch"]
+
+
+@pytest.mark.slow  # trains two steps on a test-written 60,000-image dataset
+def test_fashion_mnist_trains_and_every_record_and_command_follows_it(tmp_path, capsys):
+    import vae_dist
+    from vae_dist.run.modelfile import model_results
+
+    data, art = tmp_path / "data", tmp_path / "run"
+    write_idx_dataset(data / "FashionMNIST" / "raw")  # not a file where MNIST's would be
+    ran = main_in_process(small_train_args(data, art, "--dataset", "fashion-mnist", "--model", "mlp", "--max-steps", "2"),
+                          capsys)
+    check_ok(ran)
+    assert "on 1024 fashion-mnist images" in ran.stdout
+    assert json.loads((art / "config.json").read_text())["data"]["dataset"] == "fashion-mnist"
+    rows = [json.loads(line) for line in (art / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row["protocol"]["dataset"] == "fashion-mnist" for row in rows)
+    assert rows[-1]["protocol"]["data"].startswith("grey-level fashion-mnist")
+    assert model_results(art / "model.safetensors")["protocol"]["dataset"] == "fashion-mnist"
+    assert vae_dist.load(art).config.data.dataset == "fashion-mnist"
+    ran = main_in_process(["evaluate", str(art), "--json"], capsys)
+    check_ok(ran)
+    assert json.loads(ran.stdout)["protocol"] == rows[-1]["protocol"]
+    check_ok(main_in_process(["reconstruct", str(art), "--num", "8"], capsys))  # the test images, from FashionMNIST/raw

@@ -35,7 +35,7 @@ MAX_SEED = 2**63 - 1
 # The names a run folder's top level keeps for vae_dist's own entries.
 RUN_NAMES = (MARKER, LOCK, PREVIOUS, *OWNED)
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
-DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
+DATA_DIR_HELP = "Folder of the run's dataset (default: the one used in training)."
 
 
 def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:

@@ -75,14 +75,3 @@ def binarize_split(images_u8: torch.Tensor, seed: int, stream: int) -> torch.Ten
 def train_stream(epoch: int) -> int:
     """The stream of an epoch's dynamic binarization: a fresh draw each epoch."""
     return epoch + 1
-
-
-
-def protocol(mode: str) -> dict[str, object]:
-    """What a reported number was measured on; recorded wherever the number is."""
-    if mode == "none":
-        return {"data": "grey-level MNIST (pixel/255) with a Bernoulli likelihood"}
-    return {
-        "data": f"binarized MNIST, training binarization {mode}",
-        "test_binarization": f"one fixed Bernoulli draw of the 10,000 test images (seed {TEST_SEED})",
-    }
