@@ -23,7 +23,7 @@ def _config(**data) -> TrainingConfig:
 
 def test_the_test_images_are_one_fixed_draw_whatever_the_run(monkeypatch) -> None:
     split = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
-    monkeypatch.setattr(evaluate.datasets, "load_split", lambda root, name: SimpleNamespace(images=split))
+    monkeypatch.setattr(evaluate.datasets, "load_split", lambda root, name, dataset: SimpleNamespace(images=split))
     assert torch.equal(evaluate.test_images(_config(binarize="none")), split)
     static = evaluate.test_images(_config(binarize="static", seed=1))
     dynamic = evaluate.test_images(_config(binarize="dynamic", seed=99))
@@ -55,3 +55,12 @@ def test_the_test_loss_is_the_true_negative_elbo_whatever_the_training_kl_weight
     result = evaluate.score(build(config), config, images)
     assert result["kl"] > 0.1 and result["loss"] == pytest.approx(result["recon"] + result["kl"], rel=1e-6)
     assert result["protocol"]["train_kl_weight"] == 0.0
+
+
+def test_the_protocol_names_the_dataset() -> None:
+    grey = evaluate.protocol(_config(dataset="kmnist"), 100)
+    assert grey["dataset"] == "kmnist" and grey["data"] == "grey-level kmnist (pixel/255) with a Bernoulli likelihood"
+    binarized = evaluate.protocol(_config(dataset="fashion-mnist", binarize="dynamic"), 100, iw_samples=5)
+    assert binarized["dataset"] == "fashion-mnist" and binarized["data"] == "binarized fashion-mnist, training binarization dynamic"
+    assert binarized["test_binarization"] == "one fixed Bernoulli draw of the 10,000 test images (seed 0)"
+    assert binarized["test_images"] == 100 and binarized["iw_samples"] == 5

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Option
 
 from pydantic import Field, create_model, field_validator, model_validator
 
+from vae_dist.data.datasets import DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
 from vae_dist.schema import Section, explain, option
@@ -100,11 +101,12 @@ class OptimizerConfig(Section):
 class DataConfig(Section):
     path: ClassVar[str] = "data"
 
+    dataset: DatasetName = option("mnist", "The images: IDX files read from --data-dir, else downloaded through torchvision.")
     data_dir: Optional[str] = option(
-        None, "Folder with the four MNIST IDX files (gzipped or not, flat or under MNIST/raw/).", shown="download",
-        resumable=True,
+        None, "Folder with the dataset's four IDX files (gzipped or not, flat or under torchvision's <Name>/raw/, "
+        "e.g. MNIST/raw/).", shown="download", resumable=True,
     )
-    cache_dir: str = option("~/.cache/vae_dist", "Where MNIST is downloaded when no --data-dir is given.", resumable=True)
+    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded when no --data-dir is given.", resumable=True)
     batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1, le=1 << 20)
     eval_batch_size: int = option(
         1000, "Validation batch per process (changes speed only, never the numbers).", ge=1, le=1 << 20, resumable=True,

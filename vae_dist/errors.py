@@ -22,7 +22,7 @@ class ConfigError(VaeDistError):
 
 
 class DataError(VaeDistError):
-    """The MNIST files are missing, truncated or not MNIST."""
+    """The dataset's files are missing, truncated or not what they should be."""
 
 
 class ArtifactError(VaeDistError):

@@ -35,7 +35,7 @@ MAX_SEED = 2**63 - 1
 # What these commands write in a run folder by default (the only names they replace there).
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
-DATA_DIR_HELP = "MNIST folder (default: the one used in training)."
+DATA_DIR_HELP = "Folder of the run's dataset (default: the one used in training)."
 
 
 def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:

@@ -1,34 +1,49 @@
-"""MNIST's IDX files: finding them, reading them with bounded reads, and the download.
+"""Datasets kept as MNIST's four IDX files: their table, bounded reads, the download.
 
-A split is read into one uint8 tensor. The header is checked against the split's known
-size before the body is read, and nothing past that size is read (or inflated), so a
-forged header, a gzip bomb or an endless device fails as fast as a short file.
+A split is one uint8 tensor. Its header is checked (magic, the row's count, a bounded image size)
+before the body is read and nothing past that size is read or inflated, so a forged header, a gzip
+bomb or an endless device fails as fast as a short file. torch is imported where used: config reads the table.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
+import math
 import os
+import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
 from vae_dist.errors import DataError, first_line
 from vae_dist.run.fileio import checking
 
+if TYPE_CHECKING:
+    import torch
+
+
+class IdxDataset(NamedTuple):
+    """A row: torchvision's class of this name downloads the files (checking its pinned
+    checksums), lays them out under ``<name>/raw/`` and names the classes."""
+
+    torchvision: str
+    train: int = 60000  # items per split: a header must give exactly this, which bounds every read
+    test: int = 10000
+    classes: int = 10
+
+
+# Adding an IDX dataset is one row: the key is its --dataset value.
+DATASETS = {"mnist": IdxDataset("MNIST"), "fashion-mnist": IdxDataset("FashionMNIST"), "kmnist": IdxDataset("KMNIST")}
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
+
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
-SIDE = 28
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
-}
+MAX_SIDE = 1024  # an image's rows and columns, checked before any body is read
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 # What reading a damaged file (or gzip stream) raises: all become one DataError line.
 READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
-# Where tests, benchmarks and smoke runs find the offline copy (see README).
+# Where tests, benchmarks and smoke runs find the offline copy of MNIST (see README).
 DATA_DIR_ENV = "VAE_DIST_DATA_DIR"
 
 
@@ -37,102 +52,97 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[2].parent / "shared" / "mnist"))
 
 
-def find_idx_file(data_dir: Path, name: str) -> Path:
-    """Find ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``MNIST/raw/``."""
-    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+def find_idx_file(data_dir: Path, name: str, dataset: str = "mnist") -> Path:
+    """Find ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``<TorchvisionName>/raw/``."""
+    raw = data_dir / DATASETS[dataset].torchvision / "raw"
+    for folder in (data_dir, raw):
         for candidate in (folder / name, folder / f"{name}.gz"):
-            with checking(candidate, DataError, "MNIST file"):
+            with checking(candidate, DataError, f"{dataset} file"):
                 found = candidate.is_file()
             if found:
                 return candidate
-    raise DataError(
-        f"MNIST file {name}(.gz) not found in {data_dir} (looked there and in {data_dir / 'MNIST' / 'raw'})"
-    )
+    raise DataError(f"{dataset} file {name}(.gz) not found in {data_dir} (looked there and in {raw})")
 
 
 def _read_at_most(f: BinaryIO, n: int) -> bytearray:
-    """Up to ``n`` bytes (fewer only at the end of the stream)."""
-    buf = bytearray(n)
-    del buf[f.readinto(buf):]  # type: ignore[attr-defined]
+    """Up to ``n`` bytes (fewer only at the stream's end), in chunks: a forged size costs what the stream holds."""
+    buf = bytearray()
+    while len(buf) < n and (chunk := f.read(min(n - len(buf), 1 << 24))):
+        buf += chunk
     return buf
 
 
-def _check_header(path: Path, header: bytes, magic: int, ndim: int, count: int) -> None:
-    if len(header) < 4 * (1 + ndim):
-        raise DataError(f"MNIST file {path} is truncated: {len(header)} bytes, shorter than its header")
-    dims = [int(d) for d in np.frombuffer(bytes(header), dtype=">u4")]
-    if dims[0] != magic:
-        raise DataError(f"MNIST file {path} is not an IDX file of this kind (magic {dims[0]}, expected {magic})")
-    if ndim == 3 and dims[2:] != [SIDE, SIDE]:
-        raise DataError(f"MNIST file {path} holds {dims[2]}x{dims[3]} images, expected 28x28")
-    if dims[1] != count:
-        raise DataError(f"MNIST file {path} holds {dims[1]} items, expected {count}")
+def read_idx(path: Path, magic: int, count: int, dataset: str = "mnist") -> torch.Tensor:
+    """The ``count`` items of an IDX file: images (count, 1, rows, cols) of the size its header
+    gives, or labels (count,) below the dataset's number of classes. Checked by header and size,
+    not by checksum (a local copy need not be byte-identical to the official gzip); at most one
+    byte past that size is read."""
+    import torch
 
-
-def read_idx(path: Path, magic: int, count: int) -> torch.Tensor:
-    """The ``count`` items of an IDX file, checked by header, shape and size (and labels
-    by value).
-
-    Not by checksum: a local copy need not be byte-identical to the official gzip (see the
-    shared copy's README). At most one byte past the size the header gives is read.
-    """
-    ndim = 3 if magic == IMAGE_MAGIC else 1
-    header, size = 4 * (1 + ndim), count * (SIDE * SIDE if ndim == 3 else 1)
+    ndim, what = 3 if magic == IMAGE_MAGIC else 1, f"{dataset} file {path}"
     try:
         with gzip.open(path, "rb") if Path(path).suffix == ".gz" else open(path, "rb") as f:
-            _check_header(path, _read_at_most(f, header), magic, ndim, count)
+            header = _read_at_most(f, 4 * (1 + ndim))
+            if len(header) < 4 * (1 + ndim):
+                raise DataError(f"{what} is truncated: {len(header)} bytes, shorter than its header")
+            got, n, *shape = struct.unpack(f">{1 + ndim}I", header)
+            if got != magic:
+                raise DataError(f"{what} is not an IDX file of this kind (magic {got}, expected {magic})")
+            if not all(1 <= side <= MAX_SIDE for side in shape):
+                raise DataError(f"{what} holds {shape[0]}x{shape[1]} images; each side must be 1 to {MAX_SIDE} pixels")
+            if n != count:
+                raise DataError(f"{what} holds {n} items, expected {count}")
+            size = count * math.prod(shape)
             body = _read_at_most(f, size)
             if len(body) < size:
-                raise DataError(f"MNIST file {path} is truncated: {header + len(body)} bytes, expected {header + size}")
+                raise DataError(f"{what} is truncated: {len(header) + len(body)} bytes, expected {len(header) + size}")
             if f.read(1):
-                raise DataError(f"MNIST file {path} is padded: longer than the {header + size} bytes its header gives")
+                raise DataError(f"{what} is padded: longer than the {len(header) + size} bytes its header gives")
     except READ_ERRORS as e:
         text = first_line(e) or type(e).__name__
-        raise DataError(f"MNIST file {path} cannot be read ({type(e).__name__}: {text})") from None
-    t = torch.frombuffer(body, dtype=torch.uint8)
-    if ndim == 3:
-        return t.view(count, 1, SIDE, SIDE)
-    wrong = (t > 9).nonzero()
-    if len(wrong):
+        raise DataError(f"{what} cannot be read ({type(e).__name__}: {text})") from None
+    items, classes = torch.frombuffer(body, dtype=torch.uint8), DATASETS[dataset].classes
+    if shape:
+        return items.view(count, 1, *shape)
+    if len(wrong := (items >= classes).nonzero()):
         i = int(wrong[0])
-        raise DataError(f"MNIST file {path} holds label {int(t[i])} at item {i}: labels are the digits 0 to 9")
-    return t
+        raise DataError(f"{what} holds label {int(items[i])} at item {i}: its {classes} classes are 0 to {classes - 1}")
+    return items
 
 
-@dataclass
-class MnistSplit:
-    images: torch.Tensor  # (N, 1, 28, 28) uint8
-    labels: torch.Tensor  # (N,) uint8
+class Split(NamedTuple):
+    images: torch.Tensor  # (N, 1, rows, cols) uint8, the size the file gives
+    labels: torch.Tensor  # (N,) uint8, each below the dataset's number of classes
 
 
-def load_split(data_dir: str | Path, split: str) -> MnistSplit:
-    """Read one split ('train' or 'test') from a folder of IDX files."""
+def load_split(data_dir: str | Path, split: str, dataset: str = "mnist") -> Split:
+    """Read one split ('train' or 'test') of ``dataset`` from a folder of IDX files."""
     data_dir = Path(data_dir).expanduser()
     with checking(data_dir, DataError, "data directory"):
         if not data_dir.is_dir():
             what = "is not a directory" if data_dir.exists() else "does not exist"
             raise DataError(f"data directory {data_dir} {what}")
-    image_name, label_name, count = FILES[split]
-    images = read_idx(find_idx_file(data_dir, image_name), IMAGE_MAGIC, count)
-    labels = read_idx(find_idx_file(data_dir, label_name), LABEL_MAGIC, count)
-    return MnistSplit(images, labels)
+    count = getattr(DATASETS[dataset], split)
+    return Split(*(read_idx(find_idx_file(data_dir, name, dataset), magic, count, dataset)
+                   for name, magic in zip(FILES[split], (IMAGE_MAGIC, LABEL_MAGIC))))
 
 
-def download(cache_dir: str | Path) -> Path:
-    """Download MNIST through torchvision (checksummed) and return the folder to read.
+def torchvision_class(dataset: str) -> Any:  # imported here: torchvision costs most of a second
+    return getattr(importlib.import_module("torchvision.datasets"), DATASETS[dataset].torchvision)
 
-    Call it on one process while the others wait (see train.data_dir_for): torchvision
-    writes straight to the final paths, so a concurrent reader can see half a file.
-    """
+
+def class_names(dataset: str) -> list[str]:
+    return list(torchvision_class(dataset).classes)  # in label order
+
+
+def download(cache_dir: str | Path, dataset: str = "mnist") -> Path:
+    """Download ``dataset`` through torchvision (checksummed) and return the folder to read. On
+    one process while the others wait (trainer.data_dir_for): torchvision writes in place."""
     root = Path(cache_dir).expanduser()
     try:
-        from torchvision.datasets import MNIST
-
         for train in (True, False):
-            MNIST(str(root), train=train, download=True)
+            torchvision_class(dataset)(str(root), train=train, download=True)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError offline
-        raise DataError(
-            f"could not download MNIST into {root} ({type(e).__name__}: {first_line(e)}); "
-            "with no network, point --data-dir at a folder holding the four MNIST IDX files"
-        ) from None
-    return root / "MNIST" / "raw"
+        raise DataError(f"could not download {dataset} into {root} ({type(e).__name__}: {first_line(e)}); "
+                        "with no network, point --data-dir at a folder holding its four IDX files") from None
+    return root / DATASETS[dataset].torchvision / "raw"

@@ -43,28 +43,23 @@ def noise(purpose: str, seed: int, index: int, n: int, shape: tuple[int, ...]) -
 
 # --- binarization ------------------------------------------------------------
 # Binarized MNIST as the literature uses it: each pixel is 1 with probability its grey level.
-# 
 # The coins for a split are one table per (seed, stream), row i for sample i, drawn from a
 # generator keyed by those two numbers on the CPU: the same bits on any device, at any
 # process count and after a resume. ``dynamic`` training draws a fresh table each epoch
 # (the stream is the epoch); ``static`` binarizes the training set once. Evaluation always
 # uses one fixed binarization of the test set (TEST_SEED, TEST_STREAM: the same in every run
 # whatever its seed), so numbers of different runs are comparable.
-
-
-
-# Its own purpose, so these coins share no stream with the shuffle or the noise.
-BINARIZE = "binarize"
+BINARIZE = "binarize"  # its own purpose: these coins share no stream with the shuffle or the noise
 TEST_SEED = 0
 TEST_STREAM = 1 << 40
 STATIC_STREAM = 1 << 41
 LEVELS = 255  # grey levels are k/255, k = 0..255
 
 
-def coins(seed: int, stream: int, n: int) -> torch.Tensor:
-    """(n, 1, 28, 28) int16 uniform on 0..254: pixel k/255 is on iff its coin < k, which
+def coins(seed: int, stream: int, n: int, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    """(n, *shape) int16 uniform on 0..254: pixel k/255 is on iff its coin < k, which
     happens with probability exactly k/255."""
-    return torch.randint(0, LEVELS, (n, 1, 28, 28), dtype=torch.int16, generator=generator(BINARIZE, seed, stream))
+    return torch.randint(0, LEVELS, (n, *shape), dtype=torch.int16, generator=generator(BINARIZE, seed, stream))
 
 
 def apply(images: torch.Tensor, coin: torch.Tensor) -> torch.Tensor:
@@ -73,20 +68,11 @@ def apply(images: torch.Tensor, coin: torch.Tensor) -> torch.Tensor:
 
 
 def binarize_split(images_u8: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
-    """A whole uint8 split (N, 1, 28, 28) binarized once, as uint8 0/255."""
-    return (coins(seed, stream, images_u8.shape[0]) < images_u8.to(torch.int16)).to(torch.uint8) * 255
+    """A whole uint8 split (N, 1, H, W) binarized once, as uint8 0/255."""
+    on = coins(seed, stream, images_u8.shape[0], tuple(images_u8.shape[1:])) < images_u8.to(torch.int16)
+    return on.to(torch.uint8) * 255
 
 
 def train_stream(epoch: int) -> int:
     """The stream of an epoch's dynamic binarization: a fresh draw each epoch."""
     return epoch + 1
-
-
-def protocol(mode: str) -> dict[str, object]:
-    """What a reported number was measured on; recorded wherever the number is."""
-    if mode == "none":
-        return {"data": "grey-level MNIST (pixel/255) with a Bernoulli likelihood"}
-    return {
-        "data": f"binarized MNIST, training binarization {mode}",
-        "test_binarization": f"one fixed Bernoulli draw of the 10,000 test images (seed {TEST_SEED})",
-    }

@@ -4,7 +4,7 @@ The whole split is one float tensor of grey levels in [0, 1] (188 MB for the tra
 set), and a batch is one vectorised index into it (``__getitems__``), so feeding the model
 costs one gather, as in a bare loop, instead of 64 PIL conversions. Nothing here knows
 about ranks: Accelerate shards the loaders this module builds. Reading the IDX files is
-vae_dist.mnist's job.
+vae_dist.data.datasets' job.
 """
 
 from __future__ import annotations

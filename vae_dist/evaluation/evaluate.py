@@ -42,9 +42,9 @@ def test_images(
     """The test images (uint8) that training validates on and that evaluate and the picture
     commands use: the first ``limit`` (None: the config's limit; 0: all), binarized by the
     one fixed draw unless the run is grey-level."""
-    folder = data_dir or config.data.data_dir
-    root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir)
-    images = datasets.load_split(root, "test").images
+    folder, dataset = data_dir or config.data.data_dir, config.data.dataset
+    root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir, dataset)
+    images = datasets.load_split(root, "test", dataset).images
     if config.data.binarize != "none":
         images = keyed.binarize_split(images, keyed.TEST_SEED, keyed.TEST_STREAM)
     n = limit if limit is not None else config.data.limit_eval_samples
@@ -81,10 +81,12 @@ def validate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, noi
 def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> dict[str, Any]:
     """What the numbers were measured on, and the KL weight the model was trained with (its
     test loss is the true negative ELBO whatever that weight)."""
-    out = {
-        **keyed.protocol(config.data.binarize), "likelihood": config.loss.recon_loss,
-        "train_kl_weight": config.loss.kl_weight, "test_images": test_images,
-    }
+    name, mode, tests = config.data.dataset, config.data.binarize, datasets.DATASETS[config.data.dataset].test
+    out: dict[str, Any] = {"dataset": name, "data": f"grey-level {name} (pixel/255) with a Bernoulli likelihood"}
+    if mode != "none":
+        out["data"] = f"binarized {name}, training binarization {mode}"
+        out["test_binarization"] = f"one fixed Bernoulli draw of the {tests:,} test images (seed {keyed.TEST_SEED})"
+    out.update(likelihood=config.loss.recon_loss, train_kl_weight=config.loss.kl_weight, test_images=test_images)
     if iw_samples:
         out["iw_samples"] = iw_samples
     return out

@@ -71,8 +71,8 @@ def _series(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
 def save_loss_curves(
     history: Sequence[dict], path: str | os.PathLike[str], keys: Sequence[str] = ("train/loss", "valid/loss")
 ) -> None:
-    """A 640 x 400 line chart of each key against the epoch. A key with no points at all
-    is listed in the legend as "(no data)"."""
+    """A 640 x 400 line chart of each key against the epoch, titled with the dataset the rows'
+    protocol names. A key with no points at all is listed in the legend as "(no data)"."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -96,6 +96,7 @@ def save_loss_curves(
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (nats per image)")
-    ax.set_title("Loss per epoch")
+    named = next((row["protocol"]["dataset"] for row in history if "dataset" in row.get("protocol", {})), None)
+    ax.set_title(f"Loss per epoch ({named})" if named else "Loss per epoch")
     ax.legend(loc="best")
     atomic_write(path, lambda f: canvas.print_png(f))

@@ -104,17 +104,20 @@ def data_dir_for(accelerator: Accelerator, config: TrainingConfig) -> Path:
     while the others wait (torchvision writes straight to the final paths)."""
     if config.data.data_dir:
         return Path(config.data.data_dir).expanduser()
-    return on_main_then_share(accelerator, lambda: datasets.download(config.data.cache_dir))
+    return on_main_then_share(accelerator, lambda: datasets.download(config.data.cache_dir, config.data.dataset))
 
 
 def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     folder = data_dir_for(accelerator, config)
-    train = datasets.load_split(folder, "train").images
+    train, test = datasets.load_split(folder, "train", config.data.dataset).images, evaluate.test_images(config, folder)
+    for split in (train, test):  # the models are built for 1x28x28 images (for now)
+        if split.shape[1:] != (1, 28, 28):
+            raise ConfigError(f"{config.data.dataset} images are {split.shape[2]}x{split.shape[3]}; the models take 28x28")
     if config.data.binarize == "static":  # before the limit: a sample's draw depends on its index, not on the slice
         train = keyed.binarize_split(train, config.seed, keyed.STATIC_STREAM)
     if config.data.limit_train_samples:
         train = train[: config.data.limit_train_samples]
-    return train, evaluate.test_images(config, folder)
+    return train, test
 
 
 def epoch_previews(
@@ -257,8 +260,8 @@ def _train(
     )
     global_batch = config.data.batch_size * acc.num_processes
     say(
-        f"training {config.model.kind} ({models.parameter_count(config):,} parameters) on {len(train_images)} images, "
-        f"{acc.num_processes} process(es) on {acc.device.type}: global batch {global_batch} "
+        f"training {config.model.kind} ({models.parameter_count(config):,} parameters) on {len(train_images)} "
+        f"{config.data.dataset} images, {acc.num_processes} process(es) on {acc.device.type}: global batch {global_batch} "
         f"= {config.data.batch_size} per process x {acc.num_processes}, {len(train_images) // global_batch} steps per epoch"
     )
 

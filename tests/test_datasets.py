@@ -1,0 +1,315 @@
+"""The dataset table and its IDX files: the real MNIST files in each layout found, one-line
+refusals for broken ones, bounded reads of hostile ones, the download through each row's
+torchvision class, and a test-written Fashion-MNIST trained on and named in every record."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, check_ok, cli_env, main_in_process, one_error_line, small_train_args
+from vae_dist.config import options
+from vae_dist.data import keyed
+from vae_dist.data.datasets import (
+    DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_SIDE, class_names, download, load_split, read_idx,
+    torchvision_class,
+)
+from vae_dist.errors import DataError
+
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+
+
+def _gz(data_dir: Path, name: str) -> Path:
+    p = data_dir / f"{name}.gz"
+    return p if p.exists() else data_dir / name
+
+
+@functools.lru_cache(maxsize=None)
+def _raw(data_dir: Path, name: str) -> bytes:
+    p = _gz(data_dir, name)
+    return gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+
+
+def _header(n: int, side: int = 28, cols: int | None = None) -> bytes:
+    return struct.pack(">IIII", IMAGE_MAGIC, n, side, cols or side)
+
+
+def write_idx_dataset(folder: Path, side: int = 28, cols: int | None = None, splits=("train", "test")) -> Path:
+    """A fake dataset's four IDX files, gzipped, in ``folder``: image i is a gradient shifted
+    by i % 7 and its label i % 10, so that even 60,000 images write and read in a blink."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = side * (cols or side)
+    for split in splits:
+        (images, labels), n = FILES[split], getattr(DATASETS["mnist"], split)
+        gradient = np.arange(pixels + 7, dtype=np.uint32).astype(np.uint8)
+        body = np.concatenate([gradient[k : k + pixels] for k in range(7)] * (n // 7 + 1))[: n * pixels]
+        (folder / f"{images}.gz").write_bytes(gzip.compress(_header(n, side, cols) + body.tobytes(), compresslevel=1))
+        label_bytes = struct.pack(">II", LABEL_MAGIC, n) + (np.arange(n) % 10).astype(np.uint8).tobytes()
+        (folder / f"{labels}.gz").write_bytes(gzip.compress(label_bytes, compresslevel=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def test_split(data_dir):
+    return load_split(data_dir, "test")
+
+
+def test_the_real_test_split(data_dir, test_split):
+    assert test_split.images.shape == (10000, 1, 28, 28) and test_split.labels.shape == (10000,)
+    assert test_split.images.dtype == torch.uint8 and test_split.labels.dtype == torch.uint8
+    assert int(test_split.labels[0]) == 7  # as in every MNIST copy
+    ref = np.frombuffer(_raw(data_dir, TEST_IMAGES), dtype=np.uint8, offset=16).reshape(10000, 1, 28, 28)
+    assert torch.equal(test_split.images, torch.from_numpy(ref.copy()))
+
+
+def _gzipped_flat(src: Path, dst: Path) -> None:
+    for name in (TEST_IMAGES, TEST_LABELS):
+        shutil.copy(_gz(src, name), dst / _gz(src, name).name)
+
+
+def _uncompressed(src: Path, dst: Path) -> None:
+    for name in (TEST_IMAGES, TEST_LABELS):
+        (dst / name).write_bytes(_raw(src, name))
+
+
+def _linked_under_raw(src: Path, dst: Path) -> None:
+    raw = dst / "MNIST" / "raw"  # torchvision's layout; links followed
+    raw.mkdir(parents=True)
+    for name in (TEST_IMAGES, TEST_LABELS):
+        (raw / _gz(src, name).name).symlink_to(_gz(src, name).resolve())
+
+
+@pytest.mark.parametrize("layout", [_gzipped_flat, _uncompressed, _linked_under_raw], ids=lambda f: f.__name__[1:])
+def test_layouts(layout, data_dir, tmp_path, test_split):
+    layout(data_dir, tmp_path)
+    split = load_split(tmp_path, "test")
+    assert torch.equal(split.images, test_split.images) and torch.equal(split.labels, test_split.labels)
+
+
+def test_a_small_valid_file_parses(tmp_path):
+    p = tmp_path / "tiny-images"
+    pixels = np.arange(2 * 28 * 28, dtype=np.uint32).astype(np.uint8)
+    p.write_bytes(_header(2) + pixels.tobytes())
+    images = read_idx(p, IMAGE_MAGIC, 2)
+    assert images.shape == (2, 1, 28, 28) and torch.equal(images.flatten(), torch.from_numpy(pixels))
+
+
+# --- refusals: one DataError line naming the file ------------------------------------------
+
+
+def _truncated_gzip(data_dir: Path) -> bytes:
+    p = _gz(data_dir, TEST_IMAGES)
+    gz = p.read_bytes() if p.suffix == ".gz" else gzip.compress(p.read_bytes(), compresslevel=1)
+    return gz[: len(gz) // 2]
+
+
+def _corrupt_deflate(_: Path) -> bytes:
+    gz = bytearray(gzip.compress(_header(10000) + os.urandom(3 * 784)))
+    for i in range(12, len(gz) - 8):  # scramble the compressed body, keep the gzip header
+        gz[i] ^= 0x5A
+    return bytes(gz)
+
+
+# (what the broken file holds, its name, words the message has)
+BROKEN = {
+    "truncated": (lambda d: _raw(d, TEST_IMAGES)[:100_000], TEST_IMAGES, ["truncated"]),
+    "header-cut": (lambda d: struct.pack(">II", IMAGE_MAGIC, 10000), TEST_IMAGES, ["truncated"]),
+    "padded": (lambda d: _raw(d, TEST_IMAGES) + b"\0" * 10, TEST_IMAGES, ["padded"]),
+    "labels-as-images": (lambda d: _raw(d, TEST_LABELS), TEST_IMAGES, ["magic", str(LABEL_MAGIC)]),
+    "wrong-count": (lambda d: _header(5) + bytes(5 * 784), TEST_IMAGES, ["holds 5 items, expected 10000"]),
+    "side-zero": (lambda d: _header(10000, 0) + bytes(100), TEST_IMAGES, ["0x0 images", f"1 to {MAX_SIDE}"]),
+    "side-too-large": (lambda d: _header(10000, 28, MAX_SIDE + 1), TEST_IMAGES, [f"28x{MAX_SIDE + 1} images"]),
+    "gzip-truncated": (_truncated_gzip, f"{TEST_IMAGES}.gz", ["cannot be read"]),
+    "gzip-corrupt-deflate": (_corrupt_deflate, f"{TEST_IMAGES}.gz", ["cannot be read"]),
+    "gz-name-plain-bytes": (lambda d: _raw(d, TEST_IMAGES), f"{TEST_IMAGES}.gz", ["cannot be read"]),
+    "label-above-9": (lambda d: _raw(d, TEST_LABELS)[:-1] + b"\x0a", TEST_LABELS, ["label 10 at item 9999", "0 to 9"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_file_is_one_data_error(case, data_dir, tmp_path):
+    content, name, words = BROKEN[case]
+    for real in (TEST_IMAGES, TEST_LABELS):  # then the broken one over (or, uncompressed, found before) its own
+        shutil.copy(_gz(data_dir, real), tmp_path)
+    (tmp_path / name).write_bytes(content(data_dir))
+    with pytest.raises(DataError) as ei:
+        load_split(tmp_path, "test")
+    msg = str(ei.value)
+    assert "\n" not in msg and f"mnist file {tmp_path / name}" in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_a_missing_folder_or_file_is_named(data_dir, tmp_path):
+    with pytest.raises(DataError, match="nope does not exist"):
+        load_split(tmp_path / "nope", "test")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="file is not a directory"):
+        load_split(tmp_path / "file", "test")
+    shutil.copy(_gz(data_dir, TEST_IMAGES), tmp_path)
+    with pytest.raises(DataError, match=f"mnist file {TEST_LABELS}.* not found"):
+        load_split(tmp_path, "test")
+
+
+# Reads each file in a child whose data segment is capped at 1 GB: a reader that takes a
+# whole stream into memory fails there (MemoryError) instead of exhausting the machine.
+BOUNDED_READ = textwrap.dedent(
+    """
+    import resource, sys, time
+    from pathlib import Path
+    resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+    from vae_dist.data.datasets import IMAGE_MAGIC, read_idx
+    for path in sys.argv[1:]:
+        t0 = time.monotonic()
+        try:
+            read_idx(Path(path), IMAGE_MAGIC, 10000)
+            said = "no error"
+        except BaseException as e:
+            said = f"{type(e).__name__}: {e}"
+        print(f"{time.monotonic() - t0:.2f} {said}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_gzip_bomb_or_an_endless_input_fails_fast_without_reading_it(tmp_path):
+    # A valid header for 10000 images, then 2 GB of zeros in 16 MB gzip members (a gzip
+    # file may hold several; one member compressed once is cheap to repeat): a reader
+    # that inflates the whole stream before checking sizes needs 2 GB.
+    bomb = tmp_path / "t10k-images-idx3-ubyte.gz"
+    zeros = gzip.compress(bytes(1 << 24), compresslevel=1)
+    bomb.write_bytes(gzip.compress(_header(10000)) + zeros * 128)
+    endless = tmp_path / "images"
+    endless.symlink_to("/dev/zero")
+    proc = subprocess.run([sys.executable, "-c", BOUNDED_READ, str(bomb), str(endless)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (bomb_s, bomb_said), (endless_s, endless_said) = (line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert bomb_said.startswith("DataError:") and "padded" in bomb_said, bomb_said
+    assert endless_said.startswith("DataError:") and "magic" in endless_said, endless_said
+    assert float(bomb_s) < 5 and float(endless_s) < 5, proc.stdout
+
+
+def test_a_failed_download_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    """No network: one DataError that says what failed and points at --data-dir."""
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    # A stand-in for torchvision.datasets: importing the real one takes seconds.
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", types.SimpleNamespace(MNIST=offline))
+    with pytest.raises(DataError) as e:
+        download(tmp_path / "cache")
+    msg = str(e.value)
+    assert "\n" not in msg and "could not download mnist" in msg and "RuntimeError" in msg and "--data-dir" in msg
+
+
+def test_the_download_and_the_class_names_come_from_the_rows_torchvision_class(tmp_path, monkeypatch):
+    made = []
+
+    class FashionMNIST:  # a stand-in, as above
+        classes = ["T-shirt/top", "Trouser"]
+
+        def __init__(self, root, train, download):
+            made.append((root, train, download))
+
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", types.SimpleNamespace(FashionMNIST=FashionMNIST))
+    assert download(tmp_path, "fashion-mnist") == tmp_path / "FashionMNIST" / "raw"
+    assert made == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
+    assert class_names("fashion-mnist") == ["T-shirt/top", "Trouser"]
+
+
+@pytest.mark.slow  # imports torchvision
+def test_every_row_is_a_torchvision_class_with_the_four_files_and_its_classes():
+    for name, row in DATASETS.items():
+        checksummed = {file for file, _md5 in torchvision_class(name).resources}
+        assert checksummed == {f"{f}.gz" for pair in FILES.values() for f in pair}, name
+        assert len(class_names(name)) == row.classes, name
+
+
+# --- the table: which dataset, where its files are, what size its images are ---------------
+
+
+def test_the_config_offers_the_tables_rows():
+    (dataset,) = [o for o in options() if o.dotted == "data.dataset"]
+    assert typing.get_args(dataset.annotation) == tuple(DATASETS) and dataset.default == "mnist"
+    assert not dataset.resumable
+
+
+def test_a_bad_dataset_is_one_line_listing_the_choices(tmp_path, capsys):
+    line = one_error_line(main_in_process(["train", "--dataset", "cifar10", "--artifact-dir", str(tmp_path)], capsys))
+    assert "cifar10" in line and all(f"'{name}'" in line for name in DATASETS), line
+
+
+def test_a_dataset_is_found_in_its_torchvision_layout_and_not_in_anothers(tmp_path):
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", splits=("test",))
+    split = load_split(tmp_path, "test", "fashion-mnist")
+    assert split.images.shape == (10000, 1, 28, 28) and split.labels[:12].tolist() == [*range(10), 0, 1]
+    with pytest.raises(DataError, match=re.escape(f"mnist file {TEST_IMAGES}(.gz) not found in {tmp_path} ")):
+        load_split(tmp_path, "test", "mnist")  # MNIST's own folder is MNIST/raw/
+
+
+def test_the_image_size_comes_from_the_header(tmp_path):
+    write_idx_dataset(tmp_path, side=32, cols=20, splits=("test",))
+    images = load_split(tmp_path, "test", "kmnist").images
+    assert images.shape == (10000, 1, 32, 20) and images[1, 0, 0, :3].tolist() == [1, 2, 3]
+    assert keyed.binarize_split(images, 0, 1).shape == images.shape  # the coins follow the size
+
+
+def test_training_refuses_images_the_models_do_not_take_before_writing_anything(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "data", side=9)
+    art = tmp_path / "run"
+    line = one_error_line(main_in_process(small_train_args(tmp_path / "data", art, "--dataset", "kmnist"), capsys))
+    assert line == "error: kmnist images are 9x9; the models take 28x28" and not art.exists()
+
+
+def test_the_loss_curves_title_names_the_dataset(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from vae_dist.evaluation import images
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, title, *args, **kwargs: titles.append(title))
+    monkeypatch.setattr(images, "atomic_write", lambda path, write: None)  # the title is all this test needs
+    row = {"epoch": 1, "train/loss": 2.0, "valid/loss": 1.0}
+    images.save_loss_curves([{**row, "protocol": {"dataset": "kmnist"}}], tmp_path / "a.png")
+    images.save_loss_curves([row], tmp_path / "b.png")  # a run recorded before datasets were named
+    assert titles == ["Loss per epoch (kmnist)", "Loss per epoch"]
+
+
+@pytest.mark.slow  # trains two steps on a test-written 60,000-image dataset
+def test_fashion_mnist_trains_and_every_record_and_command_follows_it(tmp_path, capsys):
+    import vae_dist
+    from vae_dist.run.modelfile import model_results
+
+    data, art = tmp_path / "data", tmp_path / "run"
+    write_idx_dataset(data / "FashionMNIST" / "raw")  # not a file where MNIST's would be
+    ran = main_in_process(small_train_args(data, art, "--dataset", "fashion-mnist", "--model", "mlp", "--max-steps", "2"),
+                          capsys)
+    check_ok(ran)
+    assert "on 1024 fashion-mnist images" in ran.stdout
+    assert json.loads((art / "config.json").read_text())["data"]["dataset"] == "fashion-mnist"
+    rows = [json.loads(line) for line in (art / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row["protocol"]["dataset"] == "fashion-mnist" for row in rows)
+    assert rows[-1]["protocol"]["data"].startswith("grey-level fashion-mnist")
+    assert model_results(art / "model.safetensors")["protocol"]["dataset"] == "fashion-mnist"
+    assert vae_dist.load(art).config.data.dataset == "fashion-mnist"
+    ran = main_in_process(["evaluate", str(art), "--json"], capsys)
+    check_ok(ran)
+    assert json.loads(ran.stdout)["protocol"] == rows[-1]["protocol"]
+    check_ok(main_in_process(["reconstruct", str(art), "--num", "8"], capsys))  # the test images, from FashionMNIST/raw
