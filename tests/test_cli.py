@@ -8,6 +8,7 @@ where the process is the point (the two entry points, a stdout that cannot be wr
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -52,9 +53,15 @@ def _help(capsys, monkeypatch, command: str = "train") -> list[str]:
 
 
 def _row(lines: list[str], flag: str) -> str:
-    rows = [ln for ln in lines if ln.lstrip("│ ").startswith(flag + " ")]
-    assert len(rows) == 1, f"{flag} appears {len(rows)} times in --help"
-    return rows[0]
+    """The option's row of the help table, with the lines its help wraps onto."""
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip("│ ").startswith(flag + " ")]
+    assert len(starts) == 1, f"{flag} appears {len(starts)} times in --help"
+    row, rest = lines[starts[0]], lines[starts[0] + 1:]
+    for ln in rest:
+        if ln.lstrip("│ ").startswith("-") or not ln.startswith("│ "):
+            break
+        row += " " + ln.strip("│ ")
+    return row
 
 
 def test_help_lists_every_field_with_its_default_once(capsys, monkeypatch):
@@ -103,7 +110,7 @@ def _other_value(o) -> tuple[list[str], object]:
         value = next(v for v in typing.get_args(ann) if v != o.default)
         return [o.flag, value], value
     if typing.get_origin(ann) is tuple:
-        value = {"model.conv_channels": (8, 24), "model.hidden_sizes": (64, 32, 16),
+        value = {"model.conv_channels": (8, 24), "model.hidden_sizes": (64, 32, 16), "model.vq_vae.channels": (8, 24),
                  "report_to": ("wandb", "tensorboard")}.get(o.dotted, (0.5, 0.75))
         return [o.flag, ",".join(map(str, value))], value
     if ann is int:
@@ -119,8 +126,8 @@ def _other_value(o) -> tuple[list[str], object]:
 def test_every_flag_sets_its_field(o):
     words, value = _other_value(o)
     cfg = parse_train_args(words)
-    section, _, leaf = o.dotted.rpartition(".")
-    assert getattr(getattr(cfg, section) if section else cfg, leaf) == value
+    *sections, leaf = o.dotted.split(".")
+    assert getattr(functools.reduce(getattr, sections, cfg), leaf) == value
     # ... and only that field: everything else keeps its default.
     base, changed = TrainingConfig().to_dict(), json.loads(cfg.to_json())
     if o.dotted == "loss.iw_samples":
@@ -128,8 +135,7 @@ def test_every_flag_sets_its_field(o):
     if o.dotted == "model.kind":
         for name in set().union(*(f.defaults for f in REGISTRY.values())):  # these follow the kind
             base["model"][name] = changed["model"][name]
-    section_dict = changed[section] if section else changed
-    section_dict[leaf] = (base[section] if section else base)[leaf]
+    functools.reduce(dict.__getitem__, sections, changed)[leaf] = functools.reduce(dict.__getitem__, sections, base)[leaf]
     assert changed == base
 
 
