@@ -36,8 +36,7 @@ from vae_dist.run.folder import read_metrics  # noqa: E402
 from vae_dist.cli.app import parse_train_args  # noqa: E402
 from vae_dist.config import TrainingConfig  # noqa: E402
 from vae_dist.errors import VaeDistError  # noqa: E402
-from vae_dist.models.gaussian import negative_elbo  # noqa: E402
-from vae_dist.models.gaussian import VAE  # noqa: E402
+from vae_dist.models import build  # noqa: E402
 from vae_dist.training.trainer import make_optimizer  # noqa: E402
 
 # The benchmarks' historical setting: the canonical PyTorch VAE example (mlp, batch 128,
@@ -206,14 +205,14 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 class BareStep:
-    """One optimizer step with no framework: forward, negative_elbo, backward, (clip), Adam;
+    """One optimizer step with no framework: forward (the family's objective), backward, (clip), Adam;
     model, optimizer, loss, precision and compile as in ``config``. ``usual_adam``: the
     canonical example's ``torch.optim.Adam(params, lr)`` instead of the trainer's."""
 
     def __init__(self, config: TrainingConfig, device: torch.device, usual_adam: bool = False):
         torch.manual_seed(config.seed)
         self.device, self.loss = device, config.loss
-        self.model = VAE.from_config(config.model).to(device)
+        self.model = build(config).to(device)
         # The mode Accelerate compiles the trainer's model with (its ACCELERATE_DYNAMO_MODE,
         # e.g. reduce-overhead for CUDA graphs), so that the two loops compare like with like.
         mode = os.environ.get("ACCELERATE_DYNAMO_MODE") or None
@@ -230,14 +229,14 @@ class BareStep:
         # Autocast around the forward only, as Accelerate does; the loss runs in float32.
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
-            out = self.forward(x)  # eps=None: the model draws torch.randn_like(mu)
-        parts = negative_elbo(out.logits, out.mu, out.logvar, x, kind=self.loss.recon_loss, kl_weight=self.loss.kl_weight)
-        parts.loss.backward()
+            terms = self.forward(x, None, kl_weight=self.loss.kl_weight).terms  # noise None: the model draws its own
+        loss = terms["loss"].mean()
+        loss.backward()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return parts.loss.detach()
+        return loss.detach()
 
 
 def torchvision_root(data_dir: Path) -> Path:

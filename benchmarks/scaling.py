@@ -106,24 +106,22 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    from vae_dist.config import ModelConfig
+    from vae_dist.config import ModelConfig, TrainingConfig
     from vae_dist.data.loaders import MnistImages, make_loader
     from vae_dist.data.datasets import load_split
-    from vae_dist.models.gaussian import negative_elbo
-    from vae_dist.models.gaussian import VAE
-    from vae_dist.data.keyed import train_noise
+    from vae_dist.models import build
+    from vae_dist.data.keyed import TRAIN_NOISE, noise as keyed_noise
 
     acc = Accelerator(cpu=True)
     world = acc.num_processes
     batch = GLOBAL_BATCH // world
     images = load_split(args.data_dir, "train").images[: args.limit_train_samples]
     set_seed(0)
-    model = VAE.from_config(ModelConfig(kind=args.model))
-    latent = model.latent_size
+    model = build(TrainingConfig(model=ModelConfig(kind=args.model)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = make_loader(MnistImages(images), batch, shuffle_seed=0, drop_last=True, num_workers=0)
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
-    noise = train_noise(0, 0, images.shape[0], latent)
+    noise = keyed_noise(TRAIN_NOISE, 0, 0, images.shape[0], model.noise_shape(1))
     params = [p for p in model.parameters() if p.requires_grad]
     epoch, it = 0, iter(loader)
 
@@ -138,8 +136,7 @@ def worker(args: argparse.Namespace) -> None:
             return next(it)
 
     def loss_of(x, idx):
-        out = model(x, noise[idx])
-        return negative_elbo(out.logits, out.mu, out.logvar, x, kind="bce", kl_weight=1.0).loss
+        return model(x, noise[idx]).terms["loss"].mean()
 
     no_sync = model.no_sync if world > 1 else contextlib.nullcontext
     names = ["data", "compute", "wait", "all-reduce", "optimizer"]
