@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vae_dist.config import RESUMABLE_FIELDS, DataConfig, TrainingConfig, merge, options, read_json_config, resume_mismatch
+from vae_dist.config import RESUMABLE_FIELDS, DataConfig, TrainingConfig, merge, options, read_config_file, resume_mismatch
 from vae_dist.errors import ConfigError
 
 NON_DEFAULT = {
@@ -35,19 +35,19 @@ def test_json_round_trip(data, tmp_path):
     assert isinstance(back.optimizer.betas, tuple) and isinstance(back.model.hidden_sizes, tuple)
 
 
-def test_read_json_config_refusals(tmp_path):
+def test_read_config_file_refusals(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        read_json_config(tmp_path / "missing.json")
+        read_config_file(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        read_json_config(bad)
+        read_config_file(bad)
     bad.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must hold a JSON object"):
-        read_json_config(bad)
+        read_config_file(bad)
     bad.write_text(" " * (1 << 20) + "{}")  # bounded: a device file would never end
     with pytest.raises(ConfigError, match="larger than"):
-        read_json_config(bad)
+        read_config_file(bad)
 
 
 # --- refusals: one line that names the field ------------------------------------------------
@@ -174,7 +174,6 @@ def test_resume_allows_driving_fields():
 
 
 def test_yaml_config_reads_as_json_would_and_refuses_in_one_line(tmp_path):
-    from vae_dist.config import read_config_file
 
     good = tmp_path / "run.yml"
     good.write_text("optimizer:\n  learning_rate: 1e-3\n  betas: [0.5, 0.9]\ncpu: true\n")

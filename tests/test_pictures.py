@@ -1,5 +1,5 @@
-"""Pictures: what a model shows (vae_dist.inference), the grids they are drawn in
-(vae_dist.images), the previews training writes each epoch, and the sample /
+"""Pictures: what a model shows (evaluation.evaluate's previews, the API's TrainedVAE), the grids
+they are drawn in (evaluation.images), the previews training writes each epoch, and the sample /
 reconstruct / interpolate commands, run in this process on a model file written from a
 seeded untrained VAE."""
 
@@ -15,10 +15,10 @@ from PIL import Image
 from conftest import check_ok, main_in_process, one_error_line
 from vae_dist.evaluation import evaluate
 from vae_dist.evaluation import images
-from vae_dist.evaluation import inference
 from vae_dist.cli.pictures import _output_path
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import VaeDistError
+from vae_dist.evaluation.api import TrainedVAE, manifold_grid
 from vae_dist.evaluation.images import PADDING
 from vae_dist.models import build
 from vae_dist.models.protocol import Model
@@ -62,7 +62,7 @@ def model_run(root: Path, latent: int = 2, data_dir: Path | None = None) -> Path
     return root
 
 
-# --- inference -----------------------------------------------------------------------------
+# --- what a model shows -----------------------------------------------------------------------------
 
 
 def _small_model(kind: str, latent: int = 8) -> Model:
@@ -72,10 +72,10 @@ def _small_model(kind: str, latent: int = 8) -> Model:
 
 def test_prior_samples_are_seeded_images() -> None:
     model = _small_model("mlp").train()
-    a = inference.prior_samples(model, 5, seed=3)
+    a = evaluate.prior_samples(model, 5, seed=3)
     torch.manual_seed(123)  # the global RNG plays no part
-    b = inference.prior_samples(model, 5, seed=3)
-    c = inference.prior_samples(model, 5, seed=4)
+    b = evaluate.prior_samples(model, 5, seed=3)
+    c = evaluate.prior_samples(model, 5, seed=4)
     assert a.shape == (5, 1, 28, 28) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
@@ -85,32 +85,32 @@ def test_prior_samples_are_seeded_images() -> None:
 def test_reconstructions_and_interpolation_use_the_posterior_mean() -> None:
     model = _small_model("mlp", 4)
     x = torch.rand(3, 1, 28, 28)
-    rec = inference.reconstructions(model, x)
+    rec = evaluate.reconstructions(model, x)
     assert rec.shape == x.shape and not rec.requires_grad
     with torch.no_grad():
         expected = torch.sigmoid(model.decode(model.encode(x)[0]))
     assert torch.allclose(rec, expected)
-    line = inference.interpolate(model, x[0], x[2], steps=5)
+    line = TrainedVAE(model, TrainingConfig(model=ModelConfig(kind="mlp", latent_size=4)), {}).interpolate(x[:1], x[2:], 5)
     assert line.shape == (5, 1, 28, 28)
     assert torch.allclose(line[0], rec[0], atol=1e-6) and torch.allclose(line[-1], rec[2], atol=1e-6)
     with torch.no_grad():
         mu = model.encode(x)[0]
         mid = torch.sigmoid(model.decode(((mu[0] + mu[2]) / 2).unsqueeze(0)))[0]
     assert torch.allclose(line[2], mid, atol=1e-6)
-    with pytest.raises(ValueError):
-        inference.interpolate(model, x[0], x[1], steps=1)
+    with pytest.raises(VaeDistError, match="steps"):
+        TrainedVAE(model, TrainingConfig(), {}).interpolate(x[:1], x[1:2], steps=1)
 
 
 def test_manifold_grid_and_latent_check() -> None:
-    z = inference.manifold_grid(4)
+    z = manifold_grid(4)
     assert z.shape == (16, 2)
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, 4))
     # row-major: z1 grows along a row, z2 falls down the rows; symmetric about 0
     assert torch.allclose(z[:4, 0], q) and torch.allclose(z[::4, 1], q.flip(0))
     assert torch.allclose(q, -q.flip(0), atol=1e-6)
-    assert inference.manifold(_small_model("mlp", 2), 3).shape == (9, 1, 28, 28)
+    assert TrainedVAE(_small_model("mlp", 2), TrainingConfig(), {}).manifold(3).shape == (9, 1, 28, 28)
     with pytest.raises(VaeDistError, match="2-dimensional"):
-        inference.manifold(_small_model("mlp", 3), 3)
+        TrainedVAE(_small_model("mlp", 3), TrainingConfig(), {}).manifold(3)
 
 
 # --- grids and charts ----------------------------------------------------------------------
@@ -160,8 +160,8 @@ def test_epoch_previews_go_under_images_and_to_the_tracker(tmp_path, monkeypatch
     recon, samples = tmp_path / "images" / "epoch-003-reconstructions.png", tmp_path / "images" / "epoch-003-samples.png"
     x = test[:NUM_PREVIEW].float() / 255
     assert set(saved) == {recon, samples}
-    assert torch.equal(saved[recon][0], images.side_by_side(x, inference.reconstructions(model, x)))
-    assert torch.equal(saved[samples][0], inference.prior_samples(model, NUM_SAMPLES, 7))
+    assert torch.equal(saved[recon][0], images.side_by_side(x, evaluate.reconstructions(model, x)))
+    assert torch.equal(saved[samples][0], evaluate.prior_samples(model, NUM_SAMPLES, 7))
     assert logged == [({"valid/reconstructions": str(recon), "prior/samples": str(samples)}, 30)]
 
     def full(tiles, path, nrow):

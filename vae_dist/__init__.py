@@ -1,8 +1,6 @@
 """vae_dist: a distributed trainer for variational autoencoders on MNIST, built on Accelerate.
 
-The Python API (see the README): ``load``, ``TrainedVAE``, ``iw_nll``, ``TrainingConfig``
-and ``train``. Exported lazily, so that ``import vae_dist`` (and the CLI's ``--help``)
-does not import torch.
+The Python API (see the README), exported lazily so that ``import vae_dist`` (and ``--help``) does not import torch.
 """
 
 from typing import Any

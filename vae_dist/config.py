@@ -1,11 +1,5 @@
-"""The typed config tree: each option declared once, with its default, help, flag and resume rule.
-
-Every section is a pydantic model validated in strict mode with unknown keys refused, so
-a bad value is refused before anything is created or trained, in one line that names
-the field (``data.batch_size: must be ≥ 1, got 0``). A field's metadata also carries its
-command-line flag and whether it may change on ``--resume``: the CLI generates the
-``train`` options from this tree (vae_dist.cli), and the resumable set is read off it.
-"""
+"""The typed config tree: each option declared once (``option``), with its default, help, flag and resume rule;
+the CLI generates ``train``'s options from it and the resume check reads the resumable set off it."""
 
 from __future__ import annotations
 
@@ -17,24 +11,17 @@ from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Option
 from pydantic import Field, create_model, field_validator, model_validator
 
 from vae_dist.data.datasets import DatasetName
-from vae_dist.errors import ConfigError, first_line
+from vae_dist.errors import ConfigError
 from vae_dist.models import REGISTRY
-from vae_dist.schema import Section, explain, option
+from vae_dist.schema import Section, option
 
-# The run's own config, in its artifact folder (here so the CLI finds it without torch).
-CONFIG_FILE = "config.json"
-# A config file is a few hundred bytes; more than this is not a config (or is /dev/zero).
-MAX_CONFIG_BYTES = 1 << 20
-# numpy's seed (which accelerate.set_seed also sets) must fit in 32 bits.
-MAX_SEED = 2**32 - 1
+CONFIG_FILE = "config.json"  # the run's own config, in its artifact folder
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config (or is /dev/zero)
+MAX_SEED = 2**32 - 1  # numpy's seed (which accelerate.set_seed also sets) is 32 bits
 
-
-# Lists of numbers: JSON has no tuples, so lists are accepted (strict=False on the field)
-# while each item stays strict (no "3" for 3, no true for 1).
+# JSON has no tuples: a field of numbers takes a list (strict=False on it), each item strict (no "3", no true).
 Channels = Annotated[int, Field(strict=True, ge=1, le=1024)]
 Beta = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
-
-
 Width = Annotated[int, Field(strict=True, ge=1, le=16384)]
 
 
@@ -111,8 +98,6 @@ class DataConfig(Section):
     eval_batch_size: int = option(
         1000, "Validation batch per process (changes speed only, never the numbers).", ge=1, le=1 << 20, resumable=True,
     )
-    # The dataset is one in-memory tensor and a batch one index into it: worker processes
-    # only add inter-process copies (and PyTorch warns when they outnumber the cores).
     num_workers: int = option(
         0, "DataLoader worker processes per process (0 = batches are taken in the training process).",
         ge=0, le=256, resumable=True,
@@ -210,85 +195,50 @@ class TrainingConfig(Section):
             raise ValueError(f"none cannot go with a tracker: {','.join(value)}")
         return value
 
-    # --- JSON in and out -------------------------------------------------------------
-
     @classmethod
     def from_dict(cls, data: Any) -> "TrainingConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object (got {type(data).__name__})")
         return cls(**data)
 
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "TrainingConfig":
+        return cls.from_dict(read_config_file(path))
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "TrainingConfig":
-        return cls.from_dict(read_json_config(path))
-
-
-YAML_SUFFIXES = (".yaml", ".yml")
-
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``--config`` file, JSON or (by its suffix, .yaml/.yml) YAML, into a dict, with
-    one-line errors for the usual mistakes; the same strict validation follows either way."""
+    """A config file, JSON or (by its suffix, .yaml/.yml) YAML, as a dict, with one-line errors for the usual mistakes."""
     p = Path(path)
-    if p.suffix.lower() in YAML_SUFFIXES:
-        return _parsed(p, _yaml_data, "YAML mapping (key: value lines)")
-    return read_json_config(p)
-
-
-def read_json_config(path: str | Path) -> dict[str, Any]:
-    """Read a JSON config file into a dict, with one-line errors for the usual mistakes."""
-    return _parsed(Path(path), _json_data, "JSON object")
-
-
-def _json_data(p: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
-
-
-def _yaml_data(p: Path, text: str) -> Any:
-    import yaml  # only a YAML config pays for the import
-
-    from vae_dist.yamlconfig import StrictLoader
-
-    try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader: plain data only)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p} is not valid YAML: {e.problem or e.context}{where}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {first_line(e)}") from None
-
-
-def _parsed(p: Path, parse: Callable[[Path, str], Any], mapping: str) -> dict[str, Any]:
-    """The file's text through ``parse`` (one format's reader), with the errors every
-    format shares: nesting too deep for the parser, and a document that is not a mapping."""
-    text = _read_text(p)
-    try:
-        data = parse(p, text)
-    except RecursionError:
-        raise ConfigError(f"config file {p} is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a {mapping}")
-    return data
-
-
-def _read_text(p: Path) -> str:
+    is_yaml = p.suffix.lower() in (".yaml", ".yml")
     try:
         with p.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device file would never end
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} cannot be read: {e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    try:
+        if is_yaml:
+            from vae_dist import yamlconfig  # only a YAML config pays for importing yaml
+
+            data = yamlconfig.load(text)
+        else:
+            data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except ValueError as e:  # yamlconfig's one line
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a {'YAML mapping (key: value lines)' if is_yaml else 'JSON object'}")
+    return data
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +249,12 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --- the tree as a flat list of options ------------------------------------------------
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"batch_size": 64}} -> {"data.batch_size": 64}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 @dataclass(frozen=True)
@@ -317,41 +272,22 @@ class Option:
 
 def options(cls: type[Section] = TrainingConfig, prefix: str = "") -> Iterator[Option]:
     for name, info in cls.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, Section):
-            yield from options(ann, f"{prefix}{name}.")
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
+            yield from options(info.annotation, f"{prefix}{name}.")
             continue
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        yield Option(
-            dotted=prefix + name,
-            flag=str(extra.get("flag") or "--" + name.replace("_", "-")),
-            help=info.description or "",
-            default=info.get_default(call_default_factory=True),
-            annotation=ann,
-            resumable=bool(extra.get("resumable")),
-            shown=extra.get("shown"),  # type: ignore[arg-type]
-        )
+        extra: dict[str, Any] = info.json_schema_extra  # type: ignore[assignment]  (option()'s)
+        yield Option(prefix + name, extra["flag"] or "--" + name.replace("_", "-"), info.description or "",
+                     info.get_default(call_default_factory=True), info.annotation, extra["resumable"], extra["shown"])
 
 
 RESUMABLE_FIELDS = frozenset(o.dotted for o in options() if o.resumable)
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"data": {"batch_size": 64}} -> {"data.batch_size": 64}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def resume_mismatch(
     saved: TrainingConfig, given: TrainingConfig, saved_as: str = "the run being resumed used"
 ) -> Optional[str]:
-    """Name the fields that shape the model or data and differ, else None. The resume rule,
-    for config.json against the flags and for a checkpoint's config against config.json."""
+    """The fields that shape the model or data and differ, in one line, else None: config.json against
+    the flags, and a checkpoint's config against config.json."""
     a, b = flatten(saved.to_dict()), flatten(given.to_dict())
     differ = [key for key in sorted(a) if key not in RESUMABLE_FIELDS and a[key] != b.get(key)]
     if not differ:

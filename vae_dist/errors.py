@@ -1,4 +1,4 @@
-"""User-facing errors: one line each, printed by the CLI without a traceback."""
+"""User-facing errors: one line each, printed by the CLI as ``error: ...`` (exit 2) without a traceback."""
 
 from __future__ import annotations
 
@@ -10,11 +10,7 @@ def first_line(e: BaseException) -> str:
 
 
 class VaeDistError(Exception):
-    """A problem with the user's input or environment that the user can fix.
-
-    The CLI prints ``error: <message>`` and exits with status 2; anything else is a bug
-    and keeps its traceback.
-    """
+    """A problem with the user's input or environment that the user can fix; anything else is a bug."""
 
 
 class ConfigError(VaeDistError):
@@ -38,8 +34,7 @@ class TrainingError(VaeDistError):
 
 
 class MainProcessError(VaeDistError):
-    """Raised on the other ranks when the main process failed in work it does for all of
-    them (its own traceback, on the main process, tells what went wrong)."""
+    """On the other ranks: the main process failed in work it does for all (its traceback tells what)."""
 
 
 class OutputError(VaeDistError):

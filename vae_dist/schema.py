@@ -14,28 +14,24 @@ def option(
     default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False, shown: Optional[str] = None,
     **constraints: Any,
 ) -> Any:
-    """A config field: its default, one line of help, its CLI flag (default: ``--field-name``),
-    whether it may differ on ``--resume`` (only fields that change how a run is driven,
-    logged or stored, never which samples it sees or what the model is), and how ``--help``
-    shows its default when the value itself does not say it (``shown``)."""
+    """A config field: its default, one line of help, its flag (default ``--field-name``), whether it may
+    differ on ``--resume`` (only what drives, logs or stores a run, never which samples it sees or what the
+    model is), and how ``--help`` shows its default when the value does not say it (``shown``)."""
     extra = {"flag": flag, "resumable": resumable, "shown": shown}
     return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
 class Section(BaseModel):
-    """Base of every section. ``path`` is where the section sits in the tree, so that even
-    a section built directly (``DataConfig(batch_size=0)``) names ``data.batch_size``."""
+    """Base of every section; ``path`` (its place in the tree) names ``data.batch_size`` even in ``DataConfig(...)``."""
 
-    # No infinities or NaN: an infinite rate, weight or warm-up passes every bound and then
-    # trains nothing, or diverges after --overwrite has already cleared the previous run.
+    # No infinities or NaN: an infinite rate or weight passes every bound and then trains nothing.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
     path: ClassVar[str] = ""
 
     @field_validator("*", mode="after")
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
-        # Paths and names reach the OS, which refuses a NUL byte with a ValueError of its own.
-        if isinstance(value, str) and "\x00" in value:
+        if isinstance(value, str) and "\x00" in value:  # the OS refuses it with a ValueError of its own
             raise ValueError("must not contain a NUL byte")
         return value
 
@@ -64,9 +60,8 @@ _WORDS = {
 def explain(error: ValidationError, prefix: str = "") -> str:
     """The first problem of a pydantic error as one line: ``field.path: must be ..., got X``."""
     e = error.errors()[0]
-    names = ((prefix,) if prefix else ()) + tuple(p for p in e["loc"] if isinstance(p, str))
-    loc = ".".join(names)
-    kind, ctx, got = e["type"], e.get("ctx") or {}, e.get("input")
+    loc = ".".join(((prefix,) if prefix else ()) + tuple(p for p in e["loc"] if isinstance(p, str)))
+    kind, got = e["type"], e.get("input")
     if kind == "extra_forbidden":
         return f"unknown config key {loc}"
     if kind == "missing" and isinstance(e["loc"][-1], int):  # a pair given as a list of one
@@ -75,5 +70,5 @@ def explain(error: ValidationError, prefix: str = "") -> str:
         return f"{loc}: must not be empty"
     if kind == "value_error":
         return f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-    what = _WORDS[kind].format(**ctx) if kind in _WORDS else f"must be valid ({e['msg']})"
+    what = _WORDS[kind].format(**(e.get("ctx") or {})) if kind in _WORDS else f"must be valid ({e['msg']})"
     return f"{loc}: {what}, got {got!r}"

@@ -1,4 +1,4 @@
-"""The command line (`vae-dist`, `python -m vae_dist`): the commands are in app.py, the picture commands in pictures.py."""
+"""The command line (`vae-dist`, `python -m vae_dist`): the commands in app.py, the picture commands in pictures.py."""
 
 from vae_dist.cli.app import main
 

@@ -1,11 +1,8 @@
-"""The Python API: a trained model and what it does, for notebooks and scripts.
+"""The Python API: a trained model and what it does, for notebooks, scripts and the picture commands.
 
-``load`` takes a run folder, its ``model.safetensors`` or one of its checkpoint folders
-and returns a TrainedVAE: the model (on the CPU unless asked otherwise, whatever device
-trained it) with its training config and recorded results. Its methods are the ones the
-CLI's picture commands use (vae_dist.inference), and ``iw_nll`` is ``evaluate``'s
-estimator, so a number from here is the number the CLI prints. Bad input raises the
-project's one-line errors (vae_dist.errors).
+``load`` takes a run folder, its ``model.safetensors`` or one of its checkpoint folders and returns a
+TrainedVAE on the CPU (whatever device trained it); ``iw_nll`` is ``evaluate``'s estimator, so a number
+from here is the number the CLI prints. Bad input raises the one-line errors of vae_dist.errors.
 """
 
 from __future__ import annotations
@@ -15,19 +12,15 @@ from typing import Any, Optional
 
 import torch
 
-from vae_dist.evaluation import inference
-from vae_dist.run.checkpoint import MANIFEST, read_manifest, verify_hashes
 from vae_dist.config import TrainingConfig
-from vae_dist.errors import ArtifactError, DataError
-from vae_dist.evaluation.evaluate import iw_nll_per_image
-from vae_dist.errors import VaeDistError
-from vae_dist.run.fileio import checking
+from vae_dist.errors import ArtifactError, DataError, VaeDistError
+from vae_dist.evaluation.evaluate import evaluating, iw_nll_per_image, prior_samples, reconstructions
 from vae_dist.models.protocol import Model
+from vae_dist.run.checkpoint import MANIFEST, read_manifest, verify_hashes
+from vae_dist.run.fileio import checking
+from vae_dist.run.folder import MODEL
 from vae_dist.run.modelfile import load_model_file, model_results
 from vae_dist.run.position import Position
-from vae_dist.run.folder import MODEL
-
-PIXELS = 28 * 28
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +28,7 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
     (N, 1, 28, 28), uint8 (0..255) or floating point already in [0, 1]."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2 or x[0].numel() != PIXELS or x.dim() > 4:
+    if x.dim() < 2 or x[0].numel() != 28 * 28 or x.dim() > 4:
         raise DataError(f"images must be shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x.reshape(-1, 1, 28, 28).float().div(255.0)
@@ -46,13 +39,21 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, 1, 28, 28).float()
 
 
+def manifold_grid(n_per_side: int) -> torch.Tensor:
+    """The (n*n, 2) latent points of the manifold picture, row-major: rows from high to low z2, columns
+    from low to high z1, at the standard normal quantiles of an even grid in (0, 1) (Kingma & Welling 2014)."""
+    u = torch.linspace(0.05, 0.95, n_per_side) if n_per_side > 1 else torch.tensor([0.5])
+    q = torch.distributions.Normal(0.0, 1.0).icdf(u)
+    z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
+    return torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
+
+
 class TrainedVAE:
-    """A trained VAE with its config and results. ``model`` is the plain torch module."""
+    """A trained VAE with its config and results. ``model`` is the plain torch module; pictures are
+    mean images, float (N, 1, 28, 28) in [0, 1] on the CPU."""
 
     def __init__(self, model: Model, config: TrainingConfig, results: dict[str, Any]):
-        self.model = model.eval()
-        self.config = config
-        self.results = results
+        self.model, self.config, self.results = model.eval(), config, results
 
     @property
     def device(self) -> torch.device:
@@ -71,40 +72,50 @@ class TrainedVAE:
         self.model.to(device)
         return self
 
-    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU."""
         self._needs("encode", "continuous latent space to encode into")
-        mu, logvar = self.model.encode(as_images(images).to(self.device))
+        with evaluating(self.model):
+            mu, logvar = self.model.encode(as_images(images).to(self.device))
         return mu.cpu(), logvar.cpu()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean images of latents z (N, latent): float (N, 1, 28, 28) in [0, 1]."""
+        """Mean images of latents z (N, latent)."""
         self._needs("decode", "continuous latent space to decode")
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise DataError(f"latents must be shaped (N, {self.latent_size}), got {shape}")
-        return inference.decode(self.model, z)
+        with evaluating(self.model):
+            return torch.sigmoid(self.model.decode(z.to(self.device)).float()).cpu()
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """n images from the model's prior; the same seed gives the same images."""
         if n < 1:
             raise DataError(f"n must be at least 1, got {n}")
-        return inference.prior_samples(self.model, n, seed)
+        return prior_samples(self.model, n, seed)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Each image decoded from its posterior mean."""
-        return inference.reconstructions(self.model, as_images(images))
+        return reconstructions(self.model, as_images(images))
 
     def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        """``steps`` decodings along the straight latent line between two images, ends included."""
+        """``steps`` decodings along the straight latent line between two images' posterior means, ends included."""
         if steps < 2:
             raise DataError(f"steps must be at least 2, got {steps}")
-        self._needs("encode", "continuous latent space to interpolate in")
         a, b = as_images(x_from), as_images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
-        return inference.interpolate(self.model, a[0], b[0], steps)
+        self._needs("encode", "continuous latent space to interpolate in")
+        ends = self.encode(torch.cat([a, b]))[0]
+        t = torch.linspace(0.0, 1.0, steps, dtype=ends.dtype).unsqueeze(1)
+        return self.decode((1 - t) * ends[0] + t * ends[1])
+
+    def manifold(self, n_per_side: int) -> torch.Tensor:
+        """Decodings over an n x n grid of a 2-D latent space (see ``manifold_grid``)."""
+        if self.latent_size != 2:
+            raise VaeDistError(f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
+                               f"{self.latent_size} (train one with --latent-size 2)")
+        return self.decode(manifold_grid(n_per_side))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
@@ -112,23 +123,20 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     p = Path(path).expanduser()
     with checking(p, ArtifactError, "model path"):
         is_checkpoint = p.is_dir() and (p / MANIFEST).is_file()
-    if is_checkpoint:
-        manifest = read_manifest(p, Position)
-        problem = "its manifest or one of its files does not verify" if manifest is None else verify_hashes(p, manifest)
-        if problem or manifest is None:
-            raise ArtifactError(f"checkpoint {p} is unusable: {problem}")
-        state = manifest.state
-        model, config = load_model_file(p / MODEL, config=state.config)
-        results: dict[str, Any] = dict(state.history[-1]) if state.history else {}
-    else:
+    if not is_checkpoint:
         model, config = load_model_file(p)
-        results = model_results(p)
-    return TrainedVAE(model, config, results).to(device)
+        return TrainedVAE(model, config, model_results(p)).to(device)
+    manifest = read_manifest(p, Position)
+    problem = verify_hashes(p, manifest) if manifest is not None else "its manifest or one of its files does not verify"
+    if problem or manifest is None:
+        raise ArtifactError(f"checkpoint {p} is unusable: {problem}")
+    model, config = load_model_file(p / MODEL, config=manifest.state.config)
+    return TrainedVAE(model, config, dict(manifest.state.history[-1]) if manifest.state.history else {}).to(device)
 
 
 def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
-    """The importance-weighted estimate of -log p(x) with k samples (Burda et al. 2015), in
-    nats per image, averaged over ``images``: ``evaluate --iw-samples k``'s estimator."""
+    """The importance-weighted estimate of -log p(x) with k samples (Burda et al. 2015), in nats per
+    image, averaged over ``images``: ``evaluate --iw-samples k``'s estimator."""
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
     model._needs("iw_nll", "importance-weighted log-likelihood")

@@ -1,29 +1,25 @@
-"""Scoring a model: the test loss (``validate``, the same function at the end of every
-training epoch and in ``evaluate``) and the importance-weighted NLL.
+"""Using a trained model: the test images, scoring (``validate``, the same at every training epoch's
+end and in ``evaluate``; the importance-weighted NLL) and the pictures of its epoch previews.
 
-``evaluate`` loads only ``model.safetensors`` (weights and config, no pickle) and runs on the CPU.
-Under ``accelerate launch`` the test split is sharded across the processes; every random
-number is keyed by the test image's index, so the result does not depend on the process
-count. Every result carries its protocol (data, binarization, K, test images, the
-training KL weight), so no number is quoted without it.
+Every random number is keyed by the test image's index, so a result does not depend on the process
+count; every result carries its protocol (data, binarization, K, test images, the training KL weight).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-from vae_dist.data import keyed
-from vae_dist.data import loaders
-from vae_dist.data import datasets
 from vae_dist.config import TrainingConfig
+from vae_dist.data import datasets, keyed, loaders
+from vae_dist.data.keyed import EVAL_NOISE, generator, noise
 from vae_dist.errors import VaeDistError, first_line
 from vae_dist.models.protocol import Model
-from vae_dist.data.keyed import EVAL_NOISE, generator, noise
 from vae_dist.training.progress import Progress
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
@@ -36,12 +32,35 @@ IW_SEED = 0  # the estimate's noise is the same in every evaluation of every mod
 IW_NOISE = "iw-noise"
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """no_grad and eval mode for the block, then the model's previous mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def prior_samples(model: Model, n: int, seed: int) -> torch.Tensor:
+    """``n`` mean images (n, 1, 28, 28) from the prior, drawn by a generator seeded with ``seed``."""
+    with evaluating(model):
+        return model.sample(n, torch.Generator().manual_seed(seed))
+
+
+def reconstructions(model: Model, images: torch.Tensor) -> torch.Tensor:
+    """Each of the (N, 1, 28, 28) images in [0, 1] reconstructed without sampling noise, on the CPU."""
+    with evaluating(model):
+        return model.reconstruct(images)
+
+
 def test_images(
     config: TrainingConfig, data_dir: Optional[str | Path] = None, limit: Optional[int] = None
 ) -> torch.Tensor:
-    """The test images (uint8) that training validates on and that evaluate and the picture
-    commands use: the first ``limit`` (None: the config's limit; 0: all), binarized by the
-    one fixed draw unless the run is grey-level."""
+    """The test images (uint8) that training validates on and that evaluate and the picture commands use:
+    the first ``limit`` (None: the config's limit; 0: all), binarized by the one fixed draw unless grey-level."""
     folder, dataset = data_dir or config.data.data_dir, config.data.dataset
     root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir, dataset)
     images = datasets.load_split(root, "test", dataset).images
@@ -51,27 +70,20 @@ def test_images(
     return images[:n] if n else images
 
 
-@torch.no_grad()
 def validate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor]) -> dict[str, Any]:
-    """The family's terms as exact sample-weighted means over the whole test split, at any
-    process count, and its whole-set metrics (summarise). The terms are taken with KL
-    weight 1 whatever the training objective's: the test loss is the true negative ELBO.
+    """The family's terms as exact sample-weighted means over the whole test split, at any process count,
+    and its whole-set metrics (summarise), with KL weight 1 whatever training's: the true negative ELBO.
 
-    ``gather_for_metrics`` per batch drops the samples Accelerate repeats to even out
-    the last round, so every test sample is counted exactly once; each sample's noise is
-    ``noise[index]``, the same whichever rank holds it.
-    """
+    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last round, so each test
+    sample counts once; its noise is ``noise[index]``, the same whichever rank holds it."""
     family = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    rows: list[torch.Tensor] = []
-    features: list[torch.Tensor] = []
-    for images_batch, index in loader:
-        out = model(images_batch, None if noise is None else noise[index])
-        terms, f = accelerator.gather_for_metrics((torch.stack(list(out.terms.values()), dim=1), out.features))
-        rows.append(terms)
-        features.append(f)
-    model.train(was_training)
+    rows, features = [], []
+    with evaluating(model):
+        for images_batch, index in loader:
+            out = model(images_batch, None if noise is None else noise[index])
+            terms, f = accelerator.gather_for_metrics((torch.stack(list(out.terms.values()), dim=1), out.features))
+            rows.append(terms)
+            features.append(f)
     per_sample = torch.cat(rows).double()  # (N, terms): summed in float64 so the order of ranks does not matter
     means = dict(zip(family.TERMS, per_sample.mean(dim=0).tolist()))
     return {**{f"valid/{name}": value for name, value in {**means, **family.summarise(torch.cat(features))}.items()},
@@ -79,8 +91,7 @@ def validate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, noi
 
 
 def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> dict[str, Any]:
-    """What the numbers were measured on, and the KL weight the model was trained with (its
-    test loss is the true negative ELBO whatever that weight)."""
+    """What the numbers were measured on, and the KL weight the model was trained with."""
     name, mode, tests = config.data.dataset, config.data.binarize, datasets.DATASETS[config.data.dataset].test
     out: dict[str, Any] = {"dataset": name, "data": f"grey-level {name} (pixel/255) with a Bernoulli likelihood"}
     if mode != "none":
@@ -93,9 +104,8 @@ def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> d
 
 
 def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samples: int = 0) -> dict[str, Any]:
-    """The test loss and the family's other terms exactly as training validates (the same
-    function, the same per-sample noise) and, with ``iw_samples`` = K, the importance-weighted
-    NLL. Every process returns the same dict."""
+    """The test loss and the family's other terms exactly as training validates and, with ``iw_samples``
+    = K, the importance-weighted NLL. Every process returns the same dict."""
     from accelerate import Accelerator
 
     if iw_samples and model.iw_nll is None:
@@ -121,49 +131,42 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
                 rows = acc.gather(acc.pad_across_processes(rows, dim=0, pad_index=-1))
                 rows = rows[rows[:, 0] >= 0]
             ordered = rows[rows[:, 0].argsort()]  # summed in index order: the same at any process count
-            result["iw_nll"] = ordered[:, 1].sum().item() / images.shape[0]
-            result["iw_samples"] = iw_samples
+            result.update(iw_nll=ordered[:, 1].sum().item() / images.shape[0], iw_samples=iw_samples)
         result["protocol"] = protocol(config, images.shape[0], iw_samples)
     finally:
         acc.end_training()
     return result
 
 
-@torch.no_grad()
 def iw_nll_per_image(
     model: Model, images: torch.Tensor, indices: torch.Tensor, k: int, *, show: bool = False
 ) -> torch.Tensor:
-    """The family's importance-weighted -log p(x) (nats, float64) of ``images[indices]``, floats
-    in [0, 1] shaped (N, 1, 28, 28). Image i's K draws come from its own generator, keyed by
-    its index, so its estimate does not depend on the batch or the rank it is computed in."""
+    """The family's importance-weighted -log p(x) (nats, float64) of ``images[indices]`` ((N, 1, 28, 28) in
+    [0, 1]). Image i's K draws come from its own generator, keyed by its index: the same in any batch or rank."""
     assert model.iw_nll is not None
-    was_training = model.training
-    model.eval()
     out = torch.empty(len(indices), dtype=torch.float64)
     batches = range(0, len(indices), IW_BATCH)
     progress = Progress(f"importance-weighted NLL, K = {k}", len(batches), 0, enabled=show, line_every=10.0)
     try:
-        for start in batches:
-            idx = indices[start : start + IW_BATCH]
-            out[start : start + len(idx)] = model.iw_nll(images[idx], k, [generator(IW_NOISE, IW_SEED, int(i)) for i in idx])
-            progress.step()
+        with evaluating(model):
+            for start in batches:
+                idx = indices[start : start + IW_BATCH]
+                generators = [generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
+                out[start : start + len(idx)] = model.iw_nll(images[idx], k, generators)
+                progress.step()
     finally:
         progress.close()
-        model.train(was_training)
     return out
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 def json_result(result: dict[str, Any]) -> str:
-    """The result as one line of strict JSON: a non-finite number (a diverged model's NaN
-    loss) becomes null, since NaN and Infinity are not JSON and strict parsers refuse them."""
-    return json.dumps(_finite_or_none(result), allow_nan=False)
+    """The result as one line of strict JSON: a non-finite number (a diverged model's NaN loss) becomes null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.dumps(finite(result), allow_nan=False)

@@ -1,11 +1,5 @@
-"""PNG files of digits (tiled as torchvision's make_grid tiles them, written by Pillow) and
-of the loss per epoch (matplotlib's Agg canvas: no display, no pyplot global state), each
-written atomically.
-
-Not torchvision's save_image: importing torchvision (its models and ops) costs most of a
-second of every training process, for a picture that is a few lines of tensor work.
-matplotlib is imported where used, so `--help` or a usage error never pays for it.
-"""
+"""PNG files, written atomically: grids of digits (tiled as torchvision's make_grid, written by Pillow,
+without importing torchvision's second) and the loss per epoch (matplotlib's Agg canvas, imported where used)."""
 
 from __future__ import annotations
 
@@ -18,14 +12,12 @@ import torch
 from vae_dist.run.fileio import atomic_write
 
 PADDING = 2  # make_grid's gap between tiles
-
-# Distinct, colour-blind-friendly line colours (Okabe-Ito palette), cycled.
-_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito, cycled
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> None:
-    """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap
-    around and between them, into a greyscale PNG at ``path``."""
+    """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and
+    between them, into a greyscale PNG."""
     from PIL import Image
 
     tiles = images.detach().float().cpu().clamp(0.0, 1.0)
@@ -40,24 +32,19 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> 
 
 
 def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """The tiles of a grid of ``nrow`` columns whose rows alternate originals and their
-    reconstructions: row 2k holds originals k*nrow .. k*nrow+nrow-1 and row 2k+1 the
-    reconstructions of exactly those, so each digit sits directly above its reconstruction."""
+    """The tiles of a grid of ``nrow`` columns whose rows alternate originals and their reconstructions,
+    each digit directly above its own; a short last row is filled with blank tiles."""
     if originals.shape != reconstructions.shape:
-        raise ValueError(
-            f"originals and reconstructions differ in shape: {tuple(originals.shape)}, {tuple(reconstructions.shape)}"
-        )
-    # A short last row is filled with blank tiles, so that the pairs stay aligned.
-    missing = -originals.shape[0] % nrow
-    blank = originals.new_zeros((missing, *originals.shape[1:]))
+        raise ValueError(f"originals and reconstructions differ in shape: {tuple(originals.shape)}, "
+                         f"{tuple(reconstructions.shape)}")
+    blank = originals.new_zeros((-originals.shape[0] % nrow, *originals.shape[1:]))
     rows = [torch.cat([x, blank]).split(nrow) for x in (originals, reconstructions)]
     return torch.cat([tile for pair in zip(*rows) for tile in pair])
 
 
 def _series(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
-    """Sorted (epoch, value) points of ``key``; rows without it, or with a value that
-    is not a finite number (a diverged epoch), are skipped for this key only."""
-    pts: list[tuple[float, float]] = []
+    """Sorted (epoch, value) points of ``key``, skipping rows without it or with a non-finite value."""
+    pts = []
     for row in history:
         try:
             x, y = float(row["epoch"]), float(row[key])
@@ -71,8 +58,8 @@ def _series(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
 def save_loss_curves(
     history: Sequence[dict], path: str | os.PathLike[str], keys: Sequence[str] = ("train/loss", "valid/loss")
 ) -> None:
-    """A 640 x 400 line chart of each key against the epoch, titled with the dataset the rows'
-    protocol names. A key with no points at all is listed in the legend as "(no data)"."""
+    """A 640 x 400 chart of each key against the epoch, titled with the dataset the rows' protocol names;
+    a key without points is in the legend as "(no data)"."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -94,8 +81,7 @@ def save_loss_curves(
     ax.grid(True, color="0.9", linewidth=0.8)
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (nats per image)")
+    ax.set(xlabel="epoch", ylabel="loss (nats per image)")
     named = next((row["protocol"]["dataset"] for row in history if "dataset" in row.get("protocol", {})), None)
     ax.set_title(f"Loss per epoch ({named})" if named else "Loss per epoch")
     ax.legend(loc="best")
