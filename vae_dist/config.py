@@ -4,14 +4,19 @@ the CLI generates ``train``'s options from it and the resume check reads the res
 from __future__ import annotations
 
 import json
+import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional
 
+import yaml
 from pydantic import Field, create_model, field_validator, model_validator
+from yaml.constructor import ConstructorError
+from yaml.events import AliasEvent
 
 from vae_dist.data.datasets import DatasetName
-from vae_dist.errors import ConfigError
+from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
 from vae_dist.schema import Section, option
 
@@ -34,20 +39,16 @@ class ModelFields(Section):
     path: ClassVar[str] = "model"
 
     kind: Literal[tuple(REGISTRY)] = option(  # type: ignore[valid-type]
-        "deep-mlp", "Model: " + "; ".join(dict.fromkeys(f.help for f in REGISTRY.values())) + ".", flag="--model",
-    )
+        "deep-mlp", "Model: " + "; ".join(dict.fromkeys(f.help for f in REGISTRY.values())) + ".", flag="--model")
     latent_size: Optional[int] = option(None, "Latent dimensions.", shown=_by_kind("latent_size"), ge=1, le=4096)
     hidden_sizes: Optional[tuple[Width, ...]] = option(
         None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
         shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16,
     )
     activation: Optional[Literal["relu", "tanh"]] = option(
-        None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"),
-    )
+        None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"))
     conv_channels: tuple[Channels, Channels] = option(
-        (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
-        strict=False,
-    )
+        (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).", strict=False)
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelFields":
@@ -71,72 +72,59 @@ class OptimizerConfig(Section):
     betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
     eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
     weight_decay: float = option(0.0, "L2 penalty added to the gradient (torch.optim.Adam semantics).", ge=0.0)
-    max_grad_norm: Optional[float] = option(None, "Clip the global gradient norm to this value.", shown="no clipping", gt=0.0)
-    fused: bool = option(
-        True, "torch's fused Adam kernel (one pass over all parameters); off = the per-tensor loop.",
-        flag="--fused-adam", resumable=True,
-    )
+    max_grad_norm: Optional[float] = option(
+        None, "Clip the global gradient norm to this value.", shown="no clipping", gt=0.0)
+    fused: bool = option(True, "torch's fused Adam kernel (one pass over all parameters); off = the per-tensor loop.",
+                         flag="--fused-adam", resumable=True)
     schedule: Literal["constant", "cosine", "burda"] = option(
-        "cosine",
-        "Learning-rate schedule, a function of the epochs done: constant; cosine = linear warm-up, then cosine decay to 0 "
-        "at the last step; burda = Burda et al.'s 3^i epochs at lr x 10^(-i/7), i = 0..7.",
-        flag="--lr-schedule",
-    )
+        "cosine", "Learning-rate schedule, a function of the epochs done: constant; cosine = linear warm-up, then "
+        "cosine decay to 0 at the last step; burda = Burda et al.'s 3^i epochs at lr x 10^(-i/7), i = 0..7.",
+        flag="--lr-schedule")
     warmup_epochs: float = option(0.1, "Linear learning-rate warm-up of the cosine schedule, in epochs.", ge=0.0)
 
 
 class DataConfig(Section):
     path: ClassVar[str] = "data"
 
-    dataset: DatasetName = option("mnist", "The images: IDX files read from --data-dir, else downloaded through torchvision.")
+    dataset: DatasetName = option(
+        "mnist", "The images: IDX files read from --data-dir, else downloaded through torchvision.")
     data_dir: Optional[str] = option(
         None, "Folder with the dataset's four IDX files (gzipped or not, flat or under torchvision's <Name>/raw/, "
-        "e.g. MNIST/raw/).", shown="download", resumable=True,
-    )
-    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded when no --data-dir is given.", resumable=True)
-    batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1, le=1 << 20)
+        "e.g. MNIST/raw/).", shown="download", resumable=True)
+    cache_dir: str = option(
+        "~/.cache/vae_dist", "Where the dataset is downloaded when no --data-dir is given.", resumable=True)
+    batch_size: int = option(
+        64, "Training batch per process; the global batch is batch size x processes.", ge=1, le=1 << 20)
     eval_batch_size: int = option(
-        1000, "Validation batch per process (changes speed only, never the numbers).", ge=1, le=1 << 20, resumable=True,
-    )
-    num_workers: int = option(
-        0, "DataLoader worker processes per process (0 = batches are taken in the training process).",
-        ge=0, le=256, resumable=True,
-    )
+        1000, "Validation batch per process (changes speed only, never the numbers).", ge=1, le=1 << 20, resumable=True)
+    num_workers: int = option(0, "DataLoader worker processes per process (0 = batches are taken in the training "
+                              "process).", ge=0, le=256, resumable=True)
     limit_train_samples: Optional[int] = option(None, "Use only the first N training images.", shown="all", ge=1)
     binarize: Literal["none", "dynamic", "static"] = option(
-        "none",
-        "none = grey levels in [0, 1]; dynamic = a fresh Bernoulli image per sample per epoch (as the literature "
-        "trains); static = one fixed draw. Any binarization evaluates on one fixed draw of the test set.",
-    )
+        "none", "none = grey levels in [0, 1]; dynamic = a fresh Bernoulli image per sample per epoch (as the "
+        "literature trains); static = one fixed draw. Any binarization evaluates on one fixed draw of the test set.")
     limit_eval_samples: Optional[int] = option(
-        None, "Use only the first N test images.", shown="all", ge=1, resumable=True,
-    )
+        None, "Use only the first N test images.", shown="all", ge=1, resumable=True)
 
 
 class LossConfig(Section):
     path: ClassVar[str] = "loss"
 
     recon_loss: Literal["bce", "mse"] = option(
-        "bce", "Likelihood: bce = Bernoulli; mse = Gaussian with unit variance (up to a constant).",
-    )
+        "bce", "Likelihood: bce = Bernoulli; mse = Gaussian with unit variance (up to a constant).")
     kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)
     kl_warmup_epochs: Optional[float] = option(
         None, "Ramp the KL weight linearly from 0 over this many epochs (keeps latent units from collapsing early).",
-        shown="2 for the ELBO, 0 for the importance-weighted bound", ge=0.0,
-    )
-    iw_samples: int = option(
-        1, "Train on the importance-weighted bound with K samples per image (IWAE); 1 = the ELBO.",
-        flag="--iw-train-samples", ge=1, le=5000,
-    )
+        shown="2 for the ELBO, 0 for the importance-weighted bound", ge=0.0)
+    iw_samples: int = option(1, "Train on the importance-weighted bound with K samples per image (IWAE); 1 = the ELBO.",
+                             flag="--iw-train-samples", ge=1, le=5000)
 
     @model_validator(mode="after")
     def _iw_is_unweighted(self) -> "LossConfig":
         if self.kl_warmup_epochs is None:
             self.kl_warmup_epochs = 0.0 if self.iw_samples > 1 else 2.0
         if self.iw_samples > 1 and (self.kl_weight != 1.0 or self.kl_warmup_epochs > 0):
-            raise ValueError(
-                "the importance-weighted bound has no KL weight: use --kl-weight 1 and --kl-warmup-epochs 0"
-            )
+            raise ValueError("the importance-weighted bound has no KL weight: use --kl-weight 1 and --kl-warmup-epochs 0")
         return self
 
 
@@ -145,45 +133,37 @@ class TrainingConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    artifact_dir: str = option(
-        "artifacts/vae-mnist", "Where config.json, metrics, checkpoints and model.safetensors go.", min_length=1,
-        resumable=True,
-    )
+    artifact_dir: str = option("artifacts/vae-mnist", "Where config.json, metrics, checkpoints and model.safetensors go.",
+                               min_length=1, resumable=True)
     epochs: int = option(10, "Passes over the training set.", ge=1, le=1_000_000, resumable=True)
     seed: int = option(42, "Seeds weights, data order and the reparameterisation noise.", ge=0, le=MAX_SEED)
-    max_steps: Optional[int] = option(
-        None, "Stop after this many optimizer steps in total (the run still validates and saves).", shown="no limit",
-        ge=1, resumable=True,
-    )
+    max_steps: Optional[int] = option(None, "Stop after this many optimizer steps in total (the run still validates "
+                                      "and saves).", shown="no limit", ge=1, resumable=True)
     checkpoint_every_steps: int = option(
-        0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).", ge=0, resumable=True,
-    )
+        0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).", ge=0, resumable=True)
     keep_checkpoints: int = option(2, "How many complete checkpoints to keep.", ge=1, resumable=True)
-    log_every_steps: int = option(50, "Log the running train loss every N steps (each log is one host sync).", ge=1, resumable=True)
-    cpu: bool = option(False, "Train on the CPU even where a GPU exists (with accelerate launch: gloo CPU ranks).", resumable=True)
+    log_every_steps: int = option(
+        50, "Log the running train loss every N steps (each log is one host sync).", ge=1, resumable=True)
+    cpu: bool = option(
+        False, "Train on the CPU even where a GPU exists (with accelerate launch: gloo CPU ranks).", resumable=True)
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = option(
         None, "Autocast precision; config.json records the one actually used.", shown="the launcher's, else no",
-        resumable=True,
-    )
+        resumable=True)
     compile: bool = option(False, "Run the model through torch.compile.", resumable=True)
     flush_denormal: bool = option(
-        True, "Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime).", resumable=True,
-    )
+        True, "Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime).", resumable=True)
     report_to: tuple[Literal["wandb", "tensorboard", "none"], ...] = option(
         ("wandb",), "Where metrics and pictures go besides metrics.jsonl: wandb, tensorboard (event files under the "
         "artifact folder's tensorboard/), both as wandb,tensorboard, or none.", resumable=True, strict=False,
-        min_length=1,
-    )
+        min_length=1)
     wandb_project: str = option("vae-dist", "W&B project name.", resumable=True)
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = option(
         None, "W&B mode; online falls back to offline without an API key.", shown="$WANDB_MODE, else online",
-        resumable=True,
-    )
+        resumable=True)
 
     @field_validator("report_to", mode="before")
     @classmethod
-    def _report_to_names(cls, value: Any) -> Any:
-        # "wandb,tensorboard" as the HF Trainer takes it, from a config file as from the flag.
+    def _report_to_names(cls, value: Any) -> Any:  # "wandb,tensorboard" as the HF Trainer takes it, file or flag
         return tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else value
 
     @field_validator("report_to", mode="after")
@@ -224,21 +204,54 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
     try:
-        if is_yaml:
-            from vae_dist import yamlconfig  # only a YAML config pays for importing yaml
-
-            data = yamlconfig.load(text)
-        else:
-            data = json.loads(text)
+        data = yaml.load(text, Loader=StrictLoader) if is_yaml else json.loads(text)  # noqa: S506 (a SafeLoader)
     except RecursionError:
         raise ConfigError(f"config file {p} is nested too deeply") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    except ValueError as e:  # yamlconfig's one line
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML: {e.problem or e.context}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a {'YAML mapping (key: value lines)' if is_yaml else 'JSON object'}")
     return data
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML read as JSON would read it. SafeLoader follows YAML 1.1: ``1e-3`` is a string, ``yes``/``on``/``off``
+    are booleans and a repeated key keeps the last value. Here exponent numbers are floats, only true/false are
+    booleans (``wandb_mode: off`` stays a string), keys are unique strings, and anchors and aliases are refused
+    (a config needs none, and they let a small file expand into a huge tree)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConstructorError(None, None, "anchors and aliases are not allowed in a config", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str) or key in seen:
+                problem = "is not a string" if not isinstance(key, str) else "is given twice"
+                raise ConstructorError(None, None, f"key {key!r} {problem}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# The class's own resolver table, without YAML 1.1's yes/no/on/off booleans; 1e-3 a float as in JSON.
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +278,7 @@ class Option:
     flag: str  # "--batch-size"
     help: str
     default: Any
-    annotation: Any
+    annotation: Any  # the field's type, without Optional
     resumable: bool
     shown: Optional[str]
 
@@ -276,8 +289,10 @@ def options(cls: type[Section] = TrainingConfig, prefix: str = "") -> Iterator[O
             yield from options(info.annotation, f"{prefix}{name}.")
             continue
         extra: dict[str, Any] = info.json_schema_extra  # type: ignore[assignment]  (option()'s)
+        args = typing.get_args(info.annotation)
+        bare = args[0] if type(None) in args else info.annotation  # Optional[X] -> X
         yield Option(prefix + name, extra["flag"] or "--" + name.replace("_", "-"), info.description or "",
-                     info.get_default(call_default_factory=True), info.annotation, extra["resumable"], extra["shown"])
+                     info.get_default(call_default_factory=True), bare, extra["resumable"], extra["shown"])
 
 
 RESUMABLE_FIELDS = frozenset(o.dotted for o in options() if o.resumable)

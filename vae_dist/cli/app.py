@@ -66,41 +66,24 @@ class Command(typer.core.TyperCommand):
         return params
 
 
-def _bare(ann: Any) -> Any:
-    """A field's type without Optional."""
-    return next(a for a in typing.get_args(ann) if a is not type(None)) if typing.get_origin(ann) is typing.Union else ann
-
-
 def _keyword(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
 def _parameter(o: Option) -> inspect.Parameter:
     """A field's option, whose default is the field's own, so that --help shows it as it is."""
-    ann, decls, extra = _bare(o.annotation), [o.flag], {}
+    ann, decls, extra = o.annotation, [o.flag], {}
     default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
     if ann is bool:
         decls = [f"{o.flag}/--no-{o.flag[2:]}"]
     elif typing.get_origin(ann) is typing.Literal:
         ann = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
-    elif typing.get_origin(ann) is tuple:  # "16,32", split by _listed
+    elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
         extra = {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
         ann = str
     shown = o.shown if o.shown is not None else default is not None
     option = typer.Option(default, *decls, help=o.help, show_default=shown, **extra)
     return _keyword(o.dotted.replace(".", "__"), Optional[ann], option)
-
-
-def _listed(o: Option, text: str) -> Any:
-    """'16,32' -> [16, 32] for a tuple of numbers; a tuple of names (report_to) splits its own text, as from a file."""
-    inner = typing.get_args(_bare(o.annotation))[0]
-    if typing.get_origin(inner) is typing.Literal:
-        return text
-    item = typing.get_args(inner)[0]  # tuple[Annotated[int, ...], ...] -> int
-    try:
-        return [item(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"{o.flag} takes {item.__name__}s separated by commas (got {text!r})") from None
 
 
 def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -109,13 +92,17 @@ def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for o in options():
         name = o.dotted.replace(".", "__")
-        source, value = ctx.get_parameter_source(name), values[name]
-        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+        value, inner = values[name], (typing.get_args(o.annotation) or (None,))[0]
+        if ctx.get_parameter_source(name).name in ("DEFAULT", "DEFAULT_MAP"):
             continue
         if isinstance(value, Enum):
             value = value.value
-        elif typing.get_origin(_bare(o.annotation)) is tuple:
-            value = _listed(o, value)
+        elif typing.get_origin(o.annotation) is tuple and typing.get_origin(inner) is not typing.Literal:
+            item = typing.get_args(inner)[0]  # "16,32" -> [16, 32]; a tuple of names (report_to) splits its own text
+            try:
+                value = [item(v) for v in value.split(",")]
+            except ValueError:
+                raise ConfigError(f"{o.flag} takes {item.__name__}s separated by commas (got {value!r})") from None
         out[o.dotted] = value
     return out
 
@@ -166,15 +153,12 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=pictures.DATA_DIR_HELP),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1, help="Use the first N test images."),
     iw_samples: int = typer.Option(  # Burda et al. use 5000; beyond 100,000 an estimate takes days for no gain
-        0, "--iw-samples", min=0, max=100_000, help="Also estimate the test NLL with K importance samples.",
-    ),
+        0, "--iw-samples", min=0, max=100_000, help="Also estimate the test NLL with K importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Test loss, reconstruction and KL of a trained model (nats per image), and with
-    --iw-samples K the importance-weighted NLL (K = 5000 is the literature's).
-
-    Runs on the CPU; under `accelerate launch --multi_gpu -m vae_dist evaluate ...` the
-    test split is sharded across the processes (each sample counted once)."""
+    """Test loss, reconstruction and KL of a trained model (nats per image), and with --iw-samples K the
+    importance-weighted NLL (K = 5000 is the literature's). On the CPU; under `accelerate launch --multi_gpu
+    -m vae_dist evaluate ...` the test split is sharded across the processes (each sample counted once)."""
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import json_result, score, test_images
 

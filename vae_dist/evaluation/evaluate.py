@@ -8,7 +8,6 @@ count; every result carries its protocol (data, binarization, K, test images, th
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -161,12 +160,4 @@ def iw_nll_per_image(
 
 def json_result(result: dict[str, Any]) -> str:
     """The result as one line of strict JSON: a non-finite number (a diverged model's NaN loss) becomes null."""
-
-    def finite(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(v) for v in value]
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-
-    return json.dumps(finite(result), allow_nan=False)
+    return json.dumps(json.loads(json.dumps(result), parse_constant=lambda name: None), allow_nan=False)
