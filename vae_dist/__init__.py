@@ -10,12 +10,8 @@ __all__ = ["TrainedVAE", "TrainingConfig", "iw_nll", "load", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "TrainingConfig":
-        from vae_dist.config import TrainingConfig
+    if name not in __all__:
+        raise AttributeError(f"module 'vae_dist' has no attribute {name!r}")
+    from vae_dist.evaluation import api
 
-        return TrainingConfig
-    if name in __all__:
-        from vae_dist.evaluation import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'vae_dist' has no attribute {name!r}")
+    return getattr(api, name)

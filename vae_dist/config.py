@@ -8,7 +8,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
@@ -35,16 +35,13 @@ def _by_kind(field: str, show: Callable[[Any], str] = str) -> str:
     return ", ".join(f"{name} {show(f.defaults[field])}" for name, f in REGISTRY.items() if field in f.defaults)
 
 
-class ModelFields(Section):
-    path: ClassVar[str] = "model"
-
+class ModelFields(Section, path="model"):
     kind: Literal[tuple(REGISTRY)] = option(  # type: ignore[valid-type]
         "deep-mlp", "Model: " + "; ".join(dict.fromkeys(f.help for f in REGISTRY.values())) + ".", flag="--model")
     latent_size: Optional[int] = option(None, "Latent dimensions.", shown=_by_kind("latent_size"), ge=1, le=4096)
     hidden_sizes: Optional[tuple[Width, ...]] = option(
         None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
-        shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16,
-    )
+        shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16)
     activation: Optional[Literal["relu", "tanh"]] = option(
         None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"))
     conv_channels: tuple[Channels, Channels] = option(
@@ -65,9 +62,7 @@ ModelConfig = create_model("ModelConfig", __base__=ModelFields, **{  # type: ign
 })
 
 
-class OptimizerConfig(Section):
-    path: ClassVar[str] = "optimizer"
-
+class OptimizerConfig(Section, path="optimizer"):
     learning_rate: float = option(2e-3, "Adam step size (the peak of a schedule).", gt=0.0)
     betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
     eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
@@ -83,9 +78,7 @@ class OptimizerConfig(Section):
     warmup_epochs: float = option(0.1, "Linear learning-rate warm-up of the cosine schedule, in epochs.", ge=0.0)
 
 
-class DataConfig(Section):
-    path: ClassVar[str] = "data"
-
+class DataConfig(Section, path="data"):
     dataset: DatasetName = option(
         "mnist", "The images: IDX files read from --data-dir, else downloaded through torchvision.")
     data_dir: Optional[str] = option(
@@ -107,9 +100,7 @@ class DataConfig(Section):
         None, "Use only the first N test images.", shown="all", ge=1, resumable=True)
 
 
-class LossConfig(Section):
-    path: ClassVar[str] = "loss"
-
+class LossConfig(Section, path="loss"):
     recon_loss: Literal["bce", "mse"] = option(
         "bce", "Likelihood: bce = Bernoulli; mse = Gaussian with unit variance (up to a constant).")
     kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)

@@ -22,11 +22,16 @@ def option(
 
 
 class Section(BaseModel):
-    """Base of every section; ``path`` (its place in the tree) names ``data.batch_size`` even in ``DataConfig(...)``."""
+    """Base of every section; ``path`` (its place in the tree, ``class DataConfig(Section, path="data")``) names
+    ``data.batch_size`` even in ``DataConfig(batch_size=0)``."""
 
     # No infinities or NaN: an infinite rate or weight passes every bound and then trains nothing.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
     path: ClassVar[str] = ""
+
+    def __init_subclass__(cls, path: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.path = path or cls.path
 
     @field_validator("*", mode="after")
     @classmethod

@@ -1,9 +1,5 @@
-"""The Python API: a trained model and what it does, for notebooks, scripts and the picture commands.
-
-``load`` takes a run folder, its ``model.safetensors`` or one of its checkpoint folders and returns a
-TrainedVAE on the CPU (whatever device trained it); ``iw_nll`` is ``evaluate``'s estimator, so a number
-from here is the number the CLI prints. Bad input raises the one-line errors of vae_dist.errors.
-"""
+"""The Python API (``load``, ``TrainedVAE``, ``iw_nll``, ``train``): a trained model and what it does, for
+notebooks, scripts and the picture commands; bad input raises the one-line errors of vae_dist.errors."""
 
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ from vae_dist.run.position import Position
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
-    """MNIST-shaped images as float (N, 1, 28, 28) in [0, 1]: from (N, 784), (N, 28, 28) or
-    (N, 1, 28, 28), uint8 (0..255) or floating point already in [0, 1]."""
+    """(N, 784), (N, 28, 28) or (N, 1, 28, 28) images, uint8 or floats in [0, 1], as floats (N, 1, 28, 28)."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2 or x[0].numel() != 28 * 28 or x.dim() > 4:
@@ -49,8 +44,8 @@ def manifold_grid(n_per_side: int) -> torch.Tensor:
 
 
 class TrainedVAE:
-    """A trained VAE with its config and results. ``model`` is the plain torch module; pictures are
-    mean images, float (N, 1, 28, 28) in [0, 1] on the CPU."""
+    """A trained VAE (``model``, the torch module) with its config and results; its pictures are mean
+    images, float (N, 1, 28, 28) in [0, 1] on the CPU."""
 
     def __init__(self, model: Model, config: TrainingConfig, results: dict[str, Any]):
         self.model, self.config, self.results = model.eval(), config, results
@@ -119,7 +114,7 @@ class TrainedVAE:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
-    """The model a run folder, a model.safetensors or a checkpoint folder holds."""
+    """The model a run folder, its model.safetensors or a checkpoint folder holds, on ``device`` (whatever trained it)."""
     p = Path(path).expanduser()
     with checking(p, ArtifactError, "model path"):
         is_checkpoint = p.is_dir() and (p / MANIFEST).is_file()
@@ -135,8 +130,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
 
 
 def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
-    """The importance-weighted estimate of -log p(x) with k samples (Burda et al. 2015), in nats per
-    image, averaged over ``images``: ``evaluate --iw-samples k``'s estimator."""
+    """-log p(x) in nats per image, averaged over ``images``, by ``evaluate --iw-samples k``'s estimator."""
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
     model._needs("iw_nll", "importance-weighted log-likelihood")

@@ -1,9 +1,6 @@
-"""Using a trained model: the test images, scoring (``validate``, the same at every training epoch's
-end and in ``evaluate``; the importance-weighted NLL) and the pictures of its epoch previews.
-
-Every random number is keyed by the test image's index, so a result does not depend on the process
-count; every result carries its protocol (data, binarization, K, test images, the training KL weight).
-"""
+"""Using a trained model: the test images, scoring (``validate``, at every training epoch's end and in
+``evaluate``; the importance-weighted NLL) and the epoch previews' pictures. Every random number is keyed by
+the test image's index (a result does not depend on the process count); every result carries its protocol."""
 
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ import torch
 
 from vae_dist.config import TrainingConfig
 from vae_dist.data import datasets, keyed, loaders
-from vae_dist.data.keyed import EVAL_NOISE, generator, noise
 from vae_dist.errors import VaeDistError, first_line
 from vae_dist.models.protocol import Model
 from vae_dist.training.progress import Progress
@@ -58,8 +54,8 @@ def reconstructions(model: Model, images: torch.Tensor) -> torch.Tensor:
 def test_images(
     config: TrainingConfig, data_dir: Optional[str | Path] = None, limit: Optional[int] = None
 ) -> torch.Tensor:
-    """The test images (uint8) that training validates on and that evaluate and the picture commands use:
-    the first ``limit`` (None: the config's limit; 0: all), binarized by the one fixed draw unless grey-level."""
+    """The test images (uint8) of training's validation, evaluate and the pictures: the first ``limit`` (None:
+    the config's limit; 0: all), binarized by the one fixed draw unless grey-level."""
     folder, dataset = data_dir or config.data.data_dir, config.data.dataset
     root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir, dataset)
     images = datasets.load_split(root, "test", dataset).images
@@ -70,11 +66,9 @@ def test_images(
 
 
 def validate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor]) -> dict[str, Any]:
-    """The family's terms as exact sample-weighted means over the whole test split, at any process count,
-    and its whole-set metrics (summarise), with KL weight 1 whatever training's: the true negative ELBO.
-
-    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last round, so each test
-    sample counts once; its noise is ``noise[index]``, the same whichever rank holds it."""
+    """The family's terms (KL weight 1: the true negative ELBO) as exact means over the whole test split at any
+    process count, and its whole-set metrics. Each sample counts once (``gather_for_metrics`` drops Accelerate's
+    repeats) with its noise ``noise[index]``, the same whichever rank holds it."""
     family = accelerator.unwrap_model(model)
     rows, features = [], []
     with evaluating(model):
@@ -103,8 +97,8 @@ def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> d
 
 
 def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samples: int = 0) -> dict[str, Any]:
-    """The test loss and the family's other terms exactly as training validates and, with ``iw_samples``
-    = K, the importance-weighted NLL. Every process returns the same dict."""
+    """The test terms exactly as training validates and, with ``iw_samples`` = K, the importance-weighted NLL;
+    every process returns the same dict."""
     from accelerate import Accelerator
 
     if iw_samples and model.iw_nll is None:
@@ -118,7 +112,7 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
             loaders.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0
         )
         model = model.to(acc.device)  # no DDP wrapper: evaluation has no gradients to sync
-        table = noise(EVAL_NOISE, config.seed, 0, images.shape[0], model.noise_shape(1))
+        table = keyed.noise(keyed.EVAL_NOISE, config.seed, 0, images.shape[0], model.noise_shape(1))
         v = validate(acc, model, acc.prepare_data_loader(loader), None if table is None else table.to(acc.device))
         result: dict[str, Any] = {k.removeprefix("valid/"): value for k, value in v.items()}
         result["processes"] = acc.num_processes
@@ -140,8 +134,8 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
 def iw_nll_per_image(
     model: Model, images: torch.Tensor, indices: torch.Tensor, k: int, *, show: bool = False
 ) -> torch.Tensor:
-    """The family's importance-weighted -log p(x) (nats, float64) of ``images[indices]`` ((N, 1, 28, 28) in
-    [0, 1]). Image i's K draws come from its own generator, keyed by its index: the same in any batch or rank."""
+    """The importance-weighted -log p(x) (nats, float64) of ``images[indices]``, floats in [0, 1]; image i's K
+    draws come from its own generator, keyed by its index: the same in any batch or rank."""
     assert model.iw_nll is not None
     out = torch.empty(len(indices), dtype=torch.float64)
     batches = range(0, len(indices), IW_BATCH)
@@ -150,7 +144,7 @@ def iw_nll_per_image(
         with evaluating(model):
             for start in batches:
                 idx = indices[start : start + IW_BATCH]
-                generators = [generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
+                generators = [keyed.generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
                 out[start : start + len(idx)] = model.iw_nll(images[idx], k, generators)
                 progress.step()
     finally:
