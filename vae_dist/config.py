@@ -45,7 +45,8 @@ class ModelFields(Section, path="model"):
     activation: Optional[Literal["relu", "tanh"]] = option(
         None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"))
     conv_channels: tuple[Channels, Channels] = option(
-        (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).", strict=False)
+        (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
+        strict=False)
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelFields":

@@ -163,7 +163,8 @@ def evaluate(
     from vae_dist.evaluation.evaluate import json_result, score, test_images
 
     model = load(artifact_dir)
-    result = score(model.model, model.config, test_images(model.config, data_dir, limit_eval_samples), iw_samples=iw_samples)
+    images = test_images(model.config, data_dir, limit_eval_samples)
+    result = score(model.model, model.config, images, iw_samples=iw_samples)
     if not _is_rank_zero():
         return  # under accelerate launch, one process reports
     if as_json:

@@ -81,10 +81,12 @@ def sample(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     num: int = typer.Option(64, "--num", min=1, max=MAX_IMAGES, help="Number of samples from the prior."),
     # torch seeds a generator with 64 bits; within the signed range every seed is one stream
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the latent draws (same seed, same picture)."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**63 - 1, help="Seed of the latent draws (same seed, same picture)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/samples.png, or manifold.png)."),
     manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space instead (needs --latent-size 2)."),
-    grid_size: int = typer.Option(20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the --manifold grid."),
+    grid_size: int = typer.Option(
+        20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the --manifold grid."),
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
     from vae_dist.evaluation.api import load
