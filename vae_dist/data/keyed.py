@@ -1,11 +1,7 @@
-"""Reparameterisation noise keyed by (seed, epoch, sample index).
+"""Randomness keyed by (purpose, seed, epoch or stream, sample index): noise tables and binarization.
 
-Each sample's noise is a row of a table drawn from a generator seeded by (seed, epoch),
-indexed by the sample's position in the dataset. So the noise a sample gets does not
-depend on the batch it lands in, the rank that holds it, the process count, or whether
-the run was resumed: the same samples in the same global step get the same noise, which
-is what makes N processes with batch b follow one process with batch N*b.
-"""
+A sample's draw is row i of a table from a generator seeded by the key, so it does not depend on
+its batch, its rank, the process count or a resume: N processes with batch b follow one with N*b."""
 
 from __future__ import annotations
 
@@ -15,9 +11,7 @@ from typing import Optional
 
 import torch
 
-# Each use of randomness has its own stream: a generator seeded from a hash of
-# (purpose, seed, epoch), so that no two purposes (the data order of one epoch and the
-# noise of another, say) ever draw from one sequence.
+# Each purpose has its own streams: no two ever draw from one sequence.
 SHUFFLE, TRAIN_NOISE, EVAL_NOISE = "shuffle", "train-noise", "eval-noise"
 
 
@@ -41,15 +35,10 @@ def noise(purpose: str, seed: int, index: int, n: int, shape: tuple[int, ...]) -
     return torch.randn(n, math.prod(shape), generator=generator(purpose, seed, index)).view(n, *shape)
 
 
-# --- binarization ------------------------------------------------------------
-# Binarized MNIST as the literature uses it: each pixel is 1 with probability its grey level.
-# The coins for a split are one table per (seed, stream), row i for sample i, drawn from a
-# generator keyed by those two numbers on the CPU: the same bits on any device, at any
-# process count and after a resume. ``dynamic`` training draws a fresh table each epoch
-# (the stream is the epoch); ``static`` binarizes the training set once. Evaluation always
-# uses one fixed binarization of the test set (TEST_SEED, TEST_STREAM: the same in every run
-# whatever its seed), so numbers of different runs are comparable.
-BINARIZE = "binarize"  # its own purpose: these coins share no stream with the shuffle or the noise
+# --- binarization, as the literature uses it: a pixel is 1 with probability its grey level ---
+# ``dynamic`` draws fresh coins each epoch (stream = epoch + 1), ``static`` binarizes the training
+# set once; the test set is one fixed draw in every run whatever its seed, so runs compare.
+BINARIZE = "binarize"
 TEST_SEED = 0
 TEST_STREAM = 1 << 40
 STATIC_STREAM = 1 << 41
@@ -74,5 +63,4 @@ def binarize_split(images_u8: torch.Tensor, seed: int, stream: int) -> torch.Ten
 
 
 def train_stream(epoch: int) -> int:
-    """The stream of an epoch's dynamic binarization: a fresh draw each epoch."""
     return epoch + 1

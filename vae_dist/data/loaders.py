@@ -1,11 +1,7 @@
-"""The in-memory dataset, its epoch-keyed sampler and the loaders built on them.
+"""The in-memory dataset, its epoch-keyed sampler and the loaders; Accelerate shards them.
 
-The whole split is one float tensor of grey levels in [0, 1] (188 MB for the training
-set), and a batch is one vectorised index into it (``__getitems__``), so feeding the model
-costs one gather, as in a bare loop, instead of 64 PIL conversions. Nothing here knows
-about ranks: Accelerate shards the loaders this module builds. Reading the IDX files is
-vae_dist.data.datasets' job.
-"""
+A split is one float tensor and a batch one vectorised index into it: feeding the model
+costs one gather, as in a bare loop, not a per-sample conversion."""
 
 from __future__ import annotations
 
@@ -21,15 +17,9 @@ from vae_dist.training.signals import STOP_SIGNALS
 
 
 class MnistImages(Dataset):
-    """Images of one split as a single tensor; a batch is one vectorised index.
-
-    Items are ``(image, index)``: the sample's index keys its reparameterisation noise,
-    which is what makes a sample's noise independent of the rank that holds it.
-    """
+    """Items are ``(image, index)``: the index keys the sample's noise, whatever rank holds it."""
 
     def __init__(self, images: torch.Tensor):
-        # Converted once, not per batch: the same values (x / 255 is elementwise), and a
-        # step's gather is then the only data work left on its path.
         self.images = images.float().div_(255.0) if images.dtype == torch.uint8 else images
 
     def __len__(self) -> int:
@@ -54,11 +44,8 @@ def passthrough_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), from its own random stream.
-
-    Every rank draws the same permutation, so Accelerate's batch sharding gives disjoint
-    shards; and the order of any epoch can be rebuilt on resume without saved RNG state.
-    """
+    """A permutation of (seed, epoch) alone: every rank draws the same one, so Accelerate's
+    sharding gives disjoint shards, and a resume rebuilds any epoch's order without RNG state."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -75,11 +62,8 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A loader worker's init: the stop signals (SIGTERM, SIGINT, SIGHUP) do nothing in it.
-
-    A stop (``kill -TERM -<pgid>``, Ctrl-C or a closed terminal) reaches the whole process
-    group: a worker that died of it would end the run in a DataLoader error before the
-    main process could checkpoint. The main process stops them itself when it exits."""
+    """A loader worker's init. A stop reaches the whole process group (Ctrl-C, ``kill -TERM -<pgid>``):
+    a worker killed by it would end the run in a DataLoader error before the main process checkpoints."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -98,15 +82,9 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over ``dataset``; shuffled by EpochShuffleSampler when a seed is given."""
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
+        dataset, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers, collate_fn=passthrough_collate,
         sampler=EpochShuffleSampler(len(dataset), shuffle_seed) if shuffle_seed is not None else None,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        collate_fn=passthrough_collate,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
-        # Without a generator of its own, each new iterator draws a seed from the global
-        # RNG, which would shift every random number drawn after it.
+        persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        # Its own generator: else each new iterator draws a seed from the global RNG, shifting every later draw.
         generator=torch.Generator().manual_seed(0),
     )

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from vae_dist.errors import ConfigError
 from vae_dist.models.protocol import PIXELS, Model, Output, reconstruction
 
 if TYPE_CHECKING:

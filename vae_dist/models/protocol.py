@@ -1,10 +1,6 @@
-"""The model protocol: all that the trainer, checkpoints, evaluation, the API, the pictures
-and the trackers know of a model family.
-
-A family is one module under vae_dist/models/ with a subclass of ``Model`` and a line in
-the registry (vae_dist/models/__init__.py). A model knows nothing of devices, ranks,
-logging or randomness: noise and generators come from the caller, keyed by sample index.
-"""
+"""The model protocol: all that the trainer, checkpoints, evaluation, the API, the pictures and
+the trackers know of a family. A family is one module under models/ with a ``Model`` subclass
+and a registry line; it knows nothing of devices, ranks or logging, and its noise comes from the caller."""
 
 from __future__ import annotations
 
