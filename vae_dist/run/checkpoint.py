@@ -1,11 +1,9 @@
 """Checkpoints: sealed saves, the newest usable one, fallback past corrupt ones, rotation.
 
-A checkpoint is ``checkpoints/step-<global step>``: what ``accelerator.save_state`` writes (model,
-optimizer, each rank's RNG states) plus ``MANIFEST.json`` (the Position, the run's id, every file's
-size and SHA-256), written last into a temporary folder that one rename puts in place. A folder is
-one of this run's checkpoints only if its manifest holds the run's id and it is named after its
-step: only those are loaded or deleted, never a copy such as ``checkpoints/my-backup``.
-(Accelerate's automatic naming does not restore its counter on load, so it is not used.)
+``checkpoints/step-<global step>`` holds what ``accelerator.save_state`` writes plus ``MANIFEST.json``
+(the Position, the run's id, every file's size and SHA-256), written last into a temporary folder that
+one rename puts in place. Only folders whose manifest holds the run's id and that are named after their
+step are loaded or deleted, never a copy such as ``checkpoints/my-backup``.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ FORMAT = 3  # 3: the run id in every manifest
 # Test hook: SIGKILL the main process half-way through the N-th checkpoint write
 # (after the state files, before the manifest), to prove a torn checkpoint is never used.
 KILL_HOOK_ENV = "VAE_DIST_TEST_KILL_IN_CHECKPOINT"
-
-
 Size = Annotated[int, Field(ge=0)]
 
 
@@ -56,7 +52,7 @@ class Manifest(BaseModel):
     def _consistent(self) -> Manifest:
         if set(self.sha256) != set(self.files):
             raise ValueError("every file, and only those, must have a SHA-256")
-        if any(not rel or "\x00" in rel or Path(rel).is_absolute() or ".." in Path(rel).parts for rel in self.files):
+        if any(Path(rel).is_absolute() or ".." in Path(rel).parts for rel in self.files):
             raise ValueError("every file must be inside the checkpoint folder")
         if self.state.global_step != self.global_step:
             raise ValueError("the state is of another step")
@@ -106,10 +102,6 @@ def verify_hashes(folder: Path, manifest: Manifest) -> Optional[str]:
     return None
 
 
-def folder_name(global_step: int) -> str:
-    return f"step-{global_step:09d}"
-
-
 def _write_error(action: str, path: Path, e: Exception) -> CheckpointError:
     """One line. torch's and safetensors' own errors for a failed write keep no errno: the free space tells."""
     why = (e.strerror if isinstance(e, OSError) else first_line(e)) or str(e) or type(e).__name__
@@ -143,11 +135,8 @@ class Checkpointer:
 
     def complete(self) -> list[Found]:
         """This run's complete, intact checkpoints, newest first; each at the name its save gives."""
-        found = []
-        for p in self._folders():
-            m = read_manifest(p)
-            if m is not None and m.run_id == self.run_id and p.name.removesuffix(REPLACED) == folder_name(m.global_step):
-                found.append(Found(p, m))
+        found = [Found(p, m) for p in self._folders() if (m := read_manifest(p)) is not None
+                 and m.run_id == self.run_id and p.name.removesuffix(REPLACED) == f"step-{m.global_step:09d}"]
         return sorted(found, key=lambda f: (f.manifest.global_step, f.path.name), reverse=True)
 
     def remove_leftovers(self) -> None:
@@ -160,13 +149,12 @@ class Checkpointer:
         """Write a checkpoint from every rank; returns its folder. Collective: a write that fails on
         any rank (a full disk) is one CheckpointError on every rank."""
         acc, t0 = self.accelerator, time.perf_counter()
-        final = self.directory / folder_name(global_step)
+        final = self.directory / f"step-{global_step:09d}"
         tmp = self.directory / f"{TMP_PREFIX}{final.name}-{self.run_id}"  # the id proves an unfinished write ours
 
         def make_tmp() -> None:
-            for p in (self.directory, tmp, final):
-                if p.is_symlink():
-                    raise CheckpointError(f"{p} is a symbolic link; vae_dist does not write through links")
+            if self.directory.is_symlink():  # a link at tmp or final is renamed or refused, never followed
+                raise CheckpointError(f"{self.directory} is a symbolic link; vae_dist does not write through links")
             try:
                 self.remove_leftovers()  # this run's interrupted saves, this one's name among them
                 tmp.mkdir(parents=True)
@@ -236,22 +224,6 @@ class Checkpointer:
         for name in rotation_plan(kept, self.keep) + sorted(complete.keys() - kept.keys()):
             shutil.rmtree(self.directory / name, ignore_errors=True)
 
-    def _try_load(self, found: Found) -> Optional[str]:
-        """Load one checkpoint on every rank; None if all succeeded, else why not. Every rank checks
-        the bytes it is about to read (same-size corruption would load without a word), and the ranks
-        agree before any of them loads: all load or all skip."""
-        acc = self.accelerator
-        error = verify_hashes(found.path, found.manifest)
-        if any_rank(acc, error is not None):
-            return error or "corrupt on another rank"
-        try:
-            acc.load_state(str(found.path))
-        except Exception as e:  # corrupt archive, wrong shapes, ...
-            error = f"{type(e).__name__}: {first_line(e)}"
-        if any_rank(acc, error is not None):
-            return error or "failed on another rank"
-        return None
-
     def load_latest(self) -> Optional[Found]:
         """Restore the newest usable checkpoint into the prepared objects; None if there is none. One
         that fails to load is said in one line and the previous one is tried. Accelerate reads the
@@ -270,13 +242,22 @@ class Checkpointer:
                 raise CheckpointError(f"no usable checkpoint in {self.directory}: "
                                       f"{', '.join(broken)} failed the integrity check")
             if torn := [p.name for p in self.directory.glob(f"{TMP_PREFIX}*")]:
-                raise CheckpointError(f"no complete checkpoint in {self.directory} (only unfinished: {', '.join(torn)})")
+                raise CheckpointError(f"no complete checkpoint in {self.directory} "
+                                      f"(only unfinished: {', '.join(torn)})")
             return None
-        for i, found in enumerate(candidates):
-            error = self._try_load(found)
-            if error is None:
-                on_main_then_share(self.accelerator, self.remove_leftovers)
-                return found
-            then = f"falling back to {candidates[i + 1].path.name}" if i + 1 < len(candidates) else "no older checkpoint left"
-            self.log(f"checkpoint {found.path.name} is unusable ({error}); {then}")
+        acc = self.accelerator
+        for found, older in zip(candidates, [*candidates[1:], None]):
+            # Every rank checks the bytes it is about to read (same-size corruption would load without a
+            # word), and the ranks agree before any of them loads: all load or all skip.
+            error = verify_hashes(found.path, found.manifest)
+            if not any_rank(acc, error is not None):
+                try:
+                    acc.load_state(str(found.path))
+                except Exception as e:  # corrupt archive, wrong shapes, ...
+                    error = f"{type(e).__name__}: {first_line(e)}"
+                if not any_rank(acc, error is not None):
+                    on_main_then_share(acc, self.remove_leftovers)
+                    return found
+            then = f"falling back to {older.path.name}" if older else "no older checkpoint left"
+            self.log(f"checkpoint {found.path.name} is unusable ({error or 'failed on another rank'}); {then}")
         raise CheckpointError(f"no usable checkpoint in {self.directory}: every complete one failed to load")

@@ -52,7 +52,7 @@ def print_out(text: str, *, required: bool = True) -> None:
     try:
         print(text, flush=True)
     except OSError as e:
-        _silence(sys.stdout)
+        flush_or_silence(sys.stdout)  # fails again, and silences it
         if required:
             raise OutputError(f"cannot write to standard output ({e.strerror or e})") from None
 
@@ -64,22 +64,17 @@ def print_err(text: str) -> None:
 
 
 def flush_or_silence(stream: Any, text: str = "") -> None:
-    """Write ``text`` and flush now; a stream that cannot (full, gone, closed, None) is silenced, since
-    Python flushes stdout and stderr once more at exit, and a failure there prints a traceback or
-    turns the exit status into 120."""
+    """Write ``text`` and flush now. A stream that cannot (full, gone, closed, None) gets /dev/null for
+    what it still buffers and all it is given later: Python flushes stdout and stderr once more at exit,
+    and a failure there prints a traceback or turns the exit status into 120."""
     try:
         stream.write(text)
         stream.flush()
     except (OSError, ValueError, AttributeError):
-        _silence(stream)
-
-
-def _silence(stream: Any) -> None:
-    """Point a stream's descriptor at /dev/null: what it still buffers, and all it is given later, is dropped."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        fd, devnull = stream.fileno(), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd, devnull = stream.fileno(), os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
 
 
 def open_standard_streams() -> None:

@@ -1,8 +1,7 @@
 """The run folder: its marker, its lock, --overwrite's rename, and its small files.
 
 Everything inside a run folder is the run's own. vae_dist never deletes a run: --overwrite renames
-the previous one, whole, to a sibling folder, and the user deletes it.
-"""
+the previous one, whole, to a sibling folder, and the user deletes it."""
 
 from __future__ import annotations
 
@@ -108,8 +107,15 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
             raise ArtifactError(f"artifact directory {root} holds a previous vae_dist run; "
                                 "pass --resume to continue it or --overwrite to start again")
         if previous_run and overwrite:  # the folder moves whole, links included; the new run's is empty
-            aside = previous_run_folder(root, run_id)
-            _check_movable(root, aside)
+            aside, real = previous_run_folder(root, run_id), os.path.realpath(root)
+            parent, cwd = os.path.dirname(real), os.getcwd()
+            # The current directory moves with the folder: relative paths would then write into the old run.
+            why = ("it is a mount point" if os.path.ismount(root)
+                   else "it holds the current directory: run from elsewhere" if os.path.commonpath([cwd, real]) == real
+                   else f"{aside} already exists" if os.path.lexists(aside)  # a rename would replace an empty one
+                   else f"{parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else "")
+            if why:
+                raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
             return aside
         # A link where a training writes: a write through it would land outside the folder.
         links = [p for name in RUN_NAMES if (p := root / name).is_symlink()]
@@ -122,34 +128,18 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
     return None
 
 
-def _check_movable(root: Path, aside: Path) -> None:
-    """What would make --overwrite's rename fail or go wrong, found before anything changes."""
-    real = os.path.realpath(root)
-    # The current directory moves with the folder: relative paths would then write into the old run.
-    why = ("it is a mount point" if os.path.ismount(root)
-           else "it holds the current directory: run from elsewhere" if os.path.commonpath([os.getcwd(), real]) == real
-           else f"{aside} already exists" if os.path.lexists(aside)
-           else f"{os.path.dirname(real)} is not writable" if not os.access(os.path.dirname(real), os.W_OK | os.X_OK)
-           else "")
-    if why:
-        raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
-
-
 def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, lock: Optional[RunLock] = None,
                          run_id: str = "") -> Path:
     """Check the folder (check_artifact_dir), lock it for this process (with ``lock``) and, unless
     resuming, mark it as the run ``run_id``'s. Main process only. --overwrite first renames a previous
     run to previous_run_folder, under its lock, so that a training still running there is never moved;
     the new folder is locked before that lock is released, so a second training is refused throughout."""
-    if not (resume or is_run_id(run_id)):
-        raise ValueError(f"not a run id: {run_id!r}")
     root = Path(path).expanduser()
     aside = _check(root, overwrite=overwrite, resume=resume)
     old = RunLock()
     try:
         if aside is not None:
             old.acquire(root)
-            _check_movable(root, aside)  # again, now that no training can be running there
             try:
                 os.rename(root, aside)
             except OSError as e:
@@ -162,8 +152,7 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
         if lock is not None:
             lock.acquire(root)
         if not resume:
-            marker = json.dumps({"created_by": "vae_dist", "run_id": run_id}) + "\n"
-            atomic_write(root / MARKER, lambda f: f.write(marker.encode()))
+            write_run_file(root / MARKER, json.dumps({"created_by": "vae_dist", "run_id": run_id}).encode() + b"\n")
         # Writable now, not after an hour of training; under no name, so never through a planted link.
         with tempfile.TemporaryFile(dir=root) as probe:
             probe.write(b"ok")
@@ -178,8 +167,7 @@ class RunLock:
     """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's pid for
     the refusal to name. The kernel drops it when the process dies."""
 
-    def __init__(self) -> None:
-        self.fd: Optional[int] = None
+    fd: Optional[int] = None
 
     def acquire(self, root: Path) -> None:
         try:

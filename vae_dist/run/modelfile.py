@@ -57,7 +57,8 @@ def _reading(p: Path) -> Iterator[Any]:
         with safe_open(str(p), framework="pt") as f:
             yield f
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"model file {p} is not a readable safetensors file: {first_line(e) or type(e).__name__}") from None
+        why = first_line(e) or type(e).__name__
+        raise ArtifactError(f"model file {p} is not a readable safetensors file: {why}") from None
 
 
 def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[Model, TrainingConfig]:
@@ -77,7 +78,8 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
             try:
                 config = TrainingConfig.from_dict(json.loads(meta["vae_dist_config"]))
             except (ValueError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
-                raise ArtifactError(f"model file {p} carries an unreadable config: {first_line(e) or type(e).__name__}") from None
+                why = first_line(e) or type(e).__name__
+                raise ArtifactError(f"model file {p} carries an unreadable config: {why}") from None
             check_model_size(config, f"model file {p}", ArtifactError)
         # The declared model is built without memory first: a config that declares a far larger
         # model than the file holds is refused before any of it is allocated.

@@ -70,7 +70,8 @@ class Position(BaseModel):
         if self.batches_done and self.num_processes != num_processes:
             raise TrainingError(
                 f"cannot resume mid-epoch from {name} with {num_processes} process(es): it was written by "
-                f"{self.num_processes}; resume with {self.num_processes} (a different count can resume at an epoch end)")
+                f"{self.num_processes}; resume with {self.num_processes} (a different count can resume at an epoch end)"
+            )
         # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a checkpoint
         # this run cannot continue; it is already loaded, so no older one can be tried in its place.
         if self.batches_done > steps_per_epoch:
