@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors import SafetensorError
@@ -66,7 +67,7 @@ def _make_checkpoint(folder: Path, step: int = 13, run_id: str = R1) -> dict:
 
 def test_a_complete_checkpoint_is_read_back(tmp_path):
     m = _make_checkpoint(tmp_path)
-    assert read_manifest(tmp_path, Position).model_dump() == m
+    assert read_manifest(tmp_path).model_dump() == m
 
 
 def _do(change):
@@ -168,7 +169,7 @@ UNUSABLE_FOLDER = {
 def test_an_edited_manifest_is_unusable_not_a_crash(edit, tmp_path):
     m = _make_checkpoint(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps(edit(m)))
-    assert read_manifest(tmp_path, Position) is None
+    assert read_manifest(tmp_path) is None
 
 
 @pytest.mark.parametrize("edit", UNUSABLE_TEXT.values(), ids=UNUSABLE_TEXT.keys())
@@ -176,7 +177,7 @@ def test_an_unreadable_manifest_is_unusable(edit, tmp_path):
     _make_checkpoint(tmp_path)
     text = edit((tmp_path / MANIFEST).read_text())
     (tmp_path / MANIFEST).write_bytes(text.encode("utf-8", "surrogateescape"))
-    assert read_manifest(tmp_path, Position) is None
+    assert read_manifest(tmp_path) is None
 
 
 @pytest.mark.parametrize("damage", UNUSABLE_FOLDER.values(), ids=UNUSABLE_FOLDER.keys())
@@ -186,7 +187,7 @@ def test_a_damaged_folder_is_unusable(damage, tmp_path):
     damage(m, folder)
     if (folder / MANIFEST).exists():
         (folder / MANIFEST).write_text(json.dumps(m))
-    assert read_manifest(folder, Position) is None
+    assert read_manifest(folder) is None
 
 
 def test_complete_lists_this_runs_intact_checkpoints_newest_first(tmp_path):
@@ -202,11 +203,11 @@ def test_complete_lists_this_runs_intact_checkpoints_newest_first(tmp_path):
     (d / "step-000000300" / "model.safetensors").write_bytes(b"short")  # size mismatch
     (d / "step-000000400").mkdir()  # no manifest
     (d / "step-000000500").symlink_to(d / "step-000000100", target_is_directory=True)  # not ours
-    found = Checkpointer(None, d, keep=2, schema=Position, run_id=R1).complete()  # type: ignore[arg-type]
+    found = Checkpointer(None, d, keep=2, run_id=R1).complete()  # type: ignore[arg-type]
     assert [(f.path.name, f.manifest.state.global_step) for f in found] == [
         ("step-000000100", 100), ("step-000000020", 20), ("step-000000015-replaced", 15),
     ]
-    assert Checkpointer(None, tmp_path / "none", keep=1, schema=Position, run_id=R1).complete() == []  # type: ignore[arg-type]
+    assert Checkpointer(None, tmp_path / "none", keep=1, run_id=R1).complete() == []  # type: ignore[arg-type]
 
 
 def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monkeypatch):
@@ -218,7 +219,7 @@ def test_a_full_disk_while_checkpointing_is_one_checkpoint_error(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(acc, "save_state", full)
-    ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, schema=Position, run_id=R1)
+    ck = Checkpointer(acc, tmp_path / "checkpoints", keep=2, log=lambda _: None, run_id=R1)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$"):
         ck.save(0, Position.start("abc", 1, TrainingConfig(), 3))
     assert not list((tmp_path / "checkpoints").iterdir())  # no debris
@@ -244,7 +245,7 @@ class _Acc:
 
 
 def _ck(d: Path, keep: int = 1, run_id: str = R1) -> Checkpointer:
-    return Checkpointer(_Acc(), d, keep=keep, log=lambda _: None, schema=Position, run_id=run_id)  # type: ignore[arg-type]
+    return Checkpointer(_Acc(), d, keep=keep, log=lambda _: None, run_id=run_id)  # type: ignore[arg-type]
 
 
 def _save(ck: Checkpointer, step: int) -> Path:
@@ -307,7 +308,7 @@ def test_a_full_disk_in_a_library_writer_is_one_checkpoint_error_without_debris(
 
     ck = _ck(tmp_path / "checkpoints")
     monkeypatch.setattr(ck.accelerator, "save_state", full)
-    monkeypatch.setattr("vae_dist.run.checkpoint._disk_full", lambda path: True)  # the disk as a full one reports
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(free=0))  # a full disk
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*\(the disk is full\)$") as e:
         _save(ck, 3)
     assert "\n" not in str(e.value)
@@ -328,10 +329,10 @@ def test_a_crafted_run_id_in_a_manifest_makes_an_unusable_checkpoint_never_a_pat
     crafted = d / "step-000000001"
     manifest = json.loads((crafted / MANIFEST).read_text())
     (crafted / MANIFEST).write_text(json.dumps({**manifest, "run_id": f"/../../../{outside}"}))
-    assert read_manifest(crafted, Position) is None
+    assert read_manifest(crafted) is None
     log: list[str] = []
     with pytest.raises(CheckpointError, match="no usable checkpoint .*step-000000001"):
-        Checkpointer(_Acc(), d, keep=1, log=log.append, schema=Position, run_id=R1).load_latest()  # type: ignore[arg-type]
+        Checkpointer(_Acc(), d, keep=1, log=log.append, run_id=R1).load_latest()  # type: ignore[arg-type]
     assert any("step-000000001 is unusable" in line for line in log)
     _save(_ck(d, keep=1), 2)  # rotation: the crafted one is nobody's, so it stays, and so does outside
     assert sorted(p.name for p in d.iterdir()) == ["step-000000001", "step-000000002"]

@@ -61,7 +61,7 @@ def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", rank
     learner = Learner(
         acc, model, make_optimizer(model, cfg.optimizer), cfg, train, valid,
         artifact_dir=tmp_path, tracker=Tracker(acc),
-        checkpointer=Checkpointer(acc, tmp_path / folder.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, schema=Position, run_id=CHECKPOINT_RUN_ID),
+        checkpointer=Checkpointer(acc, tmp_path / folder.CHECKPOINTS, 2, log or (lambda _: None), every_steps=cfg.checkpoint_every_steps, run_id=CHECKPOINT_RUN_ID),
         run_id=run_id,
     )
     if resume:

@@ -335,7 +335,7 @@ def complete_checkpoints(art: Path) -> dict[str, dict]:
     """{folder: manifest as JSON} of the complete checkpoints."""
     out = {}
     for name in checkpoint_dirs(art):
-        m = read_manifest(art / "checkpoints" / name, Position)
+        m = read_manifest(art / "checkpoints" / name)
         if m is not None and not name.startswith(TMP_PREFIX):
             out[name] = m.model_dump()
     return out

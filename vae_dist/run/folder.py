@@ -1,8 +1,7 @@
 """The run folder: its marker, its lock, --overwrite's rename, and its small files.
 
-Everything inside a run folder is the run's own. vae_dist never deletes a run: --overwrite
-renames the previous one, whole, to a sibling folder, and the user deletes it.
-"""
+Everything inside a run folder is the run's own. vae_dist never deletes a run: --overwrite renames
+the previous one, whole, to a sibling folder, and the user deletes it."""
 
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ from vae_dist.errors import ArtifactError
 from vae_dist.run.fileio import atomic_write, checking, print_out
 
 MARKER = ".vae_dist"  # proves the folder is vae_dist's, and holds the run's id
-# Held (flock) by the main process of a training for its whole run; never deleted, since
-# removing a lock file lets two processes lock two different files of the same name.
+# Held (flock) by a training's main process for its whole run; never deleted, since removing a lock
+# file lets two processes lock two different files of the same name.
 LOCK = ".vae_dist.lock"
 CONFIG = CONFIG_FILE
 MODEL = "model.safetensors"
@@ -30,12 +29,11 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 IMAGES = "images"
 LOSS_CURVES = "loss_curves.png"
-WANDB = "wandb"
-TENSORBOARD = "tensorboard"  # --report-to tensorboard's event files
+TENSORBOARD = "tensorboard"
 # What a training writes at the folder's top level.
-RUN_NAMES = (MARKER, LOCK, CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, WANDB, TENSORBOARD)
-# A run's id (new_run_id's shape). One read from disk names a sibling folder and the
-# checkpoints to rotate, so it is checked against this before it names anything.
+RUN_NAMES = (MARKER, LOCK, CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, "wandb", TENSORBOARD)
+# A run's id (new_run_id's shape). One read from disk names a sibling folder and the checkpoints
+# to rotate, so it is checked against this before it names anything.
 RUN_ID = r"[0-9a-f]{8}"
 
 
@@ -52,30 +50,17 @@ def epoch_picture(root: Path, epoch: int, name: str) -> Path:
 
 
 def previous_run_folder(root: Path, run_id: str) -> Path:
-    """Where --overwrite moves the run ``run_id`` (a valid id) out of ``root``: beside it."""
+    """Where --overwrite moves the run ``run_id`` out of ``root``: beside it."""
     root = Path(os.path.abspath(root))  # "." or "run/.." have no name of their own
     return root.parent / f"{root.name}.previous-{run_id}"
 
 
 def write_run_file(path: Path, data: bytes) -> None:
-    """Write one of the run's files atomically; an OSError (a full disk, a folder gone, a
-    planted link) becomes one ArtifactError line naming the file."""
+    """Write one of the run's files atomically; an OSError (a full disk, a planted link) is one line."""
     try:
         atomic_write(path, lambda f: f.write(data))
     except OSError as e:
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def refuse_links(root: Path) -> None:
-    """Refuse a symbolic link where a training writes: through one, a write would land
-    outside the folder."""
-    links = [p for name in RUN_NAMES if (p := root / name).is_symlink()]
-    for folder in (root / CHECKPOINTS, root / IMAGES):
-        if folder.is_dir() and not folder.is_symlink():
-            links += [p for p in folder.iterdir() if p.is_symlink()]
-    if links:
-        raise ArtifactError(f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
-                            "vae_dist never writes through a link: remove it or choose another --artifact-dir")
 
 
 def marker_run_id(root: Path) -> str:
@@ -121,110 +106,84 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
         if previous_run and not (resume or overwrite):
             raise ArtifactError(f"artifact directory {root} holds a previous vae_dist run; "
                                 "pass --resume to continue it or --overwrite to start again")
-        if previous_run and overwrite:  # the folder moves whole; the new run's is empty
-            aside = previous_run_folder(root, run_id)
-            _check_movable(root, aside)
+        if previous_run and overwrite:  # the folder moves whole, links included; the new run's is empty
+            aside, real = previous_run_folder(root, run_id), os.path.realpath(root)
+            parent, cwd = os.path.dirname(real), os.getcwd()
+            # The current directory moves with the folder: relative paths would then write into the old run.
+            why = ("it is a mount point" if os.path.ismount(root)
+                   else "it holds the current directory: run from elsewhere" if os.path.commonpath([cwd, real]) == real
+                   else f"{aside} already exists" if os.path.lexists(aside)  # a rename would replace an empty one
+                   else f"{parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else "")
+            if why:
+                raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
             return aside
-        refuse_links(root)
+        # A link where a training writes: a write through it would land outside the folder.
+        links = [p for name in RUN_NAMES if (p := root / name).is_symlink()]
+        for sub in (root / CHECKPOINTS, root / IMAGES):
+            if sub.is_dir() and not sub.is_symlink():
+                links += [p for p in sub.iterdir() if p.is_symlink()]
+        if links:
+            raise ArtifactError(f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
+                                "vae_dist never writes through a link: remove it or choose another --artifact-dir")
     return None
-
-
-def _check_movable(root: Path, aside: Path) -> None:
-    """What would make --overwrite's rename fail or go wrong, found before anything changes."""
-    real = os.path.realpath(root)
-    # The current directory moves with the folder: relative paths would then write into the old run.
-    why = ("it is a mount point" if os.path.ismount(root)
-           else "it holds the current directory: run from elsewhere" if os.path.commonpath([os.getcwd(), real]) == real
-           else f"{aside} already exists" if os.path.lexists(aside)
-           else f"{os.path.dirname(real)} is not writable" if not os.access(os.path.dirname(real), os.W_OK | os.X_OK)
-           else "")
-    if why:
-        raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
 
 
 def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, lock: Optional[RunLock] = None,
                          run_id: str = "") -> Path:
-    """Check the folder (check_artifact_dir), lock it for this process (with ``lock``) and,
-    unless resuming, mark it as the run ``run_id``'s. Main process only.
-
-    --overwrite over a previous run renames the folder to previous_run_folder holding its
-    lock, so that a training still running there is never moved, then starts an empty one."""
-    if not (resume or is_run_id(run_id)):
-        raise ValueError(f"not a run id: {run_id!r}")
+    """Check the folder (check_artifact_dir), lock it for this process (with ``lock``) and, unless
+    resuming, mark it as the run ``run_id``'s. Main process only. --overwrite first renames a previous
+    run to previous_run_folder, under its lock, so that a training still running there is never moved;
+    the new folder is locked before that lock is released, so a second training is refused throughout."""
     root = Path(path).expanduser()
     aside = _check(root, overwrite=overwrite, resume=resume)
+    old = RunLock()
     try:
         if aside is not None:
-            _move_aside(root, aside, lock)
+            old.acquire(root)
+            try:
+                os.rename(root, aside)
+            except OSError as e:
+                raise ArtifactError(f"--overwrite cannot move the previous run {root} to {aside}: "
+                                    f"{e.strerror or e}; nothing was changed") from None
+            print_out(f"--overwrite: the previous run is now {aside} (vae_dist never deletes it)", required=False)
+            root.mkdir()
         else:
             root.mkdir(parents=True, exist_ok=True)
-            if lock is not None:
-                lock.acquire(root)
+        if lock is not None:
+            lock.acquire(root)
         if not resume:
-            marker = json.dumps({"created_by": "vae_dist", "run_id": run_id}) + "\n"
-            atomic_write(root / MARKER, lambda f: f.write(marker.encode()))
-        _probe_writable(root)
+            write_run_file(root / MARKER, json.dumps({"created_by": "vae_dist", "run_id": run_id}).encode() + b"\n")
+        # Writable now, not after an hour of training; under no name, so never through a planted link.
+        with tempfile.TemporaryFile(dir=root) as probe:
+            probe.write(b"ok")
     except OSError as e:
         raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
+    finally:
+        old.release()
     return root
 
 
-def _move_aside(root: Path, aside: Path, lock: Optional[RunLock]) -> None:
-    """One rename, under the old folder's lock; the new folder is locked before that one is
-    released, so a second training is refused throughout."""
-    old = RunLock()
-    old.acquire(root)
-    try:
-        _check_movable(root, aside)  # again, now that no training can be running there
-        try:
-            os.rename(root, aside)
-        except OSError as e:
-            raise ArtifactError(f"--overwrite cannot move the previous run {root} to {aside}: "
-                                f"{e.strerror or e}; nothing was changed") from None
-        print_out(f"--overwrite: the previous run is now {aside} (vae_dist never deletes it)", required=False)
-        root.mkdir()
-        if lock is not None:
-            lock.acquire(root)
-    finally:
-        old.release()
-
-
-def _probe_writable(root: Path) -> None:
-    """Prove now, not after an hour of training, that the run's outputs can be written;
-    under a fresh name (O_EXCL), so never through a planted link."""
-    fd, probe = tempfile.mkstemp(dir=root, prefix=".write-test-")
-    try:
-        os.write(fd, b"ok")
-    finally:
-        os.close(fd)
-        os.unlink(probe)
-
-
 class RunLock:
-    """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's
-    pid for the refusal to name. The kernel drops it when the process dies."""
+    """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's pid for
+    the refusal to name. The kernel drops it when the process dies."""
 
-    def __init__(self) -> None:
-        self.fd: Optional[int] = None
+    fd: Optional[int] = None
 
     def acquire(self, root: Path) -> None:
-        if self.fd is not None:  # already held by this process
-            return
         try:
             fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise ArtifactError(f"{root / LOCK} is a symbolic link; vae_dist does not write through links") from None
-            raise ArtifactError(f"artifact directory {root} is not writable: {e.strerror or e}") from None
+            why = f"{LOCK} is a symbolic link" if e.errno == errno.ELOOP else e.strerror or e
+            raise ArtifactError(f"cannot lock artifact directory {root}: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                who = f" (pid {holder})" if holder.isdigit() else ""
-                raise ArtifactError(f"artifact directory {root} is in use by another vae_dist run{who}") from None
-            raise ArtifactError(f"cannot lock artifact directory {root}: {e.strerror or e}") from None
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise ArtifactError(f"cannot lock artifact directory {root}: {e.strerror or e}") from None
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise ArtifactError(f"artifact directory {root} is in use by another vae_dist run{who}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -240,15 +199,14 @@ def write_config(root: Path, config: TrainingConfig) -> None:
 
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl whole from the run's history: appending would repeat epochs
-    after a resume from a checkpoint older than the file."""
+    """Rewrite metrics.jsonl whole from the run's history: appending would repeat epochs after a
+    resume from a checkpoint older than the file."""
     write_run_file(root / METRICS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode())
 
 
 def read_metrics(root: Path) -> list[dict[str, Any]]:
     path = Path(root) / METRICS
     with checking(path, ArtifactError, "metrics file"):
-        found = path.is_file()
-    if not found:
-        return []
+        if not path.is_file():
+            return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

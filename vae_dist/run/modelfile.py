@@ -3,31 +3,31 @@ so the one file rebuilds the model with no pickle and no config.json beside it."
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save
 
 from vae_dist.config import TrainingConfig
-from vae_dist.errors import ArtifactError, ConfigError, first_line
-from vae_dist.run.fileio import checking
+from vae_dist.errors import ArtifactError, ConfigError, VaeDistError, first_line
 from vae_dist.models import build, parameter_count
 from vae_dist.models.protocol import Model
+from vae_dist.run.fileio import checking
 from vae_dist.run.folder import MODEL, write_run_file
 
 T = TypeVar("T")
-# Models larger than this are refused before any memory is allocated for them.
-MAX_PARAMETERS = 1_000_000_000
+MAX_PARAMETERS = 1_000_000_000  # larger models are refused before any memory is allocated for them
 
 
 def save_model_file(
     path: Path, state_dict: dict[str, torch.Tensor], config: TrainingConfig, results: Optional[dict[str, Any]] = None
 ) -> None:
-    """``results`` (the last validation and its protocol) ride along in the metadata, so a
-    number read off the file says what it was measured on."""
+    """``results`` (the last validation and its protocol) ride along in the metadata, so a number
+    read off the file says what it was measured on."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": "pt", "vae_dist_config": config.to_json()}
     if results is not None:
@@ -40,80 +40,66 @@ def strip_compile_prefix(state: dict[str, T]) -> dict[str, T]:
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
 
-def check_model_size(config: TrainingConfig, where: str) -> None:
+def check_model_size(config: TrainingConfig, where: str, error: type[VaeDistError] = ConfigError) -> None:
     """Refuse a model too large to build, from its config alone (nothing allocated)."""
     try:
         n = parameter_count(config)
     except (ValueError, TypeError, OverflowError) as e:
-        raise ConfigError(f"{where}: the model cannot be sized ({e})") from None
+        raise error(f"{where}: the model cannot be sized ({e})") from None
     if n > MAX_PARAMETERS:
-        raise ConfigError(
-            f"{where}: the model would have {n:,} parameters, more than the {MAX_PARAMETERS:,} vae_dist builds"
-        )
+        raise error(f"{where}: the model would have {n:,} parameters, more than the {MAX_PARAMETERS:,} vae_dist builds")
+
+
+@contextlib.contextmanager
+def _reading(p: Path) -> Iterator[Any]:
+    """The open safetensors file; a file that is not one, or is cut short, is one line."""
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        why = first_line(e) or type(e).__name__
+        raise ArtifactError(f"model file {p} is not a readable safetensors file: {why}") from None
 
 
 def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[Model, TrainingConfig]:
-    """Rebuild the model and its training config from a model.safetensors file (or its
-    folder), on the CPU whatever device wrote it. ``config``: the file's own when None; a
-    checkpoint's weights file (accelerate's) carries none, and its manifest gives it."""
+    """Rebuild the model and its training config from a model.safetensors file (or its folder), on
+    the CPU whatever device wrote it. ``config``: the file's own when None; a checkpoint's weights
+    file (Accelerate's) carries none, and its manifest gives it."""
     p = Path(path).expanduser()
     with checking(p, ArtifactError, "model path"):
-        if p.is_dir():
-            p = p / MODEL
-        found = p.is_file()
-    if not found:
-        raise ArtifactError(f"no trained model at {p} (train first, or give the artifact directory)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            config = _declared_config(p, f.metadata() or {}) if config is None else config
-            # The declared model is built without memory first: a config that declares a far
-            # larger model than the file holds is refused before any of it is allocated.
-            with torch.device("meta"):
-                want = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
-            got = strip_compile_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-            mismatch = _shape_mismatch(want, got)
-            if mismatch:
-                raise ArtifactError(f"model file {p} does not match its config: {mismatch}")
-            state = strip_compile_prefix({k: f.get_tensor(k) for k in f.keys()})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"model file {p} is not a readable safetensors file: {first_line(e) or type(e).__name__}") from None
+        p = p / MODEL if p.is_dir() else p
+        if not p.is_file():
+            raise ArtifactError(f"no trained model at {p} (train first, or give the artifact directory)")
+    with _reading(p) as f:
+        meta = f.metadata() or {}
+        if config is None:
+            if "vae_dist_config" not in meta:
+                raise ArtifactError(f"model file {p} was not written by vae_dist (no config in its metadata)")
+            try:
+                config = TrainingConfig.from_dict(json.loads(meta["vae_dist_config"]))
+            except (ValueError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                why = first_line(e) or type(e).__name__
+                raise ArtifactError(f"model file {p} carries an unreadable config: {why}") from None
+            check_model_size(config, f"model file {p}", ArtifactError)
+        # The declared model is built without memory first: a config that declares a far larger
+        # model than the file holds is refused before any of it is allocated.
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+        got = strip_compile_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        if want != got:
+            name = min(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            why = (f"{name} is missing" if name not in got else f"{name} is not in the model" if name not in want
+                   else f"{name} has shape {list(got[name])} where the model has {list(want[name])}")
+            raise ArtifactError(f"model file {p} does not match its config: {why}")
+        state = strip_compile_prefix({k: f.get_tensor(k) for k in f.keys()})
     model = build(config)
     model.load_state_dict(state)  # the names and shapes were checked above
     return model.eval(), config
-
-
-def _declared_config(p: Path, meta: dict[str, str]) -> TrainingConfig:
-    if "vae_dist_config" not in meta:
-        raise ArtifactError(f"model file {p} was not written by vae_dist (no config in its metadata)")
-    try:
-        config = TrainingConfig.from_dict(json.loads(meta["vae_dist_config"]))
-    except (ValueError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise ArtifactError(f"model file {p} carries an unreadable config: {first_line(e) or type(e).__name__}") from None
-    try:
-        check_model_size(config, f"model file {p}")
-    except ConfigError as e:
-        raise ArtifactError(str(e)) from None
-    return config
-
-
-def _shape_mismatch(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> Optional[str]:
-    """The first difference between the config's tensors and the file's, else None."""
-    for name in sorted(want.keys() | got.keys()):
-        if name not in got:
-            return f"{name} is missing"
-        if name not in want:
-            return f"{name} is not in the model"
-        if want[name] != got[name]:
-            return f"{name} has shape {list(got[name])} where the model has {list(want[name])}"
-    return None
 
 
 def model_results(path: str | Path) -> dict[str, Any]:
     """The results a model file records (its last validation and protocol; {} if none)."""
     p = Path(path).expanduser()
     p = p / MODEL if p.is_dir() else p
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("vae_dist_results", "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"model file {p} is not a readable safetensors file: {first_line(e) or type(e).__name__}") from None
+    with _reading(p) as f:
+        return json.loads((f.metadata() or {}).get("vae_dist_results", "{}"))

@@ -1,15 +1,11 @@
-"""Where a run is: the record the Learner keeps and every checkpoint saves.
-
-One strict schema writes it (``model_dump``) and reads it back (``model_validate``): a
-key missing, unknown or of the wrong type, or a position the trainer cannot have
-written, fails validation, and the checkpointer then skips that checkpoint.
-"""
+"""Where a run is: the record the Learner keeps and every checkpoint saves, in one strict schema:
+a key missing, unknown or of the wrong type, or a position the trainer cannot have written, fails."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Optional, Union
+from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapValidator, model_validator, with_config
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator, with_config
 from typing_extensions import TypedDict
 
 from vae_dist.config import TrainingConfig, resume_mismatch
@@ -18,25 +14,14 @@ from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 Count = Annotated[int, Field(ge=0)]
 
 # One epoch's metrics (metrics.jsonl has the same rows): split/name numbers besides these
-# keys, named by the model family's terms. A diverged validation is a record, not an edit,
-# so its floats may be inf or NaN; the summary and the curves cope.
+# keys, named by the model family's terms. A diverged validation's floats may be inf or NaN.
 Row = with_config(ConfigDict(strict=True))(TypedDict("Row", {  # type: ignore[call-overload]
     "epoch": Annotated[int, Field(ge=1)], "step": Count, "complete_epoch": bool,
     "protocol": dict[str, Union[str, int, float]],
 }, extra_items=Union[int, float]))
-
-
-def _invalid_not_refused(value: Any, handler: Callable[[Any], TrainingConfig]) -> TrainingConfig:
-    # A config the schema refuses makes the checkpoint unusable (a ValueError for the
-    # checkpointer, which skips it), not the run's own config error.
-    try:
-        return handler(value)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
-
-
-# Saved as config.json's JSON object.
-SavedConfig = Annotated[TrainingConfig, WrapValidator(_invalid_not_refused), PlainSerializer(TrainingConfig.to_dict)]
+# Saved as config.json's JSON object. A config the schema refuses raises ConfigError, which
+# read_manifest takes as an unusable checkpoint.
+SavedConfig = Annotated[TrainingConfig, PlainSerializer(TrainingConfig.to_dict)]
 
 
 class Position(BaseModel):
@@ -77,23 +62,18 @@ class Position(BaseModel):
 
     def check_resumable(self, name: str, config: TrainingConfig, num_processes: int, steps_per_epoch: int) -> None:
         """Whether a run of ``config``, ``num_processes`` ranks and ``steps_per_epoch`` can continue from here."""
-        mismatch = resume_mismatch(self.config, config, saved_as=f"{name} was trained with")
-        if mismatch:
+        if mismatch := resume_mismatch(self.config, config, saved_as=f"{name} was trained with"):
             raise ConfigError(f"cannot resume: {mismatch}")
         if config.max_steps is not None and self.global_step > config.max_steps:
-            raise ConfigError(
-                f"--max-steps {config.max_steps} is below step {self.global_step}, where {name} "
-                f"stopped; give at least {self.global_step}"
-            )
+            raise ConfigError(f"--max-steps {config.max_steps} is below step {self.global_step}, where {name} "
+                              f"stopped; give at least {self.global_step}")
         if self.batches_done and self.num_processes != num_processes:
             raise TrainingError(
                 f"cannot resume mid-epoch from {name} with {num_processes} process(es): it was written by "
                 f"{self.num_processes}; resume with {self.num_processes} (a different count can resume at an epoch end)"
             )
-        # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a
-        # checkpoint this run cannot continue; it is already loaded, so no older one can
-        # be tried in its place.
+        # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a checkpoint
+        # this run cannot continue; it is already loaded, so no older one can be tried in its place.
         if self.batches_done > steps_per_epoch:
             raise CheckpointError(
-                f"cannot resume from {name}: it is {self.batches_done} batches into an epoch of {steps_per_epoch}"
-            )
+                f"cannot resume from {name}: it is {self.batches_done} batches into an epoch of {steps_per_epoch}")

@@ -111,7 +111,7 @@ class Learner:
         *,
         artifact_dir: Path,
         tracker: Tracker,
-        checkpointer: Checkpointer[Position],
+        checkpointer: Checkpointer,
         run_id: str = "",
         on_epoch_end: Optional[Callable[[Model, int, int], None]] = None,
     ):

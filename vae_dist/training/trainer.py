@@ -41,7 +41,6 @@ from vae_dist.run.fileio import print_out
 from vae_dist.training.learner import Learner
 from vae_dist import models
 from vae_dist.models.protocol import Model
-from vae_dist.run.position import Position
 from vae_dist.training.signals import Preempted, StopRequest
 from vae_dist.training.summary import format_summary
 from vae_dist.training.tracking import Tracker, check_report_to, close_trackers
@@ -277,7 +276,7 @@ def _train(
         tracker=tracker,
         checkpointer=Checkpointer(
             acc, root / folder.CHECKPOINTS, config.keep_checkpoints, say, every_steps=config.checkpoint_every_steps,
-            schema=Position, run_id=run_id,
+            run_id=run_id,
         ),
         run_id=run_id,
         on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
