@@ -16,7 +16,6 @@ from vae_dist.run.checkpoint import MANIFEST, read_manifest, verify_hashes
 from vae_dist.run.fileio import checking
 from vae_dist.run.folder import MODEL
 from vae_dist.run.modelfile import load_model_file, model_results
-from vae_dist.run.position import Position
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +120,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     if not is_checkpoint:
         model, config = load_model_file(p)
         return TrainedVAE(model, config, model_results(p)).to(device)
-    manifest = read_manifest(p, Position)
+    manifest = read_manifest(p)
     problem = verify_hashes(p, manifest) if manifest is not None else "its manifest or one of its files does not verify"
     if problem or manifest is None:
         raise ArtifactError(f"checkpoint {p} is unusable: {problem}")
