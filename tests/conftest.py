@@ -1,9 +1,12 @@
-"""Shared fixtures: where MNIST is, and how to run the real CLI (one process or launched)."""
+"""Shared fixtures: where MNIST is, how to run the CLI (in this process, as one process or as
+ranks), and a folder's snapshot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import shutil
 import subprocess
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from vae_dist.data.datasets import DATA_DIR_ENV, default_data_dir
 
@@ -67,11 +71,53 @@ def launch_cmd(num_processes: int, args: list[str], port: int | None = None) -> 
     return base + ["-m", "vae_dist", *args]
 
 
-def run_launch(num_processes: int, args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300):
-    return subprocess.run(
-        launch_cmd(num_processes, args), cwd=REPO, env=env or cli_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )
+def run_ranks(args: list[str], *, timeout: float = 60, **extra: str) -> list[subprocess.CompletedProcess]:
+    """`python -m vae_dist ARGS` as two ranks started by hand (no torchrun to end the other
+    when one stops), each in its own session; past ``timeout`` both are killed and the test
+    fails: a rank left waiting is what this catches."""
+    port, procs = str(free_port()), []
+    for rank in (0, 1):
+        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
+        procs.append(subprocess.Popen([sys.executable, "-m", "vae_dist", *args], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        outs = None
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    if outs is None:
+        pytest.fail(f"a rank was still running after {timeout} s (both killed)")
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """This process on one intra-op thread, as each process cli_env starts: the same
+    rounding in the matrix products, so its weights can be compared with theirs bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def snapshot(root: Path, *, lock: bool = True) -> dict[str, bytes | None]:
+    """Every path under root (links not followed) with its bytes (None for folders and links);
+    without the lock file if not ``lock`` (every training that takes it writes its pid there)."""
+    from vae_dist.run.folder import LOCK
+
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+        for p in sorted(root.rglob("*")) if lock or p.name != LOCK
+    }
 
 
 def small_train_args(data_dir: Path, artifact_dir: Path, *more: str) -> list[str]:
@@ -126,16 +172,20 @@ def main_in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> Ran:
     return Ran(rc, captured.out, captured.err)
 
 
+# The finished run's flags: mlp, 1 epoch of 640 images at batch 32 (20 steps), checkpoints every 5 steps.
+FINISHED_RUN = ("--model", "mlp", "--batch-size", "32", "--limit-train-samples", "640", "--limit-eval-samples", "200",
+                "--checkpoint-every-steps", "5", "--keep-checkpoints", "3")
+
+
 @pytest.fixture(scope="session")
 def finished_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished small run (mlp, 1 epoch of 640 images at batch 32, checkpoints every 5
-    steps), trained once per session in this process. Copy it (``copy_run``) before
-    changing anything in it."""
+    """A finished small run (FINISHED_RUN), trained once per session in this process on one
+    thread, as a process cli_env starts would. Copy it (``copy_run``) before changing anything in it."""
     from vae_dist.cli.app import main
 
     art = tmp_path_factory.mktemp("finished") / "run"
-    main(small_train_args(data_dir, art, "--model", "mlp", "--batch-size", "32", "--limit-train-samples", "640",
-                          "--limit-eval-samples", "200", "--checkpoint-every-steps", "5", "--keep-checkpoints", "3"))
+    with one_thread():
+        main(small_train_args(data_dir, art, *FINISHED_RUN))
     return art
 
 

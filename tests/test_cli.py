@@ -399,18 +399,13 @@ def test_a_folder_vae_dist_did_not_create_is_left_untouched_even_with_overwrite(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", ["python -m vae_dist", "vae-dist"])
-def test_entry_point_runs(entry):
-    if entry == "vae-dist":
-        exe = shutil.which("vae-dist", path=cli_env().get("PATH"))
-        assert exe is not None, "the vae-dist console script is not on PATH (pip install -e .)"
-        cmd = [exe]
-    else:
-        cmd = [sys.executable, "-m", "vae_dist"]
-    ok = subprocess.run([*cmd, "--help"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60)
+def test_the_console_script_runs_and_a_usage_error_is_one_line():
+    exe = shutil.which("vae-dist", path=cli_env().get("PATH"))
+    assert exe is not None, "the vae-dist console script is not on PATH (pip install -e .)"
+    ok = subprocess.run([exe, "--help"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60)
     check_ok(ok)
     assert "train" in ok.stdout and "evaluate" in ok.stdout
-    bad = subprocess.run([*cmd, "train", "--epochs", "0"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+    bad = subprocess.run([exe, "train", "--epochs", "0"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                          timeout=60)
     assert "epochs" in one_error_line(bad)
 
@@ -445,17 +440,18 @@ def test_a_result_a_full_stdout_cannot_take_is_one_line_and_nothing_at_exit(fini
 
 @pytest.mark.slow
 @NEEDS_DEV_FULL
-@pytest.mark.parametrize("stderr", ["full", "closed"])
-def test_a_stderr_that_cannot_be_written_costs_a_run_only_its_status_lines(stderr, tmp_path, data_dir):
-    """A real process: `2>/dev/full` (each write fails) and `2>&-` (no stream at all) used to
-    end the run at step 1 with a traceback no one could read."""
+def test_a_stderr_that_cannot_be_written_costs_a_run_only_its_status_lines(tmp_path, data_dir, capsys, monkeypatch):
+    """`2>/dev/full` (each write fails), in this process, and `2>&-` (no stream at all: a
+    real process) used to end the run at step 1 with a traceback no one could read."""
     import os
 
-    art = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vae_dist", *small_train_args(data_dir, art, *TINY)]
     with open("/dev/full", "w") as full:
-        kw = {"stderr": full} if stderr == "full" else {"preexec_fn": lambda: os.close(2)}
-        ran = subprocess.run(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, text=True, timeout=300, **kw)
+        monkeypatch.setattr(sys, "stderr", full)
+        ran = main_in_process(small_train_args(data_dir, tmp_path / "full", *TINY), capsys)
+    assert ran.returncode == 0 and (tmp_path / "full" / "model.safetensors").is_file(), ran.stdout[-3000:]
+    art = tmp_path / "closed"
+    ran = subprocess.run([sys.executable, "-m", "vae_dist", *small_train_args(data_dir, art, *TINY)], cwd=REPO,
+                         env=cli_env(), stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
     assert ran.returncode == 0, ran.stdout[-3000:]
     assert (art / "model.safetensors").is_file() and "model saved to" in ran.stdout
 

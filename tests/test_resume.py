@@ -2,9 +2,9 @@
 run cannot continue from, and kills at chosen moments.
 
 In process on test_learner's synthetic images (10 steps per epoch) wherever the process
-is not the point; real processes only for SIGKILL inside a checkpoint write and a rank
-killed under ``accelerate launch`` (signals: test_signals.py). A resumed run must end
-with weights bit-identical to an uninterrupted one.
+is not the point; a real process only for SIGKILL inside a checkpoint write (a rank killed
+mid-run: test_distributed.py; signals: test_signals.py). A resumed run must end with
+weights bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,12 @@ from safetensors.torch import load_file
 from test_learner import _learner, _untimed, _weights
 
 from conftest import (
-    check_ok, cli_env, copy_run, main_in_process, one_error_line, output, run_cli, run_launch, small_train_args,
+    FINISHED_RUN, check_ok, cli_env, copy_run, main_in_process, one_error_line, one_thread, output, run_cli,
+    small_train_args, snapshot,
 )
 from vae_dist.run import folder as rundir
 from vae_dist.run.checkpoint import MANIFEST, TMP_PREFIX, file_sha256, read_manifest
 from vae_dist.errors import CheckpointError, ConfigError, TrainingError
-from vae_dist.run.position import Position
 from vae_dist.training.schedule import learning_rate
 
 
@@ -68,14 +67,6 @@ LITERATURE = {
     "loss": {"iw_samples": 3},
     "optimizer": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_epochs": 0.5},
 }
-
-
-def test_resume_mid_epoch_reaches_the_uninterrupted_weights(tmp_path, whole):
-    _learner(tmp_path, epochs=2, max_steps=14).fit()
-    resumed = _learner(tmp_path, epochs=2, resume=True)
-    resumed.fit()
-    assert torch.equal(_weights(resumed.model), whole[0])
-    assert _untimed(resumed.position.history) == whole[1]
 
 
 @pytest.mark.slow
@@ -237,18 +228,14 @@ def test_max_steps_at_the_checkpoint_ends_that_partial_epoch(preempted):
 # ----------------------------------------------------------------------- the CLI, in process
 
 
-def _snapshot(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
-
-
 @pytest.mark.slow
 def test_resume_refuses_a_changed_field_and_touches_nothing(finished_run, tmp_path, capsys):
     art = copy_run(finished_run, tmp_path)
-    before = _snapshot(art)
+    before = snapshot(art)
     # --resume alone takes the run's own config.json; a flag that shapes the model may not change.
     line = one_error_line(main_in_process(["train", "--artifact-dir", str(art), "--resume", "--model", "conv"], capsys))
     assert "model.kind" in line and "resume" in line, line
-    assert _snapshot(art) == before
+    assert snapshot(art) == before
 
 
 def _edit_seed(art: Path) -> list[str]:
@@ -269,10 +256,10 @@ REFUSED_AT_THE_CHECKPOINT = {
 def test_a_resume_the_checkpoint_refuses_touches_nothing(change, said, finished_run, tmp_path, capsys):
     art = copy_run(finished_run, tmp_path)
     flags = change(art)
-    before = _snapshot(art)
+    before = snapshot(art)
     line = one_error_line(main_in_process(["train", "--artifact-dir", str(art), "--resume", *flags], capsys))
     assert said in line, line
-    assert _snapshot(art) == before  # config.json included: it is written only after the checkpoint's checks
+    assert snapshot(art) == before  # config.json included: it is written only after the checkpoint's checks
 
 
 @pytest.mark.slow
@@ -282,139 +269,46 @@ def test_resume_without_checkpoints_over_a_finished_run_is_refused(how, finished
     shutil.rmtree(art / rundir.CHECKPOINTS)
     if how == "emptied":
         (art / rundir.CHECKPOINTS).mkdir()
-    before = _snapshot(art)
+    before = snapshot(art)
     line = one_error_line(main_in_process(["train", "--artifact-dir", str(art), "--resume"], capsys))
     assert "no checkpoint" in line, line
-    assert _snapshot(art) == before
+    assert snapshot(art) == before
 
 
-# ----------------------------------------------------------------------- real processes
-
-STEPS_PER_EPOCH = 20  # one process; 10 with two
-BASE = (
-    "--model", "mlp", "--epochs", "2", "--checkpoint-every-steps", "5", "--batch-size", "32",
-    "--limit-train-samples", "640", "--limit-eval-samples", "200", "--keep-checkpoints", "2",
-)
-
-
-def base_args(data_dir: Path, art: Path, *more: str) -> list[str]:
-    return small_train_args(data_dir, art, *BASE, *more)
-
-
-def weights(art: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(art / "model.safetensors"))
-
-
-def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+# ----------------------------------------------------------------------- a real kill
 
 
 def metrics(art: Path) -> list[dict]:
     return [json.loads(line) for line in (art / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def assert_same_metrics(art: Path, ref: Path, samples_per_epoch: int = 640) -> None:
-    rows, ref_rows = metrics(art), metrics(ref)
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows] == list(range(1, len(ref_rows) + 1))
-    for row, want in zip(rows, ref_rows):
-        assert row["step"] == want["step"]
-        # Every image of the epoch counted once: a re-taken step would add 32, a skipped one remove 32.
-        assert row["train/samples"] == samples_per_epoch
-        for key in ("train/loss", "train/recon", "train/kl", "valid/loss"):
-            assert row[key] == pytest.approx(want[key], rel=1e-9, abs=0), (row["epoch"], key)
-
-
 def checkpoint_dirs(art: Path) -> list[str]:
-    d = art / "checkpoints"
-    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-
-
-def complete_checkpoints(art: Path) -> dict[str, dict]:
-    """{folder: manifest as JSON} of the complete checkpoints."""
-    out = {}
-    for name in checkpoint_dirs(art):
-        m = read_manifest(art / "checkpoints" / name)
-        if m is not None and not name.startswith(TMP_PREFIX):
-            out[name] = m.model_dump()
-    return out
-
-
-def assert_final_state(art: Path, epochs: int = 2, steps_per_epoch: int = STEPS_PER_EPOCH) -> None:
-    """The newest manifest is at the end of the run, with one history row per epoch."""
-    complete = complete_checkpoints(art)
-    newest = complete[max(complete)]["state"]
-    assert newest["global_step"] == epochs * steps_per_epoch
-    assert (newest["epoch"], newest["batches_done"]) == (epochs, 0)
-    assert not [n for n in checkpoint_dirs(art) if n.startswith(TMP_PREFIX)]
-
-
-def resumed_from(proc: subprocess.CompletedProcess) -> tuple[str, str, str, str]:
-    found = re.findall(r"resumed from (\S+): epoch (\d+), batch (\d+)/\d+, step (\d+)", output(proc))
-    assert len(found) == 1, output(proc)[-3000:]
-    return found[0]
-
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory, data_dir) -> Path:
-    """An uninterrupted one-process run."""
-    art = tmp_path_factory.mktemp("ref") / "run"
-    check_ok(run_cli(base_args(data_dir, art)))
-    return art
-
-
-@pytest.fixture(scope="module")
-def ref2(tmp_path_factory, data_dir) -> Path:
-    """An uninterrupted two-process run (10 steps per epoch)."""
-    art = tmp_path_factory.mktemp("ref2") / "run"
-    check_ok(run_launch(2, base_args(data_dir, art)))
-    return art
-
-
-KILL_POINTS = {
-    # name: (N-th checkpoint write killed, checkpoint resumed from, (epoch, batch, step) in the resume line)
-    "inside-a-step-checkpoint": ("2", "step-000000005", ("1", "5", "5")),
-    # The 4th write is the epoch-end checkpoint of step 20 (a step checkpoint that falls on
-    # an epoch end is left to it, not written twice); the resume starts from step 15.
-    "inside-the-epoch-end-checkpoint": ("4", "step-000000015", ("1", "15", "15")),
-}
+    return sorted(p.name for p in (art / "checkpoints").iterdir())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_run_killed_inside_a_checkpoint_write_resumes_bit_identical(point, ref, data_dir, tmp_path):
-    write, folder, position = KILL_POINTS[point]
+def test_a_run_killed_inside_a_checkpoint_write_resumes_bit_identical(finished_run, data_dir, tmp_path, capsys):
+    """SIGKILL inside the 4th checkpoint write, the epoch-end one of step 20 (a step
+    checkpoint that falls on an epoch end is left to it, not written twice). The torn write
+    is ignored: the resume starts from step 15 and ends with the uninterrupted run's weights,
+    records and kept checkpoints."""
     art = tmp_path / "run"
-    args = base_args(data_dir, art)
-    killed = run_cli(args, env=cli_env(VAE_DIST_TEST_KILL_IN_CHECKPOINT=write))
+    args = small_train_args(data_dir, art, *FINISHED_RUN)
+    killed = run_cli(args, env=cli_env(VAE_DIST_TEST_KILL_IN_CHECKPOINT="4"))
     assert killed.returncode == -signal.SIGKILL, f"exit {killed.returncode}\n{killed.stderr[-2000:]}"
     assert not (art / "model.safetensors").exists()
-    # The torn write is there, beside the older complete checkpoints, and must be ignored.
-    assert [n for n in checkpoint_dirs(art) if n.startswith(TMP_PREFIX)]
-    resumed = run_cli([*args, "--resume"])
+    assert [n for n in checkpoint_dirs(art) if n.startswith(TMP_PREFIX)]  # the torn write, beside the complete ones
+    with one_thread():  # as the killed process and the finished run trained
+        resumed = main_in_process([*args, "--resume"], capsys)
     check_ok(resumed)
-    assert resumed_from(resumed) == (folder, *position)
-    assert max_weight_diff(art, ref) == 0
-    assert_same_metrics(art, ref)
-    assert_final_state(art)
-    assert checkpoint_dirs(art) == checkpoint_dirs(ref)  # rotation also holds across a resume
-
-
-@pytest.mark.slow
-def test_two_process_kill_resume_matches(ref2: Path, data_dir: Path, tmp_path: Path) -> None:
-    art = tmp_path / "run"
-    args = base_args(data_dir, art)
-    # 10 steps per epoch with two processes: rank 1 dies before step 18 (torchrun then ends
-    # rank 0), so the newest checkpoint is step-15, mid-way through epoch 2.
-    killed = run_launch(2, args, env=cli_env(VAE_DIST_TEST_FAIL_AT="1:17:kill"))
-    assert killed.returncode != 0
-    assert not (art / "model.safetensors").exists()
-    assert max(complete_checkpoints(art)) == "step-000000015"
-    resumed = run_launch(2, [*args, "--resume"])
-    check_ok(resumed)
-    assert resumed_from(resumed) == ("step-000000015", "2", "5", "15")
-    assert max_weight_diff(art, ref2) <= 1e-6
-    assert_same_metrics(art, ref2)
-    assert_final_state(art, steps_per_epoch=10)
-
+    found = re.findall(r"resumed from (\S+): epoch (\d+), batch (\d+)/\d+, step (\d+)", output(resumed))
+    assert found == [("step-000000015", "1", "15", "15")], output(resumed)[-3000:]
+    a, b = (load_file(str(run / "model.safetensors")) for run in (art, finished_run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows, want = metrics(art), metrics(finished_run)
+    assert [r["train/samples"] for r in rows] == [640]  # a re-taken step would add 32, a skipped one remove 32
+    assert [{k: v for k, v in r.items() if "seconds" not in k and "per_second" not in k} for r in rows] == [
+        {k: v for k, v in r.items() if "seconds" not in k and "per_second" not in k} for r in want]
+    newest = read_manifest(art / "checkpoints" / "step-000000020")
+    assert (newest.state.global_step, newest.state.epoch, newest.state.batches_done) == (20, 1, 0)
+    assert checkpoint_dirs(art) == checkpoint_dirs(finished_run)  # rotation holds across a resume, no torn write left
