@@ -81,7 +81,7 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
 
 
 def test_interval_loss_comes_from_snapshots_of_the_running_sums():
-    from vae_dist.training.meter import TrainMeter
+    from vae_dist.training.learner import TrainMeter
 
     meter = TrainMeter(torch.device("cpu"), 3)
     meter.start_epoch([1000.0, 0.0, 0.0, 8.0])  # a resumed epoch's totals
