@@ -124,7 +124,8 @@ class Learner:
         )
         self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
         self.steps_per_epoch = len(self.train_loader)
-        valid_noise = noise(EVAL_NOISE, config.seed, 0, len(valid_loader.dataset), model.noise_shape(1))  # type: ignore[arg-type]
+        n_valid = len(valid_loader.dataset)  # type: ignore[arg-type]
+        valid_noise = noise(EVAL_NOISE, config.seed, 0, n_valid, model.noise_shape(1))
         self.valid_noise = valid_noise.to(accelerator.device) if valid_noise is not None else None
         self.say = main_print(accelerator)
         self.position = Position.start(run_id, accelerator.num_processes, config, len(model.TERMS))

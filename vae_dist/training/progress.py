@@ -28,8 +28,8 @@ class Progress:
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
-        elif self.enabled and (self.done == self.initial + 1 or time.perf_counter() - self.last_line >= self.line_every):
-            # The first step too: a log then shows at once that training is under way.
+        elif self.enabled and (self.done == self.initial + 1  # the first step too: training is under way
+                               or time.perf_counter() - self.last_line >= self.line_every):
             self.last_line = time.perf_counter()
             left = (self.last_line - self.started) / (self.done - self.initial) * (self.total - self.done)
             print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}, {left:,.0f} s left")

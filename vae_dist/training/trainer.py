@@ -140,7 +140,8 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         raise ConfigError(f"{named} needs a GPU; on the CPU use bf16 or no")
     try:
         return Accelerator(
-            cpu=cpu, mixed_precision=config.mixed_precision, dataloader_config=DataLoaderConfiguration(even_batches=True),
+            cpu=cpu, mixed_precision=config.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(even_batches=True),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
             dynamo_backend="inductor" if config.compile else None,
         )
@@ -215,7 +216,8 @@ def claim_artifact_dir(
             if finished and not has_checkpoint:
                 raise ArtifactError(
                     f"cannot resume {root}: it holds {' and '.join(finished)} but no checkpoint ({checkpoints} is "
-                    "missing or empty), so resuming would start again from step 0 over them; use --overwrite to start again"
+                    "missing or empty), so resuming would start again from step 0 over them; "
+                    "use --overwrite to start again"
                 )
         root = folder.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock, run_id=run_id)
         return root, folder.marker_run_id(root)
