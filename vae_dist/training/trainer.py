@@ -78,7 +78,7 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
     train_images, test_images = load_images(acc, config)
     loaders.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
-    resources.check_resources(config, len(train_images), len(test_images), acc.device)
+    resources.check_memory(config, len(train_images), len(test_images), acc.device)
     set_seed(config.seed)  # the same initial weights on every rank
     model = models.build(config)
     model.noise_shape(config.loss.iw_samples)  # a family refuses an objective it has not
