@@ -43,18 +43,14 @@ class TrainMeter:
     the interval loss is a difference of snapshots, and losses wait to be checked until a report."""
 
     def __init__(self, device: torch.device, terms: int):
-        self.device = device
-        self.sums = torch.zeros(terms, dtype=torch.float64, device=device)  # the family's terms, the objective first
+        self.device, self.terms = device, terms
         self._unchecked: list[tuple[int, torch.Tensor]] = []  # (global step, loss) not yet checked
         self.start_epoch()
 
     def start_epoch(self, carried: Optional[list[float]] = None) -> None:
         """Zero the sums, or start from a resumed partial epoch's [*terms, count]."""
-        self.sums.zero_()
-        self.count = 0.0  # this rank's images this epoch
-        if carried is not None:
-            self.sums += torch.tensor(carried[:-1], dtype=torch.float64, device=self.device)
-            self.count = carried[-1]
+        *sums, self.count = carried or [0.0] * (self.terms + 1)  # count: this rank's images this epoch
+        self.sums = torch.tensor(sums, dtype=torch.float64, device=self.device)  # the family's terms, objective first
         self.samples = 0  # images seen by all ranks since the epoch (or its resumed part) began
         self.started = time.perf_counter()
         self._mark = (self.sums.clone(), self.count)  # start of the current logging interval
@@ -307,7 +303,6 @@ class Learner:
 def _raise_if_compile_failed(e: Exception, step: int, device: str) -> None:
     """--compile's failure (no working compiler for inductor) as one line, at the first step."""
     from torch._dynamo.exc import BackendCompilerFailed  # InductorError is one
-
     if isinstance(e, BackendCompilerFailed):
         inner = getattr(e, "inner_exception", None) or e
         need = "triton and a C compiler" if device == "cuda" else "a C++ compiler (or set CXX)"

@@ -25,9 +25,12 @@ class Preempted(Exception):
     """Raised on every rank once the run is checkpointed for a stop request. ``finished``: the stop came
     after training; ``checkpoint`` is then the complete model file, and there is nothing to resume."""
 
-    def __init__(self, signum: int, checkpoint: str = "", *, finished: bool = False):
+    def __init__(self, signum: int, checkpoint: str = "", finished: bool = False):
+        super().__init__(signum, checkpoint, finished)  # all of them: it is pickled between ranks (on_main_then_share)
         self.signum, self.checkpoint, self.finished = signum, checkpoint, finished
-        super().__init__(f"stopped by {signal_name(signum)} at {checkpoint}")
+
+    def __str__(self) -> str:
+        return self.line
 
     @property
     def line(self) -> str:
@@ -36,13 +39,6 @@ class Preempted(Exception):
         if self.finished:
             return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
         return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus --resume."
-
-    def __reduce__(self) -> Any:  # it travels between ranks (on_main_then_share): pickle all its fields
-        return (_rebuild, (type(self), self.signum, self.checkpoint, self.finished))
-
-
-def _rebuild(cls: type, signum: int, checkpoint: str, finished: bool) -> Preempted:
-    return cls(signum, checkpoint, finished=finished)
 
 
 class StoppedBeforeStart(Preempted):

@@ -41,7 +41,6 @@ def has_wandb_api_key() -> bool:
         return True
     try:
         from wandb.sdk.lib import wbauth
-
         return bool(wbauth.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
     except Exception:
         return False
@@ -110,7 +109,6 @@ class Tracker:
 
     def _wandb(self, config: TrainingConfig, run_id: str, artifact_dir: Path, mode: str) -> GeneralTracker:
         import wandb
-
         # "allow": a resumed run (same id) continues the same W&B run.
         init: dict[str, Any] = {"mode": mode, "id": run_id, "name": f"{Path(config.artifact_dir).name}-{run_id}",
                                 "resume": "allow"}
@@ -124,8 +122,6 @@ class Tracker:
                 init["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_SECONDS)
         tracker = WandBTracker(config.wandb_project, **init)
         tracker.start()
-        if tracker.run is None:
-            raise RuntimeError("no run was created")
         try:
             tracker.store_init_configuration(config.to_dict())
         except Exception:
@@ -140,7 +136,6 @@ class Tracker:
 
     def _tensorboard(self, config: TrainingConfig, artifact_dir: Path, first_step: int) -> GeneralTracker:
         from torch.utils.tensorboard.summary import hparams
-
         # purge_step: what the interrupted run logged after this run's checkpoint is hidden (no step twice).
         tracker = TensorBoardTracker(TENSORBOARD, artifact_dir, purge_step=first_step + 1 if first_step else None)
         global _previous_excepthook
@@ -179,18 +174,11 @@ class Tracker:
         def log(tracker: GeneralTracker) -> None:
             if tracker.name == "wandb":
                 import wandb
-
                 tracker.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
-                return
-            import numpy as np
-            from PIL import Image
-
-            pictures = {}
-            for k, v in images.items():
-                with Image.open(v) as picture:
-                    pictures[k] = np.asarray(picture.convert("RGB"))[None]
-            tracker.log_images(pictures, step=step, dataformats="NHWC")
-            tracker.writer.flush()
+            else:
+                from torchvision.io import ImageReadMode, read_image
+                tracker.log_images({k: read_image(v, ImageReadMode.RGB)[None] for k, v in images.items()}, step=step)
+                tracker.writer.flush()
 
         self._each("image log", step, log)
 
@@ -203,7 +191,6 @@ class Tracker:
         best = min(history, key=lambda r: r["valid/loss"])
         try:
             import wandb
-
             self.run.summary.update({"final/valid/loss": history[-1]["valid/loss"],
                                      "best/valid/loss": best["valid/loss"], "best/epoch": best["epoch"],
                                      "best/step": best["step"]})

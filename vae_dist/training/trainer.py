@@ -38,8 +38,7 @@ from vae_dist.training.progress import format_summary
 from vae_dist.training.signals import Preempted, StopRequest
 from vae_dist.training.tracking import Tracker, check_report_to, close_trackers
 
-# Collectives give up after this long, so a rank that died elsewhere cannot leave the rest waiting 30 minutes.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # not torch's 30 for a rank that died elsewhere
 NUM_PREVIEW = 32  # each epoch's pictures: this many test images above their reconstructions
 NUM_SAMPLES = 64  # and this many samples from the prior
 PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # the launcher's --mixed_precision
@@ -60,11 +59,8 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
         finally:
             try:
                 close_trackers(acc, main_print(acc))  # each failure one line, so end_training() cannot fail on one
-                # Drops the prepared model (DDP holds the process group) and the reference cycles that reach it.
-                acc.free_memory()
-                # Destroys the process group while the interpreter is whole: gloo's threads, left to its
-                # teardown, can abort a finished rank.
-                acc.end_training()
+                acc.free_memory()  # drops the prepared model: DDP holds the process group
+                acc.end_training()  # joins gloo's threads now: left to the teardown, they can abort a finished rank
             finally:
                 lock.release()
 
