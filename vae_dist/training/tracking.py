@@ -176,8 +176,10 @@ class Tracker:
                 import wandb
                 tracker.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
             else:
-                from torchvision.io import ImageReadMode, read_image
-                tracker.log_images({k: read_image(v, ImageReadMode.RGB)[None] for k, v in images.items()}, step=step)
+                import numpy as np
+                from PIL import Image  # a file opened by name is closed once loaded (convert loads it)
+                pictures = {k: np.asarray(Image.open(v).convert("RGB"))[None] for k, v in images.items()}
+                tracker.log_images(pictures, step=step, dataformats="NHWC")
                 tracker.writer.flush()
 
         self._each("image log", step, log)
