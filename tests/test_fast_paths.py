@@ -1,5 +1,5 @@
 """The speed settings: the process settings of vae_dist.runtime doing what they claim,
-train_step calling the torch optimizer directly only where Accelerate's wrapper has
+the Learner's step calling the torch optimizer directly only where Accelerate's wrapper has
 nothing to do, and the train meter's device-side sums."""
 
 from __future__ import annotations
