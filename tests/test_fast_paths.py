@@ -1,5 +1,5 @@
 """The speed settings: the process settings of vae_dist.runtime doing what they claim,
-train_step calling the torch optimizer directly only where Accelerate's wrapper has
+the Learner's step calling the torch optimizer directly only where Accelerate's wrapper has
 nothing to do, and the train meter's device-side sums."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
 
 
 def test_interval_loss_comes_from_snapshots_of_the_running_sums():
-    from vae_dist.training.meter import TrainMeter
+    from vae_dist.training.learner import TrainMeter
 
     meter = TrainMeter(torch.device("cpu"), 3)
     meter.start_epoch([1000.0, 0.0, 0.0, 8.0])  # a resumed epoch's totals

@@ -1,8 +1,8 @@
-"""Tests for vae_dist.summary.format_summary: the per-epoch table with best/worst marks."""
+"""Tests for format_summary: the per-epoch table with best/worst marks."""
 
 from __future__ import annotations
 
-from vae_dist.training.summary import format_summary
+from vae_dist.training.progress import format_summary
 
 TERMS = ("loss", "recon", "kl")
 

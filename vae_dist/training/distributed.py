@@ -1,8 +1,5 @@
-"""Small collective helpers that keep every rank moving together.
-
-The rule they enforce: work that only the main process does (creating folders, a
-download, choosing a checkpoint) ends with every rank knowing the outcome, error
-included, so no rank is left waiting at a barrier for a main process that has failed.
+"""Collective helpers that keep every rank moving together: work the main process does alone ends with
+every rank knowing its outcome, error included, so none waits at a barrier for a main process that failed.
 """
 
 from __future__ import annotations
@@ -23,13 +20,9 @@ T = TypeVar("T")
 
 
 def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the main process only; every rank returns its result or raises its error.
-
-    Accelerate's ``main_process_first`` has no try/finally: if the main process raised
-    inside it, the others would wait at its barrier forever. Here every error travels:
-    the main process re-raises its own exception (traceback intact); the other ranks
-    raise the same VaeDistError, or a MainProcessError naming any other exception.
-    """
+    """Run ``fn`` on the main process only; every rank returns its result or raises its error (unlike
+    Accelerate's ``main_process_first``, whose barrier the others would wait at forever). The main process
+    re-raises its own exception; the others raise ``as_seen_by_the_others`` of it."""
     result: Any = None
     caught: BaseException | None = None
     error: errors.VaeDistError | Preempted | None = None
@@ -50,10 +43,8 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
 
 
 def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError | Preempted:
-    """The main process's exception as the other ranks raise it: a user error as itself
-    (a fresh one: only its message travels), a stop signal as the same stop (so every
-    rank ends with its exit status, and only the main process prints its line), anything
-    else as a MainProcessError."""
+    """A user error as a fresh one of its type (only its message travels), a stop as the same stop (every
+    rank ends with its exit status), anything else as a MainProcessError."""
     if isinstance(e, Preempted):
         return e
     if isinstance(e, errors.VaeDistError):
@@ -63,12 +54,12 @@ def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError | Preempted:
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (one tiny all-reduce)."""
+    """True on every rank if ``flag`` is true on any rank."""
     return max_over_ranks(accelerator, int(flag)) > 0
 
 
 def max_over_ranks(accelerator: Accelerator, value: int) -> int:
-    """The largest of every rank's ``value``, on every rank (one tiny all-reduce)."""
+    """The largest of every rank's ``value``, on every rank (one tiny all-reduce; none on one process)."""
     if accelerator.num_processes == 1:
         return value
     t = torch.tensor([float(value)], device=accelerator.device)
@@ -77,19 +68,15 @@ def max_over_ranks(accelerator: Accelerator, value: int) -> int:
 
 def main_print(accelerator: Accelerator) -> Callable[[str], None]:
     """print on the global main process only (``accelerator.print`` prints once per machine)."""
-
     def say(message: str) -> None:
         if accelerator.is_main_process:
             print_out(message, required=False)
-
     return say
 
 
 def lost_process(e: BaseException) -> bool:
-    """Whether ``e`` is a collective or the rendezvous store failing because another process
-    of the run died or cannot be reached (killed, its machine gone, a timeout). NCCL and the
-    store raise torch's DistError types; gloo's transport raises a plain RuntimeError that
-    names its source file (".../gloo/transport/tcp/pair.cc:561] Connection closed by peer")."""
+    """Whether ``e`` is a collective or the store failing because another process of the run died or cannot
+    be reached: torch's DistError types, or gloo's RuntimeError naming its transport ("gloo/transport/...")."""
     if isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
         return True
     return isinstance(e, RuntimeError) and "gloo/transport/" in str(e)

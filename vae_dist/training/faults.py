@@ -1,8 +1,4 @@
-"""Test hooks that inject faults at chosen steps, for the resume and failure tests.
-
-They wrap the batch stream only when one of their variables is set, so an ordinary run's
-step loop never consults them.
-"""
+"""Test hooks that inject faults at chosen steps; the loop consults them only when a variable is set."""
 
 from __future__ import annotations
 
@@ -12,12 +8,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-# "R:S" raises on rank R before global step S (one rank's failure must end the job);
-# "R:S:kill" SIGKILLs that rank there instead (a kill at a chosen moment, for resume tests);
-# "R:S:term" sends that rank SIGTERM there and goes on (a stop request that reaches one rank).
+# "R:S" raises on rank R before global step S; "R:S:kill" SIGKILLs that rank there; "R:S:term" sends it
+# SIGTERM there and goes on (a stop request that reaches one rank).
 FAIL_HOOK_ENV = "VAE_DIST_TEST_FAIL_AT"
-# "N" multiplies the batch of the N-th optimizer step (1-based, the number that errors and
-# checkpoint folders use) by NaN on every rank, to test non-finite detection.
+# "N" multiplies the batch of the N-th optimizer step (1-based) by NaN on every rank.
 NAN_HOOK_ENV = "VAE_DIST_TEST_NAN_AT"
 
 
@@ -25,11 +19,9 @@ def active() -> bool:
     return bool(os.environ.get(FAIL_HOOK_ENV) or os.environ.get(NAN_HOOK_ENV))
 
 
-def inject(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rank: int, first_step: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``batches`` with the configured faults; ``first_step`` is the global step count
-    before the first batch."""
+def inject(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rank: int,
+           first_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` with the configured faults; ``first_step``: the global step count before the first."""
     fail, nan_at = os.environ.get(FAIL_HOOK_ENV, ""), os.environ.get(NAN_HOOK_ENV, "")
     fail_rank, fail_step, *kind = fail.split(":") if fail else ("-1", "-1")
     for step, (images, index) in enumerate(batches, start=first_step):

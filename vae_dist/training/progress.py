@@ -1,52 +1,38 @@
-"""Progress of a long loop (an epoch, an evaluation): a live bar on a terminal, a line every
-few seconds elsewhere.
-
-Under SLURM, CI or nohup, stderr is a file: a bar redrawn with carriage returns on every
-step fills it with noise, so there progress is a plain line at a fixed interval, as
-Lightning and the HF Trainer do.
+"""What a run shows while it works: a live bar on a terminal, else a line every few seconds (a log
+file under SLURM, CI or nohup would fill with redrawn bars); and the end-of-run summary table.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from vae_dist.run.fileio import print_err
 
-# Seconds between progress lines when stderr is not a terminal.
-LINE_EVERY_SECONDS = 30.0
-
 
 class Progress:
-    def __init__(self, desc: str, total: int, initial: int, enabled: bool, line_every: float = LINE_EVERY_SECONDS):
+    def __init__(self, desc: str, total: int, initial: int, enabled: bool, line_every: float = 30.0):
         self.desc, self.total, self.done, self.initial = desc, total, initial, initial
-        self.enabled = enabled
-        self.line_every = line_every
-        self.postfix = ""
+        self.enabled, self.line_every, self.postfix = enabled, line_every, ""
         self.started = self.last_line = time.perf_counter()
-        live = enabled and _is_terminal(sys.stderr)
-        self.bar: Optional[Any] = (
-            tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False) if live else None
-        )
+        try:  # a stream that is not there, or closed, is no terminal
+            live = enabled and bool(sys.stderr.isatty())
+        except (AttributeError, ValueError, OSError):
+            live = False
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False) if live else None
 
     def step(self) -> None:
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
-        elif self.enabled and (self.done == self.initial + 1 or time.perf_counter() - self.last_line >= self.line_every):
-            # The first step too: a log then shows at once that training is under way.
+        elif self.enabled and (self.done == self.initial + 1  # the first step too: training is under way
+                               or time.perf_counter() - self.last_line >= self.line_every):
             self.last_line = time.perf_counter()
-            print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}{self._eta()}")
-
-    def _eta(self) -> str:
-        done_here = self.done - self.initial
-        if done_here <= 0:
-            return ""
-        left = (time.perf_counter() - self.started) / done_here * (self.total - self.done)
-        return f", {left:,.0f} s left"
+            left = (self.last_line - self.started) / (self.done - self.initial) * (self.total - self.done)
+            print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}, {left:,.0f} s left")
 
     def report(self, loss: float, samples_per_second: float) -> None:
         if self.bar is not None:
@@ -58,9 +44,22 @@ class Progress:
             self.bar.close()
 
 
-def _is_terminal(stream: object) -> bool:
-    """False for a stream that is not there, or closed: a bar needs a terminal."""
-    try:
-        return bool(stream.isatty())  # type: ignore[attr-defined]
-    except (AttributeError, ValueError, OSError):
-        return False
+def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
+    """A table, one row per epoch and one column per train/ and valid/ loss term; in each column the
+    best (lowest) value is marked '*' and the worst '!'."""
+    if not history:
+        return "no epochs completed"
+    keys = [k for k in (f"{s}/{t}" for s in ("train", "valid") for t in terms) if any(k in row for row in history)]
+    marks: dict[tuple[int, str], str] = {}
+    for key in keys:
+        vals = [(row[key], i) for i, row in enumerate(history) if key in row]
+        if len(vals) > 1:
+            marks[(min(vals)[1], key)], marks[(max(vals)[1], key)] = "*", "!"
+    header = ["epoch", "step", *keys]
+    rows = [[str(row.get("epoch", i + 1)), str(row.get("step", "")),
+             *(f"{row[k]:.3f}{marks.get((i, k), ' ')}" if k in row else "-" for k in keys)]
+            for i, row in enumerate(history)]
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in [header] + rows]
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join(["Summary (nats per image; * best, ! worst)", lines[0], sep, *lines[1:]])

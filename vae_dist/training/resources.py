@@ -1,11 +1,11 @@
-"""Memory for the tables a config asks for, checked before the run starts: a K-sample noise
-table can be tens of GB, and the one line names the option to lower and both sizes.
-"""
+"""Memory for the tables a config asks for, checked before the run starts: a K-sample noise table can be
+tens of GB, and the one line names the option to lower and both sizes."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import psutil  # an Accelerate dependency
 import torch
@@ -13,33 +13,27 @@ import torch
 from vae_dist.config import TrainingConfig, options
 from vae_dist.errors import ConfigError
 
-PIXELS = 28 * 28
-FLOAT = 4  # bytes of a float32
-
-
-def _flag(dotted: str) -> str:
-    return next(o.flag for o in options() if o.dotted == dotted)
+PIXELS, FLOAT = 28 * 28, 4  # bytes of a float32
 
 
 def memory_needed(config: TrainingConfig, num_train: int, num_valid: int) -> list[tuple[str, str, int]]:
-    """(what, the option that sizes it, bytes) for what one process holds at once: each
-    epoch's noise table (N x K x latent), the training images (float32 beside their uint8,
-    and the binarization coins), the test images and noise, and a step's decoder output
-    with its gradient (batch x K images)."""
+    """(what, the option that sizes it, bytes) that one process holds at once: an epoch's noise table
+    (N x K x latent), the training images (float32, uint8 and the coins), the test images and noise, and
+    a step's decoder output with its gradient (batch x K images)."""
+    flag = {o.dotted: o.flag for o in options()}
     k, latent = config.loss.iw_samples, config.model.latent_size or 0
     images = num_train * PIXELS * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))
     return [
-        ("the noise table", _flag("loss.iw_samples") if k > 1 else _flag("data.limit_train_samples"),
+        ("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
          num_train * k * latent * FLOAT),
-        ("the training images", _flag("data.limit_train_samples"), images),
+        ("the training images", flag["data.limit_train_samples"], images),
         ("the test images", "--limit-eval-samples", num_valid * (PIXELS * (FLOAT + 1) + latent * FLOAT)),
-        ("a step's output", _flag("data.batch_size"), 2 * config.data.batch_size * k * PIXELS * FLOAT),
+        ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * PIXELS * FLOAT),
     ]
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free where the tables live: the GPU's memory on CUDA, else the host's, or less
-    under a cgroup v2 limit (a container, a SLURM job)."""
+    """Bytes free where the tables live: the GPU's on CUDA, else the host's, or less under a cgroup v2 limit."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     free, cgroup = psutil.virtual_memory().available, Path("/sys/fs/cgroup")
@@ -53,11 +47,12 @@ def available_memory(device: torch.device) -> int:
 
 
 def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device: torch.device,
-                 local_processes: int = 1) -> None:
-    """ConfigError naming the option to lower when the run will not fit. On the CPU every
-    process of this machine holds its own tables in the same memory."""
+                 local_processes: Optional[int] = None) -> None:
+    """ConfigError naming the option to lower when the run will not fit. On the CPU each process of this
+    machine (default: LOCAL_WORLD_SIZE) holds its own tables in the same memory."""
     need = memory_needed(config, num_train, num_valid)
-    share = 1 if device.type == "cuda" else max(1, local_processes)
+    local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = 1 if device.type == "cuda" else max(1, local)
     total, free = sum(n for _, _, n in need) * share, available_memory(device)
     if total > free:
         what, option, biggest = max(need, key=lambda item: item[2])
@@ -66,7 +61,3 @@ def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device:
             f"the run needs about {total / 1e9:.1f} GB of {'GPU ' if device.type == 'cuda' else ''}memory{per} "
             f"({biggest * share / 1e9:.1f} GB for {what}), but {free / 1e9:.1f} GB is available: lower {option}"
         )
-
-
-def check_resources(config: TrainingConfig, num_train: int, num_valid: int, device: torch.device) -> None:
-    check_memory(config, num_train, num_valid, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -1,19 +1,8 @@
-"""Process-wide CPU settings, applied once by the program's entry point, before any tensor work.
+"""Process-wide CPU settings, applied by the entry point (the CLI, the benchmarks) before any tensor work.
 
-Two things slow CPU training down without changing what it learns:
-
-- Subnormal floats. Adam's moment estimates for weights that rarely get a gradient
-  (MNIST's border pixels) decay through the subnormal range, where the CPU takes a slow
-  path; flushing them to zero keeps epochs from slowing down as training goes on
-  (TrainingConfig.flush_denormal).
-- glibc returning freed memory to the OS. A conv step frees and re-allocates buffers of a
-  few MB; depending on the order of allocations, glibc gives them back to the kernel and
-  the next step faults every page in again.
-
-The flush mode is per thread and torch's worker threads copy it when they are created,
-at the first parallel operation; the allocator settings apply to later allocations. Hence
-"before any tensor work", and hence the entry point (vae_dist.cli, the benchmarks) and not
-the library function train(). benchmarks/README.md has the measurements.
+Flushing subnormals keeps Adam's decaying moments of rarely-updated weights off the CPU's slow path; it is
+per thread, and torch's worker threads copy it when they start. Keeping freed memory stops glibc from
+returning a conv step's buffers to the kernel only to fault them in again. benchmarks/README.md has figures.
 """
 
 from __future__ import annotations
@@ -24,28 +13,21 @@ import os
 
 import torch
 
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-# Blocks under 32 MB (glibc's largest allowed threshold) come from the heap, and up to
-# 1 GB of freed heap is kept for reuse rather than returned.
-MMAP_THRESHOLD_BYTES = 32 << 20
-TRIM_THRESHOLD_BYTES = 1 << 30
-# The user has chosen an allocator policy (or another allocator): leave it alone.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_BYTES = 32 << 20  # blocks under 32 MB (glibc's largest) from the heap
+TRIM_THRESHOLD_BYTES = 1 << 30  # up to 1 GB of freed heap kept for reuse
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def prepare_process(flush_denormal: bool) -> None:
-    """Call first in a training process (see the module docstring)."""
-    torch.set_flush_denormal(flush_denormal)  # a no-op returning False on CPUs without the mode
+    torch.set_flush_denormal(flush_denormal)  # a no-op on CPUs without the mode
     keep_freed_memory()
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse. Returns whether the policy was set: not
-    with another C library (macOS, musl), another allocator preloaded, or the user's own
-    MALLOC_* settings."""
+    """Ask glibc to keep freed memory for reuse; False (nothing set) with another C library or allocator,
+    or where the user chose a policy (MALLOC_*)."""
     if any(name in os.environ for name in ALLOCATOR_ENV):
         return False
     if any(name in os.environ.get("LD_PRELOAD", "") for name in OTHER_ALLOCATORS):

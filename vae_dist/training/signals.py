@@ -1,10 +1,5 @@
-"""Preemption: turn SIGTERM/SIGINT/SIGHUP into a request to stop after the current step.
-
-The train loop polls ``requested``; the Learner then checkpoints and exits. A second
-SIGINT raises KeyboardInterrupt at once, for a user who does not want to wait. SIGHUP (a
-closed terminal) is a stop request like SIGTERM. Before the first step there is nothing to
-checkpoint: a StopRequest made with ``at_once=True`` raises StoppedBeforeStart from its
-handler until ``deferred()`` hands the stop to the loop.
+"""SIGTERM, SIGINT and SIGHUP as a request to stop after the current step (the Learner checkpoints, then
+exits 128 + the signal); a second SIGINT stops at once; before the first step (``at_once``) a stop ends the run.
 """
 
 from __future__ import annotations
@@ -15,8 +10,6 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Iterator, Optional
 
-
-# The signals that ask for a stop after the current step.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -29,16 +22,15 @@ def signal_name(signum: int) -> str:
 
 
 class Preempted(Exception):
-    """Raised on every rank after the run was checkpointed because a stop was requested.
+    """Raised on every rank once the run is checkpointed for a stop request. ``finished``: the stop came
+    after training; ``checkpoint`` is then the complete model file, and there is nothing to resume."""
 
-    ``finished``: the stop came after training ended; ``checkpoint`` is then the exported
-    model file, complete, and there is nothing to resume."""
+    def __init__(self, signum: int, checkpoint: str = "", finished: bool = False):
+        super().__init__(signum, checkpoint, finished)  # all of them: it is pickled between ranks (on_main_then_share)
+        self.signum, self.checkpoint, self.finished = signum, checkpoint, finished
 
-    def __init__(self, signum: int, checkpoint: str, *, finished: bool = False):
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.finished = finished
-        super().__init__(f"stopped by {signal_name(signum)} at {checkpoint}")
+    def __str__(self) -> str:
+        return self.line
 
     @property
     def line(self) -> str:
@@ -48,29 +40,19 @@ class Preempted(Exception):
             return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
         return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus --resume."
 
-    def __reduce__(self) -> Any:
-        # It travels from the main process to the others (distributed.on_main_then_share):
-        # the default pickling would call __init__ with the message alone.
-        return (_rebuild, (type(self), self.signum, self.checkpoint, self.finished))
-
-
-def _rebuild(cls: type, signum: int, checkpoint: str, finished: bool) -> "Preempted":
-    return cls(signum, checkpoint, finished=finished)
-
 
 class StoppedBeforeStart(Preempted):
-    """A stop signal during the set-up (loading data, building, preparing): nothing was
-    trained, so nothing is checkpointed; raised at once, on the rank that got it."""
-
-    def __init__(self, signum: int, checkpoint: str = "", *, finished: bool = False):
-        super().__init__(signum, checkpoint)
+    """A stop during the set-up: nothing was trained or checkpointed; raised at once, on the rank that got it."""
 
     @property
     def line(self) -> str:
-        return f"stopped by {signal_name(self.signum)} before the first training step; nothing was trained: run the same command again to start."
+        return (f"stopped by {signal_name(self.signum)} before the first training step; nothing was trained: "
+                "run the same command again to start.")
 
 
 class StopRequest:
+    """While entered, STOP_SIGNALS set ``signum`` (or raise StoppedBeforeStart while ``at_once``)."""
+
     def __init__(self, *, at_once: bool = False) -> None:
         self.signum: Optional[int] = None
         self.at_once = at_once
@@ -87,9 +69,8 @@ class StopRequest:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.signum = signum
 
-    def __enter__(self) -> "StopRequest":
-        # Signal handlers can only be installed from the main thread (e.g. not in a
-        # notebook worker thread); there the run simply is not preemptible.
+    def __enter__(self) -> StopRequest:
+        # Handlers can only be installed from the main thread: elsewhere (a notebook's worker) no stop request.
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -101,9 +82,8 @@ class StopRequest:
         self._previous.clear()
 
     @contextmanager
-    def deferred(self) -> Iterator["StopRequest"]:
-        """From here a stop is a request that the loop honours after its step; at the end
-        of the block the handlers that were there before are back."""
+    def deferred(self) -> Iterator[StopRequest]:
+        """From here a stop is a request the loop honours after its step; the previous handlers are back after."""
         self.at_once = False
         try:
             yield self
