@@ -1,7 +1,5 @@
-"""vae_dist: a distributed trainer for variational autoencoders on MNIST, built on Accelerate.
-
-The Python API (see the README), exported lazily so that ``import vae_dist`` (and ``--help``) does not import torch.
-"""
+"""vae_dist: a distributed trainer for variational autoencoders on MNIST, built on Accelerate. The Python API (see
+the README) is exported lazily, so that ``import vae_dist`` (and ``--help``) does not import torch."""
 
 from typing import Any
 

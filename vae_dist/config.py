@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import re
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Optional
 
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
@@ -42,8 +41,8 @@ class ModelFields(Section, path="model"):
     hidden_sizes: Optional[tuple[Width, ...]] = option(
         None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
         shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16)
-    activation: Optional[Literal["relu", "tanh"]] = option(
-        None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"))
+    activation: Optional[Literal["relu", "tanh"]] = option(None, "Activation of the MLP hidden layers.",
+                                                           shown=_by_kind("activation"))
     conv_channels: tuple[Channels, Channels] = option(
         (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
         strict=False)
@@ -68,8 +67,7 @@ class OptimizerConfig(Section, path="optimizer"):
     betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
     eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
     weight_decay: float = option(0.0, "L2 penalty added to the gradient (torch.optim.Adam semantics).", ge=0.0)
-    max_grad_norm: Optional[float] = option(
-        None, "Clip the global gradient norm to this value.", shown="no clipping", gt=0.0)
+    max_grad_norm: Optional[float] = option(None, "Clip the global gradient norm to this.", shown="no clipping", gt=0.0)
     fused: bool = option(True, "torch's fused Adam kernel (one pass over all parameters); off = the per-tensor loop.",
                          flag="--fused-adam", resumable=True)
     schedule: Literal["constant", "cosine", "burda"] = option(
@@ -80,15 +78,13 @@ class OptimizerConfig(Section, path="optimizer"):
 
 
 class DataConfig(Section, path="data"):
-    dataset: DatasetName = option(
-        "mnist", "The images: IDX files read from --data-dir, else downloaded through torchvision.")
+    dataset: DatasetName = option("mnist", "The images: IDX files read from --data-dir, else downloaded by torchvision.")
     data_dir: Optional[str] = option(
         None, "Folder with the dataset's four IDX files (gzipped or not, flat or under torchvision's <Name>/raw/, "
         "e.g. MNIST/raw/).", shown="download", resumable=True)
-    cache_dir: str = option(
-        "~/.cache/vae_dist", "Where the dataset is downloaded when no --data-dir is given.", resumable=True)
-    batch_size: int = option(
-        64, "Training batch per process; the global batch is batch size x processes.", ge=1, le=1 << 20)
+    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without --data-dir.", resumable=True)
+    batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1,
+                             le=1 << 20)
     eval_batch_size: int = option(
         1000, "Validation batch per process (changes speed only, never the numbers).", ge=1, le=1 << 20, resumable=True)
     num_workers: int = option(0, "DataLoader worker processes per process (0 = batches are taken in the training "
@@ -97,8 +93,8 @@ class DataConfig(Section, path="data"):
     binarize: Literal["none", "dynamic", "static"] = option(
         "none", "none = grey levels in [0, 1]; dynamic = a fresh Bernoulli image per sample per epoch (as the "
         "literature trains); static = one fixed draw. Any binarization evaluates on one fixed draw of the test set.")
-    limit_eval_samples: Optional[int] = option(
-        None, "Use only the first N test images.", shown="all", ge=1, resumable=True)
+    limit_eval_samples: Optional[int] = option(None, "Use only the first N test images.", shown="all", ge=1,
+                                               resumable=True)
 
 
 class LossConfig(Section, path="loss"):
@@ -131,19 +127,19 @@ class TrainingConfig(Section):
     seed: int = option(42, "Seeds weights, data order and the reparameterisation noise.", ge=0, le=MAX_SEED)
     max_steps: Optional[int] = option(None, "Stop after this many optimizer steps in total (the run still validates "
                                       "and saves).", shown="no limit", ge=1, resumable=True)
-    checkpoint_every_steps: int = option(
-        0, "Also checkpoint every N optimizer steps (0 = only at the end of each epoch).", ge=0, resumable=True)
+    checkpoint_every_steps: int = option(0, "Also checkpoint every N optimizer steps (0 = only at each epoch's end).",
+                                         ge=0, resumable=True)
     keep_checkpoints: int = option(2, "How many complete checkpoints to keep.", ge=1, resumable=True)
-    log_every_steps: int = option(
-        50, "Log the running train loss every N steps (each log is one host sync).", ge=1, resumable=True)
+    log_every_steps: int = option(50, "Log the running train loss every N steps (each log is one host sync).", ge=1,
+                                  resumable=True)
     cpu: bool = option(
         False, "Train on the CPU even where a GPU exists (with accelerate launch: gloo CPU ranks).", resumable=True)
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = option(
         None, "Autocast precision; config.json records the one actually used.", shown="the launcher's, else no",
         resumable=True)
     compile: bool = option(False, "Run the model through torch.compile.", resumable=True)
-    flush_denormal: bool = option(
-        True, "Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime).", resumable=True)
+    flush_denormal: bool = option(True, "Flush subnormal floats to zero in CPU arithmetic (see vae_dist.runtime).",
+                                  resumable=True)
     report_to: tuple[Literal["wandb", "tensorboard", "none"], ...] = option(
         ("wandb",), "Where metrics and pictures go besides metrics.jsonl: wandb, tensorboard (event files under the "
         "artifact folder's tensorboard/), both as wandb,tensorboard, or none.", resumable=True, strict=False,
@@ -153,14 +149,11 @@ class TrainingConfig(Section):
         None, "W&B mode; online falls back to offline without an API key.", shown="$WANDB_MODE, else online",
         resumable=True)
 
-    @field_validator("report_to", mode="before")
+    @field_validator("report_to", mode="wrap")
     @classmethod
-    def _report_to_names(cls, value: Any) -> Any:  # "wandb,tensorboard" as the HF Trainer takes it, file or flag
-        return tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else value
-
-    @field_validator("report_to", mode="after")
-    @classmethod
-    def _report_to_alone(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _report_to(cls, value: Any, handler: Callable[[Any], tuple[str, ...]]) -> tuple[str, ...]:
+        # "wandb,tensorboard" as the HF Trainer takes it, in a file or a flag
+        value = handler(tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else value)
         if len(set(value)) < len(value):
             raise ValueError(f"names a tracker twice: {','.join(value)}")
         if "none" in value and len(value) > 1:
@@ -182,7 +175,7 @@ class TrainingConfig(Section):
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A config file, JSON or (by its suffix, .yaml/.yml) YAML, as a dict, with one-line errors for the usual mistakes."""
+    """A config file, JSON or (by its suffix, .yaml/.yml) YAML, as a dict; the usual mistakes are one-line errors."""
     p = Path(path)
     is_yaml = p.suffix.lower() in (".yaml", ".yml")
     try:
@@ -213,10 +206,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """YAML read as JSON would read it. SafeLoader follows YAML 1.1: ``1e-3`` is a string, ``yes``/``on``/``off``
-    are booleans and a repeated key keeps the last value. Here exponent numbers are floats, only true/false are
-    booleans (``wandb_mode: off`` stays a string), keys are unique strings, and anchors and aliases are refused
-    (a config needs none, and they let a small file expand into a huge tree)."""
+    """YAML read as JSON would be: ``1e-3`` a float, only true/false booleans (``wandb_mode: off`` a string), unique
+    string keys, no anchors or aliases (a config needs none; they let a small file expand into a huge tree)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(AliasEvent):
@@ -235,7 +226,7 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# The class's own resolver table, without YAML 1.1's yes/no/on/off booleans; 1e-3 a float as in JSON.
+# The class's own resolver table, without YAML 1.1's yes/no/on/off booleans.
 StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -262,8 +253,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One leaf field of the tree, as the CLI and the resume check see it."""
 
     dotted: str  # "data.batch_size"
@@ -290,11 +280,10 @@ def options(cls: type[Section] = TrainingConfig, prefix: str = "") -> Iterator[O
 RESUMABLE_FIELDS = frozenset(o.dotted for o in options() if o.resumable)
 
 
-def resume_mismatch(
-    saved: TrainingConfig, given: TrainingConfig, saved_as: str = "the run being resumed used"
-) -> Optional[str]:
-    """The fields that shape the model or data and differ, in one line, else None: config.json against
-    the flags, and a checkpoint's config against config.json."""
+def resume_mismatch(saved: TrainingConfig, given: TrainingConfig,
+                    saved_as: str = "the run being resumed used") -> Optional[str]:
+    """The fields that shape the model or data and differ, in one line, else None (config.json against the flags,
+    a checkpoint's config against config.json)."""
     a, b = flatten(saved.to_dict()), flatten(given.to_dict())
     differ = [key for key in sorted(a) if key not in RESUMABLE_FIELDS and a[key] != b.get(key)]
     if not differ:

@@ -13,29 +13,10 @@ class VaeDistError(Exception):
     """A problem with the user's input or environment that the user can fix; anything else is a bug."""
 
 
-class ConfigError(VaeDistError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-class DataError(VaeDistError):
-    """The dataset's files are missing, truncated or not what they should be."""
-
-
-class ArtifactError(VaeDistError):
-    """The artifact directory cannot be used as asked."""
-
-
-class CheckpointError(VaeDistError):
-    """No usable checkpoint, or one that does not match the run."""
-
-
-class TrainingError(VaeDistError):
-    """Training cannot go on (for example a non-finite loss)."""
-
-
-class MainProcessError(VaeDistError):
-    """On the other ranks: the main process failed in work it does for all (its traceback tells what)."""
-
-
-class OutputError(VaeDistError):
-    """Standard output cannot take a command's result (closed, full, or its reader gone)."""
+class ConfigError(VaeDistError): ...  # a config value is missing, unknown, of the wrong type or out of range
+class DataError(VaeDistError): ...  # the dataset's files are missing, truncated or not what they should be
+class ArtifactError(VaeDistError): ...  # the artifact directory cannot be used as asked
+class CheckpointError(VaeDistError): ...  # no usable checkpoint, or one that does not match the run
+class TrainingError(VaeDistError): ...  # training cannot go on (for example a non-finite loss)
+class MainProcessError(VaeDistError): ...  # on the other ranks: the main process failed in work it does for all
+class OutputError(VaeDistError): ...  # standard output cannot take a command's result (closed, full, reader gone)

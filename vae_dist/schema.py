@@ -1,5 +1,4 @@
-"""Config sections: strict pydantic models whose fields carry their CLI flag, help and resume
-rule (``option``), and whose errors are one line naming the field (``explain``)."""
+"""Config sections: strict pydantic models whose fields carry flag, help and resume rule, with one-line errors."""
 
 from __future__ import annotations
 
@@ -10,20 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vae_dist.errors import ConfigError
 
 
-def option(
-    default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False, shown: Optional[str] = None,
-    **constraints: Any,
-) -> Any:
-    """A config field: its default, one line of help, its flag (default ``--field-name``), whether it may
-    differ on ``--resume`` (only what drives, logs or stores a run, never which samples it sees or what the
-    model is), and how ``--help`` shows its default when the value does not say it (``shown``)."""
+def option(default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False,
+           shown: Optional[str] = None, **constraints: Any) -> Any:
+    """A field: its default, help, flag (default ``--field-name``), whether it may differ on ``--resume`` (only what
+    drives, logs or stores a run, never which samples it sees or what the model is), and ``--help``'s default."""
     extra = {"flag": flag, "resumable": resumable, "shown": shown}
     return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
 class Section(BaseModel):
-    """Base of every section; ``path`` (its place in the tree, ``class DataConfig(Section, path="data")``) names
-    ``data.batch_size`` even in ``DataConfig(batch_size=0)``."""
+    """Base of every section; ``class DataConfig(Section, path="data")`` names ``data.batch_size`` in its errors."""
 
     # No infinities or NaN: an infinite rate or weight passes every bound and then trains nothing.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
@@ -53,12 +48,10 @@ class Section(BaseModel):
 # pydantic's error types, in words; {names} are filled from the error's context.
 _WORDS = {
     "greater_than_equal": "must be ≥ {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be ≤ {le}",
-    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}",
+    "less_than": "must be < {lt}", "literal_error": "must be one of {expected}", "tuple_type": "must be a list",
     "too_short": "must have at least {min_length} item(s)", "too_long": "must have at most {max_length} items",
-    "int_type": "must be an integer", "int_from_float": "must be an integer", "float_type": "must be a number",
+    "int_type": "must be an integer", "float_type": "must be a number", "finite_number": "must be a finite number",
     "bool_type": "must be true or false", "string_type": "must be a string", "model_type": "must be a JSON object",
-    "dict_type": "must be a JSON object", "tuple_type": "must be a list", "list_type": "must be a list",
-    "finite_number": "must be a finite number",
 }
 
 

@@ -1,5 +1,3 @@
 """The command line (`vae-dist`, `python -m vae_dist`): the commands in app.py, the picture commands in pictures.py."""
 
-from vae_dist.cli.app import main
-
-__all__ = ["main"]
+from vae_dist.cli.app import main  # noqa: F401

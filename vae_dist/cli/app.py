@@ -21,21 +21,17 @@ from vae_dist.errors import ConfigError, VaeDistError
 from vae_dist.models import REGISTRY
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 
-app = typer.Typer(
-    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-    help="Train and use variational autoencoders on MNIST, on one CPU or many GPUs (Accelerate).",
-)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Train and use variational autoencoders on MNIST, on one CPU or many GPUs (Accelerate).")
 
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
-    """Defaults <- config file (or, on --resume, the run's own config.json) <- ``flags``
-    ({dotted field name: value}; None means not given)."""
+    """Defaults <- config file (or, on --resume, the run's own config.json) <- ``flags`` ({dotted field name: value})."""
     base: dict[str, Any] = read_config_file(config_file) if config_file else {}
     overrides: dict[str, Any] = {}
     for dotted, value in flags.items():
-        if value is not None:
-            *parents, leaf = dotted.split(".")
-            functools.reduce(lambda tree, p: tree.setdefault(p, {}), parents, overrides)[leaf] = value
+        *parents, leaf = dotted.split(".")
+        functools.reduce(lambda tree, p: tree.setdefault(p, {}), parents, overrides)[leaf] = value
     if resume and not config_file:
         saved = Path(overrides.get("artifact_dir") or TrainingConfig().artifact_dir).expanduser() / CONFIG_FILE
         with checking(saved, ConfigError, "the run's config"):
@@ -52,17 +48,13 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     return TrainingConfig.from_dict(merged)
 
 
-# --- `train`'s options, generated from the config tree -------------------------------------------
-
-
 class Command(typer.core.TyperCommand):
     """A flag takes no value: no <bool> after any, Typer's own --help included."""
 
     def get_params(self, ctx: typer.Context) -> list:
         params = super().get_params(ctx)
-        for p in params:
-            if getattr(p, "is_flag", False):
-                p.metavar = ""
+        for p in filter(lambda p: getattr(p, "is_flag", False), params):
+            p.metavar = ""
         return params
 
 
@@ -87,14 +79,14 @@ def _parameter(o: Option) -> inspect.Parameter:
 
 
 def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The options given, as {dotted field name: value}. One left at its default is not given: the
-    config file's value, or the resumed run's, stays."""
+    """The options given, as {dotted field name: value}; one left at its default is not given, so the config
+    file's value, or the resumed run's, stays."""
     out = {}
     for o in options():
         name = o.dotted.replace(".", "__")
-        value, inner = values[name], (typing.get_args(o.annotation) or (None,))[0]
         if ctx.get_parameter_source(name).name in ("DEFAULT", "DEFAULT_MAP"):
             continue
+        value, inner = values[name], (typing.get_args(o.annotation) or (None,))[0]
         if isinstance(value, Enum):
             value = value.value
         elif typing.get_origin(o.annotation) is tuple and typing.get_origin(inner) is not typing.Literal:
@@ -108,8 +100,8 @@ def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give ``fn(config_file, resume, overwrite, flags)`` a Typer signature: --config, --resume,
-    --overwrite and one option per config field."""
+    """Give ``fn(config_file, resume, overwrite, flags)`` a Typer signature: --config, --resume, --overwrite and
+    one option per config field."""
     params = [
         _keyword("ctx", typer.Context),
         _keyword("config_file", Optional[Path], typer.Option(None, "--config", help=(
@@ -134,11 +126,10 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dict[str, Any]) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
     cfg = build_config(config_file, resume, flags)
-    from vae_dist.training import runtime
-    from vae_dist.training.trainer import train as run_training
+    from vae_dist.training import runtime, trainer
 
     runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
-    run_training(cfg, resume=resume, overwrite=overwrite)
+    trainer.train(cfg, resume=resume, overwrite=overwrite)
 
 
 def parse_train_args(args: list[str]) -> TrainingConfig:
@@ -165,7 +156,7 @@ def evaluate(
     model = load(artifact_dir)
     images = test_images(model.config, data_dir, limit_eval_samples)
     result = score(model.model, model.config, images, iw_samples=iw_samples)
-    if not _is_rank_zero():
+    if os.environ.get("RANK", "0") != "0":
         return  # under accelerate launch, one process reports
     if as_json:
         print_out(json_result(result))
@@ -175,31 +166,23 @@ def evaluate(
         print_out(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
 
 
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
     from vae_dist.training.signals import Preempted
 
     open_standard_streams()
     try:
-        rc = app(args=argv, prog_name="vae-dist", standalone_mode=False)
         # standalone_mode=False returns typer.Exit's code (a second Ctrl-C's 130) instead of raising it.
-        if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+        if rc := app(args=argv, prog_name="vae-dist", standalone_mode=False):
             if rc == 130:
                 print_err("interrupted")
             sys.exit(rc)
-    except NoArgsIsHelpError as e:  # bare `vae-dist`: the help
-        if e.format_message():
-            print_err(e.format_message())
-        sys.exit(2)
-    except (UsageError, VaeDistError) as e:
-        print_err(f"error: {e.format_message() if isinstance(e, UsageError) else e}")
+    except (UsageError, VaeDistError) as e:  # a bare `vae-dist` (NoArgsIsHelpError) prints the help
+        message = e.format_message() if isinstance(e, UsageError) else str(e)
+        print_err(message if isinstance(e, NoArgsIsHelpError) else f"error: {message}")
         sys.exit(2)
     except Preempted as e:
-        if _is_rank_zero():
+        if os.environ.get("RANK", "0") == "0":
             print_err(e.line)
         sys.exit(128 + e.signum)
     except (KeyboardInterrupt, typer.Abort):

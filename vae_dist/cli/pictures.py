@@ -17,8 +17,7 @@ from vae_dist.run.folder import MARKER, RUN_NAMES
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
 
-# Beyond these the PNG gets absurd (and the decode slow) long before it gets useful.
-MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000
+MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000  # beyond these a PNG is absurd (and slow) long before useful
 # What these commands write in a run folder by default (the only names they replace there).
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
@@ -44,14 +43,10 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
         # picture name or a new name: never over the run's model, config, records or checkpoints, nor a user's file.
         for path in (Path(os.path.abspath(target)), target.resolve()):
             run = next((p for p in path.parents if (p / MARKER).is_file()), None)
-            if run is None:
-                continue
             new_file = path.name not in RUN_NAMES and not (path.exists() or path.is_symlink())
-            if path.parent != run or not (path.name in PICTURES or new_file):
-                raise VaeDistError(
-                    f"--out {target} is inside the run folder {run}, where a picture is written only at its top level, "
-                    f"as one of {', '.join(PICTURES)} or under a new name; give another path"
-                )
+            if run is not None and (path.parent != run or not (path.name in PICTURES or new_file)):
+                raise VaeDistError(f"--out {target} is inside the run folder {run}, where a picture is written only at "
+                                   f"its top level, as one of {', '.join(PICTURES)} or under a new name; give another path")
     return target
 
 
@@ -65,9 +60,8 @@ def _save(tiles: "torch.Tensor", path: Path, nrow: int) -> None:
     print_out(str(path))
 
 
-def _model_and_test_images(
-    artifact_dir: Path, data_dir: Optional[str], out: Optional[Path], default_name: str
-) -> tuple[Any, Path, "torch.Tensor"]:
+def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Optional[Path],
+                           default_name: str) -> tuple[Any, Path, "torch.Tensor"]:
     """The model, where its picture goes, and the whole test split (floats in [0, 1])."""
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import test_images
@@ -81,12 +75,10 @@ def sample(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     num: int = typer.Option(64, "--num", min=1, max=MAX_IMAGES, help="Number of samples from the prior."),
     # torch seeds a generator with 64 bits; within the signed range every seed is one stream
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**63 - 1, help="Seed of the latent draws (same seed, same picture)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the latent draws (same seed, same image)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/samples.png, or manifold.png)."),
     manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space instead (needs --latent-size 2)."),
-    grid_size: int = typer.Option(
-        20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the --manifold grid."),
+    grid_size: int = typer.Option(20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the manifold."),
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
     from vae_dist.evaluation.api import load
