@@ -35,79 +35,12 @@ HELP = ("deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the orig
         "Burda et al. (2015)'s one-stochastic-layer model")
 
 
-class ConvEncoder(nn.Module):
-    """The original's encoder: two 3x3 stride-2 convolutions, 28 -> 14 -> 7, then two heads."""
-
-    def __init__(self, latent: int, channels: tuple[int, ...]):
-        super().__init__()
-        c1, c2 = channels
-        self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
-            nn.Flatten(),
-        )
-        self.mu = nn.Linear(c2 * 7 * 7, latent)
-        self.logvar = nn.Linear(c2 * 7 * 7, latent)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x)
-        return self.mu(h), self.logvar(h)
-
-
-class ConvDecoder(nn.Module):
-    """Mirror of the encoder. output_padding=1 makes each transposed conv exactly double
-    the side (7 -> 14 -> 28); without it the sides come out 13 and 25, the original's bug."""
-
-    def __init__(self, latent: int, channels: tuple[int, ...]):
-        super().__init__()
-        c1, c2 = channels
-        self.c2 = c2
-        self.fc = nn.Linear(latent, c2 * 7 * 7)
-        self.deconv = nn.Sequential(
-            nn.ReLU(),
-            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-            nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1),  # (B, 1, 28, 28)
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.deconv(self.fc(z).view(-1, self.c2, 7, 7))
-
-
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
     """Linear layers through ``sizes``, the activation after each."""
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-    return layers
-
-
-class MlpEncoder(nn.Module):
-    """784 -> hidden layers -> (mu, logvar): the canonical PyTorch example's (one layer of
-    400, ReLU) or Burda et al.'s (two of 200, tanh)."""
-
-    def __init__(self, latent: int, hidden: list[int], activation: str):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Flatten(), *_mlp([PIXELS, *hidden], activation))
-        self.mu = nn.Linear(hidden[-1], latent)
-        self.logvar = nn.Linear(hidden[-1], latent)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fc(x)
-        return self.mu(h), self.logvar(h)
-
-
-class MlpDecoder(nn.Module):
-    """The encoder's mirror: latent -> hidden layers (reversed) -> 784 logits."""
-
-    def __init__(self, latent: int, hidden: list[int], activation: str):
-        super().__init__()
-        self.net = nn.Sequential(*_mlp([latent, *reversed(hidden)], activation), nn.Linear(hidden[0], PIXELS))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).view(-1, 1, 28, 28)
+    return [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), ACTIVATIONS[activation]())]
 
 
 class VAE(Model):
@@ -117,16 +50,29 @@ class VAE(Model):
         super().__init__()
         self.likelihood = likelihood
         latent = self.latent_size = int(config.latent_size)  # type: ignore[arg-type]  # resolved by ModelConfig
-        if config.kind == "conv":  # every other kind is an MLP
-            self.encoder: nn.Module = ConvEncoder(latent, config.conv_channels)
-            self.decoder: nn.Module = ConvDecoder(latent, config.conv_channels)
-        else:
-            hidden = [int(w) for w in config.hidden_sizes]  # type: ignore[union-attr]
-            self.encoder = MlpEncoder(latent, hidden, config.activation)
-            self.decoder = MlpDecoder(latent, hidden, config.activation)
+        if config.kind == "conv":  # the original Burn flow's: two 3x3 stride-2 convolutions and their mirror
+            c1, c2 = config.conv_channels
+            self.features = nn.Sequential(
+                nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
+                nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),  # (B, c2 * 7 * 7)
+            )
+            width = c2 * 7 * 7
+            # output_padding=1 makes each side exactly double (7 -> 14 -> 28); the original's came out 13, 25.
+            decoder = lambda: [nn.Linear(latent, width), nn.Unflatten(1, (c2, 7, 7)), nn.ReLU(),  # noqa: E731
+                               nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                               nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1)]
+        else:  # an MLP and its mirror: 784 -> hidden -> (mu, logvar); latent -> reversed hidden -> 784
+            hidden, act = [int(w) for w in config.hidden_sizes], config.activation  # type: ignore[union-attr]
+            self.features = nn.Sequential(nn.Flatten(), *_mlp([PIXELS, *hidden], act))  # type: ignore[arg-type]
+            width = hidden[-1]
+            decoder = lambda: [*_mlp([latent, *reversed(hidden)], act), nn.Linear(hidden[0], PIXELS),  # noqa: E731
+                               nn.Unflatten(1, (1, 28, 28))]  # type: ignore[arg-type]
+        self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)  # created in this order: the seed's weights
+        self.decoder = nn.Sequential(*decoder())
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return self.encoder(x)
+        h = self.features(x)
+        return self.mu(h), self.logvar(h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.decoder(z)
