@@ -44,15 +44,9 @@ def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, nrow: i
 
 def _series(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
     """Sorted (epoch, value) points of ``key``, skipping rows without it or with a non-finite value."""
-    pts = []
-    for row in history:
-        try:
-            x, y = float(row["epoch"]), float(row[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(x) and math.isfinite(y):
-            pts.append((x, y))
-    return sorted(pts)
+    pts = [(float(row["epoch"]), float(row[key])) for row in history
+           if isinstance(row.get("epoch"), (int, float)) and isinstance(row.get(key), (int, float))]
+    return sorted((x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y))
 
 
 def save_loss_curves(
@@ -65,7 +59,6 @@ def save_loss_curves(
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 4.0), dpi=100, facecolor="white", layout="constrained")
-    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     epochs: list[float] = []
     for i, key in enumerate(keys):
@@ -85,4 +78,4 @@ def save_loss_curves(
     named = next((row["protocol"]["dataset"] for row in history if "dataset" in row.get("protocol", {})), None)
     ax.set_title(f"Loss per epoch ({named})" if named else "Loss per epoch")
     ax.legend(loc="best")
-    atomic_write(path, lambda f: canvas.print_png(f))
+    atomic_write(path, lambda f: FigureCanvasAgg(fig).print_png(f))
