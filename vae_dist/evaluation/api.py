@@ -22,7 +22,7 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
     """(N, 784), (N, 28, 28) or (N, 1, 28, 28) images, uint8 or floats in [0, 1], as floats (N, 1, 28, 28)."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2 or x[0].numel() != 28 * 28 or x.dim() > 4:
+    if not 2 <= x.dim() <= 4 or x.shape[1:].numel() != 28 * 28:
         raise DataError(f"images must be shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x.reshape(-1, 1, 28, 28).float().div(255.0)
@@ -48,15 +48,11 @@ class TrainedVAE:
 
     def __init__(self, model: Model, config: TrainingConfig, results: dict[str, Any]):
         self.model, self.config, self.results = model.eval(), config, results
+        self.latent_size: Optional[int] = model.latent_size  # of the continuous latent space (vq-vae: None)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def latent_size(self) -> Optional[int]:
-        """The size of the continuous latent space (None for a family without one, as vq-vae)."""
-        return self.model.latent_size
 
     def _needs(self, ability: str, what: str) -> None:
         if getattr(self.model, ability) is None:
@@ -99,7 +95,6 @@ class TrainedVAE:
         a, b = as_images(x_from), as_images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
-        self._needs("encode", "continuous latent space to interpolate in")
         ends = self.encode(torch.cat([a, b]))[0]
         t = torch.linspace(0.0, 1.0, steps, dtype=ends.dtype).unsqueeze(1)
         return self.decode((1 - t) * ends[0] + t * ends[1])
@@ -118,8 +113,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     with checking(p, ArtifactError, "model path"):
         is_checkpoint = p.is_dir() and (p / MANIFEST).is_file()
     if not is_checkpoint:
-        model, config = load_model_file(p)
-        return TrainedVAE(model, config, model_results(p)).to(device)
+        return TrainedVAE(*load_model_file(p), model_results(p)).to(device)
     manifest = read_manifest(p)
     problem = verify_hashes(p, manifest) if manifest is not None else "its manifest or one of its files does not verify"
     if problem or manifest is None:

@@ -1,6 +1,5 @@
-"""Using a trained model: the test images, scoring (``validate``, at every training epoch's end and in
-``evaluate``; the importance-weighted NLL) and the epoch previews' pictures. Every random number is keyed by
-the test image's index (a result does not depend on the process count); every result carries its protocol."""
+"""A trained model on the test images: validation (each epoch's end and ``evaluate``), the importance-weighted NLL
+and the previews' pictures. Random numbers are keyed by the image's index (any process count gives one result)."""
 
 from __future__ import annotations
 
@@ -51,11 +50,10 @@ def reconstructions(model: Model, images: torch.Tensor) -> torch.Tensor:
         return model.reconstruct(images)
 
 
-def test_images(
-    config: TrainingConfig, data_dir: Optional[str | Path] = None, limit: Optional[int] = None
-) -> torch.Tensor:
-    """The test images (uint8) of training's validation, evaluate and the pictures: the first ``limit`` (None:
-    the config's limit; 0: all), binarized by the one fixed draw unless grey-level."""
+def test_images(config: TrainingConfig, data_dir: Optional[str | Path] = None,
+                limit: Optional[int] = None) -> torch.Tensor:
+    """The test images (uint8) of validation, evaluate and the pictures: the first ``limit`` (None: the config's;
+    0: all), binarized by the one fixed draw unless grey-level."""
     folder, dataset = data_dir or config.data.data_dir, config.data.dataset
     root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir, dataset)
     images = datasets.load_split(root, "test", dataset).images
@@ -65,16 +63,15 @@ def test_images(
     return images[:n] if n else images
 
 
-def validate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor]) -> dict[str, Any]:
-    """The family's terms (KL weight 1: the true negative ELBO) as exact means over the whole test split at any
-    process count, and its whole-set metrics. Each sample counts once (``gather_for_metrics`` drops Accelerate's
-    repeats) with its noise ``noise[index]``, the same whichever rank holds it."""
-    family = accelerator.unwrap_model(model)
+def validate(acc: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor]) -> dict[str, Any]:
+    """The family's terms (KL weight 1: the true negative ELBO) as exact means over the test split, and its whole-set
+    metrics. Each sample counts once (``gather_for_metrics`` drops repeats), with its noise ``noise[index]``."""
+    family = acc.unwrap_model(model)
     rows, features = [], []
     with evaluating(model):
         for images_batch, index in loader:
             out = model(images_batch, None if noise is None else noise[index])
-            terms, f = accelerator.gather_for_metrics((torch.stack(list(out.terms.values()), dim=1), out.features))
+            terms, f = acc.gather_for_metrics((torch.stack(list(out.terms.values()), dim=1), out.features))
             rows.append(terms)
             features.append(f)
     per_sample = torch.cat(rows).double()  # (N, terms): summed in float64 so the order of ranks does not matter
@@ -97,8 +94,8 @@ def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> d
 
 
 def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samples: int = 0) -> dict[str, Any]:
-    """The test terms exactly as training validates and, with ``iw_samples`` = K, the importance-weighted NLL;
-    every process returns the same dict."""
+    """The test terms as training validates, and with ``iw_samples`` = K the importance-weighted NLL; the same dict
+    on every process."""
     from accelerate import Accelerator
 
     if iw_samples and model.iw_nll is None:
@@ -108,32 +105,27 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
     except (ValueError, RuntimeError) as e:  # e.g. an ACCELERATE_* variable it cannot read
         raise VaeDistError(f"cannot set up the accelerator: {first_line(e)}") from None
     try:
-        loader = loaders.make_loader(
-            loaders.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None, drop_last=False, num_workers=0
-        )
+        loader = loaders.make_loader(loaders.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None,
+                                     drop_last=False, num_workers=0)
         model = model.to(acc.device)  # no DDP wrapper: evaluation has no gradients to sync
         table = keyed.noise(keyed.EVAL_NOISE, config.seed, 0, images.shape[0], model.noise_shape(1))
         v = validate(acc, model, acc.prepare_data_loader(loader), None if table is None else table.to(acc.device))
-        result: dict[str, Any] = {k.removeprefix("valid/"): value for k, value in v.items()}
-        result["processes"] = acc.num_processes
+        result = {**{k.removeprefix("valid/"): value for k, value in v.items()}, "processes": acc.num_processes}
         if iw_samples:
             mine = torch.arange(acc.process_index, images.shape[0], acc.num_processes)  # this rank's shard
-            nll = iw_nll_per_image(model, images.float().div(255.0), mine, iw_samples, show=acc.is_main_process)
-            rows = torch.stack([mine.double(), nll], dim=1)  # (index, NLL)
-            if acc.num_processes > 1:  # shards differ by one row at most: pad (index -1) to gather
-                rows = acc.gather(acc.pad_across_processes(rows, dim=0, pad_index=-1))
-                rows = rows[rows[:, 0] >= 0]
-            ordered = rows[rows[:, 0].argsort()]  # summed in index order: the same at any process count
-            result.update(iw_nll=ordered[:, 1].sum().item() / images.shape[0], iw_samples=iw_samples)
+            nll = torch.zeros(images.shape[0], dtype=torch.float64)  # each image's, exact after a sum with 0s
+            nll[mine] = iw_nll_per_image(model, images.float().div(255.0), mine, iw_samples, show=acc.is_main_process)
+            if acc.num_processes > 1:
+                nll = acc.reduce(nll, reduction="sum")
+            result.update(iw_nll=nll.sum().item() / images.shape[0], iw_samples=iw_samples)
         result["protocol"] = protocol(config, images.shape[0], iw_samples)
     finally:
         acc.end_training()
     return result
 
 
-def iw_nll_per_image(
-    model: Model, images: torch.Tensor, indices: torch.Tensor, k: int, *, show: bool = False
-) -> torch.Tensor:
+def iw_nll_per_image(model: Model, images: torch.Tensor, indices: torch.Tensor, k: int, *,
+                     show: bool = False) -> torch.Tensor:
     """The importance-weighted -log p(x) (nats, float64) of ``images[indices]``, floats in [0, 1]; image i's K
     draws come from its own generator, keyed by its index: the same in any batch or rank."""
     assert model.iw_nll is not None

@@ -12,7 +12,7 @@ import torch
 from vae_dist.run.fileio import atomic_write
 
 PADDING = 2  # make_grid's gap between tiles
-_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")  # Okabe-Ito, cycled
+CURVES = {"train/loss": "#0072B2", "valid/loss": "#D55E00"}  # Okabe-Ito colours
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> None:
@@ -44,36 +44,27 @@ def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, nrow: i
 
 def _series(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
     """Sorted (epoch, value) points of ``key``, skipping rows without it or with a non-finite value."""
-    pts = []
-    for row in history:
-        try:
-            x, y = float(row["epoch"]), float(row[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(x) and math.isfinite(y):
-            pts.append((x, y))
-    return sorted(pts)
+    pts = [(float(row["epoch"]), float(row[key])) for row in history
+           if isinstance(row.get("epoch"), (int, float)) and isinstance(row.get(key), (int, float))]
+    return sorted((x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y))
 
 
-def save_loss_curves(
-    history: Sequence[dict], path: str | os.PathLike[str], keys: Sequence[str] = ("train/loss", "valid/loss")
-) -> None:
-    """A 640 x 400 chart of each key against the epoch, titled with the dataset the rows' protocol names;
-    a key without points is in the legend as "(no data)"."""
+def save_loss_curves(history: Sequence[dict], path: str | os.PathLike[str]) -> None:
+    """A 640 x 400 chart of the losses against the epoch, titled with the dataset the rows' protocol names;
+    a loss without points is in the legend as "(no data)"."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 4.0), dpi=100, facecolor="white", layout="constrained")
-    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     epochs: list[float] = []
-    for i, key in enumerate(keys):
+    for key, colour in CURVES.items():
         pts = _series(history, key)
         epochs += [x for x, _ in pts]
         # A marker on each point keeps a single epoch (no line segment) visible.
-        ax.plot([x for x, _ in pts], [y for _, y in pts], color=_COLOURS[i % len(_COLOURS)], linewidth=2,
-                marker="o", markersize=4.5, label=key if pts else f"{key} (no data)")
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color=colour, linewidth=2, marker="o", markersize=4.5,
+                label=key if pts else f"{key} (no data)")
     lo, hi = (math.floor(min(epochs)), math.ceil(max(epochs))) if epochs else (1, 1)
     ax.set_xlim(lo - 0.5, hi + 0.5)  # end markers off the axes, and a span for one epoch
     ax.set_xticks(range(lo, hi + 1, max(1, math.ceil((hi - lo + 1) / 8))))  # epochs are integers
@@ -85,4 +76,4 @@ def save_loss_curves(
     named = next((row["protocol"]["dataset"] for row in history if "dataset" in row.get("protocol", {})), None)
     ax.set_title(f"Loss per epoch ({named})" if named else "Loss per epoch")
     ax.legend(loc="best")
-    atomic_write(path, lambda f: canvas.print_png(f))
+    atomic_write(path, lambda f: FigureCanvasAgg(fig).print_png(f))

@@ -1,10 +1,5 @@
-"""Checkpoints: sealed saves, the newest usable one, fallback past corrupt ones, rotation.
-
-``checkpoints/step-<global step>`` holds what ``accelerator.save_state`` writes plus ``MANIFEST.json``
-(the Position, the run's id, every file's size and SHA-256), written last into a temporary folder that
-one rename puts in place. Only folders whose manifest holds the run's id and that are named after their
-step are loaded or deleted, never a copy such as ``checkpoints/my-backup``.
-"""
+"""Checkpoints: ``step-<global step>`` folders of ``accelerator.save_state``'s files, sealed by a MANIFEST.json (the
+Position, run id, sizes, SHA-256s) and a rename; only this run's are loaded or rotated, skipping corrupt ones."""
 
 from __future__ import annotations
 
@@ -32,15 +27,13 @@ MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
 REPLACED = "-replaced"  # the suffix a step's checkpoint has while that step is saved again
 FORMAT = 3  # 3: the run id in every manifest
-# Test hook: SIGKILL the main process half-way through the N-th checkpoint write
-# (after the state files, before the manifest), to prove a torn checkpoint is never used.
+# Test hook: SIGKILL the main process after the N-th save's state files, before its manifest.
 KILL_HOOK_ENV = "VAE_DIST_TEST_KILL_IN_CHECKPOINT"
 Size = Annotated[int, Field(ge=0)]
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-
     format: Literal[FORMAT]  # a format no release wrote, earlier or later, is unusable
     global_step: Size
     run_id: Annotated[str, Field(pattern=f"^{RUN_ID}$")]  # the run that wrote it: only its own are rotated or resumed
@@ -65,15 +58,12 @@ class Found(NamedTuple):
 
 
 def rotation_plan(complete: dict[str, int], keep: int) -> list[str]:
-    """The names, of {folder name: global step}, to delete: all but the ``keep`` with the highest
-    step (ties keep the lexically last name)."""
-    ordered = sorted(complete.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
-    return [name for name, _ in ordered[keep:]]
+    """The names of {folder name: global step} to delete: all but the ``keep`` highest steps (ties: last name)."""
+    return sorted(complete, key=lambda name: (complete[name], name), reverse=True)[keep:]
 
 
 def read_manifest(folder: Path) -> Optional[Manifest]:
-    """The manifest of a complete, intact checkpoint folder, else None. Intact: every listed file is
-    there with its recorded size (the hashes, which need every byte read, are checked when loading)."""
+    """The manifest of a complete folder whose files all have their recorded sizes, else None (hashes: at load)."""
     try:
         manifest = Manifest.model_validate_json((folder / MANIFEST).read_bytes())
         intact = all(not (folder / rel).is_symlink() and (folder / rel).stat().st_size == size
@@ -113,25 +103,20 @@ def _write_error(action: str, path: Path, e: Exception) -> CheckpointError:
 
 class Checkpointer:
     """Saves and restores the full training state and the run's Position through Accelerate, atomically."""
-
     def __init__(self, accelerator: Accelerator, directory: Path, keep: int, log: Callable[[str], None] = print,
                  every_steps: int = 0, *, run_id: str):
         if not is_run_id(run_id):  # it names folders to delete: never a path
             raise ValueError(f"not a run id: {run_id!r}")
         self.accelerator, self.directory, self.keep, self.log = accelerator, directory, keep, log
-        self.every_steps, self.run_id = every_steps, run_id
-        self.saves = 0
+        self.every_steps, self.run_id, self.saves = every_steps, run_id, 0
 
     def maybe_save(self, global_step: int, mid_epoch: bool, state: Callable[[], Position]) -> Optional[Path]:
-        """Save every ``every_steps`` steps, mid-epoch (an epoch's end has its own save); ``state``
-        (a collective) is called only then. Every rank calls this."""
-        if self.every_steps and global_step % self.every_steps == 0 and mid_epoch:
-            return self.save(global_step, state())
-        return None
+        """Every rank: save every ``every_steps`` steps mid-epoch; ``state`` (a collective) is called only then."""
+        due = self.every_steps and global_step % self.every_steps == 0 and mid_epoch
+        return self.save(global_step, state()) if due else None
 
     def _folders(self) -> list[Path]:
-        """Folders named as checkpoints; never a link (nothing is loaded or deleted through one)."""
-        return [p for p in self.directory.glob("step-*") if p.is_dir() and not p.is_symlink()]
+        return [p for p in self.directory.glob("step-*") if p.is_dir() and not p.is_symlink()]  # nothing through links
 
     def complete(self) -> list[Found]:
         """This run's complete, intact checkpoints, newest first; each at the name its save gives."""
@@ -146,70 +131,58 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)  # refuses a link, not following it
 
     def save(self, global_step: int, state: Position) -> Path:
-        """Write a checkpoint from every rank; returns its folder. Collective: a write that fails on
-        any rank (a full disk) is one CheckpointError on every rank."""
+        """Collective: write a checkpoint, returning its folder; a failure on any rank is one CheckpointError on all."""
         acc, t0 = self.accelerator, time.perf_counter()
         final = self.directory / f"step-{global_step:09d}"
         tmp = self.directory / f"{TMP_PREFIX}{final.name}-{self.run_id}"  # the id proves an unfinished write ours
-
-        def make_tmp() -> None:
-            if self.directory.is_symlink():  # a link at tmp or final is renamed or refused, never followed
-                raise CheckpointError(f"{self.directory} is a symbolic link; vae_dist does not write through links")
-            try:
-                self.remove_leftovers()  # this run's interrupted saves, this one's name among them
-                tmp.mkdir(parents=True)
-            except OSError as e:
-                raise _write_error("start", tmp, e) from None
-
-        on_main_then_share(acc, make_tmp)
+        on_main_then_share(acc, lambda: self._start(tmp))
         error: Optional[Exception] = None
-        try:  # ranks write their own files
+        try:  # torch's writer and safetensors report a failed write (a full disk) as their own errors
             acc.save_state(output_dir=str(tmp), safe_serialization=True)
-        # torch's writer and safetensors report a failed write (a full disk) as their own errors
-        # ("unexpected pos ...", "No space left on device"), not as an OSError.
         except (OSError, RuntimeError, SafetensorError) as e:
             error = e
-        if any_rank(acc, error is not None):
+        if any_rank(acc, error is not None):  # also the barrier after every rank's files
             # Said before the torn files go: their space freed, a full disk would not show.
             failure = _write_error("write", tmp, error) if error else CheckpointError(
                 f"cannot write checkpoint {tmp}: another process failed to write its part")
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise failure from None
-        acc.wait_for_everyone()
         self.saves += 1
-
-        def seal() -> None:
-            try:
-                self._seal(tmp, final, global_step, state)
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise _write_error("complete", final, e) from None
-
-        on_main_then_share(acc, seal)
+        on_main_then_share(acc, lambda: self._seal(tmp, final, global_step, state))
         self.log(f"checkpoint {final} written in {time.perf_counter() - t0:.2f} s")
         return final
 
+    def _start(self, tmp: Path) -> None:
+        if self.directory.is_symlink():  # a link at tmp or final is renamed or refused, never followed
+            raise CheckpointError(f"{self.directory} is a symbolic link; vae_dist does not write through links")
+        try:
+            self.remove_leftovers()  # this run's interrupted saves, this one's name among them
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise _write_error("start", tmp, e) from None
+
     def _seal(self, tmp: Path, final: Path, global_step: int, state: Position) -> None:
-        """Manifest last, then the rename that makes the checkpoint complete; then rotation."""
+        """The manifest last, then the rename that makes the checkpoint complete; then rotation."""
         if os.environ.get(KILL_HOOK_ENV) == str(self.saves):
             os.kill(os.getpid(), signal.SIGKILL)
-        files = {str(p.relative_to(tmp)): p for p in sorted(tmp.rglob("*")) if p.is_file()}
-        # Validated as it will be read back (the state from its dump), so that a state the reader
-        # would refuse fails here rather than at a resume.
-        manifest = Manifest(format=FORMAT, global_step=global_step, run_id=self.run_id, state=state.model_dump(),
-                            files={rel: p.stat().st_size for rel, p in files.items()},
-                            sha256={rel: file_sha256(p) for rel, p in files.items()})
-        text = manifest.model_dump_json(indent=1) + "\n"
-        atomic_write(tmp / MANIFEST, lambda f: f.write(text.encode()))
-        # The same step saved again (a stop right after a checkpoint): the old one waits under a name
-        # complete() accepts, so a kill between the two renames leaves a complete one either way.
-        # (A link at ``old`` is neither followed by rmtree nor replaced by the rename: an OSError.)
-        old = final.with_name(final.name + REPLACED)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            files = {str(p.relative_to(tmp)): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+            # Validated from the state's dump, as it will be read back: a state the reader refuses fails here.
+            manifest = Manifest(format=FORMAT, global_step=global_step, run_id=self.run_id, state=state.model_dump(),
+                                files={rel: p.stat().st_size for rel, p in files.items()},
+                                sha256={rel: file_sha256(p) for rel, p in files.items()})
+            atomic_write(tmp / MANIFEST, lambda f: f.write(manifest.model_dump_json(indent=1).encode() + b"\n"))
+            # The same step saved again (a stop right after a checkpoint): the old one waits under a name complete()
+            # accepts, so a kill between the renames leaves a complete one. A link at ``old`` is an OSError.
+            old = final.with_name(final.name + REPLACED)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error("complete", final, e) from None
         shutil.rmtree(old, ignore_errors=True)
         with contextlib.suppress(OSError):  # the rename is durable once the directory entry is on disk
             fd = os.open(self.directory, os.O_RDONLY)
@@ -217,46 +190,37 @@ class Checkpointer:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        # Old ones go only now that the new one is complete. One newer than this save failed to load
-        # (a resume starts from the newest that loads): it is not a kept one.
+        # Old ones go only now. One newer than this save failed to load at the resume: it is not a kept one.
         complete = {f.path.name: f.manifest.global_step for f in self.complete()}
         kept = {name: step for name, step in complete.items() if step <= global_step}
         for name in rotation_plan(kept, self.keep) + sorted(complete.keys() - kept.keys()):
             shutil.rmtree(self.directory / name, ignore_errors=True)
 
     def load_latest(self) -> Optional[Found]:
-        """Restore the newest usable checkpoint into the prepared objects; None if there is none. One
-        that fails to load is said in one line and the previous one is tried. Accelerate reads the
-        optimizer and RNG files with ``torch.load(weights_only=True)`` and the model through
-        safetensors: nothing is unpickled as code."""
+        """Restore the newest usable checkpoint (None if none); one that fails to load is said in one line and the
+        previous one tried. Accelerate loads with ``weights_only=True`` and safetensors: nothing is unpickled."""
         candidates = self.complete()
-        # A step-* folder that fails the size check or is another run's is said, not skipped
-        # silently; a user's folder there is not ours to judge.
-        good = {f.path.name for f in candidates}
+        good = {f.path.name for f in candidates}  # the other step-* folders are said, never judged silently
         broken = sorted(p.name for p in self._folders() if p.name not in good)
         for name in broken:
-            self.log(f"checkpoint {name} is unusable (no valid manifest of this run, "
-                     "or a file is missing or of the wrong size); skipping it")
+            self.log(f"checkpoint {name} is unusable (no valid manifest of this run, or a file resized); skipping it")
         if not candidates:
             if broken:
                 raise CheckpointError(f"no usable checkpoint in {self.directory}: "
                                       f"{', '.join(broken)} failed the integrity check")
-            if torn := [p.name for p in self.directory.glob(f"{TMP_PREFIX}*")]:
-                raise CheckpointError(f"no complete checkpoint in {self.directory} "
-                                      f"(only unfinished: {', '.join(torn)})")
+            if torn := ", ".join(p.name for p in self.directory.glob(f"{TMP_PREFIX}*")):
+                raise CheckpointError(f"no complete checkpoint in {self.directory} (only unfinished: {torn})")
             return None
-        acc = self.accelerator
         for found, older in zip(candidates, [*candidates[1:], None]):
-            # Every rank checks the bytes it is about to read (same-size corruption would load without a
-            # word), and the ranks agree before any of them loads: all load or all skip.
+            # Every rank checks the bytes it reads (same-size corruption loads silently); all load or all skip.
             error = verify_hashes(found.path, found.manifest)
-            if not any_rank(acc, error is not None):
+            if not any_rank(self.accelerator, error is not None):
                 try:
-                    acc.load_state(str(found.path))
+                    self.accelerator.load_state(str(found.path))
                 except Exception as e:  # corrupt archive, wrong shapes, ...
                     error = f"{type(e).__name__}: {first_line(e)}"
-                if not any_rank(acc, error is not None):
-                    on_main_then_share(acc, self.remove_leftovers)
+                if not any_rank(self.accelerator, error is not None):
+                    on_main_then_share(self.accelerator, self.remove_leftovers)
                     return found
             then = f"falling back to {older.path.name}" if older else "no older checkpoint left"
             self.log(f"checkpoint {found.path.name} is unusable ({error or 'failed on another rank'}); {then}")

@@ -1,7 +1,5 @@
-"""The run folder: its marker, its lock, --overwrite's rename, and its small files.
-
-Everything inside a run folder is the run's own. vae_dist never deletes a run: --overwrite renames
-the previous one, whole, to a sibling folder, and the user deletes it."""
+"""The run folder: its marker, its lock, its small files and --overwrite's rename. Everything in it is the run's own;
+vae_dist never deletes a run (--overwrite moves the previous one, whole, beside it, for the user to delete)."""
 
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ from vae_dist.errors import ArtifactError
 from vae_dist.run.fileio import atomic_write, checking, print_out
 
 MARKER = ".vae_dist"  # proves the folder is vae_dist's, and holds the run's id
-# Held (flock) by a training's main process for its whole run; never deleted, since removing a lock
-# file lets two processes lock two different files of the same name.
+# Held (flock) by a training's main process; never deleted: two processes could then lock two files of one name.
 LOCK = ".vae_dist.lock"
 CONFIG = CONFIG_FILE
 MODEL = "model.safetensors"
@@ -32,8 +29,7 @@ LOSS_CURVES = "loss_curves.png"
 TENSORBOARD = "tensorboard"
 # What a training writes at the folder's top level.
 RUN_NAMES = (MARKER, LOCK, CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, "wandb", TENSORBOARD)
-# A run's id (new_run_id's shape). One read from disk names a sibling folder and the checkpoints
-# to rotate, so it is checked against this before it names anything.
+# A run's id (new_run_id's shape): one read from disk is checked against it before it names a folder.
 RUN_ID = r"[0-9a-f]{8}"
 
 
@@ -86,7 +82,7 @@ def check_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Pa
 
 
 def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
-    """check_artifact_dir's checks; where --overwrite moves the previous run, if there is one."""
+    """check_artifact_dir's checks; returns where --overwrite moves the previous run, if there is one."""
     if overwrite and resume:
         raise ArtifactError("--overwrite and --resume cannot be used together")
     with checking(root, ArtifactError, "artifact directory"):
@@ -118,10 +114,8 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
                 raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
             return aside
         # A link where a training writes: a write through it would land outside the folder.
-        links = [p for name in RUN_NAMES if (p := root / name).is_symlink()]
-        for sub in (root / CHECKPOINTS, root / IMAGES):
-            if sub.is_dir() and not sub.is_symlink():
-                links += [p for p in sub.iterdir() if p.is_symlink()]
+        links = [p for name in RUN_NAMES if (p := root / name).is_symlink()] or [
+            p for sub in (root / CHECKPOINTS, root / IMAGES) if sub.is_dir() for p in sub.iterdir() if p.is_symlink()]
         if links:
             raise ArtifactError(f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
                                 "vae_dist never writes through a link: remove it or choose another --artifact-dir")
@@ -130,10 +124,9 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
 
 def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, lock: Optional[RunLock] = None,
                          run_id: str = "") -> Path:
-    """Check the folder (check_artifact_dir), lock it for this process (with ``lock``) and, unless
-    resuming, mark it as the run ``run_id``'s. Main process only. --overwrite first renames a previous
-    run to previous_run_folder, under its lock, so that a training still running there is never moved;
-    the new folder is locked before that lock is released, so a second training is refused throughout."""
+    """Main process: check the folder (check_artifact_dir), lock it with ``lock`` and, unless resuming, mark it as
+    run ``run_id``'s. --overwrite first moves a previous run aside under its lock (a training still running there
+    is never moved), released only once the new folder is locked: a second training is refused throughout."""
     root = Path(path).expanduser()
     aside = _check(root, overwrite=overwrite, resume=resume)
     old = RunLock()
@@ -146,9 +139,7 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
                 raise ArtifactError(f"--overwrite cannot move the previous run {root} to {aside}: "
                                     f"{e.strerror or e}; nothing was changed") from None
             print_out(f"--overwrite: the previous run is now {aside} (vae_dist never deletes it)", required=False)
-            root.mkdir()
-        else:
-            root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=aside is None)
         if lock is not None:
             lock.acquire(root)
         if not resume:
@@ -164,8 +155,8 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
 
 
 class RunLock:
-    """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's pid for
-    the refusal to name. The kernel drops it when the process dies."""
+    """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's pid for the refusal to
+    name; the kernel drops it when the process dies."""
 
     fd: Optional[int] = None
 
@@ -199,8 +190,7 @@ def write_config(root: Path, config: TrainingConfig) -> None:
 
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl whole from the run's history: appending would repeat epochs after a
-    resume from a checkpoint older than the file."""
+    """Rewrite metrics.jsonl whole: appending would repeat epochs after a resume from a checkpoint older than it."""
     write_run_file(root / METRICS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode())
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -19,15 +19,12 @@ from vae_dist.models.protocol import Model
 from vae_dist.run.fileio import checking
 from vae_dist.run.folder import MODEL, write_run_file
 
-T = TypeVar("T")
 MAX_PARAMETERS = 1_000_000_000  # larger models are refused before any memory is allocated for them
 
 
-def save_model_file(
-    path: Path, state_dict: dict[str, torch.Tensor], config: TrainingConfig, results: Optional[dict[str, Any]] = None
-) -> None:
-    """``results`` (the last validation and its protocol) ride along in the metadata, so a number
-    read off the file says what it was measured on."""
+def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], config: TrainingConfig,
+                    results: Optional[dict[str, Any]] = None) -> None:
+    """``results`` (the last validation, with its protocol) ride along: a number says what it was measured on."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": "pt", "vae_dist_config": config.to_json()}
     if results is not None:
@@ -35,7 +32,7 @@ def save_model_file(
     write_run_file(path, save(tensors, metadata=metadata))
 
 
-def strip_compile_prefix(state: dict[str, T]) -> dict[str, T]:
+def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
     """Parameter names without torch.compile's ``_orig_mod.`` wrapper segment."""
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
@@ -62,9 +59,8 @@ def _reading(p: Path) -> Iterator[Any]:
 
 
 def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[Model, TrainingConfig]:
-    """Rebuild the model and its training config from a model.safetensors file (or its folder), on
-    the CPU whatever device wrote it. ``config``: the file's own when None; a checkpoint's weights
-    file (Accelerate's) carries none, and its manifest gives it."""
+    """The model, on the CPU, and its config from a model.safetensors file or its folder. ``config``: the file's own
+    when None; a checkpoint's weights file (Accelerate's) carries none: its manifest gives it."""
     p = Path(path).expanduser()
     with checking(p, ArtifactError, "model path"):
         p = p / MODEL if p.is_dir() else p
@@ -81,8 +77,7 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
                 why = first_line(e) or type(e).__name__
                 raise ArtifactError(f"model file {p} carries an unreadable config: {why}") from None
             check_model_size(config, f"model file {p}", ArtifactError)
-        # The declared model is built without memory first: a config that declares a far larger
-        # model than the file holds is refused before any of it is allocated.
+        # Built on the meta device first: a config declaring a far larger model than the file is refused unallocated.
         with torch.device("meta"):
             want = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
         got = strip_compile_prefix({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
@@ -100,6 +95,5 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
 def model_results(path: str | Path) -> dict[str, Any]:
     """The results a model file records (its last validation and protocol; {} if none)."""
     p = Path(path).expanduser()
-    p = p / MODEL if p.is_dir() else p
-    with _reading(p) as f:
+    with _reading(p / MODEL if p.is_dir() else p) as f:
         return json.loads((f.metadata() or {}).get("vae_dist_results", "{}"))

@@ -12,32 +12,26 @@ from vae_dist.config import TrainingConfig, resume_mismatch
 from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 
 Count = Annotated[int, Field(ge=0)]
-
-# One epoch's metrics (metrics.jsonl has the same rows): split/name numbers besides these
-# keys, named by the model family's terms. A diverged validation's floats may be inf or NaN.
+# One epoch's metrics (metrics.jsonl's rows): these keys and split/name numbers (a diverged one inf or NaN).
 Row = with_config(ConfigDict(strict=True))(TypedDict("Row", {  # type: ignore[call-overload]
     "epoch": Annotated[int, Field(ge=1)], "step": Count, "complete_epoch": bool,
     "protocol": dict[str, Union[str, int, float]],
 }, extra_items=Union[int, float]))
-# Saved as config.json's JSON object. A config the schema refuses raises ConfigError, which
-# read_manifest takes as an unusable checkpoint.
+# Saved as config.json's object; one the schema refuses is a ConfigError: read_manifest's unusable checkpoint.
 SavedConfig = Annotated[TrainingConfig, PlainSerializer(TrainingConfig.to_dict)]
 
 
 class Position(BaseModel):
     # inf and NaN are written as such (JSON constants) so that a row keeps them.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
-
     epoch: Count  # epochs finished; the one in progress is epoch + 1
     batches_done: Count  # optimizer steps already taken in the epoch in progress
     global_step: Count
-    # The partial epoch's [*the family's terms, images], summed over all ranks.
-    train_sums: Annotated[list[float], Field(min_length=2)]
+    train_sums: Annotated[list[float], Field(min_length=2)]  # the partial epoch's [*terms, images], over all ranks
     history: list[Row]
     wandb_run_id: Optional[str]
     num_processes: Annotated[int, Field(ge=1)]  # batches_done counts global batches of this many ranks
-    # The config the run trained under up to here: config.json can be edited, this cannot.
-    config: SavedConfig
+    config: SavedConfig  # the config trained under up to here: config.json can be edited, this cannot
 
     @classmethod
     def start(cls, wandb_run_id: str, num_processes: int, config: TrainingConfig, terms: int) -> Position:
@@ -46,8 +40,7 @@ class Position(BaseModel):
 
     @model_validator(mode="after")
     def _as_the_trainer_writes_it(self) -> Position:
-        # One row per finished epoch, in order, then perhaps the epoch in progress's (a run
-        # stopped by max_steps): the summary and the exported model read the last one.
+        # One row per finished epoch, then perhaps the epoch in progress's (a stop at max_steps).
         rows = self.history
         if [r["epoch"] for r in rows] != list(range(1, len(rows) + 1)) or len(rows) - self.epoch not in (0, 1):
             raise ValueError(f"history must have one row per finished epoch ({self.epoch}), then at most one more")
@@ -68,12 +61,10 @@ class Position(BaseModel):
             raise ConfigError(f"--max-steps {config.max_steps} is below step {self.global_step}, where {name} "
                               f"stopped; give at least {self.global_step}")
         if self.batches_done and self.num_processes != num_processes:
-            raise TrainingError(
-                f"cannot resume mid-epoch from {name} with {num_processes} process(es): it was written by "
-                f"{self.num_processes}; resume with {self.num_processes} (a different count can resume at an epoch end)"
-            )
-        # Equal is a stop on an epoch's last batch, saved before that epoch's end. More is a checkpoint
-        # this run cannot continue; it is already loaded, so no older one can be tried in its place.
+            raise TrainingError(f"cannot resume mid-epoch from {name} with {num_processes} process(es): it was written "
+                                f"by {self.num_processes}; resume with {self.num_processes} (a different count can "
+                                "resume at an epoch end)")
+        # Equal: a stop on an epoch's last batch, saved before its end. More: already loaded, so no older one is tried.
         if self.batches_done > steps_per_epoch:
             raise CheckpointError(
                 f"cannot resume from {name}: it is {self.batches_done} batches into an epoch of {steps_per_epoch}")
