@@ -37,23 +37,20 @@ class Preempted(Exception):
         super().__init__(signum, checkpoint, finished)  # all of them: it is pickled between ranks (on_main_then_share)
         self.signum, self.checkpoint, self.finished = signum, checkpoint, finished
 
-    def __str__(self) -> str:
-        return self.line
-
-    @property
-    def line(self) -> str:
-        """The one line the CLI prints for it (on rank 0)."""
+    def __str__(self) -> str:  # the one line the CLI prints for it (on rank 0)
         name = signal_name(self.signum)
         if self.finished:
             return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
-        return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus --resume."
+        return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus " \
+               "--resume."
+
+    line = property(lambda self: str(self))
 
 
 class StoppedBeforeStart(Preempted):
     """A stop during the set-up: nothing was trained or checkpointed; raised at once, on the rank that got it."""
 
-    @property
-    def line(self) -> str:
+    def __str__(self) -> str:
         return (f"stopped by {signal_name(self.signum)} before the first training step; nothing was trained: "
                 "run the same command again to start.")
 

@@ -27,7 +27,7 @@ from vae_dist.models.protocol import Model
 from vae_dist.run import folder, modelfile
 from vae_dist.run.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.run.fileio import print_out
-from vae_dist.training import resources
+from vae_dist.training import runtime
 from vae_dist.training.distributed import Preempted, StopRequest, main_print, max_over_ranks, on_main_then_share
 from vae_dist.training.learner import Learner
 from vae_dist.training.progress import format_summary
@@ -69,7 +69,7 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
     train_images, test_images = load_images(acc, config)
     loaders.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
-    resources.check_memory(config, len(train_images), len(test_images), acc.device)
+    runtime.check_memory(config, len(train_images), len(test_images), acc.device)
     set_seed(config.seed)  # the same initial weights on every rank
     model = models.build(config)
     model.noise_shape(config.loss.iw_samples)  # a family refuses an objective it has not
