@@ -197,8 +197,7 @@ class Learner:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
         binarization coins (dynamic binarization only), indexed by the sample's position in the dataset."""
         cfg, pos, device, n = self.config, self.position, self.acc.device, len(self.train_images)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(pos.epoch)
+        self.sampler.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
