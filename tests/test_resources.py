@@ -11,7 +11,7 @@ import torch
 
 from conftest import copy_run, main_in_process, one_error_line, small_train_args
 from test_rundir import snapshot
-from vae_dist.training import resources
+from vae_dist.training import runtime
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ConfigError
 from vae_dist.run.folder import marker_run_id, previous_run_folder
@@ -21,17 +21,17 @@ AVAILABLE = 16e9  # bytes, as if the machine had this much free
 
 
 def test_a_run_that_does_not_fit_in_memory_is_refused_naming_the_option_and_both_sizes(monkeypatch):
-    monkeypatch.setattr(resources, "available_memory", lambda device: AVAILABLE)
+    monkeypatch.setattr(runtime, "available_memory", lambda device: AVAILABLE)
     burda = {"model": {"kind": "burda"}}
     huge = TrainingConfig.from_dict({**burda, "loss": {"iw_samples": 5000}})
     with pytest.raises(ConfigError, match=r"needs about (\d+\.\d) GB .* but 16\.0 GB is available: lower --iw-train-samples") as e:
-        resources.check_memory(huge, 60_000, 10_000, CPU)
+        runtime.check_memory(huge, 60_000, 10_000, CPU)
     assert float(e.value.args[0].split("about ")[1].split(" GB")[0]) * 1e9 >= 60_000 * 5000 * 50 * 4  # the table alone
     # A table that fits once, on the CPU, does not fit once per process of the machine.
     k50 = TrainingConfig.from_dict({**burda, "loss": {"iw_samples": 50}})
-    resources.check_memory(k50, 60_000, 10_000, CPU, local_processes=1)
+    runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=1)
     with pytest.raises(ConfigError, match="for its 64 processes on this machine"):
-        resources.check_memory(k50, 60_000, 10_000, CPU, local_processes=64)
+        runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=64)
 
 
 @pytest.mark.slow  # a real run folder and the real MNIST files
@@ -40,7 +40,7 @@ def test_a_run_that_does_not_fit_is_one_line_before_overwrite_moves_the_previous
 ):
     run = copy_run(finished_run, tmp_path)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(resources, "available_memory", lambda device: AVAILABLE)
+    monkeypatch.setattr(runtime, "available_memory", lambda device: AVAILABLE)
     more = ["--iw-train-samples", "5000", "--limit-train-samples", "60000"]
     line = one_error_line(main_in_process(small_train_args(data_dir, run, "--overwrite", *more), capsys))
     assert "lower --iw-train-samples" in line, line

@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, check_ok, cli_env, launch_cmd, main_in_process, output, small_train_args
 from test_learner import _learner, _untimed, _weights
 from vae_dist.training import faults
-from vae_dist.training.signals import Preempted, StopRequest, signal_name
+from vae_dist.training.distributed import Preempted, StopRequest, signal_name
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -164,7 +164,7 @@ def test_the_main_processs_stop_reaches_the_other_ranks_as_the_same_stop() -> No
     import pickle
 
     from vae_dist.training.distributed import as_seen_by_the_others
-    from vae_dist.training.signals import StoppedBeforeStart
+    from vae_dist.training.distributed import StoppedBeforeStart
 
     seen = pickle.loads(pickle.dumps(as_seen_by_the_others(StoppedBeforeStart(signal.SIGTERM))))  # as broadcast
     assert type(seen) is StoppedBeforeStart and seen.signum == signal.SIGTERM

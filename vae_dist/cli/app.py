@@ -168,7 +168,7 @@ def evaluate(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
-    from vae_dist.training.signals import Preempted
+    from vae_dist.training.distributed import Preempted
 
     open_standard_streams()
     try:

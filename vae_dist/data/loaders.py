@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vae_dist.data import keyed
 from vae_dist.errors import ConfigError
-from vae_dist.training.signals import STOP_SIGNALS
+from vae_dist.training.distributed import STOP_SIGNALS
 
 
 class MnistImages(Dataset):

@@ -1,11 +1,14 @@
-"""Collective helpers that keep every rank moving together: work the main process does alone ends with
-every rank knowing its outcome, error included, so none waits at a barrier for a main process that failed.
+"""No rank left hanging: a stop signal as a request every rank honours together (SIGTERM, SIGINT, SIGHUP), and work
+the main process does alone shared with every rank, its error included, so none waits at a barrier for a failed one.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, TypeVar
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,9 +17,83 @@ from accelerate.utils import broadcast_object_list
 
 from vae_dist import errors
 from vae_dist.run.fileio import print_out
-from vae_dist.training.signals import Preempted
 
 T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a rank that only learned of a stop from the others carries 0
+        return f"signal {signum}"
+
+
+class Preempted(Exception):
+    """Raised on every rank once the run is checkpointed for a stop request. ``finished``: the stop came
+    after training; ``checkpoint`` is then the complete model file, and there is nothing to resume."""
+
+    def __init__(self, signum: int, checkpoint: str = "", finished: bool = False):
+        super().__init__(signum, checkpoint, finished)  # all of them: it is pickled between ranks (on_main_then_share)
+        self.signum, self.checkpoint, self.finished = signum, checkpoint, finished
+
+    def __str__(self) -> str:  # the one line the CLI prints for it (on rank 0)
+        name = signal_name(self.signum)
+        if self.finished:
+            return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
+        return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus " \
+               "--resume."
+
+    line = property(lambda self: str(self))
+
+
+class StoppedBeforeStart(Preempted):
+    """A stop during the set-up: nothing was trained or checkpointed; raised at once, on the rank that got it."""
+
+    def __str__(self) -> str:
+        return (f"stopped by {signal_name(self.signum)} before the first training step; nothing was trained: "
+                "run the same command again to start.")
+
+
+class StopRequest:
+    """While entered, STOP_SIGNALS set ``signum`` (or raise StoppedBeforeStart while ``at_once``); the loop
+    checkpoints after its step and the CLI exits 128 + the signal. A second SIGINT stops at once."""
+
+    def __init__(self, *, at_once: bool = False) -> None:
+        self.signum: Optional[int] = None
+        self.at_once = at_once
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.at_once:
+            raise StoppedBeforeStart(signum)
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        # Handlers can only be installed from the main thread: elsewhere (a notebook's worker) no stop request.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    @contextmanager
+    def deferred(self) -> Iterator[StopRequest]:
+        """From here a stop is a request the loop honours after its step; the previous handlers are back after."""
+        self.at_once = False
+        try:
+            yield self
+        finally:
+            self.__exit__()
 
 
 def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
@@ -35,10 +112,8 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
         payload = [result, error]
         broadcast_object_list(payload, from_process=0)
         result, error = payload
-    if caught is not None:
-        raise caught
-    if error is not None:
-        raise error
+    if caught is not None or error is not None:
+        raise caught or error  # type: ignore[misc]
     return result
 
 
@@ -54,7 +129,6 @@ def as_seen_by_the_others(e: BaseException) -> errors.VaeDistError | Preempted:
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
     return max_over_ranks(accelerator, int(flag)) > 0
 
 
@@ -68,10 +142,7 @@ def max_over_ranks(accelerator: Accelerator, value: int) -> int:
 
 def main_print(accelerator: Accelerator) -> Callable[[str], None]:
     """print on the global main process only (``accelerator.print`` prints once per machine)."""
-    def say(message: str) -> None:
-        if accelerator.is_main_process:
-            print_out(message, required=False)
-    return say
+    return lambda message: print_out(message, required=False) if accelerator.is_main_process else None
 
 
 def lost_process(e: BaseException) -> bool:

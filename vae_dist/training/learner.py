@@ -1,8 +1,5 @@
-"""The Learner: ``fit`` orders epochs, train steps, logging, checkpoints and validation.
-
-Metrics are summed on the device (TrainMeter) and reduced across ranks only when reported,
-so a step never waits for the host (no ``.item()`` per step).
-"""
+"""The Learner: ``fit`` orders epochs, train steps, logging, checkpoints and validation. Metrics are summed on
+the device (TrainMeter) and reduced across ranks only when reported: a step never waits for the host."""
 
 from __future__ import annotations
 
@@ -28,10 +25,9 @@ from vae_dist.run.checkpoint import Checkpointer
 from vae_dist.run.folder import write_metrics
 from vae_dist.run.position import Position
 from vae_dist.training import faults
-from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
+from vae_dist.training.distributed import Preempted, StopRequest, main_print, max_over_ranks, on_main_then_share
 from vae_dist.training.progress import Progress
 from vae_dist.training.schedule import kl_weight, learning_rate
-from vae_dist.training.signals import Preempted, StopRequest
 from vae_dist.training.tracking import Tracker
 
 # Ranks agree on a stop request every this many steps: each agreement is an all-reduce and a host sync.
@@ -85,10 +81,6 @@ class TrainMeter:
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
-    def samples_per_second(self) -> float:
-        s = self.seconds()
-        return self.samples / s if s > 0 else 0.0
-
 
 def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer itself where Accelerate's wrapper only forwards (no fp16 scaler, accumulation
@@ -100,29 +92,24 @@ def stepping_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimize
 
 
 class Learner:
-    """Trains a model with Accelerate: prepare, fit, validate, checkpoint."""
+    """Trains a model with Accelerate. ``on_epoch_end(model, epoch, step)``: after each validation, on the main
+    process only, with the unwrapped model (so not collective). A resumed run calls ``restore()`` before ``fit()``."""
 
-    def __init__(
-        self, accelerator: Accelerator, model: Model, optimizer: torch.optim.Optimizer, config: TrainingConfig,
-        train_loader: DataLoader, valid_loader: DataLoader, *, artifact_dir: Path, tracker: Tracker,
-        checkpointer: Checkpointer, run_id: str = "",
-        on_epoch_end: Optional[Callable[[Model, int, int], None]] = None,
-    ):
-        """``on_epoch_end(model, epoch, step)``: after each validation, main process only, unwrapped model
-        (so not collective). A resumed run calls ``restore()`` before ``fit()``."""
+    def __init__(self, accelerator: Accelerator, model: Model, optimizer: torch.optim.Optimizer, config: TrainingConfig,
+                 train_loader: DataLoader, valid_loader: DataLoader, *, artifact_dir: Path, tracker: Tracker,
+                 checkpointer: Checkpointer, run_id: str = "",
+                 on_epoch_end: Optional[Callable[[Model, int, int], None]] = None):
         self.acc, self.config, self.artifact_dir = accelerator, config, artifact_dir
         self.tracker, self.checkpointer, self.on_epoch_end = tracker, checkpointer, on_epoch_end
         self.family = model  # the unwrapped model: its protocol (terms, noise, prior)
         self.sampler = train_loader.sampler  # the order is a function of (seed, epoch)
         self.train_images = train_loader.dataset.images  # type: ignore[attr-defined]  # what fit_prior sees
-        self.model, self.optimizer, self.train_loader, self.valid_loader = accelerator.prepare(
-            model, optimizer, train_loader, valid_loader
-        )
+        prepared = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+        self.model, self.optimizer, self.train_loader, self.valid_loader = prepared
         self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
         self.steps_per_epoch = len(self.train_loader)
-        n_valid = len(valid_loader.dataset)  # type: ignore[arg-type]
-        valid_noise = noise(EVAL_NOISE, config.seed, 0, n_valid, model.noise_shape(1))
-        self.valid_noise = valid_noise.to(accelerator.device) if valid_noise is not None else None
+        valid_noise = noise(EVAL_NOISE, config.seed, 0, len(valid_loader.dataset), model.noise_shape(1))  # type: ignore
+        self.valid_noise = None if valid_noise is None else valid_noise.to(accelerator.device)
         self.say = main_print(accelerator)
         self.position = Position.start(run_id, accelerator.num_processes, config, len(model.TERMS))
         self.meter = TrainMeter(accelerator.device, len(model.TERMS))
@@ -201,10 +188,8 @@ class Learner:
             return
         found.manifest.state.check_resumable(found.path.name, self.config, self.acc.num_processes, self.steps_per_epoch)
         # From here on the checkpoints record this run's config (a resumable field may have changed).
-        self.position = found.manifest.state.model_copy(
-            update={"num_processes": self.acc.num_processes, "config": self.config}
-        )
-        pos = self.position
+        pos = self.position = found.manifest.state.model_copy(
+            update={"num_processes": self.acc.num_processes, "config": self.config})
         self.say(f"resumed from {found.path.name}: epoch {pos.epoch + 1}, "
                  f"batch {pos.batches_done}/{self.steps_per_epoch}, step {pos.global_step}")
 
@@ -212,8 +197,7 @@ class Learner:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
         binarization coins (dynamic binarization only), indexed by the sample's position in the dataset."""
         cfg, pos, device, n = self.config, self.position, self.acc.device, len(self.train_images)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(pos.epoch)
+        self.sampler.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
@@ -222,8 +206,7 @@ class Learner:
             if cfg.data.binarize == "dynamic" else None
         return None if table is None else table.to(device), coins
 
-    def _kl_weight(self) -> float:
-        """The KL weight at the position: of the step about to be taken, or after the last."""
+    def _kl_weight(self) -> float:  # of the step about to be taken, or after the last
         pos = self.position
         return kl_weight(self.config.loss, pos.epoch, pos.batches_done, self.steps_per_epoch)
 
@@ -247,7 +230,7 @@ class Learner:
         self._check_finite()
         objective, images_count = self._reduce(self.meter.take_interval()).tolist()
         loss = objective / max(images_count, 1.0)
-        progress.report(loss, self.meter.samples_per_second())
+        progress.report(loss, self.meter.samples / self.meter.seconds())  # a report follows a step: seconds > 0
         self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
 
     def _checkpoint_state(self) -> Position:
@@ -274,12 +257,9 @@ class Learner:
         row: dict[str, Any] = {
             "epoch": pos.epoch + 1, "step": pos.global_step, "complete_epoch": epoch_done,
             **{f"train/{name}": total / max(count, 1) for name, total in zip(terms, sums)},
-            "train/samples": int(count),
-            **valid,
-            "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/kl_weight": self._kl_weight(),
-            "epoch_seconds": train_seconds + valid_seconds,
-            "valid_seconds": valid_seconds,
+            "train/samples": int(count), **valid,
+            "train/lr": self.optimizer.param_groups[0]["lr"], "train/kl_weight": self._kl_weight(),
+            "epoch_seconds": train_seconds + valid_seconds, "valid_seconds": valid_seconds,
             "samples_per_second": self.meter.samples / train_seconds if train_seconds > 0 else 0.0,
             "protocol": protocol(self.config, valid["valid/samples"]),
         }
@@ -294,8 +274,7 @@ class Learner:
         self.say(f"epoch {pos.epoch + 1}: train/loss {row['train/loss']:.3f}  valid/loss {row['valid/loss']:.3f} "
                  f"({parts})  {row['epoch_seconds']:.1f} s, {row['samples_per_second']:,.0f} samples/s")
         if epoch_done:
-            pos.epoch += 1
-            pos.batches_done = 0
+            pos.epoch, pos.batches_done = pos.epoch + 1, 0
             self.meter.start_epoch()
         self._save()
 

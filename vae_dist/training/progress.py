@@ -1,6 +1,5 @@
-"""What a run shows while it works: a live bar on a terminal, else a line every few seconds (a log
-file under SLURM, CI or nohup would fill with redrawn bars); and the end-of-run summary table.
-"""
+"""What a run shows: a live bar on a terminal, else a line every few seconds (a log file under SLURM, CI or
+nohup would fill with redrawn bars); and the end-of-run summary table."""
 
 from __future__ import annotations
 

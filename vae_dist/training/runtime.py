@@ -1,17 +1,20 @@
-"""Process-wide CPU settings, applied by the entry point (the CLI, the benchmarks) before any tensor work.
-
-Flushing subnormals keeps Adam's decaying moments of rarely-updated weights off the CPU's slow path; it is
-per thread, and torch's worker threads copy it when they start. Keeping freed memory stops glibc from
-returning a conv step's buffers to the kernel only to fault them in again. benchmarks/README.md has figures.
-"""
+"""What the machine gives a run: process-wide CPU settings, applied by the entry point (the CLI, the benchmarks)
+before any tensor work, and the memory a config's tables need, checked before the run starts (a K-sample noise
+table can be tens of GB: the one line names the option to lower and both sizes)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
+from typing import Optional
 
+import psutil  # an Accelerate dependency
 import torch
+
+from vae_dist.config import TrainingConfig, options
+from vae_dist.errors import ConfigError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 32 << 20  # blocks under 32 MB (glibc's largest) from the heap
@@ -21,20 +24,68 @@ OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def prepare_process(flush_denormal: bool) -> None:
-    torch.set_flush_denormal(flush_denormal)  # a no-op on CPUs without the mode
+    # Subnormals flushed keep Adam's decaying moments of rarely-updated weights off the CPU's slow path. Per thread:
+    # torch's worker threads copy it when they start, so it comes first. A no-op on CPUs without the mode.
+    torch.set_flush_denormal(flush_denormal)
     keep_freed_memory()
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse; False (nothing set) with another C library or allocator,
-    or where the user chose a policy (MALLOC_*)."""
-    if any(name in os.environ for name in ALLOCATOR_ENV):
-        return False
-    if any(name in os.environ.get("LD_PRELOAD", "") for name in OTHER_ALLOCATORS):
+    """Ask glibc to keep freed memory (a conv step's buffers, else returned to the kernel and faulted in again);
+    False (nothing set) with another C library or allocator, or where the user chose a policy (MALLOC_*)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(n in os.environ for n in ALLOCATOR_ENV) or any(n in preload for n in OTHER_ALLOCATORS):
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+PIXELS, FLOAT = 28 * 28, 4  # bytes of a float32
+
+
+def memory_needed(config: TrainingConfig, num_train: int, num_valid: int) -> list[tuple[str, str, int]]:
+    """(what, the option that sizes it, bytes) that one process holds at once: an epoch's noise table
+    (N x K x latent), the training images (float32, uint8 and the coins), the test images and noise, and
+    a step's decoder output with its gradient (batch x K images)."""
+    flag = {o.dotted: o.flag for o in options()}
+    k, latent = config.loss.iw_samples, config.model.latent_size or 0
+    images = num_train * PIXELS * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))
+    return [
+        ("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
+         num_train * k * latent * FLOAT),
+        ("the training images", flag["data.limit_train_samples"], images),
+        ("the test images", "--limit-eval-samples", num_valid * (PIXELS * (FLOAT + 1) + latent * FLOAT)),
+        ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * PIXELS * FLOAT),
+    ]
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free where the tables live: the GPU's on CUDA, else the host's, or less under a cgroup v2 limit."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free, cgroup = psutil.virtual_memory().available, Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device: torch.device,
+                 local_processes: Optional[int] = None) -> None:
+    """ConfigError naming the option to lower when the run will not fit. On the CPU each process of this
+    machine (default: LOCAL_WORLD_SIZE) holds its own tables in the same memory."""
+    need = memory_needed(config, num_train, num_valid)
+    share = 1 if device.type == "cuda" else max(1, local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    total, free = sum(n for _, _, n in need) * share, available_memory(device)
+    if total > free:
+        what, option, biggest = max(need, key=lambda item: item[2])
+        per = f" for its {share} processes on this machine" if share > 1 else ""
+        raise ConfigError(f"the run needs about {total / 1e9:.1f} GB of {'GPU ' if device.type == 'cuda' else ''}memory"
+                          f"{per} ({biggest * share / 1e9:.1f} GB for {what}), but {free / 1e9:.1f} GB is available: "
+                          f"lower {option}")

@@ -1,9 +1,5 @@
-"""The learning rate and the KL weight as pure functions of the epochs done.
-
-A step is batch ``batch`` (0-based) of the epoch after ``epoch`` finished ones: not the global step, since
-after a resume at another process count the steps taken were of another size. Functions of the position
-alone, they need no saved state for bit-exact resume.
-"""
+"""The learning rate and the KL weight as pure functions of the position (``epoch`` finished epochs, then batch
+``batch``), not of the global step, whose size depends on the process count: no saved state for bit-exact resume."""
 
 from __future__ import annotations
 
@@ -17,12 +13,9 @@ BURDA_STAGES = 8
 
 
 def burda_factor(epoch: float) -> float:
-    start = 0
-    for i in range(BURDA_STAGES):
-        start += 3**i
-        if epoch < start:
-            return 10 ** (-i / 7)
-    return 10 ** (-(BURDA_STAGES - 1) / 7)
+    # Stage i ends after 3^0 + ... + 3^i = (3^(i+1) - 1) / 2 epochs.
+    stage = next((i for i in range(BURDA_STAGES) if epoch < (3 ** (i + 1) - 1) / 2), BURDA_STAGES - 1)
+    return 10 ** (-stage / 7)
 
 
 def learning_rate(cfg: OptimizerConfig, epoch: int, batch: int, steps_per_epoch: int, epochs: int) -> Optional[float]:
@@ -43,6 +36,5 @@ def learning_rate(cfg: OptimizerConfig, epoch: int, batch: int, steps_per_epoch:
 
 def kl_weight(cfg: LossConfig, epoch: int, batch: int, steps_per_epoch: int) -> float:
     """A linear warm-up from 0 to kl_weight over kl_warmup_epochs."""
-    if cfg.kl_warmup_epochs <= 0:
-        return cfg.kl_weight
-    return cfg.kl_weight * min(1.0, (epoch * steps_per_epoch + batch) / (cfg.kl_warmup_epochs * steps_per_epoch))
+    warmup = cfg.kl_warmup_epochs * steps_per_epoch
+    return cfg.kl_weight * min(1.0, (epoch * steps_per_epoch + batch) / warmup) if warmup > 0 else cfg.kl_weight

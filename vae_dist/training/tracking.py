@@ -29,14 +29,11 @@ NAMES = {"wandb": "W&B", "tensorboard": "TensorBoard"}
 def check_report_to(config: TrainingConfig) -> None:
     """Before the run folder is touched: TensorBoard (an optional extra) asked for but not installed."""
     if "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "--report-to tensorboard needs the tensorboard package: pip install 'vae_dist[tensorboard]' "
-            "(in a checkout: pip install -e '.[tensorboard]')"
-        )
+        raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'vae_dist[tensorboard]' "
+                          "(in a checkout: pip install -e '.[tensorboard]')")
 
 
-def has_wandb_api_key() -> bool:
-    """True if W&B would find credentials without prompting."""
+def has_wandb_api_key() -> bool:  # without prompting
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:
@@ -111,9 +108,7 @@ class Tracker:
         import wandb
         # "allow": a resumed run (same id) continues the same W&B run.
         init: dict[str, Any] = {"mode": mode, "id": run_id, "name": f"{Path(config.artifact_dir).name}-{run_id}",
-                                "resume": "allow"}
-        if not os.environ.get("WANDB_DIR"):
-            init["dir"] = str(artifact_dir)
+                                "resume": "allow", "dir": os.environ.get("WANDB_DIR") or str(artifact_dir)}
         if mode == "online":
             # W&B asks the server who the key belongs to (5 s, twice) outside init_timeout: not needed.
             with contextlib.suppress(Exception):
@@ -188,14 +183,13 @@ class Tracker:
                        results: dict[str, Any]) -> None:
         """After the export: the final and best valid/loss in the W&B run's summary, and the model as a
         W&B artifact (type model) with the config and results as its metadata."""
-        if self.run is None or not history:
+        if self.run is None:
             return
         best = min(history, key=lambda r: r["valid/loss"])
         try:
             import wandb
-            self.run.summary.update({"final/valid/loss": history[-1]["valid/loss"],
-                                     "best/valid/loss": best["valid/loss"], "best/epoch": best["epoch"],
-                                     "best/step": best["step"]})
+            self.run.summary.update({"final/valid/loss": history[-1]["valid/loss"], "best/epoch": best["epoch"],
+                                     "best/valid/loss": best["valid/loss"], "best/step": best["step"]})
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
                                       metadata={"config": config.to_dict(), "results": results})
             artifact.add_file(str(model_path), name=model_path.name)

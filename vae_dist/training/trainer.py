@@ -1,9 +1,6 @@
-"""``train(config)``: the canonical Accelerate order, from a config to a saved model.
-
-Trackers' packages -> Accelerator -> data -> every check that can fail -> seed -> model -> optimizer ->
-run folder (locked) -> Learner -> restore (--resume) -> config.json -> trackers -> fit -> export. Nothing
-in the run folder is created or deleted until everything that can be checked first has passed.
-"""
+"""``train(config)``: trackers' packages -> Accelerator -> data -> every check that can fail -> seed -> model ->
+optimizer -> run folder (locked) -> Learner -> restore (--resume) -> config.json -> trackers -> fit -> export.
+Nothing in the run folder is created or deleted until everything that can be checked first has passed."""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ import torch
 # so imported later (DDP does) they would hold the group until teardown, whose gloo threads can abort a rank.
 import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from vae_dist import models
 from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
@@ -30,11 +27,10 @@ from vae_dist.models.protocol import Model
 from vae_dist.run import folder, modelfile
 from vae_dist.run.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.run.fileio import print_out
-from vae_dist.training import resources
-from vae_dist.training.distributed import main_print, max_over_ranks, on_main_then_share
+from vae_dist.training import runtime
+from vae_dist.training.distributed import Preempted, StopRequest, main_print, max_over_ranks, on_main_then_share
 from vae_dist.training.learner import Learner
 from vae_dist.training.progress import format_summary
-from vae_dist.training.signals import Preempted, StopRequest
 from vae_dist.training.tracking import Tracker, check_report_to, close_trackers
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # not torch's 30 for a rank that died elsewhere
@@ -73,14 +69,12 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
     train_images, test_images = load_images(acc, config)
     loaders.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
-    resources.check_memory(config, len(train_images), len(test_images), acc.device)
+    runtime.check_memory(config, len(train_images), len(test_images), acc.device)
     set_seed(config.seed)  # the same initial weights on every rank
     model = models.build(config)
     model.noise_shape(config.loss.iw_samples)  # a family refuses an objective it has not
     optimizer = make_optimizer(model, config.optimizer)
-    root, run_id = on_main_then_share(
-        acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite, run_id=folder.new_run_id())
-    )
+    root, run_id = on_main_then_share(acc, lambda: claim_artifact_dir(config, lock, resume=resume, overwrite=overwrite))
     workers = config.data.num_workers
     if acc.device.type == "cuda":  # the data on the GPU, a batch one index there: no copies, so no workers
         train_images, test_images, workers = train_images.to(acc.device), test_images.to(acc.device), 0
@@ -89,17 +83,15 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
         f"{config.data.dataset} images, {n} process(es) on {acc.device.type}: global batch {batch * n} "
         f"= {batch} per process x {n}, {len(train_images) // (batch * n)} steps per epoch")
     tracker = Tracker(acc, say)
-    learner = Learner(
-        acc, model, optimizer, config,
-        loaders.make_loader(loaders.MnistImages(train_images), batch, shuffle_seed=config.seed, drop_last=True,
-                            num_workers=workers),
-        loaders.make_loader(loaders.MnistImages(test_images), config.data.eval_batch_size, shuffle_seed=None,
-                            drop_last=False, num_workers=workers),
-        artifact_dir=root, tracker=tracker, run_id=run_id,
-        checkpointer=Checkpointer(acc, root / folder.CHECKPOINTS, config.keep_checkpoints, say,
-                                  every_steps=config.checkpoint_every_steps, run_id=run_id),
-        on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed),
-    )
+    train_loader = loaders.make_loader(loaders.MnistImages(train_images), batch, shuffle_seed=config.seed,
+                                       drop_last=True, num_workers=workers)
+    valid_loader = loaders.make_loader(loaders.MnistImages(test_images), config.data.eval_batch_size,
+                                       shuffle_seed=None, drop_last=False, num_workers=workers)
+    checkpointer = Checkpointer(acc, root / folder.CHECKPOINTS, config.keep_checkpoints, say,
+                                every_steps=config.checkpoint_every_steps, run_id=run_id)
+    learner = Learner(acc, model, optimizer, config, train_loader, valid_loader, artifact_dir=root, tracker=tracker,
+                      checkpointer=checkpointer, run_id=run_id,
+                      on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed))
     if resume:
         learner.restore()  # what it refuses leaves config.json as it was
     on_main_then_share(acc, lambda: folder.write_config(root, config))
@@ -134,22 +126,16 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     if precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise ConfigError(f"{named} needs a GPU; on the CPU use bf16 or no")
     try:
-        return Accelerator(
-            cpu=cpu, mixed_precision=config.mixed_precision,
-            dataloader_config=DataLoaderConfiguration(even_batches=True),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
-            dynamo_backend="inductor" if config.compile else None,
-        )
+        return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                           dynamo_backend="inductor" if config.compile else None)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot set up the accelerator: {first_line(e)}") from None
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Adam:
-    """torch.optim.Adam as configured (``fused``: one kernel over all parameters)."""
-    return torch.optim.Adam(
-        model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps,  # type: ignore[arg-type]
-        weight_decay=cfg.weight_decay, fused=cfg.fused or None,
-    )
+    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas),  # type: ignore[arg-type]
+                            eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
 
 
 def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +152,8 @@ def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch
     return (train[: data.limit_train_samples] if data.limit_train_samples else train), test
 
 
-def epoch_previews(
-    root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor, seed: int
-) -> Callable[[Model, int, int], None]:
+def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor,
+                   seed: int) -> Callable[[Model, int, int], None]:
     """The Learner's on_epoch_end: test images above their reconstructions, and samples from the prior
     (the same latents every epoch), as PNGs under images/ and to the trackers."""
     originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
@@ -192,29 +177,25 @@ def epoch_previews(
     return write
 
 
-def claim_artifact_dir(
-    config: TrainingConfig, lock: folder.RunLock, *, resume: bool, overwrite: bool, run_id: str
-) -> tuple[Path, str]:
+def claim_artifact_dir(config: TrainingConfig, lock: folder.RunLock, *, resume: bool,
+                       overwrite: bool) -> tuple[Path, str]:
     """Main process: check the folder (and what --resume needs), lock it, then prepare it.
-    Returns the folder and the run's id: ``run_id`` for a new run, the marker's on --resume."""
+    Returns the folder and the run's id: a new one for a new run, the marker's on --resume."""
     try:
         root = folder.check_artifact_dir(config.artifact_dir, overwrite=overwrite, resume=resume)
         if resume:
-            mismatch = resume_mismatch(TrainingConfig.from_json_file(root / folder.CONFIG), config)
-            if mismatch:
+            if mismatch := resume_mismatch(TrainingConfig.from_json_file(root / folder.CONFIG), config):
                 raise ConfigError(f"cannot resume: {mismatch}")
             checkpoints = root / folder.CHECKPOINTS
-            has_checkpoint = checkpoints.is_dir() and any(
-                p.is_dir() and p.name.startswith(("step-", TMP_PREFIX)) for p in checkpoints.iterdir()
-            )
+            has_checkpoint = checkpoints.is_dir() and any(p.is_dir() and p.name.startswith(("step-", TMP_PREFIX))
+                                                          for p in checkpoints.iterdir())
             finished = [name for name in (folder.MODEL, folder.METRICS) if (root / name).exists()]
             if finished and not has_checkpoint:
-                raise ArtifactError(
-                    f"cannot resume {root}: it holds {' and '.join(finished)} but no checkpoint ({checkpoints} is "
-                    "missing or empty), so resuming would start again from step 0 over them; "
-                    "use --overwrite to start again"
-                )
-        root = folder.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock, run_id=run_id)
+                raise ArtifactError(f"cannot resume {root}: it holds {' and '.join(finished)} but no checkpoint "
+                                    f"({checkpoints} is missing or empty), so resuming would start again from step 0 "
+                                    "over them; use --overwrite to start again")
+        root = folder.prepare_artifact_dir(root, overwrite=overwrite, resume=resume, lock=lock,
+                                           run_id=folder.new_run_id())
         return root, folder.marker_run_id(root)
     except OSError as e:
         raise ArtifactError(f"artifact directory {config.artifact_dir} cannot be used: {e.strerror or e}") from None
