@@ -90,13 +90,14 @@ def run(args, config, train_args) -> int:
         rows, wall = common.run_trainer(config)
         model, saved = load_model_file(Path(config.artifact_dir))
         images = test_images(saved, None, None)
-        log(f"scoring on {images.shape[0]} test images, K = {args.iw_samples}")
+        k = args.iw_samples if model.iw_nll is not None else 0  # a family without an IW-NLL: its test loss only
+        log(f"scoring on {images.shape[0]} test images, K = {k}")
         t0 = time.perf_counter()
-        scored = score(model, saved, images, iw_samples=args.iw_samples if model.iw_nll is not None else 0)
+        scored = score(model, saved, images, iw_samples=k)
         r.update(
             trainer_wall_s=wall, train_s=sum(row["epoch_seconds"] for row in rows), epochs=len(rows),
             test_elbo=scored["loss"], test_recon=scored["recon"], iw_nll=scored.get("iw_nll"), score_s=time.perf_counter() - t0,
-            protocol=scored["protocol"], curve=[{"epoch": row["epoch"], "valid_loss": row["valid/loss"]} for row in rows],
+            protocol=scored["protocol"], whole_set={key: v for key, v in scored.items() if key in ("active_units", "codes_used", "perplexity")}, curve=[{"epoch": row["epoch"], "valid_loss": row["valid/loss"]} for row in rows],
         )
         emit(r)
     if not args.json:
@@ -106,6 +107,7 @@ def run(args, config, train_args) -> int:
         print(f"test loss   {r['test_elbo']:.2f} (the -ELBO for the Gaussian families), recon {r['test_recon']:.2f}")
         if r["iw_nll"] is not None:
             print(f"IW-NLL      {r['iw_nll']:.2f} (K = {args.iw_samples}, {r['score_s']:.0f} s)")
+        print(f"test set    {r['whole_set']}")
         print(f"protocol    {r['protocol']}")
     return 0
 
