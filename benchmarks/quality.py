@@ -96,7 +96,8 @@ def run(args, config, train_args) -> int:
         scored = score(model, saved, images, iw_samples=k)
         r.update(
             trainer_wall_s=wall, train_s=sum(row["epoch_seconds"] for row in rows), epochs=len(rows),
-            test_elbo=scored["loss"], test_recon=scored["recon"], iw_nll=scored.get("iw_nll"), score_s=time.perf_counter() - t0,
+            test_elbo=scored["loss"], test_recon=scored["recon"], iw_nll=scored.get("iw_nll"),
+            score_s=time.perf_counter() - t0,
             protocol=scored["protocol"],
             whole_set={key: v for key, v in scored.items() if key in ("active_units", "codes_used", "perplexity")},
             curve=[{"epoch": row["epoch"], "valid_loss": row["valid/loss"]} for row in rows],
