@@ -80,8 +80,7 @@ def _parameter(o: Option) -> inspect.Parameter:
     elif typing.get_origin(ann) is typing.Literal:
         ann = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
     elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
-        extra = {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
-        ann = str
+        ann, extra = str, {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
     shown = o.shown if o.shown is not None else default is not None
     option = typer.Option(default, *decls, help=o.help, show_default=shown, **extra)
     return _keyword(o.dotted.replace(".", "__"), Optional[ann], option)
@@ -264,8 +263,7 @@ def interpolate(
         if not 0 <= index < test.shape[0]:
             raise VaeDistError(f"{flag} {index} is not a test image index (0 to {test.shape[0] - 1})")
     ends = test[[index_from, index_to]]
-    row = torch.cat([ends[:1], model.interpolate(ends[:1], ends[1:], steps), ends[1:]])
-    _save(row, target, row.shape[0])
+    _save(torch.cat([ends[:1], model.interpolate(ends[:1], ends[1:], steps), ends[1:]]), target, steps + 2)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
