@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import check_ok, main_in_process, one_error_line
 from vae_dist.evaluation import evaluate
 from vae_dist.evaluation import images
-from vae_dist.cli.pictures import _output_path
+from vae_dist.cli.app import _output_path
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import VaeDistError
 from vae_dist.evaluation.api import TrainedVAE, manifold_grid

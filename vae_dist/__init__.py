@@ -11,5 +11,4 @@ def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module 'vae_dist' has no attribute {name!r}")
     from vae_dist.evaluation import api
-
     return getattr(api, name)

@@ -11,8 +11,6 @@ from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Opti
 
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
-from yaml.constructor import ConstructorError
-from yaml.events import AliasEvent
 
 from vae_dist.data.datasets import DatasetName
 from vae_dist.errors import ConfigError, first_line
@@ -43,9 +41,8 @@ class ModelFields(Section, path="model"):
         shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16)
     activation: Optional[Literal["relu", "tanh"]] = option(None, "Activation of the MLP hidden layers.",
                                                            shown=_by_kind("activation"))
-    conv_channels: tuple[Channels, Channels] = option(
-        (16, 32), "Channels of the conv encoder's two stride-2 layers, e.g. 16,32 (the decoder mirrors them).",
-        strict=False)
+    conv_channels: tuple[Channels, Channels] = option((16, 32), "Channels of the conv encoder's two stride-2 layers, "
+                                                      "e.g. 16,32 (the decoder mirrors them).", strict=False)
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelFields":
@@ -79,9 +76,8 @@ class OptimizerConfig(Section, path="optimizer"):
 
 class DataConfig(Section, path="data"):
     dataset: DatasetName = option("mnist", "The images: IDX files read from --data-dir, else downloaded by torchvision.")
-    data_dir: Optional[str] = option(
-        None, "Folder with the dataset's four IDX files (gzipped or not, flat or under torchvision's <Name>/raw/, "
-        "e.g. MNIST/raw/).", shown="download", resumable=True)
+    data_dir: Optional[str] = option(None, "Folder with the dataset's four IDX files (gzipped or not, flat or under "
+                                     "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown="download", resumable=True)
     cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without --data-dir.", resumable=True)
     batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1,
                              le=1 << 20)
@@ -210,9 +206,9 @@ class StrictLoader(yaml.SafeLoader):
     string keys, no anchors or aliases (a config needs none; they let a small file expand into a huge tree)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(AliasEvent):
+        if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise ConstructorError(None, None, "anchors and aliases are not allowed in a config", mark)
+            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases are not allowed in a config", mark)
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
@@ -221,7 +217,7 @@ class StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str) or key in seen:
                 problem = "is not a string" if not isinstance(key, str) else "is given twice"
-                raise ConstructorError(None, None, f"key {key!r} {problem}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} {problem}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message ("" for none): what a one-line error quotes."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 class VaeDistError(Exception):

@@ -1,3 +1,3 @@
-"""The command line (`vae-dist`, `python -m vae_dist`): the commands in app.py, the picture commands in pictures.py."""
+"""The command line (`vae-dist`, `python -m vae_dist`): its commands are in app.py."""
 
 from vae_dist.cli.app import main  # noqa: F401

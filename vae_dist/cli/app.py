@@ -1,28 +1,38 @@
 """The command line: each command builds a config (or reads a model) and calls one function; a fixable
-error (Typer's usage errors too) is one line, ``error: ...``, exit status 2, no traceback."""
+error (Typer's usage errors too) is one line, ``error: ...``, exit status 2, no traceback. The picture commands
+(sample, reconstruct, interpolate) run on the CPU, write one PNG and print its path."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
-from vae_dist.cli import pictures
 from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
 from vae_dist.errors import ConfigError, VaeDistError
 from vae_dist.models import REGISTRY
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
+from vae_dist.run.folder import MARKER, RUN_NAMES
+
+if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
+    import torch
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train and use variational autoencoders on MNIST, on one CPU or many GPUs (Accelerate).")
+MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000  # beyond these a PNG is absurd (and slow) long before useful
+# What the picture commands write in a run folder by default (the only names they replace there).
+PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
+ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
+DATA_DIR_HELP = "Folder of the run's dataset (default: the one used in training)."
 
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
@@ -35,8 +45,7 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     if resume and not config_file:
         saved = Path(overrides.get("artifact_dir") or TrainingConfig().artifact_dir).expanduser() / CONFIG_FILE
         with checking(saved, ConfigError, "the run's config"):
-            found = saved.is_file()
-        base = read_config_file(saved) if found else base
+            base = read_config_file(saved) if saved.is_file() else base
     for name, value in base.items():  # a section given as null or a string is refused, not merged over
         if isinstance(overrides.get(name), dict) and not isinstance(value, dict):
             raise ConfigError(f"{name}: must be a JSON object, got {value!r}")
@@ -71,8 +80,7 @@ def _parameter(o: Option) -> inspect.Parameter:
     elif typing.get_origin(ann) is typing.Literal:
         ann = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
     elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
-        extra = {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
-        ann = str
+        ann, extra = str, {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
     shown = o.shown if o.shown is not None else default is not None
     option = typer.Option(default, *decls, help=o.help, show_default=shown, **extra)
     return _keyword(o.dotted.replace(".", "__"), Optional[ann], option)
@@ -127,7 +135,6 @@ def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dic
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
     cfg = build_config(config_file, resume, flags)
     from vae_dist.training import runtime, trainer
-
     runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
     trainer.train(cfg, resume=resume, overwrite=overwrite)
 
@@ -140,8 +147,8 @@ def parse_train_args(args: list[str]) -> TrainingConfig:
 
 
 def evaluate(
-    artifact_dir: Path = typer.Argument(..., help=pictures.ARTIFACT_HELP),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=pictures.DATA_DIR_HELP),
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1, help="Use the first N test images."),
     iw_samples: int = typer.Option(  # Burda et al. use 5000; beyond 100,000 an estimate takes days for no gain
         0, "--iw-samples", min=0, max=100_000, help="Also estimate the test NLL with K importance samples."),
@@ -152,24 +159,116 @@ def evaluate(
     -m vae_dist evaluate ...` the test split is sharded across the processes (each sample counted once)."""
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import json_result, score, test_images
-
     model = load(artifact_dir)
     images = test_images(model.config, data_dir, limit_eval_samples)
     result = score(model.model, model.config, images, iw_samples=iw_samples)
     if os.environ.get("RANK", "0") != "0":
         return  # under accelerate launch, one process reports
     if as_json:
-        print_out(json_result(result))
-        return
+        return print_out(json_result(result))
     for k, v in result.items():
         v = "; ".join(f"{name} {value}" for name, value in v.items()) if isinstance(v, dict) else v
         print_out(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")
 
 
+def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:
+    """--out as given, else ``default_name`` in the artifact folder (beside the model file when given the file)."""
+    if out is not None:
+        target = out.expanduser()
+        with checking(target, VaeDistError, "--out"):
+            if target.is_dir():
+                raise VaeDistError(f"--out {target} is a directory; give a file name such as {target / default_name}")
+    else:
+        src = artifact_dir.expanduser()
+        with checking(src, VaeDistError, "artifact path"):
+            folder = src if src.is_dir() else src.parent
+            if folder.is_symlink():  # as train refuses it: a write would land where the link points
+                raise VaeDistError(f"{folder} is a symbolic link; vae_dist does not write through links (give --out)")
+        target = folder / default_name
+    with checking(target, VaeDistError, "--out" if out is not None else "picture path"):
+        # Inside a run folder (at any depth, through links too) a picture goes only at its top level, as a
+        # picture name or a new name: never over the run's model, config, records or checkpoints, nor a user's file.
+        for path in (Path(os.path.abspath(target)), target.resolve()):
+            run = next((p for p in path.parents if (p / MARKER).is_file()), None)
+            new_file = path.name not in RUN_NAMES and not (path.exists() or path.is_symlink())
+            if run is not None and (path.parent != run or not (path.name in PICTURES or new_file)):
+                raise VaeDistError(f"--out {target} is inside the run folder {run}, where a picture is written only at "
+                                   f"its top level, as one of {', '.join(PICTURES)} or under a new name; give another path")
+    return target
+
+
+def _save(tiles: "torch.Tensor", path: Path, nrow: int) -> None:
+    from vae_dist.evaluation.images import save_grid
+    try:
+        save_grid(tiles, path, nrow)
+    except OSError as e:
+        raise VaeDistError(f"cannot write {path}: {e.strerror or e}") from None
+    print_out(str(path))
+
+
+def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Optional[Path],
+                           default_name: str) -> tuple[Any, Path, "torch.Tensor"]:
+    """The model, where its picture goes, and the whole test split (floats in [0, 1])."""
+    from vae_dist.evaluation.api import load
+    from vae_dist.evaluation.evaluate import test_images
+    model = load(artifact_dir)  # limit 0: the whole test split, not the slice the model was validated on
+    return model, _output_path(artifact_dir, out, default_name), test_images(model.config, data_dir, 0).float().div(255.0)
+
+
+def sample(
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    num: int = typer.Option(64, "--num", min=1, max=MAX_IMAGES, help="Number of samples from the prior."),
+    # torch seeds a generator with 64 bits; within the signed range every seed is one stream
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the latent draws (same seed, same image)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/samples.png, or manifold.png)."),
+    manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space instead (needs --latent-size 2)."),
+    grid_size: int = typer.Option(20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the manifold."),
+) -> None:
+    """Decode random draws from the prior into a grid of digits."""
+    from vae_dist.evaluation.api import load
+    model = load(artifact_dir)
+    if manifold:
+        _save(model.manifold(grid_size), _output_path(artifact_dir, out, "manifold.png"), grid_size)
+    else:
+        _save(model.sample(num, seed), _output_path(artifact_dir, out, "samples.png"), math.ceil(math.sqrt(num)))
+
+
+def reconstruct(
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    num: int = typer.Option(32, "--num", min=1, max=MAX_IMAGES, help="Number of test images (the first N)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/reconstructions.png)."),
+) -> None:
+    """The first N test images, each above its reconstruction (decoded posterior mean)."""
+    from vae_dist.evaluation.images import side_by_side
+    model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
+    if num > test.shape[0]:
+        raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
+    x, nrow = test[:num], min(8, num)
+    _save(side_by_side(x, model.reconstruct(x), nrow), target, nrow)
+
+
+def interpolate(
+    artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
+    index_from: int = typer.Option(..., "--from", help="Index of the test image to start from."),
+    index_to: int = typer.Option(..., "--to", help="Index of the test image to end at."),
+    steps: int = typer.Option(10, "--steps", min=2, max=MAX_STEPS, help="Decoded points on the line, ends included."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/interpolation.png)."),
+) -> None:
+    """One row: test image I, the decodings along the straight latent line from I to J, image J."""
+    import torch
+    model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "interpolation.png")
+    for flag, index in (("--from", index_from), ("--to", index_to)):
+        if not 0 <= index < test.shape[0]:
+            raise VaeDistError(f"{flag} {index} is not a test image index (0 to {test.shape[0] - 1})")
+    ends = test[[index_from, index_to]]
+    _save(torch.cat([ends[:1], model.interpolate(ends[:1], ends[1:], steps), ends[1:]]), target, steps + 2)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
-    from vae_dist.training.distributed import Preempted
-
+    from vae_dist.training.distributed import Preempted, lost_process, lost_process_line
     open_standard_streams()
     try:
         # standalone_mode=False returns typer.Exit's code (a second Ctrl-C's 130) instead of raising it.
@@ -189,8 +288,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print_err("interrupted")
         sys.exit(130)
     except RuntimeError as e:  # only torch raises these: a lost peer is one line, anything else its traceback
-        from vae_dist.training.distributed import lost_process, lost_process_line
-
         if not lost_process(e):
             raise
         print_err(f"error: {lost_process_line(e)}")
@@ -200,5 +297,5 @@ def main(argv: Optional[list[str]] = None) -> None:
             flush_or_silence(stream)
 
 
-for _command in (train, evaluate, pictures.sample, pictures.reconstruct, pictures.interpolate):
+for _command in (train, evaluate, sample, reconstruct, interpolate):
     app.command(cls=Command)(_command)

@@ -140,6 +140,5 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
     """Train as ``vae-dist train`` does with this config; returns the trained model."""
     from vae_dist.training import runtime
     from vae_dist.training.trainer import train as run_training
-
     runtime.prepare_process(config.flush_denormal)
     return load(run_training(config, resume=resume, overwrite=overwrite))

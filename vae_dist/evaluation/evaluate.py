@@ -4,7 +4,7 @@ and the previews' pictures. Random numbers are keyed by the image's index (any p
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -21,9 +21,8 @@ if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors c
     from torch import nn
     from torch.utils.data import DataLoader
 
-IW_BATCH = 25  # test images per pass
-IW_SEED = 0  # the estimate's noise is the same in every evaluation of every model
-IW_NOISE = "iw-noise"
+# Test images per pass; the estimate's noise (seed, stream) is the same in every evaluation of every model.
+IW_BATCH, IW_SEED, IW_NOISE = 25, 0, "iw-noise"
 
 
 @contextmanager
@@ -97,7 +96,6 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
     """The test terms as training validates, and with ``iw_samples`` = K the importance-weighted NLL; the same dict
     on every process."""
     from accelerate import Accelerator
-
     if iw_samples and model.iw_nll is None:
         raise VaeDistError(f"--model {config.model.kind} has no importance-weighted log-likelihood; drop --iw-samples")
     try:
@@ -132,15 +130,12 @@ def iw_nll_per_image(model: Model, images: torch.Tensor, indices: torch.Tensor, 
     out = torch.empty(len(indices), dtype=torch.float64)
     batches = range(0, len(indices), IW_BATCH)
     progress = Progress(f"importance-weighted NLL, K = {k}", len(batches), 0, enabled=show, line_every=10.0)
-    try:
-        with evaluating(model):
-            for start in batches:
-                idx = indices[start : start + IW_BATCH]
-                generators = [keyed.generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
-                out[start : start + len(idx)] = model.iw_nll(images[idx], k, generators)
-                progress.step()
-    finally:
-        progress.close()
+    with closing(progress), evaluating(model):
+        for start in batches:
+            idx = indices[start : start + IW_BATCH]
+            generators = [keyed.generator(IW_NOISE, IW_SEED, int(i)) for i in idx]
+            out[start : start + len(idx)] = model.iw_nll(images[idx], k, generators)
+            progress.step()
     return out
 
 

@@ -19,7 +19,6 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> 
     """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and
     between them, into a greyscale PNG."""
     from PIL import Image
-
     tiles = images.detach().float().cpu().clamp(0.0, 1.0)
     n, _, h, w = tiles.shape
     cols = min(nrow, n)
@@ -55,7 +54,6 @@ def save_loss_curves(history: Sequence[dict], path: str | os.PathLike[str]) -> N
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
     fig = Figure(figsize=(6.4, 4.0), dpi=100, facecolor="white", layout="constrained")
     ax = fig.add_subplot()
     epochs: list[float] = []
@@ -66,14 +64,12 @@ def save_loss_curves(history: Sequence[dict], path: str | os.PathLike[str]) -> N
         ax.plot([x for x, _ in pts], [y for _, y in pts], color=colour, linewidth=2, marker="o", markersize=4.5,
                 label=key if pts else f"{key} (no data)")
     lo, hi = (math.floor(min(epochs)), math.ceil(max(epochs))) if epochs else (1, 1)
-    ax.set_xlim(lo - 0.5, hi + 0.5)  # end markers off the axes, and a span for one epoch
-    ax.set_xticks(range(lo, hi + 1, max(1, math.ceil((hi - lo + 1) / 8))))  # epochs are integers
+    named = next((row["protocol"]["dataset"] for row in history if "dataset" in row.get("protocol", {})), None)
+    # The limits keep the end markers off the axes and give one epoch a span; epochs are integers.
+    ax.set(xlim=(lo - 0.5, hi + 0.5), xticks=range(lo, hi + 1, max(1, math.ceil((hi - lo + 1) / 8))), axisbelow=True,
+           xlabel="epoch", ylabel="loss (nats per image)", title="Loss per epoch" + (f" ({named})" if named else ""))
     ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
     ax.grid(True, color="0.9", linewidth=0.8)
-    ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.set(xlabel="epoch", ylabel="loss (nats per image)")
-    named = next((row["protocol"]["dataset"] for row in history if "dataset" in row.get("protocol", {})), None)
-    ax.set_title(f"Loss per epoch ({named})" if named else "Loss per epoch")
     ax.legend(loc="best")
     atomic_write(path, lambda f: FigureCanvasAgg(fig).print_png(f))
