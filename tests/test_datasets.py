@@ -26,8 +26,7 @@ from conftest import check_ok, main_in_process, one_error_line, small_train_args
 from vae_dist.config import options
 from vae_dist.data import keyed
 from vae_dist.data.datasets import (
-    DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_SIDE, class_names, download, load_split, read_idx,
-    torchvision_class,
+    DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_SIDE, download, load_split, read_idx, torchvision_class,
 )
 from vae_dist.errors import DataError
 
@@ -219,7 +218,7 @@ def test_the_download_and_the_class_names_come_from_the_rows_torchvision_class(t
     monkeypatch.setitem(sys.modules, "torchvision.datasets", types.SimpleNamespace(FashionMNIST=FashionMNIST))
     assert download(tmp_path, "fashion-mnist") == tmp_path / "FashionMNIST" / "raw"
     assert made == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
-    assert class_names("fashion-mnist") == ["T-shirt/top", "Trouser"]
+    assert torchvision_class("fashion-mnist").classes == ["T-shirt/top", "Trouser"]
 
 
 @pytest.mark.slow  # imports torchvision
@@ -227,7 +226,7 @@ def test_every_row_is_a_torchvision_class_with_the_four_files_and_its_classes():
     for name, row in DATASETS.items():
         checksummed = {file for file, _md5 in torchvision_class(name).resources}
         assert checksummed == {f"{f}.gz" for pair in FILES.values() for f in pair}, name
-        assert len(class_names(name)) == row.classes, name
+        assert len(torchvision_class(name).classes) == row.classes, name
 
 
 # --- the table: which dataset, where its files are, what size its images are ---------------

@@ -1,9 +1,7 @@
-"""Datasets kept as MNIST's four IDX files: their table, bounded reads, the download.
-
-A split is one uint8 tensor. Its header is checked (magic, the row's count, a bounded image size)
-before the body is read and nothing past that size is read or inflated, so a forged header, a gzip
-bomb or an endless device fails as fast as a short file. torch is imported where used: config reads the table.
-"""
+"""Datasets kept as MNIST's four IDX files: their table, bounded reads, the download. A split is one uint8 tensor;
+its header (magic, the row's count, a bounded image size) is checked before the body is read, and nothing past that
+size is read or inflated: a forged header, a gzip bomb or an endless device fails as fast as a short file. torch is
+imported where used: config reads the table."""
 
 from __future__ import annotations
 
@@ -24,9 +22,8 @@ if TYPE_CHECKING:
 
 
 class IdxDataset(NamedTuple):
-    """A row: torchvision's class of this name downloads the files (checking its pinned
-    checksums), lays them out under ``<name>/raw/`` and names the classes."""
-
+    """A row: torchvision's class of this name downloads the files (checking its pinned checksums), lays them out
+    under ``<name>/raw/`` and names the classes."""
     torchvision: str
     train: int = 60000  # items per split: a header must give exactly this, which bounds every read
     test: int = 10000
@@ -58,9 +55,8 @@ def find_idx_file(data_dir: Path, name: str, dataset: str = "mnist") -> Path:
     for folder in (data_dir, raw):
         for candidate in (folder / name, folder / f"{name}.gz"):
             with checking(candidate, DataError, f"{dataset} file"):
-                found = candidate.is_file()
-            if found:
-                return candidate
+                if candidate.is_file():
+                    return candidate
     raise DataError(f"{dataset} file {name}(.gz) not found in {data_dir} (looked there and in {raw})")
 
 
@@ -73,10 +69,9 @@ def _read_at_most(f: BinaryIO, n: int) -> bytearray:
 
 
 def read_idx(path: Path, magic: int, count: int, dataset: str = "mnist") -> torch.Tensor:
-    """The ``count`` items of an IDX file: images (count, 1, rows, cols) of the size its header
-    gives, or labels (count,) below the dataset's number of classes. Checked by header and size,
-    not by checksum (a local copy need not be byte-identical to the official gzip); at most one
-    byte past that size is read."""
+    """The ``count`` items of an IDX file: images (count, 1, rows, cols) of its header's size, or labels (count,) below
+    the dataset's number of classes. Checked by header and size, not by checksum (a local copy need not be
+    byte-identical to the official gzip); at most one byte past that size is read."""
     import torch
 
     ndim, what = 3 if magic == IMAGE_MAGIC else 1, f"{dataset} file {path}"
@@ -99,8 +94,7 @@ def read_idx(path: Path, magic: int, count: int, dataset: str = "mnist") -> torc
             if f.read(1):
                 raise DataError(f"{what} is padded: longer than the {len(header) + size} bytes its header gives")
     except READ_ERRORS as e:
-        text = first_line(e) or type(e).__name__
-        raise DataError(f"{what} cannot be read ({type(e).__name__}: {text})") from None
+        raise DataError(f"{what} cannot be read ({type(e).__name__}: {first_line(e) or type(e).__name__})") from None
     items, classes = torch.frombuffer(body, dtype=torch.uint8), DATASETS[dataset].classes
     if shape:
         return items.view(count, 1, *shape)
@@ -131,13 +125,9 @@ def torchvision_class(dataset: str) -> Any:  # imported here: torchvision costs 
     return getattr(importlib.import_module("torchvision.datasets"), DATASETS[dataset].torchvision)
 
 
-def class_names(dataset: str) -> list[str]:
-    return list(torchvision_class(dataset).classes)  # in label order
-
-
 def download(cache_dir: str | Path, dataset: str = "mnist") -> Path:
-    """Download ``dataset`` through torchvision (checksummed) and return the folder to read. On
-    one process while the others wait (trainer.data_dir_for): torchvision writes in place."""
+    """Download ``dataset`` through torchvision (checksummed); the folder to read. On one process while the others
+    wait (trainer.data_dir_for): torchvision writes in place."""
     root = Path(cache_dir).expanduser()
     try:
         for train in (True, False):

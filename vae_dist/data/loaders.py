@@ -1,7 +1,5 @@
-"""The in-memory dataset, its epoch-keyed sampler and the loaders; Accelerate shards them.
-
-A split is one float tensor and a batch one vectorised index into it: feeding the model
-costs one gather, as in a bare loop, not a per-sample conversion."""
+"""The in-memory dataset, its epoch-keyed sampler and the loaders; Accelerate shards them. A split is one float
+tensor and a batch one vectorised index into it: feeding the model costs one gather, not a per-sample conversion."""
 
 from __future__ import annotations
 
@@ -31,8 +29,7 @@ class MnistImages(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         if self.images.is_cuda:
-            # A copy from pinned memory is asynchronous; from pageable memory it would wait
-            # for every kernel already queued, i.e. a host sync on every step.
+            # A copy from pinned memory is asynchronous; from pageable memory it waits for every queued kernel.
             idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         # index_select, not images[idx]: the general indexing kernel is twice as slow on the CPU.
         return self.images.index_select(0, idx), idx
@@ -44,8 +41,8 @@ def passthrough_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation of (seed, epoch) alone: every rank draws the same one, so Accelerate's
-    sharding gives disjoint shards, and a resume rebuilds any epoch's order without RNG state."""
+    """A permutation of (seed, epoch) alone: every rank draws the same one, so Accelerate's sharding gives disjoint
+    shards, and a resume rebuilds any epoch's order without RNG state."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -71,20 +68,16 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 def check_batch_fits(num_train: int, batch_size: int, num_processes: int) -> None:
     """At least one optimizer step per epoch (drop_last: a partial global batch is dropped)."""
     if num_train // (batch_size * num_processes) == 0:
-        raise ConfigError(
-            f"the training set is smaller than one global batch ({batch_size} x {num_processes}"
-            f" processes > {num_train} images); lower --batch-size or raise --limit-train-samples"
-        )
+        raise ConfigError(f"the training set is smaller than one global batch ({batch_size} x {num_processes}"
+                          f" processes > {num_train} images); lower --batch-size or raise --limit-train-samples")
 
 
-def make_loader(
-    dataset: MnistImages, batch_size: int, *, shuffle_seed: Optional[int], drop_last: bool, num_workers: int
-) -> DataLoader:
+def make_loader(dataset: MnistImages, batch_size: int, *, shuffle_seed: Optional[int], drop_last: bool,
+                num_workers: int) -> DataLoader:
     """A DataLoader over ``dataset``; shuffled by EpochShuffleSampler when a seed is given."""
     return DataLoader(
         dataset, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers, collate_fn=passthrough_collate,
         sampler=EpochShuffleSampler(len(dataset), shuffle_seed) if shuffle_seed is not None else None,
         persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         # Its own generator: else each new iterator draws a seed from the global RNG, shifting every later draw.
-        generator=torch.Generator().manual_seed(0),
-    )
+        generator=torch.Generator().manual_seed(0))

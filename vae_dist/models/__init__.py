@@ -24,7 +24,6 @@ def build(config: TrainingConfig) -> Model:
 
 
 def parameter_count(config: TrainingConfig) -> int:
-    """Parameters of ``build(config)``, counted on the meta device: nothing is allocated,
-    so an absurd config can be refused before it is built."""
+    """Parameters of ``build(config)``, counted on the meta device: an absurd config is refused unallocated."""
     with torch.device("meta"):
         return sum(p.numel() for p in build(config).parameters())

@@ -1,10 +1,6 @@
 """The Gaussian VAE family: an encoder to N(mu, diag(exp(logvar))), a standard normal prior,
 a Bernoulli (or unit Gaussian) decoder; four architectures (deep-mlp, conv, mlp, burda) and
-two objectives, the negative ELBO and Burda et al.'s importance-weighted bound.
-
-KL(q(z|x) || N(0, I)) = -1/2 * sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j)). The original
-Burn flow wrote this without the leading minus, which rewarded moving away from the prior.
-"""
+two objectives, the negative ELBO and Burda et al.'s importance-weighted bound."""
 
 from __future__ import annotations
 
@@ -33,8 +29,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 HELP = ("deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the original Burn flow's stride-2 conv "
         "encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 tanh, "
         "Burda et al. (2015)'s one-stochastic-layer model")
-
-
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
@@ -67,7 +61,8 @@ class VAE(Model):
             width = hidden[-1]
             decoder = lambda: [*_mlp([latent, *reversed(hidden)], act), nn.Linear(hidden[0], PIXELS),  # noqa: E731
                                nn.Unflatten(1, (1, 28, 28))]  # type: ignore[arg-type]
-        self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)  # created in this order: the seed's weights
+        # Created in this order: the same seed, the same weights.
+        self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)
         self.decoder = nn.Sequential(*decoder())
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -109,11 +104,9 @@ class VAE(Model):
     def _means(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decode(z.to(self._device())).float()).cpu()
 
-    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator]) -> torch.Tensor:  # type: ignore[override]
-        """-log p(x) in nats per image (float64, (B,)) from k importance samples (Burda et al.
-        2015): log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k,
-        z_k ~ q(z|x), image i's draws from ``generators[i]``, in chunks of IW_CHUNK. log p(x|z)
-        is minus the training reconstruction term (for ``mse`` without its constant)."""
+    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator]) -> torch.Tensor:  # type: ignore
+        """-log p(x) per image (float64, (B,)) from k importance samples (Burda et al. 2015), image i's from
+        ``generators[i]``, IW_CHUNK at a time; log p(x|z) is minus the training reconstruction term."""
         mu, logvar = self.encode(x)  # (B, L)
         b = x.shape[0]
         running = torch.full((b,), -math.inf, dtype=torch.float64)
@@ -136,11 +129,9 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-def negative_elbo(
-    logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str, kl_weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (sums over
-    784 pixels lose too much in bf16)."""
+def negative_elbo(logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str,
+                  kl_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (784-pixel sums lose in bf16)."""
     recon = reconstruction(logits, x, kind)
     kl = kl_divergence(mu.float(), logvar.float())
     return recon + kl_weight * kl, recon, kl
@@ -151,21 +142,19 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     return -0.5 * torch.sum(logvar + (z - mu).pow(2) / logvar.exp(), dim=-1) - z.shape[-1] * HALF_LOG_2PI
 
 
-def log_importance_weights(
-    log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
-) -> torch.Tensor:
+def log_importance_weights(log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Tensor,
+                           logvar: torch.Tensor) -> torch.Tensor:
     """log p(x | z) + log p(z) - log q(z | x) per sample; mu and logvar broadcast against z."""
     return log_px_z + gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) - gaussian_log_prob(z, mu, logvar)
 
 
-def negative_iw_bound(
-    logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def negative_iw_bound(logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor,
+                      *, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-log (1/K) sum_k p(x, z_k) / q(z_k | x) per image (Burda et al. 2015); K = 1 is the ELBO.
-    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L). The recon and kl reported
-    are the ELBO's (mean over the K samples, analytic KL), comparable with K = 1."""
+    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L). recon, kl: the ELBO's (mean over K, analytic KL)."""
     b, k = z.shape[:2]
-    log_px_z = -reconstruction(logits.flatten(0, 1), x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1), kind).view(b, k)
+    images = x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1)
+    log_px_z = -reconstruction(logits.flatten(0, 1), images, kind).view(b, k)
     z, mu, logvar = z.float(), mu.float(), logvar.float()
     log_w = log_importance_weights(log_px_z, z, mu.unsqueeze(1), logvar.unsqueeze(1))  # (B, K)
     total = -(torch.logsumexp(log_w, dim=1) - math.log(k))

@@ -15,7 +15,6 @@ PIXELS = 28 * 28
 
 class Family(NamedTuple):
     """A registry entry: what ``--model NAME`` builds."""
-
     cls: type[Model]  # built as cls(config.model, likelihood)
     defaults: dict[str, Any]  # what the shared model fields left unset (null) mean for it
     help: str  # its line in --help
@@ -64,9 +63,8 @@ class Model(nn.Module):
 
 
 def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """-log p(x|z) per image, summed over pixels: (B, 1, 28, 28) -> (B,), in float32. bce:
-    Bernoulli on the logits; mse: unit-variance Gaussian around sigmoid(logits), without
-    the constant 784 * log(sqrt(2 pi)), which moves the loss but not its gradient."""
+    """-log p(x|z) per image, summed over pixels: (B, 1, 28, 28) -> (B,), in float32. bce: Bernoulli on the logits;
+    mse: unit-variance Gaussian around sigmoid(logits), less the constant 784 * log(sqrt(2 pi)) (no gradient)."""
     logits = logits.float()
     if kind == "bce":
         per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")

@@ -1,13 +1,8 @@
-"""The VQ-VAE (van den Oord et al. 2017): a conv encoder to a 7x7 grid of vectors, each
-replaced by its nearest entry of a learned codebook, and the mirror decoder.
-
-The encoder's gradient passes the quantisation straight through; the codebook learns from
-||sg[z_e] - e||^2 and the encoder is held to its codes by the commitment term
-beta * ||z_e - sg[e]||^2 (both summed per image). There is no KL term and no likelihood
-bound. The prior is a categorical distribution per grid position, fitted on the training
-set's codes at the end of every epoch (the paper fits a PixelCNN; this is its simplest
-stand-in) and sampled code by code.
-"""
+"""The VQ-VAE (van den Oord et al. 2017): a conv encoder to a 7x7 grid of vectors, each replaced by its nearest
+code of a learned codebook, and the mirror decoder. The gradient passes the quantisation straight through; the
+codebook learns from ||sg[z_e] - e||^2, the encoder is held to it by beta * ||z_e - sg[e]||^2 (both summed per image).
+No KL term, no likelihood bound. The prior is a categorical per grid position, fitted on the training set's codes
+every epoch end (the paper's PixelCNN's simplest stand-in)."""
 
 from __future__ import annotations
 
@@ -36,8 +31,7 @@ class VQOptions(Section):
     commitment: float = option(0.25, "vq-vae: weight beta of the commitment term.", flag="--commitment-cost", ge=0.0)
     channels: tuple[Channels, Channels] = option(
         (32, 64), "vq-vae: channels of the encoder's two stride-2 convolutions, e.g. 32,64 (the decoder mirrors them).",
-        flag="--vq-channels", strict=False,
-    )
+        flag="--vq-channels", strict=False)
 
 
 class VQVAE(Model):
@@ -48,18 +42,14 @@ class VQVAE(Model):
         opts: VQOptions = config.vq_vae  # type: ignore[attr-defined]
         dim, (c1, c2), codes = int(config.latent_size), opts.channels, opts.codebook_size  # type: ignore[arg-type]
         self.likelihood, self.beta = likelihood, opts.commitment
-        self.encoder = nn.Sequential(
-            nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
-            nn.Conv2d(c2, dim, 1),  # (B, D, 7, 7)
-        )
+        self.encoder = nn.Sequential(nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
+                                     nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
+                                     nn.Conv2d(c2, dim, 1))  # (B, D, 7, 7)
         self.codebook = nn.Embedding(codes, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codes, 1.0 / codes)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(dim, c2, 3, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-            nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # (B, 1, 28, 28) logits
-        )
+        self.decoder = nn.Sequential(nn.Conv2d(dim, c2, 3, padding=1), nn.ReLU(),
+                                     nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
+                                     nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1))  # (B, 1, 28, 28) logits
         # Code counts per grid position over the training set (+1 each): the prior.
         self.register_buffer("prior_counts", torch.ones(GRID * GRID, codes))
 
@@ -117,10 +107,7 @@ class VQVAE(Model):
         return torch.sigmoid(self.decoder(e).float()).cpu()
 
 
-FAMILY = Family(
-    VQVAE, {"latent_size": 16},
-    "vq-vae = van den Oord et al. (2017)'s VQ-VAE: a conv encoder to a 7x7 grid of codes from a learned codebook "
-    "(straight-through gradient, commitment loss, --latent-size = the code vectors' size), sampled from a "
-    "per-position categorical prior over the codes fitted on the training set",
-    VQOptions,
-)
+FAMILY = Family(VQVAE, {"latent_size": 16}, "vq-vae = van den Oord et al. (2017)'s VQ-VAE: a conv encoder to a 7x7 "
+                "grid of codes from a learned codebook (straight-through gradient, commitment loss, --latent-size = "
+                "the code vectors' size), sampled from a per-position categorical prior over the codes fitted on the "
+                "training set", VQOptions)

@@ -20,13 +20,8 @@ from vae_dist.run.fileio import atomic_write, checking, print_out
 MARKER = ".vae_dist"  # proves the folder is vae_dist's, and holds the run's id
 # Held (flock) by a training's main process; never deleted: two processes could then lock two files of one name.
 LOCK = ".vae_dist.lock"
-CONFIG = CONFIG_FILE
-MODEL = "model.safetensors"
-METRICS = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-IMAGES = "images"
-LOSS_CURVES = "loss_curves.png"
-TENSORBOARD = "tensorboard"
+CONFIG, MODEL, METRICS, CHECKPOINTS = CONFIG_FILE, "model.safetensors", "metrics.jsonl", "checkpoints"
+IMAGES, LOSS_CURVES, TENSORBOARD = "images", "loss_curves.png", "tensorboard"
 # What a training writes at the folder's top level.
 RUN_NAMES = (MARKER, LOCK, CONFIG, MODEL, METRICS, CHECKPOINTS, IMAGES, LOSS_CURVES, "wandb", TENSORBOARD)
 # A run's id (new_run_id's shape): one read from disk is checked against it before it names a folder.
@@ -157,7 +152,6 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
 class RunLock:
     """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's pid for the refusal to
     name; the kernel drops it when the process dies."""
-
     fd: Optional[int] = None
 
     def acquire(self, root: Path) -> None:
