@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vae_dist.training.progress import format_summary
+from vae_dist.training.tracking import format_summary
 
 TERMS = ("loss", "recon", "kl")
 

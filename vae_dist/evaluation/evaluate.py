@@ -14,7 +14,7 @@ from vae_dist.config import TrainingConfig
 from vae_dist.data import datasets, keyed, loaders
 from vae_dist.errors import VaeDistError, first_line
 from vae_dist.models.protocol import Model
-from vae_dist.training.progress import Progress
+from vae_dist.training.tracking import Progress
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
     from accelerate import Accelerator

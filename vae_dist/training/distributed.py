@@ -1,6 +1,5 @@
 """No rank left hanging: a stop signal as a request every rank honours together (SIGTERM, SIGINT, SIGHUP), and work
-the main process does alone shared with every rank, its error included, so none waits at a barrier for a failed one.
-"""
+the main process does alone shared with every rank, its error included, so none waits at a barrier for a failed one."""
 
 from __future__ import annotations
 
@@ -97,9 +96,8 @@ class StopRequest:
 
 
 def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the main process only; every rank returns its result or raises its error (unlike
-    Accelerate's ``main_process_first``, whose barrier the others would wait at forever). The main process
-    re-raises its own exception; the others raise ``as_seen_by_the_others`` of it."""
+    """Run ``fn`` on the main process only; every rank returns its result or raises its error, the others as
+    ``as_seen_by_the_others`` (unlike Accelerate's ``main_process_first``, whose barrier they would wait at forever)."""
     result: Any = None
     caught: BaseException | None = None
     error: errors.VaeDistError | Preempted | None = None
@@ -109,9 +107,7 @@ def on_main_then_share(accelerator: Accelerator, fn: Callable[[], T]) -> T:
         except BaseException as e:  # also KeyboardInterrupt: the others must not wait for it
             caught, error = e, as_seen_by_the_others(e)
     if accelerator.num_processes > 1:
-        payload = [result, error]
-        broadcast_object_list(payload, from_process=0)
-        result, error = payload
+        result, error = broadcast_object_list([result, error], from_process=0)
     if caught is not None or error is not None:
         raise caught or error  # type: ignore[misc]
     return result
@@ -136,8 +132,7 @@ def max_over_ranks(accelerator: Accelerator, value: int) -> int:
     """The largest of every rank's ``value``, on every rank (one tiny all-reduce; none on one process)."""
     if accelerator.num_processes == 1:
         return value
-    t = torch.tensor([float(value)], device=accelerator.device)
-    return int(accelerator.reduce(t, reduction="max").item())
+    return int(accelerator.reduce(torch.tensor([float(value)], device=accelerator.device), reduction="max").item())
 
 
 def main_print(accelerator: Accelerator) -> Callable[[str], None]:
@@ -148,9 +143,8 @@ def main_print(accelerator: Accelerator) -> Callable[[str], None]:
 def lost_process(e: BaseException) -> bool:
     """Whether ``e`` is a collective or the store failing because another process of the run died or cannot
     be reached: torch's DistError types, or gloo's RuntimeError naming its transport ("gloo/transport/...")."""
-    if isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
-        return True
-    return isinstance(e, RuntimeError) and "gloo/transport/" in str(e)
+    return isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)) or \
+        isinstance(e, RuntimeError) and "gloo/transport/" in str(e)
 
 
 def lost_process_line(e: BaseException) -> str:

@@ -26,10 +26,8 @@ def inject(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rank: int,
     fail_rank, fail_step, *kind = fail.split(":") if fail else ("-1", "-1")
     for step, (images, index) in enumerate(batches, start=first_step):
         if int(fail_rank) == rank and int(fail_step) == step:
-            if kind == ["kill"]:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if kind == ["term"]:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if kind in (["kill"], ["term"]):
+                os.kill(os.getpid(), signal.SIGKILL if kind == ["kill"] else signal.SIGTERM)
             else:
                 raise RuntimeError(f"test fault injected on rank {rank} at step {step}")
         if nan_at == str(step + 1):

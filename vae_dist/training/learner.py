@@ -26,9 +26,8 @@ from vae_dist.run.folder import write_metrics
 from vae_dist.run.position import Position
 from vae_dist.training import faults
 from vae_dist.training.distributed import Preempted, StopRequest, main_print, max_over_ranks, on_main_then_share
-from vae_dist.training.progress import Progress
 from vae_dist.training.schedule import kl_weight, learning_rate
-from vae_dist.training.tracking import Tracker
+from vae_dist.training.tracking import Progress, Tracker
 
 # Ranks agree on a stop request every this many steps: each agreement is an all-reduce and a host sync.
 STOP_SYNC_EVERY = 10
@@ -144,8 +143,7 @@ class Learner:
                             self._log_train(progress)
                         if acc.num_processes == 1 or pos.global_step % STOP_SYNC_EVERY == 0:
                             # Every rank stops for the largest signal any rank received.
-                            signum = max_over_ranks(acc, stop.signum or 0)
-                            if signum:
+                            if signum := max_over_ranks(acc, stop.signum or 0):
                                 raise Preempted(signum, str(self._save()))
                         if self._max_steps_reached():
                             break
@@ -182,8 +180,7 @@ class Learner:
     def restore(self) -> None:
         """Load the newest usable checkpoint and take its position, or refuse it (another config, --max-steps
         below it, ...). Apart from the lock, the run folder is untouched until this has passed."""
-        found = self.checkpointer.load_latest()
-        if found is None:
+        if (found := self.checkpointer.load_latest()) is None:
             self.say("--resume: no checkpoint written yet; starting from step 0")
             return
         found.manifest.state.check_resumable(found.path.name, self.config, self.acc.num_processes, self.steps_per_epoch)
@@ -207,12 +204,10 @@ class Learner:
         return None if table is None else table.to(device), coins
 
     def _kl_weight(self) -> float:  # of the step about to be taken, or after the last
-        pos = self.position
-        return kl_weight(self.config.loss, pos.epoch, pos.batches_done, self.steps_per_epoch)
+        return kl_weight(self.config.loss, self.position.epoch, self.position.batches_done, self.steps_per_epoch)
 
     def _max_steps_reached(self) -> bool:
-        m = self.config.max_steps
-        return m is not None and self.position.global_step >= m
+        return self.config.max_steps is not None and self.position.global_step >= self.config.max_steps
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t
@@ -220,16 +215,15 @@ class Learner:
     def _check_finite(self) -> None:
         """Raise on every rank if any rank saw a non-finite loss; names the first such step."""
         bad = self.acc.gather(self.meter.first_nonfinite_step())
-        bad = bad[bad >= 0]
-        if bad.numel():
+        if (bad := bad[bad >= 0]).numel():
             last = self.checkpointer.complete()
             kept = f"; the last good checkpoint {last[0].path} is kept" if last else ""
             raise TrainingError(f"loss became non-finite at step {int(bad.min())}{kept}")
 
     def _log_train(self, progress: Progress) -> None:
         self._check_finite()
-        objective, images_count = self._reduce(self.meter.take_interval()).tolist()
-        loss = objective / max(images_count, 1.0)
+        objective, count = self._reduce(self.meter.take_interval()).tolist()
+        loss = objective / max(count, 1.0)
         progress.report(loss, self.meter.samples / self.meter.seconds())  # a report follows a step: seconds > 0
         self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
 
@@ -256,13 +250,11 @@ class Learner:
         valid_seconds = self.meter.seconds() - train_seconds
         row: dict[str, Any] = {
             "epoch": pos.epoch + 1, "step": pos.global_step, "complete_epoch": epoch_done,
-            **{f"train/{name}": total / max(count, 1) for name, total in zip(terms, sums)},
-            "train/samples": int(count), **valid,
-            "train/lr": self.optimizer.param_groups[0]["lr"], "train/kl_weight": self._kl_weight(),
+            **{f"train/{name}": total / max(count, 1) for name, total in zip(terms, sums)}, "train/samples": int(count),
+            **valid, "train/lr": self.optimizer.param_groups[0]["lr"], "train/kl_weight": self._kl_weight(),
             "epoch_seconds": train_seconds + valid_seconds, "valid_seconds": valid_seconds,
             "samples_per_second": self.meter.samples / train_seconds if train_seconds > 0 else 0.0,
-            "protocol": protocol(self.config, valid["valid/samples"]),
-        }
+            "protocol": protocol(self.config, valid["valid/samples"])}
         # A partial epoch's row (max_steps) is replaced when the epoch is finished later.
         pos.history = [r for r in pos.history if r["epoch"] != row["epoch"]] + [row]
         on_main_then_share(acc, lambda: write_metrics(self.artifact_dir, pos.history))

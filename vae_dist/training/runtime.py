@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,7 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # blocks under 32 MB (glibc's largest) from the
 TRIM_THRESHOLD_BYTES = 1 << 30  # up to 1 GB of freed heap kept for reuse
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+PIXELS, FLOAT = 28 * 28, 4  # bytes of a float32
 
 
 def prepare_process(flush_denormal: bool) -> None:
@@ -43,36 +45,14 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
-PIXELS, FLOAT = 28 * 28, 4  # bytes of a float32
-
-
-def memory_needed(config: TrainingConfig, num_train: int, num_valid: int) -> list[tuple[str, str, int]]:
-    """(what, the option that sizes it, bytes) that one process holds at once: an epoch's noise table
-    (N x K x latent), the training images (float32, uint8 and the coins), the test images and noise, and
-    a step's decoder output with its gradient (batch x K images)."""
-    flag = {o.dotted: o.flag for o in options()}
-    k, latent = config.loss.iw_samples, config.model.latent_size or 0
-    images = num_train * PIXELS * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))
-    return [
-        ("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
-         num_train * k * latent * FLOAT),
-        ("the training images", flag["data.limit_train_samples"], images),
-        ("the test images", "--limit-eval-samples", num_valid * (PIXELS * (FLOAT + 1) + latent * FLOAT)),
-        ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * PIXELS * FLOAT),
-    ]
-
 
 def available_memory(device: torch.device) -> int:
     """Bytes free where the tables live: the GPU's on CUDA, else the host's, or less under a cgroup v2 limit."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     free, cgroup = psutil.virtual_memory().available, Path("/sys/fs/cgroup")
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
+    with suppress(OSError, ValueError):  # no cgroup v2, or no limit: memory.max reads "max"
+        free = min(free, int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
     return free
 
 
@@ -80,7 +60,16 @@ def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device:
                  local_processes: Optional[int] = None) -> None:
     """ConfigError naming the option to lower when the run will not fit. On the CPU each process of this
     machine (default: LOCAL_WORLD_SIZE) holds its own tables in the same memory."""
-    need = memory_needed(config, num_train, num_valid)
+    # (what, the option that sizes it, bytes) one process holds at once: an epoch's noise table (N x K x latent), the
+    # training images (float32, uint8 and the coins), the test images and noise, a step's output and its gradient.
+    flag = {o.dotted: o.flag for o in options()}
+    k, latent = config.loss.iw_samples, config.model.latent_size or 0
+    need = [("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
+             num_train * k * latent * FLOAT),
+            ("the training images", flag["data.limit_train_samples"],
+             num_train * PIXELS * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))),
+            ("the test images", "--limit-eval-samples", num_valid * (PIXELS * (FLOAT + 1) + latent * FLOAT)),
+            ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * PIXELS * FLOAT)]
     share = 1 if device.type == "cuda" else max(1, local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     total, free = sum(n for _, _, n in need) * share, available_memory(device)
     if total > free:

@@ -8,13 +8,11 @@ from typing import Optional
 
 from vae_dist.config import LossConfig, OptimizerConfig
 
-# Burda et al. (2015), section 5: 3^i epochs at rate 0.001 * 10^(-i/7), i = 0..7; the base rate is --learning-rate.
-BURDA_STAGES = 8
-
 
 def burda_factor(epoch: float) -> float:
-    # Stage i ends after 3^0 + ... + 3^i = (3^(i+1) - 1) / 2 epochs.
-    stage = next((i for i in range(BURDA_STAGES) if epoch < (3 ** (i + 1) - 1) / 2), BURDA_STAGES - 1)
+    """Burda et al. (2015), section 5: 3^i epochs at rate 0.001 * 10^(-i/7), i = 0..7 (0.001: --learning-rate).
+    Stage i ends after 3^0 + ... + 3^i = (3^(i+1) - 1) / 2 epochs."""
+    stage = next((i for i in range(8) if epoch < (3 ** (i + 1) - 1) / 2), 7)
     return 10 ** (-stage / 7)
 
 

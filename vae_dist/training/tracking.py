@@ -1,6 +1,7 @@
-"""The ``--report-to`` trackers (W&B, TensorBoard) through Accelerate's tracker classes, on the main
-process only: a bounded start, every failure one printed line, training never stopped by one.
-"""
+"""What a run shows. Progress: a live bar on a terminal, else a line every few seconds (a log file under SLURM, CI or
+nohup would fill with redrawn bars); the end-of-run summary table; and the ``--report-to`` trackers (W&B, TensorBoard)
+through Accelerate's tracker classes, on the main process only: a bounded start, every failure one printed line,
+training never stopped by one."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import contextlib
 import importlib.util
 import json
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
+from tqdm.auto import tqdm
 
 from vae_dist.config import TrainingConfig, flatten
 from vae_dist.errors import ConfigError, first_line
+from vae_dist.run.fileio import print_err
 from vae_dist.run.folder import TENSORBOARD
 
 # WANDB_MODE values W&B itself accepts, as the mode they mean here.
@@ -54,8 +59,7 @@ def resolve_mode(requested: Optional[str], say: Callable[[str], None]) -> str:
 
 
 def _why(e: BaseException) -> str:
-    text = first_line(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text}" if (text := first_line(e)) else type(e).__name__
 
 
 def close_trackers(accelerator: Accelerator, say: Callable[[str], None] = print) -> None:
@@ -176,7 +180,6 @@ class Tracker:
                 pictures = {k: np.asarray(Image.open(v).convert("RGB"))[None] for k, v in images.items()}
                 tracker.log_images(pictures, step=step, dataformats="NHWC")
                 tracker.writer.flush()
-
         self._each("image log", step, log)
 
     def record_results(self, model_path: Path, config: TrainingConfig, history: Sequence[dict[str, Any]],
@@ -199,3 +202,55 @@ class Tracker:
 
     def finish(self) -> None:
         close_trackers(self.accelerator, self.say)  # not end_training(): the process group is still needed
+
+
+class Progress:
+    def __init__(self, desc: str, total: int, initial: int, enabled: bool, line_every: float = 30.0):
+        self.desc, self.total, self.done, self.initial = desc, total, initial, initial
+        self.enabled, self.line_every, self.postfix = enabled, line_every, ""
+        self.started = self.last_line = time.perf_counter()
+        try:  # a stream that is not there, or closed, is no terminal
+            live = enabled and bool(sys.stderr.isatty())
+        except (AttributeError, ValueError, OSError):
+            live = False
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False) if live else None
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and (self.done == self.initial + 1  # the first step too: training is under way
+                               or time.perf_counter() - self.last_line >= self.line_every):
+            self.last_line = time.perf_counter()
+            left = (self.last_line - self.started) / (self.done - self.initial) * (self.total - self.done)
+            print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}, {left:,.0f} s left")
+
+    def report(self, loss: float, samples_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.2f}", samples_s=f"{samples_per_second:,.0f}")
+        self.postfix = f", loss {loss:.2f}, {samples_per_second:,.0f} samples/s"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
+    """A table, one row per epoch and one column per train/ and valid/ loss term; in each column the
+    best (lowest) value is marked '*' and the worst '!'."""
+    if not history:
+        return "no epochs completed"
+    keys = [k for k in (f"{s}/{t}" for s in ("train", "valid") for t in terms) if any(k in row for row in history)]
+    marks: dict[tuple[int, str], str] = {}
+    for key in keys:
+        vals = [(row[key], i) for i, row in enumerate(history) if key in row]
+        if len(vals) > 1:
+            marks[(min(vals)[1], key)], marks[(max(vals)[1], key)] = "*", "!"
+    header = ["epoch", "step", *keys]
+    rows = [[str(row.get("epoch", i + 1)), str(row.get("step", "")),
+             *(f"{row[k]:.3f}{marks.get((i, k), ' ')}" if k in row else "-" for k in keys)]
+            for i, row in enumerate(history)]
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in [header] + rows]
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join(["Summary (nats per image; * best, ! worst)", lines[0], sep, *lines[1:]])

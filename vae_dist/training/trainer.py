@@ -30,8 +30,7 @@ from vae_dist.run.fileio import print_out
 from vae_dist.training import runtime
 from vae_dist.training.distributed import Preempted, StopRequest, main_print, max_over_ranks, on_main_then_share
 from vae_dist.training.learner import Learner
-from vae_dist.training.progress import format_summary
-from vae_dist.training.tracking import Tracker, check_report_to, close_trackers
+from vae_dist.training.tracking import Tracker, check_report_to, close_trackers, format_summary
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # not torch's 30 for a rank that died elsewhere
 NUM_PREVIEW = 32  # each epoch's pictures: this many test images above their reconstructions
@@ -157,12 +156,9 @@ def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], tes
     """The Learner's on_epoch_end: test images above their reconstructions, and samples from the prior
     (the same latents every epoch), as PNGs under images/ and to the trackers."""
     originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
-
     def write(model: Model, epoch: int, step: int) -> None:
-        grids = {
-            "valid/reconstructions": images.side_by_side(originals, evaluate.reconstructions(model, originals)),
-            "prior/samples": evaluate.prior_samples(model, NUM_SAMPLES, seed),  # not valid/samples: a count
-        }
+        grids = {"valid/reconstructions": images.side_by_side(originals, evaluate.reconstructions(model, originals)),
+                 "prior/samples": evaluate.prior_samples(model, NUM_SAMPLES, seed)}  # not valid/samples: a count
         written = {}
         for key, tiles in grids.items():
             path = folder.epoch_picture(root, epoch, key.split("/")[1])
@@ -173,7 +169,6 @@ def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], tes
                 say(f"preview {path} not written ({e.strerror or e}); training goes on")
         if written:
             tracker.log_images(written, step=step)
-
     return write
 
 
@@ -206,7 +201,6 @@ def export(acc: Accelerator, config: TrainingConfig, learner: Learner, tracker: 
     """model.safetensors (the weights gathered by every rank, written by one), W&B's summary, loss curves."""
     state = modelfile.strip_compile_prefix(acc.get_state_dict(learner.model))  # the plain model's names
     path = root / folder.MODEL
-
     def finish() -> None:
         history = learner.position.history
         last = {k: v for k, v in history[-1].items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
@@ -219,7 +213,6 @@ def export(acc: Accelerator, config: TrainingConfig, learner: Learner, tracker: 
             say(f"loss curves {root / folder.LOSS_CURVES} not written ({e.strerror or e}); the model is saved")
         say(format_summary(history, learner.family.TERMS))
         say(f"trained in {time.perf_counter() - t0:.1f} s; model saved to {path}")
-
     on_main_then_share(acc, finish)
     acc.wait_for_everyone()
     return path
