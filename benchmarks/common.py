@@ -2,7 +2,7 @@
 the environment record, timing helpers, the bare training step, torchvision's MNIST
 folder, running the trainer, and output (one JSON object, or text).
 
-The trainer's config is always built by ``vae_dist.cli.parse_train_args``, the parser of
+The trainer's config is always built by ``vae_dist.cli.app.parse_train_args``, the parser of
 ``python -m vae_dist train``: a benchmark's defaults are train flags put before the
 user's, so any train flag given on the benchmark's command line wins and means what it
 means to the trainer.

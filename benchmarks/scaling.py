@@ -23,7 +23,7 @@ backward) for comparison with the sum of the pieces.
     python benchmarks/scaling.py -- --learning-rate 1e-3   # extra train flags for part 1
 
 Any argument the script does not know (or everything after --) is a flag of
-``python -m vae_dist train``, checked by its parser (vae_dist.cli.parse_train_args) and
+``python -m vae_dist train``, checked by its parser (vae_dist.cli.app.parse_train_args) and
 added to part 1's trainer commands (not the flags the script sets itself: model, batch
 size, steps, data).
 
@@ -227,7 +227,7 @@ def run_breakdown(model: str, procs: int, threads: int, args: argparse.Namespace
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None, help="MNIST IDX folder [default: vae_dist.mnist.default_data_dir()]")
+    p.add_argument("--data-dir", type=Path, default=None, help="MNIST IDX folder [default: vae_dist.data.datasets.default_data_dir()]")
     p.add_argument("--models", nargs="+", default=["conv", "mlp"], choices=["conv", "mlp"])
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--limit-train-samples", type=int, default=25600)

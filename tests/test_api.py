@@ -1,4 +1,4 @@
-"""The Python API (vae_dist.api): load a run, a model file or a checkpoint; a model's
+"""The Python API (vae_dist.evaluation.api): load a run, a model file or a checkpoint; a model's
 methods; the IW-NLL as evaluate computes it; the README's example as written."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scoring (vae_dist.evaluate): the one choice of test images that training validates on and
+"""Scoring (vae_dist.evaluation.evaluate): the one choice of test images that training validates on and
 evaluate and the picture commands use, and a result that strict JSON parsers accept.
 (evaluate's numbers, at 1 and 3 processes against training's validation, are in
 test_distributed.)"""
