@@ -65,7 +65,7 @@ def test_vq_vae_end_to_end_by_the_protocol(data_dir, tmp_path, capsys):
 
     ran = main_in_process(small_train_args(data_dir, art, "--model", "vq-vae", "--report-to", "tensorboard"), capsys)
     check_ok(ran)
-    assert "train/commitment" in ran.stdout  # the summary's columns are the family's terms
+    assert "train/commitment" in ran.stdout and "valid/codes_used" in ran.stdout  # the summary: terms, codebook use
     config = json.loads((art / "config.json").read_text())
     assert config["model"]["kind"] == "vq-vae" and config["model"]["vq_vae"]["codebook_size"] == 128
     row = json.loads((art / "metrics.jsonl").read_text().splitlines()[-1])

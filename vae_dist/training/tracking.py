@@ -236,19 +236,21 @@ class Progress:
 
 
 def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
-    """A table, one row per epoch and one column per train/ and valid/ loss term; in each column the
-    best (lowest) value is marked '*' and the worst '!'."""
+    """A table, one row per epoch and one column per train/ and valid/ loss term (the best, lowest, value of
+    each marked '*' and the worst '!'), then the family's whole-test-set metrics (valid/codes_used, ...)."""
     if not history:
         return "no epochs completed"
     keys = [k for k in (f"{s}/{t}" for s in ("train", "valid") for t in terms) if any(k in row for row in history)]
+    whole = [k for k in history[-1] if k.startswith("valid/") and k not in keys and k != "valid/samples"]
     marks: dict[tuple[int, str], str] = {}
     for key in keys:
         vals = [(row[key], i) for i, row in enumerate(history) if key in row]
         if len(vals) > 1:
             marks[(min(vals)[1], key)], marks[(max(vals)[1], key)] = "*", "!"
-    header = ["epoch", "step", *keys]
+    header = ["epoch", "step", *keys, *whole]
     rows = [[str(row.get("epoch", i + 1)), str(row.get("step", "")),
-             *(f"{row[k]:.3f}{marks.get((i, k), ' ')}" if k in row else "-" for k in keys)]
+             *(f"{row[k]:.3f}{marks.get((i, k), ' ')}" if k in row else "-" for k in keys),
+             *(f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in whole)]
             for i, row in enumerate(history)]
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
     lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in [header] + rows]
