@@ -75,7 +75,7 @@ class OptimizerConfig(Section, path="optimizer"):
 
 
 class DataConfig(Section, path="data"):
-    dataset: DatasetName = option("mnist", "The images: IDX files read from --data-dir, else downloaded by torchvision.")
+    dataset: DatasetName = option("mnist", "The images: IDX files from --data-dir, else downloaded by torchvision.")
     data_dir: Optional[str] = option(None, "Folder with the dataset's four IDX files (gzipped or not, flat or under "
                                      "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown="download", resumable=True)
     cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without --data-dir.", resumable=True)
@@ -108,7 +108,8 @@ class LossConfig(Section, path="loss"):
         if self.kl_warmup_epochs is None:
             self.kl_warmup_epochs = 0.0 if self.iw_samples > 1 else 2.0
         if self.iw_samples > 1 and (self.kl_weight != 1.0 or self.kl_warmup_epochs > 0):
-            raise ValueError("the importance-weighted bound has no KL weight: use --kl-weight 1 and --kl-warmup-epochs 0")
+            raise ValueError(
+                "the importance-weighted bound has no KL weight: use --kl-weight 1 and --kl-warmup-epochs 0")
         return self
 
 
@@ -117,7 +118,7 @@ class TrainingConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    artifact_dir: str = option("artifacts/vae-mnist", "Where config.json, metrics, checkpoints and model.safetensors go.",
+    artifact_dir: str = option("artifacts/vae-mnist", "Where config.json, metrics, checkpoints and the model go.",
                                min_length=1, resumable=True)
     epochs: int = option(10, "Passes over the training set.", ge=1, le=1_000_000, resumable=True)
     seed: int = option(42, "Seeds weights, data order and the reparameterisation noise.", ge=0, le=MAX_SEED)
@@ -197,7 +198,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a {'YAML mapping (key: value lines)' if is_yaml else 'JSON object'}")
+        mapping = "YAML mapping (key: value lines)" if is_yaml else "JSON object"
+        raise ConfigError(f"config file {p} must hold a {mapping}")
     return data
 
 

@@ -36,7 +36,7 @@ DATA_DIR_HELP = "Folder of the run's dataset (default: the one used in training)
 
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
-    """Defaults <- config file (or, on --resume, the run's own config.json) <- ``flags`` ({dotted field name: value})."""
+    """Defaults <- config file (or, on --resume, the run's config.json) <- ``flags`` ({dotted name: value})."""
     base: dict[str, Any] = read_config_file(config_file) if config_file else {}
     overrides: dict[str, Any] = {}
     for dotted, value in flags.items():
@@ -78,7 +78,8 @@ def _parameter(o: Option) -> inspect.Parameter:
     if ann is bool:
         decls = [f"{o.flag}/--no-{o.flag[2:]}"]
     elif typing.get_origin(ann) is typing.Literal:
-        ann = Enum(o.dotted.title().replace(".", ""), {v: v for v in typing.get_args(ann)}, type=str)  # type: ignore[misc]
+        choices = {v: v for v in typing.get_args(ann)}
+        ann = Enum(o.dotted.title().replace(".", ""), choices, type=str)  # type: ignore[misc]
     elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
         ann, extra = str, {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
     shown = o.shown if o.shown is not None else default is not None
@@ -142,14 +143,16 @@ def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dic
 def parse_train_args(args: list[str]) -> TrainingConfig:
     """The config that ``train ARGS`` would run, for benchmarks and tools that take the trainer's flags."""
     parser = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    parser.command()(with_config_options(lambda config_file, resume, _, flags: build_config(config_file, resume, flags)))
+    parser.command()(with_config_options(lambda config_file, resume, _, flags: build_config(config_file, resume,
+                                                                                             flags)))
     return parser(args=args, prog_name="train", standalone_mode=False)
 
 
 def evaluate(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1, help="Use the first N test images."),
+    limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1,
+                                                     help="Use the first N test images."),
     iw_samples: int = typer.Option(  # Burda et al. use 5000; beyond 100,000 an estimate takes days for no gain
         0, "--iw-samples", min=0, max=100_000, help="Also estimate the test NLL with K importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -192,8 +195,9 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
             run = next((p for p in path.parents if (p / MARKER).is_file()), None)
             new_file = path.name not in RUN_NAMES and not (path.exists() or path.is_symlink())
             if run is not None and (path.parent != run or not (path.name in PICTURES or new_file)):
-                raise VaeDistError(f"--out {target} is inside the run folder {run}, where a picture is written only at "
-                                   f"its top level, as one of {', '.join(PICTURES)} or under a new name; give another path")
+                raise VaeDistError(f"--out {target} is inside the run folder {run}, where a picture is written only "
+                                   f"at its top level, as one of {', '.join(PICTURES)} or under a new name; "
+                                   "give another path")
     return target
 
 
@@ -212,16 +216,17 @@ def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Opt
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import test_images
     model = load(artifact_dir)  # limit 0: the whole test split, not the slice the model was validated on
-    return model, _output_path(artifact_dir, out, default_name), test_images(model.config, data_dir, 0).float().div(255.0)
+    test = test_images(model.config, data_dir, 0).float().div(255.0)  # 0: all of them
+    return model, _output_path(artifact_dir, out, default_name), test
 
 
 def sample(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     num: int = typer.Option(64, "--num", min=1, max=MAX_IMAGES, help="Number of samples from the prior."),
     # torch seeds a generator with 64 bits; within the signed range every seed is one stream
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the latent draws (same seed, same image)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/samples.png, or manifold.png)."),
-    manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space instead (needs --latent-size 2)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the draws (same seed, same image)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write [ARTIFACT_DIR/samples.png or manifold.png]."),
+    manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space (--latent-size 2)."),
     grid_size: int = typer.Option(20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the manifold."),
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""

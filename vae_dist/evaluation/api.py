@@ -108,7 +108,7 @@ class TrainedVAE:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
-    """The model a run folder, its model.safetensors or a checkpoint folder holds, on ``device`` (whatever trained it)."""
+    """The model a run folder, its model.safetensors or a checkpoint folder holds, on ``device``."""
     p = Path(path).expanduser()
     with checking(p, ArtifactError, "model path"):
         is_checkpoint = p.is_dir() and (p / MANIFEST).is_file()

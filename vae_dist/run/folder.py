@@ -106,7 +106,8 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
                    else f"{aside} already exists" if os.path.lexists(aside)  # a rename would replace an empty one
                    else f"{parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else "")
             if why:
-                raise ArtifactError(f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
+                raise ArtifactError(
+                    f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
             return aside
         # A link where a training writes: a write through it would land outside the folder.
         links = [p for name in RUN_NAMES if (p := root / name).is_symlink()] or [
