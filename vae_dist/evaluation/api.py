@@ -101,6 +101,7 @@ class TrainedVAE:
 
     def manifold(self, n_per_side: int) -> torch.Tensor:
         """Decodings over an n x n grid of a 2-D latent space (see ``manifold_grid``)."""
+        self._needs("decode", "continuous latent space to draw a manifold of")
         if self.latent_size != 2:
             raise VaeDistError(f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
                                f"{self.latent_size} (train one with --latent-size 2)")

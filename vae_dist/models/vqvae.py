@@ -27,7 +27,8 @@ Channels = Annotated[int, Field(strict=True, ge=1, le=1024)]
 class VQOptions(Section):
     path: ClassVar[str] = "model.vq_vae"
 
-    codebook_size: int = option(128, "vq-vae: codes in the codebook.", ge=2, le=65536)
+    # A batch of B images holds B x 49 x K distances (at the validation batch of 1,000: 400 MB for K = 2048).
+    codebook_size: int = option(128, "vq-vae: codes in the codebook.", ge=2, le=2048)
     commitment: float = option(0.25, "vq-vae: weight beta of the commitment term.", flag="--commitment-cost", ge=0.0)
     channels: tuple[Channels, Channels] = option(
         (32, 64), "vq-vae: channels of the encoder's two stride-2 convolutions, e.g. 32,64 (the decoder mirrors them).",
