@@ -62,6 +62,11 @@ def test_images(config: TrainingConfig, data_dir: Optional[str | Path] = None,
     return images[:n] if n else images
 
 
+def valid_noise(model: Model, seed: int, n: int) -> Optional[torch.Tensor]:
+    """Validation's per-image noise on the CPU: one table for every epoch and for ``evaluate``, so they compare."""
+    return keyed.noise(keyed.EVAL_NOISE, seed, 0, n, model.noise_shape(1))
+
+
 def validate(acc: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor]) -> dict[str, Any]:
     """The family's terms (KL weight 1: the true negative ELBO) as exact means over the test split, and its whole-set
     metrics. Each sample counts once (``gather_for_metrics`` drops repeats), with its noise ``noise[index]``."""
@@ -106,7 +111,7 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
         loader = loaders.make_loader(loaders.MnistImages(images), config.data.eval_batch_size, shuffle_seed=None,
                                      drop_last=False, num_workers=0)
         model = model.to(acc.device)  # no DDP wrapper: evaluation has no gradients to sync
-        table = keyed.noise(keyed.EVAL_NOISE, config.seed, 0, images.shape[0], model.noise_shape(1))
+        table = valid_noise(model, config.seed, images.shape[0])
         v = validate(acc, model, acc.prepare_data_loader(loader), None if table is None else table.to(acc.device))
         result = {**{k.removeprefix("valid/"): value for k, value in v.items()}, "processes": acc.num_processes}
         if iw_samples:

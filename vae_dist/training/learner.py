@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from vae_dist.config import TrainingConfig
 from vae_dist.data import keyed
-from vae_dist.data.keyed import EVAL_NOISE, TRAIN_NOISE, noise
+from vae_dist.data.keyed import TRAIN_NOISE, noise
 from vae_dist.errors import TrainingError, first_line
-from vae_dist.evaluation.evaluate import protocol, validate
+from vae_dist.evaluation.evaluate import protocol, valid_noise, validate
 from vae_dist.models.protocol import Model
 from vae_dist.run.checkpoint import Checkpointer
 from vae_dist.run.folder import write_metrics
@@ -107,8 +107,8 @@ class Learner:
         self.model, self.optimizer, self.train_loader, self.valid_loader = prepared
         self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
         self.steps_per_epoch = len(self.train_loader)
-        valid_noise = noise(EVAL_NOISE, config.seed, 0, len(valid_loader.dataset), model.noise_shape(1))  # type: ignore
-        self.valid_noise = None if valid_noise is None else valid_noise.to(accelerator.device)
+        table = valid_noise(model, config.seed, len(valid_loader.dataset))  # type: ignore[arg-type]
+        self.valid_noise = None if table is None else table.to(accelerator.device)
         self.say = main_print(accelerator)
         self.position = Position.start(run_id, accelerator.num_processes, config, len(model.TERMS))
         self.meter = TrainMeter(accelerator.device, len(model.TERMS))

@@ -78,8 +78,9 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
     if acc.device.type == "cuda":  # the data on the GPU, a batch one index there: no copies, so no workers
         train_images, test_images, workers = train_images.to(acc.device), test_images.to(acc.device), 0
     batch, n = config.data.batch_size, acc.num_processes
-    say(f"training {config.model.kind} ({models.parameter_count(config):,} parameters) on {len(train_images)} "
-        f"{config.data.dataset} images, {n} process(es) on {acc.device.type}: global batch {batch * n} "
+    size = sum(p.numel() for p in model.parameters())
+    say(f"training {config.model.kind} ({size:,} parameters) on {len(train_images)} {config.data.dataset} images, "
+        f"{n} process(es) on {acc.device.type}: global batch {batch * n} "
         f"= {batch} per process x {n}, {len(train_images) // (batch * n)} steps per epoch")
     tracker = Tracker(acc, say)
     train_loader = loaders.make_loader(loaders.MnistImages(train_images), batch, shuffle_seed=config.seed,
