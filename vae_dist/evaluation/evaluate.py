@@ -100,6 +100,9 @@ def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> d
 def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samples: int = 0) -> dict[str, Any]:
     """The test terms as training validates, and with ``iw_samples`` = K the importance-weighted NLL; the same dict
     on every process."""
+    # Before the process group exists (see training/trainer.py): imported later, it holds the group until the
+    # interpreter's teardown, whose gloo threads can then abort a finished rank.
+    import torch.distributed.nn  # noqa: F401
     from accelerate import Accelerator
     if iw_samples and model.iw_nll is None:
         raise VaeDistError(f"--model {config.model.kind} has no importance-weighted log-likelihood; drop --iw-samples")
