@@ -71,7 +71,7 @@ REFUSALS = [
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: must have exactly 2 items"),
     ({"model": {"hidden_sizes": []}}, "model.hidden_sizes: must have at least 1 item(s), got []"),
     ({"model": {"hidden_sizes": [8] * 17}}, "model.hidden_sizes: must have at most 16 items, got [8"),
-    ({"model": {"kind": "resnet"}}, "model.kind: must be one of 'deep-mlp', 'conv', 'mlp', 'burda' or 'vq-vae', got 'resnet'"),
+    ({"model": {"kind": "resnet"}}, "model.kind: must be one of 'deep-mlp', 'conv', 'mlp', 'burda', 'burda-2layer' or 'vq-vae', got 'resnet'"),
     ({"artifact_dir": ""}, "artifact_dir: must not be empty"),
     ({"loss": {"iw_samples": 5, "kl_weight": 0.5}}, "loss: the importance-weighted bound has no KL weight"),
 ]
