@@ -203,6 +203,7 @@ USER_ERRORS = {
     "learning-rate-negative": (["train", "--learning-rate", "-1"], ["learning_rate"]),
     "betas-bad-separator": (["train", "--betas", "0.9;0.99"], ["--betas", "separated by commas"]),
     "iw-with-kl-weight": (["train", "--iw-train-samples", "5", "--kl-weight", "0.5"], ["--kl-weight 1"]),
+    "eps-flushed-to-zero": (["train", "--eps", "1e-40"], ["optimizer.eps", "float32"]),
     "evaluate-no-argument": (["evaluate"], ["artifact_dir"]),
     "evaluate-iw-negative": (["evaluate", "somewhere", "--iw-samples", "-1"], ["--iw-samples"]),
     "evaluate-limit-0": (["evaluate", "somewhere", "--limit-eval-samples", "0"], ["--limit-eval-samples"]),

@@ -4,6 +4,7 @@ config file reader, merge and the resume compatibility check."""
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -69,6 +70,7 @@ REFUSALS = [
     ({"seed": 2**32}, "seed: must be ≤ 4294967295, got 4294967296"),
     ({"optimizer": {"betas": [0.9, 1.0]}}, "optimizer.betas: must be < 1.0, got 1.0"),
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: must have exactly 2 items"),
+    ({"optimizer": {"betas": [1e-40, 0.9]}}, "optimizer.betas: 1e-40 is below float32's smallest normal number"),
     ({"model": {"hidden_sizes": []}}, "model.hidden_sizes: must have at least 1 item(s), got []"),
     ({"model": {"hidden_sizes": [8] * 17}}, "model.hidden_sizes: must have at most 16 items, got [8"),
     ({"model": {"kind": "resnet"}}, "model.kind: must be one of 'deep-mlp', 'conv', 'mlp', 'burda', 'burda-2layer' or 'vq-vae', got 'resnet'"),
@@ -120,6 +122,15 @@ def test_every_float_option_refuses_non_finite_values(dotted, value):
     # diverged after --overwrite had cleared the previous run.
     with pytest.raises(ConfigError, match=rf"^{dotted}: must be a finite number"):
         TrainingConfig.from_dict(_set(dotted, value))
+
+
+@pytest.mark.parametrize("value, where", [(1e-40, "below float32's smallest normal"), (1e39, "above float32's")])
+@pytest.mark.parametrize("dotted", FLOATS)
+def test_every_float_option_refuses_what_float32_cannot_hold(dotted, value, where):
+    # Rates and weights are applied in float32 and subnormals are flushed: --eps 1e-40 trained on an eps of 0.
+    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: {re.escape(repr(value))} is {where}"):
+        TrainingConfig.from_dict(_set(dotted, value))
+    assert TrainingConfig.from_dict(_set(dotted, 1.2e-38))  # float32's smallest normal is 1.1754944e-38
 
 
 @pytest.mark.parametrize("dotted", STRINGS)
