@@ -167,11 +167,17 @@ def test_a_saved_config_is_a_config_file_and_flags_override_it(tmp_path):
     assert parse_train_args(["--config", str(p), "--batch-size", "64"]).data.batch_size == 64
 
 
-def test_a_new_architecture_by_flag_brings_its_own_defaults(tmp_path):
+@pytest.mark.parametrize("given", [{"latent_size": 12}, {"kind": "burda", "hidden_sizes": [300, 100]},
+                                   {"activation": "tanh", "latent_size": 50}])
+def test_model_by_flag_keeps_the_files_architecture_and_fills_only_what_it_leaves_unset(given, tmp_path):
     p = tmp_path / "config.json"
-    p.write_text(TrainingConfig().to_json())  # deep-mlp: latent 50, widths 512,256
+    p.write_text(json.dumps({"model": given}))
     model = build_config(p, False, {"model.kind": "mlp"}).model
-    assert (model.latent_size, model.hidden_sizes) == (20, (400,))
+    mlp = REGISTRY["mlp"].defaults
+    assert model.kind == "mlp"
+    for name in ("latent_size", "hidden_sizes", "activation"):
+        expected = given.get(name, mlp[name])
+        assert getattr(model, name) == (tuple(expected) if isinstance(expected, list) else expected), name
     assert build_config(p, False, {"model.kind": "mlp", "model.latent_size": 7}).model.latent_size == 7
 
 
