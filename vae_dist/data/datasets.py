@@ -49,15 +49,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[2].parent / "shared" / "mnist"))
 
 
-def find_idx_file(data_dir: Path, name: str, dataset: str = "mnist") -> Path:
-    """Find ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``<TorchvisionName>/raw/``."""
+def find_idx_files(data_dir: Path, name: str, dataset: str = "mnist") -> list[Path]:
+    """Every copy of ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``<TorchvisionName>/raw/``."""
     raw = data_dir / DATASETS[dataset].torchvision / "raw"
-    for folder in (data_dir, raw):
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            with checking(candidate, DataError, f"{dataset} file"):
-                if candidate.is_file():
-                    return candidate
-    raise DataError(f"{dataset} file {name}(.gz) not found in {data_dir} (looked there and in {raw})")
+    found = []
+    for candidate in (folder / file for folder in (data_dir, raw) for file in (name, f"{name}.gz")):
+        with checking(candidate, DataError, f"{dataset} file"):
+            if candidate.is_file():
+                found.append(candidate)
+    if not found:
+        raise DataError(f"{dataset} file {name}(.gz) not found in {data_dir} (looked there and in {raw})")
+    return found
 
 
 def _read_at_most(f: BinaryIO, n: int) -> bytearray:
@@ -117,8 +119,20 @@ def load_split(data_dir: str | Path, split: str, dataset: str = "mnist") -> Spli
             what = "is not a directory" if data_dir.exists() else "does not exist"
             raise DataError(f"data directory {data_dir} {what}")
     count = getattr(DATASETS[dataset], split)
-    return Split(*(read_idx(find_idx_file(data_dir, name, dataset), magic, count, dataset)
+    return Split(*(_read_copies(find_idx_files(data_dir, name, dataset), magic, count, dataset)
                    for name, magic in zip(FILES[split], (IMAGE_MAGIC, LABEL_MAGIC))))
+
+
+def _read_copies(paths: list[Path], magic: int, count: int, dataset: str) -> torch.Tensor:
+    """The items of the first copy, refused unless every other copy holds the same: torchvision's download keeps
+    the .gz beside the file it extracts, and a stale copy beside a newer one must not be read in its place."""
+    import torch
+
+    items = read_idx(paths[0], magic, count, dataset)
+    for other in paths[1:]:
+        if not torch.equal(read_idx(other, magic, count, dataset), items):
+            raise DataError(f"{dataset} files {paths[0]} and {other} differ; remove the one that should not be read")
+    return items
 
 
 def torchvision_class(dataset: str) -> Any:  # imported here: torchvision costs most of a second
