@@ -210,6 +210,7 @@ USER_ERRORS = {
     "betas-bad-separator": (["train", "--betas", "0.9;0.99"], ["--betas", "separated by commas"]),
     "iw-with-kl-weight": (["train", "--iw-train-samples", "5", "--kl-weight", "0.5"], ["--kl-weight 1"]),
     "eps-flushed-to-zero": (["train", "--eps", "1e-40"], ["optimizer.eps", "float32"]),
+    "seed-past-the-digit-limit": (["train", "--seed", "9" * 5000], ["--seed"]),
     "evaluate-no-argument": (["evaluate"], ["artifact_dir"]),
     "evaluate-iw-negative": (["evaluate", "somewhere", "--iw-samples", "-1"], ["--iw-samples"]),
     "evaluate-limit-0": (["evaluate", "somewhere", "--limit-eval-samples", "0"], ["--limit-eval-samples"]),
