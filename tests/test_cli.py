@@ -119,7 +119,7 @@ def _other_value(o) -> tuple[list[str], object]:
     if ann is float:
         value = (o.default or 0.25) * 0.5
         return [o.flag, repr(value)], value
-    return [o.flag, "some/where"], "some/where"
+    return [o.flag, "/some/where"], "/some/where"
 
 
 @pytest.mark.parametrize("o", OPTIONS, ids=[o.dotted for o in OPTIONS])
@@ -252,6 +252,30 @@ def test_a_precision_the_run_cannot_train_in_is_one_line_and_creates_nothing(
     art = tmp_path / "run"
     assert needle in one_error_line(main_in_process(small_train_args(data_dir, art, *flags), capsys))
     assert not art.exists()
+
+
+@pytest.mark.slow  # trains a small run
+def test_the_data_folder_comes_from_the_environment_and_is_found_from_any_folder(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    from vae_dist.data import datasets
+
+    def no_download(*_):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(datasets, "download", no_download)
+    (tmp_path / "mnist").symlink_to(data_dir.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, "mnist")  # relative: config.json keeps it absolute
+    args = [a for a in small_train_args(data_dir, tmp_path / "run") if a not in ("--data-dir", str(data_dir))]
+    check_ok(main_in_process(args, capsys))
+    monkeypatch.delenv(datasets.DATA_DIR_ENV)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    check_ok(main_in_process(["evaluate", str(tmp_path / "run"), "--json"], capsys))
+    (tmp_path / "mnist").unlink()
+    assert f"{tmp_path / 'mnist'} does not exist" in one_error_line(
+        main_in_process(["evaluate", str(tmp_path / "run")], capsys))
 
 
 def test_evaluate_without_a_model_is_one_line(tmp_path, capsys):

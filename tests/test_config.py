@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vae_dist.config import RESUMABLE_FIELDS, DataConfig, TrainingConfig, merge, options, read_config_file, resume_mismatch
+from vae_dist.data.datasets import DATA_DIR_ENV
 from vae_dist.errors import ConfigError
 
 NON_DEFAULT = {
@@ -36,6 +37,17 @@ def test_json_round_trip(data, tmp_path):
     assert back == c and back.to_json() == c.to_json()
     # JSON has only lists: pairs and widths come back as the tuples they were.
     assert isinstance(back.optimizer.betas, tuple) and isinstance(back.model.hidden_sizes, tuple)
+
+
+def test_the_data_folder_is_kept_absolute_and_unset_is_the_environments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # config.json leads evaluate and the pictures to it from any folder
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert TrainingConfig.from_dict({"data": {"data_dir": "mnist"}}).data.data_dir == str(tmp_path / "mnist")
+    assert TrainingConfig().data.data_dir is None  # the download
+    monkeypatch.setenv(DATA_DIR_ENV, "shared/mnist")
+    for data in ({}, {"data": {"data_dir": None}}):  # a new run, and one trained on the download
+        assert TrainingConfig.from_dict(data).data.data_dir == str(tmp_path / "shared" / "mnist")
+    assert TrainingConfig.from_dict({"data": {"data_dir": "/given"}}).data.data_dir == "/given"
 
 
 def test_read_config_file_refusals(tmp_path):
@@ -104,6 +116,7 @@ REFUSALS = [
     ({"model": {"hidden_sizes": [8] * 17}}, "model.hidden_sizes: must have at most 16 items, got [8"),
     ({"model": {"kind": "resnet"}}, "model.kind: must be one of 'deep-mlp', 'conv', 'mlp', 'burda', 'burda-2layer' or 'vq-vae', got 'resnet'"),
     ({"artifact_dir": ""}, "artifact_dir: must not be empty"),
+    ({"data": {"data_dir": ""}}, "data.data_dir: must not be empty"),
     ({"loss": {"iw_samples": 5, "kl_weight": 0.5}}, "loss: the importance-weighted bound has no KL weight"),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import stat
 import sys
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Opti
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
 
-from vae_dist.data.datasets import DatasetName
+from vae_dist.data.datasets import DATA_DIR_ENV, DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
 from vae_dist.schema import Section, option
@@ -80,8 +81,10 @@ class OptimizerConfig(Section, path="optimizer"):
 class DataConfig(Section, path="data"):
     dataset: DatasetName = option("mnist", "The images: IDX files from --data-dir, else downloaded by torchvision.")
     data_dir: Optional[str] = option(None, "Folder with the dataset's four IDX files (gzipped or not, flat or under "
-                                     "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown="download", resumable=True)
-    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without --data-dir.", resumable=True)
+                                     "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown=f"${DATA_DIR_ENV}, else "
+                                     "download", resumable=True, min_length=1, validate_default=True)
+    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without a data folder.",
+                            resumable=True)
     batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1,
                              le=1 << 20)
     eval_batch_size: int = option(
@@ -94,6 +97,14 @@ class DataConfig(Section, path="data"):
         "literature trains); static = one fixed draw. Any binarization evaluates on one fixed draw of the test set.")
     limit_eval_samples: Optional[int] = option(None, "Use only the first N test images.", shown="all", ge=1,
                                                resumable=True)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: Optional[str]) -> Optional[str]:
+        # Unset, the environment's folder (else the download); absolute, so that config.json leads evaluate and
+        # the pictures to it from any working directory.
+        value = value or os.environ.get(DATA_DIR_ENV) or None
+        return str(Path(os.path.expanduser(value)).absolute()) if value else None
 
 
 class LossConfig(Section, path="loss"):

@@ -40,7 +40,7 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 # What reading a damaged file (or gzip stream) raises: all become one DataError line.
 READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
-# Where tests, benchmarks and smoke runs find the offline copy of MNIST (see README).
+# The data folder when none is given (config.DataConfig; else the download), and the tests' and benchmarks'.
 DATA_DIR_ENV = "VAE_DIST_DATA_DIR"
 
 
