@@ -31,7 +31,8 @@ MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000  # beyond these a PNG 
 # What the picture commands write in a run folder by default (the only names they replace there).
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
-DATA_DIR_HELP = "Folder of the run's dataset (default: the one used in training)."
+DATA_DIR_HELP = ("Folder of the run's dataset (default: the one used in training, else $VAE_DIST_DATA_DIR, else "
+                 "the download).")
 
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
