@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import check_ok, main_in_process, small_train_args
@@ -38,6 +39,14 @@ def test_model_file_round_trip_from_file_alone(tmp_path, kind, latent):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x, eps = torch.rand(2, 1, 28, 28), torch.randn(2, latent)
     assert torch.equal(model.eval()(x, eps).terms["loss"], loaded(x, eps).terms["loss"])
+
+
+def test_a_diverged_result_is_recorded_as_json_null(tmp_path):
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
+    save_model_file(tmp_path / MODEL, build(cfg).state_dict(), cfg, results={"valid/loss": float("nan"), "step": 3})
+    with safe_open(str(tmp_path / MODEL), "pt") as f:
+        text = f.metadata()["vae_dist_results"]
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {"valid/loss": None, "step": 3}
 
 
 def _foreign(p):

@@ -16,7 +16,7 @@ from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, VaeDistError, first_line
 from vae_dist.models import build, parameter_count
 from vae_dist.models.protocol import Model
-from vae_dist.run.fileio import checking
+from vae_dist.run.fileio import checking, dumps
 from vae_dist.run.folder import MODEL, write_run_file
 
 MAX_PARAMETERS = 1_000_000_000  # larger models are refused before any memory is allocated for them
@@ -28,7 +28,7 @@ def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], config: Tra
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": "pt", "vae_dist_config": config.to_json()}
     if results is not None:
-        metadata["vae_dist_results"] = json.dumps(results, sort_keys=True)
+        metadata["vae_dist_results"] = dumps(results, sort_keys=True)
     write_run_file(path, save(tensors, metadata=metadata))
 
 

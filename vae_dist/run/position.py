@@ -3,27 +3,29 @@ a key missing, unknown or of the wrong type, or a position the trainer cannot ha
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator, with_config
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, model_validator, with_config
 from typing_extensions import TypedDict
 
 from vae_dist.config import TrainingConfig, resume_mismatch
 from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 
 Count = Annotated[int, Field(ge=0)]
-# One epoch's metrics (metrics.jsonl's rows): these keys and split/name numbers (a diverged one inf or NaN).
+# A diverged metric: NaN in memory, null in JSON (as every file vae_dist writes has it: fileio.dumps).
+NonFinite = Annotated[None, AfterValidator(lambda _: math.nan)]
+# One epoch's metrics (metrics.jsonl's rows): these keys and split/name numbers.
 Row = with_config(ConfigDict(strict=True))(TypedDict("Row", {  # type: ignore[call-overload]
     "epoch": Annotated[int, Field(ge=1)], "step": Count, "complete_epoch": bool,
     "protocol": dict[str, Union[str, int, float]],
-}, extra_items=Union[int, float]))
+}, extra_items=Union[int, float, NonFinite]))
 # Saved as config.json's object; one the schema refuses is a ConfigError: read_manifest's unusable checkpoint.
 SavedConfig = Annotated[TrainingConfig, PlainSerializer(TrainingConfig.to_dict)]
 
 
 class Position(BaseModel):
-    # inf and NaN are written as such (JSON constants) so that a row keeps them.
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # a row's inf or NaN: written null
     epoch: Count  # epochs finished; the one in progress is epoch + 1
     batches_done: Count  # optimizer steps already taken in the epoch in progress
     global_step: Count
