@@ -73,6 +73,14 @@ def _unreadable_config(p):
     save_file({"w": torch.zeros(3)}, str(p), metadata={"format": "pt", "vae_dist_config": "[1, 2"})
 
 
+def _diverged(p):
+    # A weight turned NaN by a last step, the rest finite: nothing should be drawn from it.
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
+    state = build(cfg).state_dict()
+    state["decoder.2.weight"][3, 0] = float("nan")
+    save_model_file(p, state, cfg)
+
+
 @pytest.mark.parametrize("make, message", [
     (None, "no trained model"),
     (_foreign, "not written by vae_dist"),
@@ -80,7 +88,8 @@ def _unreadable_config(p):
     (_truncated, "not a readable safetensors file"),
     (_other_config, "does not match its config"),
     (_unreadable_config, "carries an unreadable config"),
-], ids=["missing", "foreign", "garbage", "truncated", "other-config", "unreadable-config"])
+    (_diverged, "holds non-finite weights"),
+], ids=["missing", "foreign", "garbage", "truncated", "other-config", "unreadable-config", "diverged"])
 def test_a_file_that_is_not_a_vae_dist_model_is_one_line(tmp_path, make, message):
     p = tmp_path / MODEL
     if make is not None:

@@ -87,6 +87,9 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
                    else f"{name} has shape {list(got[name])} where the model has {list(want[name])}")
             raise ArtifactError(f"model file {p} does not match its config: {why}")
         state = strip_compile_prefix({k: f.get_tensor(k) for k in f.keys()})
+    # A diverged run's weights (NaN, inf) would draw black pictures and score NaN without a word.
+    if bad := sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()):
+        raise ArtifactError(f"model file {p} holds non-finite weights ({bad[0]}): its training diverged")
     model = build(config)
     model.load_state_dict(state)  # the names and shapes were checked above
     return model.eval(), config
