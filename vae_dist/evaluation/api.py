@@ -138,8 +138,10 @@ def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
 
 
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> TrainedVAE:
-    """Train as ``vae-dist train`` does with this config; returns the trained model."""
+    """Train as ``vae-dist train`` does with this config; returns the trained model. The process's settings
+    (subnormals flushed) are the caller's again when it returns or raises."""
     from vae_dist.training import runtime
     from vae_dist.training.trainer import train as run_training
-    runtime.prepare_process(config.flush_denormal)
-    return load(run_training(config, resume=resume, overwrite=overwrite))
+    with runtime.borrowed_process(config.flush_denormal):
+        path = run_training(config, resume=resume, overwrite=overwrite)
+    return load(path)
