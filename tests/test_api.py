@@ -13,6 +13,7 @@ import torch
 
 import vae_dist
 from conftest import REPO, copy_run
+from test_learner import _learner
 from test_pictures import model_run
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import TrainingError, VaeDistError
@@ -74,6 +75,14 @@ def test_train_gives_the_caller_its_process_settings_back(tmp_path: Path, monkey
     finally:
         torch.set_num_threads(threads)
     assert seen == [(True, 0)]
+
+
+def test_a_checkpoint_claims_only_the_results_of_its_own_weights(tmp_path: Path) -> None:
+    learner = _learner(tmp_path, epochs=2, checkpoint_every_steps=4)
+    learner.fit()  # keeps step 16 (6 batches into epoch 2) and step 20 (its end)
+    assert vae_dist.load(tmp_path / "checkpoints" / "step-000000016").results == {}  # not epoch 1's at step 10
+    at_end = vae_dist.load(tmp_path / "checkpoints" / "step-000000020").results
+    assert (at_end["step"], at_end["valid/loss"]) == (20, learner.position.history[-1]["valid/loss"])
 
 
 @pytest.mark.slow

@@ -217,6 +217,16 @@ def test_max_steps_below_the_checkpoint_is_refused_before_writing(preempted):
     assert sorted(str(p) for p in preempted.rglob("*")) == before
 
 
+def test_fewer_epochs_than_the_checkpoint_has_reached_are_refused_before_writing(tmp_path):
+    _learner(tmp_path, epochs=2, max_steps=13, checkpoint_every_steps=6).fit()
+    shutil.rmtree(tmp_path / rundir.CHECKPOINTS / "step-000000013")  # the newest: step 12, 2 batches into epoch 2
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--epochs 1 is below epoch 2, which step-000000012 has reached, 2 batches "
+                                          r"into it; give at least 2$"):
+        _learner(tmp_path, epochs=1, resume=True)
+    assert snapshot(tmp_path) == before
+
+
 def test_resume_at_an_epoch_end_with_another_process_count_ends_the_schedules_on_time(tmp_path):
     # Epoch 1 as 2 processes (5 steps), epoch 2 as 1 (10 steps): the warm-ups and the
     # cosine are functions of the epochs done, so the run ends as a 1-process one does, on

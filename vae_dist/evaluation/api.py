@@ -120,7 +120,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     if problem or manifest is None:
         raise ArtifactError(f"checkpoint {p} is unusable: {problem}")
     model, config = load_model_file(p / MODEL, config=manifest.state.config)
-    return TrainedVAE(model, config, dict(manifest.state.history[-1]) if manifest.state.history else {}).to(device)
+    return TrainedVAE(model, config, manifest.state.results()).to(device)
 
 
 def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:

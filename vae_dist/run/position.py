@@ -4,7 +4,7 @@ a key missing, unknown or of the wrong type, or a position the trainer cannot ha
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, model_validator, with_config
 from typing_extensions import TypedDict
@@ -55,10 +55,20 @@ class Position(BaseModel):
             raise ValueError("the epoch in progress's row must lie inside it")
         return self
 
+    def results(self) -> dict[str, Any]:
+        """What the weights here scored (validation, protocol), from the row of this step; {} between validations."""
+        row = next((r for r in self.history if r["step"] == self.global_step), {})
+        return {k: v for k, v in row.items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
+
     def check_resumable(self, name: str, config: TrainingConfig, num_processes: int, steps_per_epoch: int) -> None:
         """Whether a run of ``config``, ``num_processes`` ranks and ``steps_per_epoch`` can continue from here."""
         if mismatch := resume_mismatch(self.config, config, saved_as=f"{name} was trained with"):
             raise ConfigError(f"cannot resume: {mismatch}")
+        reached = self.epoch + (self.batches_done > 0)  # counting the epoch in progress
+        if config.epochs < reached:  # the run would end at once, its weights passing for an earlier epoch's
+            into = f", {self.batches_done} batches into it" if self.batches_done else ""
+            raise ConfigError(f"--epochs {config.epochs} is below epoch {reached}, which {name} has reached{into}; "
+                              f"give at least {reached}")
         if config.max_steps is not None and self.global_step > config.max_steps:
             raise ConfigError(f"--max-steps {config.max_steps} is below step {self.global_step}, where {name} "
                               f"stopped; give at least {self.global_step}")
