@@ -1,4 +1,5 @@
-"""JSON as vae_dist writes it, atomic file writes, and lines to stdout and stderr that a full or closed stream cannot make fatal."""
+"""JSON as vae_dist writes it, atomic file writes, and lines to stdout and stderr that a full or closed stream
+cannot make fatal."""
 
 from __future__ import annotations
 
