@@ -19,6 +19,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from vae_dist.data.datasets import DATA_DIR_ENV, DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
+from vae_dist.run.fileio import dumps
 from vae_dist.schema import Section, option
 
 CONFIG_FILE = "config.json"  # the run's own config, in its artifact folder
@@ -182,7 +183,7 @@ class TrainingConfig(Section):
         return cls.from_dict(read_config_file(path))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
