@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import check_ok, main_in_process, small_train_args
+from conftest import check_ok, cli_env, main_in_process, run_cli, small_train_args
 from vae_dist.run.modelfile import model_results
 from vae_dist.run.folder import read_metrics
 
@@ -151,3 +151,19 @@ def test_offline_wandb_run(data_dir: Path, tmp_path: Path, monkeypatch, capsys) 
     assert [p.name.rsplit("-", 1)[1] for p in later] == [run_id]
     (resumed,) = [r.run for r in wandb_records(later[0] / f"run-{run_id}.wandb") if r.WhichOneof("record_type") == "run"]
     assert resumed.run_id == run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asked", [{}, {"WANDB_SILENT": "false"}], ids=["default", "WANDB_SILENT=false"])
+def test_wandb_prints_its_own_lines_only_when_asked(data_dir: Path, tmp_path: Path, asked: dict) -> None:
+    # A default run without an account: vae_dist's lines name the offline run and its sync command;
+    # W&B's own (about 30) only when the user asks for them.
+    env = cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path / "data"), **asked)
+    if not asked:
+        del env["WANDB_SILENT"]
+    ran = run_cli(small_train_args(data_dir, tmp_path / "run", "--model", "mlp", "--max-steps", "2",
+                                   "--wandb-mode", "offline"), env=env)
+    check_ok(ran)
+    theirs = [line for line in (ran.stdout + ran.stderr).splitlines() if line.startswith("wandb:")]
+    assert "W&B offline run folder:" in ran.stdout and "wandb sync" in ran.stdout
+    assert bool(theirs) == bool(asked), theirs

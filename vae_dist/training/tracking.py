@@ -113,12 +113,17 @@ class Tracker:
         # "allow": a resumed run (same id) continues the same W&B run.
         init: dict[str, Any] = {"mode": mode, "id": run_id, "name": f"{Path(config.artifact_dir).name}-{run_id}",
                                 "resume": "allow", "dir": os.environ.get("WANDB_DIR") or str(artifact_dir)}
+        # W&B's own lines (about 30 a run: banner, history, summary, sync hint) unless WANDB_SILENT or WANDB_QUIET
+        # asks for them: the lines said below name the run, its folder and its sync command. Warnings still show.
+        settings: dict[str, Any] = {} if {"WANDB_SILENT", "WANDB_QUIET"} & os.environ.keys() else {"silent": True}
         if mode == "online":
             # W&B asks the server who the key belongs to (5 s, twice) outside init_timeout: not needed.
             with contextlib.suppress(Exception):
                 wandb.setup(settings=wandb.Settings(x_disable_viewer=True))
             if not os.environ.get("WANDB_INIT_TIMEOUT"):
-                init["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT_SECONDS)
+                settings["init_timeout"] = INIT_TIMEOUT_SECONDS
+        if settings:
+            init["settings"] = wandb.Settings(**settings)
         tracker = WandBTracker(config.wandb_project, **init)
         tracker.start()
         try:
@@ -127,7 +132,8 @@ class Tracker:
             tracker.finish()
             raise
         self.run = tracker.run
-        self.say(f"W&B run {self.run.name} (id {self.run.id}, {mode})")
+        url = f": {self.run.url}" if mode == "online" else ""  # W&B's own line with it is silenced
+        self.say(f"W&B run {self.run.name} (id {self.run.id}, {mode}){url}")
         if mode == "offline" and (where := getattr(self.run, "dir", None)):
             folder = Path(where).parent
             self.say(f"W&B offline run folder: {folder}; upload later with: wandb sync {folder}")
