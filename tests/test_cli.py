@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -45,22 +46,22 @@ def test_flags_are_unique_and_every_field_has_one():
     assert RESUMABLE_FIELDS < {o.dotted for o in OPTIONS}
 
 
-def _help(capsys, monkeypatch, command: str = "train") -> list[str]:
-    monkeypatch.setenv("COLUMNS", "400")  # one row per option
+def _help(capsys, monkeypatch, command: str = "train", columns: int = 400) -> list[str]:
+    monkeypatch.setenv("COLUMNS", str(columns))
     ran = main_in_process([command, "--help"], capsys)
     check_ok(ran)
     return ran.stdout.splitlines()
 
 
 def _row(lines: list[str], flag: str) -> str:
-    """The option's row of the help table, with the lines its help wraps onto."""
-    starts = [i for i, ln in enumerate(lines) if ln.lstrip("│ ").startswith(flag + " ")]
+    """The option's entry in --help: its line, and the deeper-indented lines its help wraps onto."""
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(f"  {flag} ") or ln == f"  {flag}"]
     assert len(starts) == 1, f"{flag} appears {len(starts)} times in --help"
-    row, rest = lines[starts[0]], lines[starts[0] + 1:]
-    for ln in rest:
-        if ln.lstrip("│ ").startswith("-") or not ln.startswith("│ "):
+    row = lines[starts[0]]
+    for ln in lines[starts[0] + 1:]:
+        if not ln.startswith("   "):
             break
-        row += " " + ln.strip("│ ")
+        row += ("" if row.endswith("-") else " ") + ln.strip()  # the wrap breaks after a hyphen too
     return row
 
 
@@ -80,6 +81,15 @@ def test_help_lists_every_field_with_its_default_once(capsys, monkeypatch):
         else:
             expected = str(o.default)
         assert f"[default: {expected}]" in row, row
+
+
+def test_help_at_80_columns_shows_every_flag_whole(capsys, monkeypatch):
+    # Any pipe is 80 columns: a table of columns cut the long names ("--limit-train-sa…").
+    lines = _help(capsys, monkeypatch, columns=80)
+    text = "\n".join(lines)
+    for flag in ["--config", "--resume", "--overwrite", *(o.flag for o in OPTIONS)]:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{flag} is not whole in --help"
+    assert max(map(len, lines)) <= 80
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,9 @@ from vae_dist.run.folder import MARKER, RUN_NAMES
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
     import torch
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+# rich_markup_mode=None: click's plain help, whose flag column keeps every name whole (rich's table cut them
+# at 80 columns) and which takes half the lines.
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train and use variational autoencoders on MNIST, on one CPU or many GPUs (Accelerate).")
 MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000  # beyond these a PNG is absurd (and slow) long before useful
 # What the picture commands write in a run folder by default (the only names they replace there).
