@@ -101,6 +101,16 @@ def test_max_steps_inside_an_epoch_is_a_complete_run(tmp_path):
     assert (newest.epoch, newest.batches_done, newest.global_step) == (1, 3, 13)
 
 
+def test_progress_is_given_the_runs_steps_and_validations_left(tmp_path):
+    learner = _learner(tmp_path, epochs=4, max_steps=25)  # 10 steps per epoch: the run ends in epoch 3
+    progress = learner._progress()
+    assert (progress.run_steps, progress.fixed_seconds) == (25, 0.0)  # no validation timed yet
+    pos = learner.position
+    pos.epoch, pos.batches_done, pos.global_step, pos.history = 1, 3, 13, [{"valid_seconds": 2.0}]
+    progress = learner._progress()
+    assert (progress.desc, progress.run_steps, progress.fixed_seconds) == ("epoch 2/4", 12, 2 * 2.0)
+
+
 def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_DIST_TEST_NAN_AT", "7")
     learner = _learner(tmp_path, epochs=1, checkpoint_every_steps=5)

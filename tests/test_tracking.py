@@ -137,3 +137,24 @@ def test_a_tensorboard_that_cannot_write_costs_one_line_and_no_traceback(tmp_pat
         acc.end_training()
     assert [line.split(" (")[0] for line in said] == ["TensorBoard log failed at step 1", "TensorBoard did not close cleanly"]
     assert printed == []
+
+
+def _progress_lines(monkeypatch, capsys, seconds: list[float], **kw) -> list[str]:
+    """The lines a non-terminal Progress prints (one per step) when its steps take ``seconds``."""
+    now = [0.0]
+    monkeypatch.setattr(tracking, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    progress = tracking.Progress("epoch 1/3", 10, 0, enabled=True, line_every=0.0, **kw)
+    for s in seconds:
+        now[0] += s
+        progress.step()
+    return capsys.readouterr().err.splitlines()
+
+
+def test_progress_estimates_the_runs_time_left_without_the_warm_up(monkeypatch, capsys):
+    # The first step holds the warm-up (100 s); the rest take 1 s. The run has 30 steps left
+    # from here (three epochs) and 3 validations of 2 s each.
+    lines = _progress_lines(monkeypatch, capsys, [100.0] + [1.0] * 9, run_steps=30, fixed_seconds=6.0)
+    assert len(lines) == 10
+    assert all("estimating the time left" in line for line in lines[: tracking.WARMUP_STEPS])
+    assert lines[-1] == "epoch 1/3: 10/10, 26 s left in the run"  # 20 steps at 1 s, then 6 s of validation
+    assert _progress_lines(monkeypatch, capsys, [1.0] * 5, run_steps=4000)[-1].endswith(", 1 h 06 min left in the run")

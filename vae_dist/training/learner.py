@@ -3,6 +3,7 @@ the device (TrainMeter) and reduced across ranks only when reported: a step neve
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -124,8 +125,7 @@ class Learner:
         with nullcontext(stop) if stop is not None else StopRequest() as stop:
             while pos.epoch < cfg.epochs and not self._max_steps_reached():
                 epoch_noise, coins = self._start_epoch()
-                progress = Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", self.steps_per_epoch, pos.batches_done,
-                                    enabled=acc.is_main_process)
+                progress = self._progress()
                 # Resuming mid-epoch: the same permutation minus the batches done.
                 batches = acc.skip_first_batches(self.train_loader, pos.batches_done) if pos.batches_done \
                     else self.train_loader
@@ -158,6 +158,16 @@ class Learner:
                 epoch_noise = coins = None  # freed before the next epoch draws its own (N x K x latent)
                 self._end_epoch()
         return acc.unwrap_model(self.model)
+
+    def _progress(self) -> Progress:
+        """This epoch's progress, with the run's steps left and its validations to come (at the last one's time)."""
+        cfg, pos, per_epoch = self.config, self.position, self.steps_per_epoch
+        steps = (cfg.epochs - pos.epoch) * per_epoch - pos.batches_done
+        if cfg.max_steps is not None:
+            steps = min(steps, cfg.max_steps - pos.global_step)
+        validations = math.ceil((pos.batches_done + steps) / per_epoch)  # a max_steps run's last part validates too
+        return Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", per_epoch, pos.batches_done, self.acc.is_main_process,
+                        steps, validations * (pos.history[-1]["valid_seconds"] if pos.history else 0.0))
 
     def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor]) -> None:
         """Forward (the family's objective), backward, clip, Adam step at the schedule's rate."""

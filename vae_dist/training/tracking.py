@@ -29,6 +29,8 @@ ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "
 # Seconds W&B may take to start (its own default, 90 s, would hold every rank up); WANDB_INIT_TIMEOUT wins.
 INIT_TIMEOUT_SECONDS = 10.0
 NAMES = {"wandb": "W&B", "tensorboard": "TensorBoard"}
+# Steps of an epoch left out of the time left: they hold its warm-up (allocations, --compile's compilation).
+WARMUP_STEPS = 3
 
 
 def check_report_to(config: TrainingConfig) -> None:
@@ -211,34 +213,57 @@ class Tracker:
 
 
 class Progress:
-    def __init__(self, desc: str, total: int, initial: int, enabled: bool, line_every: float = 30.0):
+    """An epoch's progress with the time the run has left: ``run_steps`` (its steps left from ``initial``, this
+    epoch's and later ones') at the rate of this epoch's steps after its first WARMUP_STEPS, plus ``fixed_seconds``
+    (the validations to come). Until then it says that the time left is being estimated."""
+
+    def __init__(self, desc: str, total: int, initial: int, enabled: bool, run_steps: Optional[int] = None,
+                 fixed_seconds: float = 0.0, line_every: float = 30.0):
         self.desc, self.total, self.done, self.initial = desc, total, initial, initial
-        self.enabled, self.line_every, self.postfix = enabled, line_every, ""
-        self.started = self.last_line = time.perf_counter()
+        self.run_steps = total - initial if run_steps is None else run_steps
+        self.enabled, self.line_every, self.postfix, self.fixed_seconds = enabled, line_every, "", fixed_seconds
+        self.last_line = time.perf_counter()
+        self.timed_from = 0.0  # when the first WARMUP_STEPS were done
         try:  # a stream that is not there, or closed, is no terminal
             live = enabled and bool(sys.stderr.isatty())
         except (AttributeError, ValueError, OSError):
             live = False
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False) if live else None
+        # Without tqdm's own time left, which would be the epoch's.
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") if live else None
 
     def step(self) -> None:
         self.done += 1
+        if self.done - self.initial == WARMUP_STEPS:
+            self.timed_from = time.perf_counter()
         if self.bar is not None:
             self.bar.update(1)
         elif self.enabled and (self.done == self.initial + 1  # the first step too: training is under way
                                or time.perf_counter() - self.last_line >= self.line_every):
             self.last_line = time.perf_counter()
-            left = (self.last_line - self.started) / (self.done - self.initial) * (self.total - self.done)
-            print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}, {left:,.0f} s left")
+            print_err(f"{self.desc}: {self.done}/{self.total}{self.postfix}, {self.left()}")
+
+    def left(self) -> str:
+        timed = self.done - self.initial - WARMUP_STEPS
+        if timed < 1:
+            return "estimating the time left"
+        per_step = (time.perf_counter() - self.timed_from) / timed
+        return f"{_duration(per_step * (self.run_steps - self.done + self.initial) + self.fixed_seconds)} left in the run"
 
     def report(self, loss: float, samples_per_second: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.2f}", samples_s=f"{samples_per_second:,.0f}")
         self.postfix = f", loss {loss:.2f}, {samples_per_second:,.0f} samples/s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.postfix[2:]}, {self.left()}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
