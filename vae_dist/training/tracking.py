@@ -267,14 +267,15 @@ def _duration(seconds: float) -> str:
 
 
 def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
-    """A table, one row per epoch and one column per train/ and valid/ loss term (the best, lowest, value of
-    each marked '*' and the worst '!'), then the family's whole-test-set metrics (valid/codes_used, ...)."""
+    """A table, one row per epoch and one column per train/ and valid/ loss term (the best, lowest, objective
+    marked '*' and the worst '!'; the other terms are its parts, whose lowest is no better: a KL near 0 is a
+    collapsed posterior), then the family's whole-test-set metrics (valid/codes_used, ...)."""
     if not history:
         return "no epochs completed"
     keys = [k for k in (f"{s}/{t}" for s in ("train", "valid") for t in terms) if any(k in row for row in history)]
     whole = [k for k in history[-1] if k.startswith("valid/") and k not in keys and k != "valid/samples"]
     marks: dict[tuple[int, str], str] = {}
-    for key in keys:
+    for key in ("train/loss", "valid/loss"):
         vals = [(row[key], i) for i, row in enumerate(history) if key in row]
         if len(vals) > 1:
             marks[(min(vals)[1], key)], marks[(max(vals)[1], key)] = "*", "!"
@@ -286,4 +287,4 @@ def format_summary(history: list[dict[str, Any]], terms: Sequence[str]) -> str:
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
     lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |" for cells in [header] + rows]
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join(["Summary (nats per image; * best, ! worst)", lines[0], sep, *lines[1:]])
+    return "\n".join(["Summary (nats per image; * best, ! worst loss)", lines[0], sep, *lines[1:]])
