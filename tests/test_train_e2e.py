@@ -1,4 +1,5 @@
-"""A run's config.json retrains it bit for bit (the CLI in process, on real MNIST)."""
+"""A run's config.json retrains it bit for bit, and its banner says what it trains on (the CLI in process, on
+real MNIST)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def test_saved_config_retrains_bit_identically(tmp_path, data_dir, capsys):
     a, b = (load_file(str(art / "model.safetensors")) for art in (first, again))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "retraining from config.json changed the weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, said", [
+    ((), "on 64 mnist images (grey-level, bce likelihood)"),
+    (("--binarize", "dynamic"), "on 64 mnist images (dynamically binarized, bce likelihood)"),
+    (("--binarize", "static", "--recon-loss", "mse"), "on 64 mnist images (statically binarized, mse likelihood)"),
+])
+def test_the_banner_names_the_data_its_binarization_and_the_likelihood(flags, said, tmp_path, data_dir, capsys):
+    ran = main_in_process(small_train_args(data_dir, tmp_path / "run", "--model", "mlp", "--hidden-sizes", "8",
+                                           "--limit-train-samples", "64", "--limit-eval-samples", "100",
+                                           "--max-steps", "1", *flags), capsys)
+    check_ok(ran)
+    assert said in ran.stdout.splitlines()[0]

@@ -79,9 +79,11 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
         train_images, test_images, workers = train_images.to(acc.device), test_images.to(acc.device), 0
     batch, n = config.data.batch_size, acc.num_processes
     size = sum(p.numel() for p in model.parameters())
-    say(f"training {config.model.kind} ({size:,} parameters) on {len(train_images)} {config.data.dataset} images, "
-        f"{n} process(es) on {acc.device.type}: global batch {batch * n} "
-        f"= {batch} per process x {n}, {len(train_images) // (batch * n)} steps per epoch")
+    mode = config.data.binarize
+    pixels = "grey-level" if mode == "none" else f"{mode}ally binarized"  # dynamically, statically
+    say(f"training {config.model.kind} ({size:,} parameters) on {len(train_images)} {config.data.dataset} images "
+        f"({pixels}, {config.loss.recon_loss} likelihood), {n} process(es) on {acc.device.type}: "
+        f"global batch {batch * n} = {batch} per process x {n}, {len(train_images) // (batch * n)} steps per epoch")
     tracker = Tracker(acc, say)
     train_loader = loaders.make_loader(loaders.MnistImages(train_images), batch, shuffle_seed=config.seed,
                                        drop_last=True, num_workers=workers)
