@@ -247,8 +247,8 @@ class Progress:
         timed = self.done - self.initial - WARMUP_STEPS
         if timed < 1:
             return "estimating the time left"
-        per_step = (time.perf_counter() - self.timed_from) / timed
-        return f"{_duration(per_step * (self.run_steps - self.done + self.initial) + self.fixed_seconds)} left in the run"
+        seconds = (time.perf_counter() - self.timed_from) / timed * (self.run_steps - self.done + self.initial)
+        return f"{_duration(seconds + self.fixed_seconds)} left in the run"
 
     def report(self, loss: float, samples_per_second: float) -> None:
         self.postfix = f", loss {loss:.2f}, {samples_per_second:,.0f} samples/s"
