@@ -91,6 +91,17 @@ def test_resume_with_more_epochs_continues_the_same_run(tmp_path, one_epoch, who
     assert resumed.position.wandb_run_id == "first-id"  # the checkpoints still name the run they belong to
 
 
+def test_resuming_a_finished_run_says_it_is_complete_and_trains_nothing(tmp_path, one_epoch, capsys):
+    root = copy_run(one_epoch[0], tmp_path)
+    capsys.readouterr()
+    resumed = _learner(root, epochs=1, resume=True)
+    said = capsys.readouterr().out
+    assert "the run is already complete (epoch 1/1 done, step 10): nothing left to train" in said, said
+    assert "epoch 2" not in said  # of a 1-epoch run
+    resumed.fit()
+    assert resumed.position.global_step == 10 and torch.equal(_weights(resumed.model), one_epoch[1])
+
+
 def _zero_tensor_bytes(folder: Path) -> None:
     """Zeros over the middle of model.safetensors's tensor data: same size, header intact."""
     path = folder / "model.safetensors"

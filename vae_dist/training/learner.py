@@ -198,8 +198,14 @@ class Learner:
         # From here on the checkpoints record this run's config (a resumable field may have changed).
         pos = self.position = found.manifest.state.model_copy(
             update={"num_processes": self.acc.num_processes, "config": self.config})
-        self.say(f"resumed from {found.path.name}: epoch {pos.epoch + 1}, "
-                 f"batch {pos.batches_done}/{self.steps_per_epoch}, step {pos.global_step}")
+        cfg = self.config
+        if pos.epoch >= cfg.epochs or self._max_steps_reached():  # fit() trains no step: train() exports again
+            end = f"epoch {cfg.epochs}/{cfg.epochs} done" if pos.epoch >= cfg.epochs else f"--max-steps {cfg.max_steps}"
+            self.say(f"resumed from {found.path.name}: the run is already complete ({end}, step {pos.global_step}): "
+                     "nothing left to train; the model is exported again (a larger --epochs or --max-steps trains on)")
+        else:
+            self.say(f"resumed from {found.path.name}: epoch {pos.epoch + 1}, "
+                     f"batch {pos.batches_done}/{self.steps_per_epoch}, step {pos.global_step}")
 
     def _start_epoch(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
