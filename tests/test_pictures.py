@@ -44,10 +44,18 @@ def png(path: Path) -> Image.Image:
         return img.convert("L")
 
 
-def tile(img: Image.Image, row: int, col: int) -> np.ndarray:
+def tile(img: Image.Image, row: int, col: int, left: int = 0) -> np.ndarray:
+    """The tile at (row, col) of a grid drawn ``left`` pixels from the image's left edge (after its labels)."""
     step = SIDE + PADDING
-    y, x = PADDING + row * step, PADDING + col * step
+    y, x = PADDING + row * step, left + PADDING + col * step
     return np.asarray(img)[y : y + SIDE, x : x + SIDE]
+
+
+def margin(img: Image.Image, tiles: int, nrow: int) -> int:
+    """The width of a labelled grid's margin: what the image has beyond the grid of ``tiles``."""
+    width, height = grid_size(tiles, nrow)
+    assert img.height == height and img.width > width
+    return img.width - width
 
 
 def model_run(root: Path, latent: int = 2, data_dir: Path | None = None) -> Path:
@@ -130,6 +138,21 @@ def test_side_by_side_puts_each_reconstruction_below_its_original() -> None:
         images.side_by_side(originals, originals[:-1])
 
 
+def test_row_labels_go_in_a_margin_left_of_the_unchanged_grid(tmp_path) -> None:
+    tiles = images.side_by_side(torch.rand(12, 1, 28, 28), torch.rand(12, 1, 28, 28))
+    images.save_grid(tiles, tmp_path / "plain.png", 8)
+    images.save_grid(tiles, tmp_path / "labelled.png", 8, images.SIDE_BY_SIDE)
+    plain, labelled = np.asarray(png(tmp_path / "plain.png")), np.asarray(png(tmp_path / "labelled.png"))
+    left = labelled.shape[1] - plain.shape[1]
+    assert left > 0 and np.array_equal(labelled[:, left:], plain)  # the tiles' pixels as without labels
+    step = SIDE + PADDING
+    bands = [labelled[PADDING + r * step : PADDING + r * step + SIDE, :left] for r in range(4)]
+    assert all(band.max() > 0 for band in bands)  # each row is named ...
+    assert np.array_equal(bands[0], bands[2]) and np.array_equal(bands[1], bands[3])  # ... in turn
+    assert not np.array_equal(bands[0], bands[1])
+    assert not labelled[:, :left].any(axis=1)[[PADDING + r * step - 1 for r in range(4)]].any()  # inside its row
+
+
 def test_loss_series_skip_only_what_cannot_be_drawn() -> None:
     history = [
         {"epoch": 3, "train/loss": 5.0, "valid/loss": 6.0},
@@ -148,7 +171,8 @@ def test_loss_series_skip_only_what_cannot_be_drawn() -> None:
 
 def test_epoch_previews_go_under_images_and_to_the_tracker(tmp_path, monkeypatch) -> None:
     saved, logged, said = {}, [], []
-    monkeypatch.setattr(images, "save_grid", lambda tiles, path, nrow: saved.update({Path(path): (tiles, nrow)}))
+    monkeypatch.setattr(images, "save_grid", lambda tiles, path, nrow, row_labels: saved.update(
+        {Path(path): (tiles, row_labels)}))
 
     class Tracker:
         def log_images(self, pictures, step):
@@ -162,9 +186,10 @@ def test_epoch_previews_go_under_images_and_to_the_tracker(tmp_path, monkeypatch
     assert set(saved) == {recon, samples}
     assert torch.equal(saved[recon][0], images.side_by_side(x, evaluate.reconstructions(model, x)))
     assert torch.equal(saved[samples][0], evaluate.prior_samples(model, NUM_SAMPLES, 7))
+    assert (saved[recon][1], saved[samples][1]) == (images.SIDE_BY_SIDE, ())  # which row is which; samples are alike
     assert logged == [({"valid/reconstructions": str(recon), "prior/samples": str(samples)}, 30)]
 
-    def full(tiles, path, nrow):
+    def full(tiles, path, nrow, row_labels):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(images, "save_grid", full)
@@ -176,12 +201,13 @@ def test_epoch_previews_go_under_images_and_to_the_tracker(tmp_path, monkeypatch
 def test_training_writes_each_epochs_previews_and_the_loss_curves(finished_run: Path, data_dir: Path) -> None:
     recon = png(finished_run / "images" / "epoch-001-reconstructions.png")
     samples = png(finished_run / "images" / "epoch-001-samples.png")
-    assert recon.size == grid_size(2 * NUM_PREVIEW, 8) and samples.size == grid_size(NUM_SAMPLES, 8)
+    left = margin(recon, 2 * NUM_PREVIEW, 8)  # the rows' labels
+    assert samples.size == grid_size(NUM_SAMPLES, 8)
     test = evaluate.test_images(TrainingConfig(), data_dir, 0)
     for i in (0, 9, NUM_PREVIEW - 1):
         row, col = 2 * (i // 8), i % 8
-        assert np.array_equal(tile(recon, row, col), test[i, 0].numpy())
-        assert tile(recon, row + 1, col).std() > 0
+        assert np.array_equal(tile(recon, row, col, left), test[i, 0].numpy())
+        assert tile(recon, row + 1, col, left).std() > 0
     assert np.asarray(samples).std() > 0
     with Image.open(finished_run / "loss_curves.png") as curves:
         assert curves.format == "PNG" and curves.size == (640, 400)
@@ -217,12 +243,12 @@ def test_reconstruct_puts_test_images_above_their_reconstructions(tmp_path, data
     check_ok(ran)
     assert ran.stdout.strip() == str(run / "reconstructions.png")  # beside the model file
     img = png(run / "reconstructions.png")
-    assert img.size == grid_size(4 * 8, 8)  # 12 images: 2 rows of originals, each above its reconstructions
+    left = margin(img, 4 * 8, 8)  # 12 images: 2 rows of originals, each above its reconstructions, labelled
     test = evaluate.test_images(TrainingConfig(), data_dir, 0)
     for i in (0, 11):
         row, col = 2 * (i // 8), i % 8
-        assert np.array_equal(tile(img, row, col), test[i, 0].numpy())
-        assert tile(img, row + 1, col).std() > 0
+        assert np.array_equal(tile(img, row, col, left), test[i, 0].numpy())
+        assert tile(img, row + 1, col, left).std() > 0
     error = one_error_line(main_in_process(["reconstruct", str(run), "--data-dir", str(tmp_path / "missing")], capsys))
     assert "does not exist" in error
 

@@ -200,10 +200,10 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
     return target
 
 
-def _save(tiles: "torch.Tensor", path: Path, nrow: int) -> None:
+def _save(tiles: "torch.Tensor", path: Path, nrow: int, row_labels: tuple[str, ...] = ()) -> None:
     from vae_dist.evaluation.images import save_grid
     try:
-        save_grid(tiles, path, nrow)
+        save_grid(tiles, path, nrow, row_labels)
     except OSError as e:
         raise VaeDistError(f"cannot write {path}: {e.strerror or e}") from None
     print_out(str(path))
@@ -244,12 +244,12 @@ def reconstruct(
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/reconstructions.png)."),
 ) -> None:
     """The first N test images, each above its reconstruction (decoded posterior mean)."""
-    from vae_dist.evaluation.images import side_by_side
+    from vae_dist.evaluation.images import SIDE_BY_SIDE, side_by_side
     model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
     x, nrow = test[:num], min(8, num)
-    _save(side_by_side(x, model.reconstruct(x), nrow), target, nrow)
+    _save(side_by_side(x, model.reconstruct(x), nrow), target, nrow, SIDE_BY_SIDE)
 
 
 def interpolate(

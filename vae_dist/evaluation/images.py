@@ -15,24 +15,38 @@ PADDING = 2  # make_grid's gap between tiles
 CURVES = {"train/loss": "#0072B2", "valid/loss": "#D55E00"}  # Okabe-Ito colours
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> None:
+def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int, row_labels: Sequence[str] = ()) -> None:
     """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and
-    between them, into a greyscale PNG."""
-    from PIL import Image
+    between them, into a greyscale PNG; ``row_labels`` name the rows in turn, in a margin on their left."""
+    from PIL import Image, ImageDraw, ImageFont
     tiles = images.detach().float().cpu().clamp(0.0, 1.0)
     n, _, h, w = tiles.shape
-    cols = min(nrow, n)
-    grid = torch.zeros(math.ceil(n / cols) * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
+    cols, rows = min(nrow, n), math.ceil(n / min(nrow, n))
+    grid = torch.zeros(rows * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
     for i, tile in enumerate(tiles):
         y, x = (PADDING + (h + PADDING) * k for k in divmod(i, cols))
         grid[y : y + h, x : x + w] = tile[0]
-    pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
-    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="png"))
+    picture = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy())
+    if row_labels:
+        font = ImageFont.load_default()
+        margin = max(math.ceil(font.getlength(label)) for label in row_labels) + 2 * PADDING
+        labelled = Image.new("L", (margin + picture.width, picture.height))
+        labelled.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for row in range(rows):
+            label = row_labels[row % len(row_labels)]
+            top, bottom = draw.textbbox((0, 0), label, font=font)[1::2]
+            draw.text((PADDING, PADDING + row * (h + PADDING) + (h - top - bottom) // 2), label, fill=255, font=font)
+        picture = labelled
+    atomic_write(path, lambda f: picture.save(f, format="png"))
+
+
+SIDE_BY_SIDE = ("original", "recon")  # the row labels of side_by_side's grid
 
 
 def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """The tiles of a grid of ``nrow`` columns whose rows alternate originals and their reconstructions,
-    each digit directly above its own; a short last row is filled with blank tiles."""
+    """The tiles of a grid of ``nrow`` columns whose rows alternate originals and their reconstructions
+    (SIDE_BY_SIDE), each digit directly above its own; a short last row is filled with blank tiles."""
     if originals.shape != reconstructions.shape:
         raise ValueError(f"originals and reconstructions differ in shape: {tuple(originals.shape)}, "
                          f"{tuple(reconstructions.shape)}")

@@ -160,13 +160,14 @@ def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], tes
     (the same latents every epoch), as PNGs under images/ and to the trackers."""
     originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
     def write(model: Model, epoch: int, step: int) -> None:
-        grids = {"valid/reconstructions": images.side_by_side(originals, evaluate.reconstructions(model, originals)),
-                 "prior/samples": evaluate.prior_samples(model, NUM_SAMPLES, seed)}  # not valid/samples: a count
+        recon = images.side_by_side(originals, evaluate.reconstructions(model, originals))
+        grids = {"valid/reconstructions": (recon, images.SIDE_BY_SIDE),
+                 "prior/samples": (evaluate.prior_samples(model, NUM_SAMPLES, seed), ())}  # not valid/samples: a count
         written = {}
-        for key, tiles in grids.items():
+        for key, (tiles, labels) in grids.items():
             path = folder.epoch_picture(root, epoch, key.split("/")[1])
             try:
-                images.save_grid(tiles, path, nrow=8)
+                images.save_grid(tiles, path, nrow=8, row_labels=labels)
                 written[key] = str(path)
             except OSError as e:  # a preview is not worth a run
                 say(f"preview {path} not written ({e.strerror or e}); training goes on")
