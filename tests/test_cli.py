@@ -224,6 +224,8 @@ USER_ERRORS = {
     "evaluate-no-argument": (["evaluate"], ["artifact_dir"]),
     "evaluate-iw-negative": (["evaluate", "somewhere", "--iw-samples", "-1"], ["--iw-samples"]),
     "evaluate-limit-0": (["evaluate", "somewhere", "--limit-eval-samples", "0"], ["--limit-eval-samples"]),
+    # a control character in a path is shown escaped: the line stays one
+    "newline-in-a-path": (["evaluate", "some\nwhere\x1b[2J"], ["no trained model at some\\nwhere\\x1b[2J"]),
 }
 
 

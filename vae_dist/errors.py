@@ -8,8 +8,17 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
+def one_line(text: str) -> str:
+    """``text`` with each unprintable character (a newline or escape in a path, a byte a path does not decode) as its
+    Python escape: an error quoting a name stays one line, and shows the name as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class VaeDistError(Exception):
     """A problem with the user's input or environment that the user can fix; anything else is a bug."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ConfigError(VaeDistError): ...  # a config value is missing, unknown, of the wrong type or out of range

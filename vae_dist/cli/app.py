@@ -18,7 +18,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
 from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
-from vae_dist.errors import ConfigError, VaeDistError
+from vae_dist.errors import ConfigError, VaeDistError, one_line
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 from vae_dist.run.folder import MARKER, RUN_NAMES
 
@@ -282,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(rc)
     except (UsageError, VaeDistError) as e:  # a bare `vae-dist` (NoArgsIsHelpError) prints the help
         message = e.format_message() if isinstance(e, UsageError) else str(e)
-        print_err(message if isinstance(e, NoArgsIsHelpError) else f"error: {message}")
+        print_err(message if isinstance(e, NoArgsIsHelpError) else f"error: {one_line(message)}")
         sys.exit(2)
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
@@ -294,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except RuntimeError as e:  # only torch raises these: a lost peer is one line, anything else its traceback
         if not lost_process(e):
             raise
-        print_err(f"error: {lost_process_line(e)}")
+        print_err(f"error: {one_line(lost_process_line(e))}")
         sys.exit(2)
     finally:
         for stream in (sys.stdout, sys.stderr):
