@@ -20,6 +20,7 @@ from vae_dist.errors import TrainingError, VaeDistError
 from vae_dist.models import build
 from vae_dist.run.modelfile import save_model_file
 from vae_dist.evaluation.evaluate import score
+from vae_dist.models.protocol import MAX_GENERATOR_SEED, MAX_IMAGES, MAX_IW_SAMPLES
 
 
 def test_iw_nll_is_the_estimate_evaluate_prints(tmp_path: Path) -> None:
@@ -83,6 +84,63 @@ def test_a_checkpoint_claims_only_the_results_of_its_own_weights(tmp_path: Path)
     assert vae_dist.load(tmp_path / "checkpoints" / "step-000000016").results == {}  # not epoch 1's at step 10
     at_end = vae_dist.load(tmp_path / "checkpoints" / "step-000000020").results
     assert (at_end["step"], at_end["valid/loss"]) == (20, learner.position.history[-1]["valid/loss"])
+
+
+ONE = torch.zeros(1, 784)
+BAD_CALLS = {  # every entry point with input it cannot take; fn(model) makes the call
+    "encode-empty": (lambda m: m.encode(torch.zeros(0, 784)), "at least one"),
+    "reconstruct-empty": (lambda m: m.reconstruct(torch.zeros(0, 1, 28, 28, dtype=torch.uint8)), "at least one"),
+    "iw_nll-empty": (lambda m: vae_dist.iw_nll(m, torch.zeros(0, 28, 28), k=5), "at least one"),
+    "encode-nan": (lambda m: m.encode(torch.full((2, 784), float("nan"))), "finite"),
+    "encode-784-as-4x196": (lambda m: m.encode(torch.zeros(2, 4, 196)), "shaped"),
+    "interpolate-two-images-at-one-end": (lambda m: m.interpolate(torch.zeros(2, 784), ONE), "one image"),
+    "decode-empty": (lambda m: m.decode(torch.zeros(0, 2)), "at least one"),
+    "decode-int64": (lambda m: m.decode(torch.zeros(3, 2, dtype=torch.int64)), "floating point"),
+    "decode-nan": (lambda m: m.decode(torch.tensor([[0.0, float("nan")]])), "finite"),
+    "decode-wrong-size": (lambda m: m.decode(torch.zeros(3, 5)), "(N, 2)"),
+    "sample-too-many": (lambda m: m.sample(MAX_IMAGES + 1), "n must be an integer from 1 to"),
+    "sample-negative": (lambda m: m.sample(-1), "n must be"),
+    "sample-float": (lambda m: m.sample(2.0), "n must be an integer"),
+    "sample-bool": (lambda m: m.sample(True), "n must be an integer"),
+    "sample-negative-seed": (lambda m: m.sample(2, seed=-1), "seed must be"),
+    "sample-seed-over-64-bits": (lambda m: m.sample(2, seed=2**64), "seed must be"),
+    "interpolate-too-many-steps": (lambda m: m.interpolate(ONE, ONE, steps=MAX_IMAGES + 1), "steps must be"),
+    "interpolate-string-steps": (lambda m: m.interpolate(ONE, ONE, steps="5"), "steps must be"),
+    "manifold-too-large": (lambda m: m.manifold(10**6), "n_per_side must be"),
+    "manifold-0": (lambda m: m.manifold(0), "n_per_side must be"),
+    "iw_nll-k-over-the-cli-bound": (lambda m: vae_dist.iw_nll(m, ONE, k=MAX_IW_SAMPLES + 1), "k must be"),
+    "iw_nll-k-float": (lambda m: vae_dist.iw_nll(m, ONE, k=5.0), "k must be"),
+    "iw_nll-not-a-model": (lambda m: vae_dist.iw_nll(m.model, ONE, k=5), "vae_dist.load"),
+    "to-unknown-device": (lambda m: m.to("nodevice"), "cannot move the model"),
+    "to-meta": (lambda m: m.to("meta"), "holds no weights"),
+    "load-none": (lambda m: vae_dist.load(None), "model path None"),
+    "load-unknown-user": (lambda m: vae_dist.load("~no-such-user-here/run"), "home directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_to_any_entry_point_is_one_line_and_the_model_stays_usable(tmp_path: Path, case) -> None:
+    model = vae_dist.load(model_run(tmp_path))
+    call, needle = BAD_CALLS[case]
+    with pytest.raises(VaeDistError, match=re.escape(needle)) as e:
+        call(model)
+    assert "\n" not in str(e.value)
+    assert model.sample(2, seed=MAX_GENERATOR_SEED).shape == (2, 1, 28, 28) and model.device.type == "cpu"
+
+
+def test_latents_of_any_float_precision_decode_as_the_models_own(tmp_path: Path) -> None:
+    model = vae_dist.load(model_run(tmp_path))
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    expected = model.decode(z)
+    assert torch.equal(model.decode(z.double()), expected)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(model.decode(z.to(dtype)), model.decode(z.to(dtype).float()))
+
+
+def test_a_path_in_an_error_stays_on_one_line(tmp_path: Path) -> None:
+    with pytest.raises(VaeDistError) as e:
+        vae_dist.load(tmp_path / "two\nlines")
+    assert "\n" not in str(e.value) and "two\\nlines" in str(e.value)
 
 
 @pytest.mark.slow

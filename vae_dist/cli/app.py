@@ -19,6 +19,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendo
 
 from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
 from vae_dist.errors import ConfigError, VaeDistError, one_line
+from vae_dist.models.protocol import MAX_GENERATOR_SEED, MAX_IMAGES, MAX_IW_SAMPLES
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 from vae_dist.run.folder import MARKER, RUN_NAMES
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors sta
 # at 80 columns) and which takes half the lines.
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train and use variational autoencoders on MNIST, on one CPU or many GPUs (Accelerate).")
-MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000  # beyond these a PNG is absurd (and slow) long before useful
+MAX_GRID_SIZE, MAX_STEPS = 100, 1_000  # beyond these a PNG is absurd (and slow) long before useful
 # What the picture commands write in a run folder by default (the only names they replace there).
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
@@ -152,8 +153,8 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     limit_eval_samples: Optional[int] = typer.Option(None, "--limit-eval-samples", min=1,
                                                      help="Use the first N test images."),
-    iw_samples: int = typer.Option(  # Burda et al. use 5000; beyond 100,000 an estimate takes days for no gain
-        0, "--iw-samples", min=0, max=100_000, help="Also estimate the test NLL with K importance samples."),
+    iw_samples: int = typer.Option(
+        0, "--iw-samples", min=0, max=MAX_IW_SAMPLES, help="Also estimate the test NLL with K importance samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Test loss, reconstruction and KL of a trained model (nats per image), and with --iw-samples K the
@@ -222,8 +223,8 @@ def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Opt
 def sample(
     artifact_dir: Path = typer.Argument(..., help=ARTIFACT_HELP),
     num: int = typer.Option(64, "--num", min=1, max=MAX_IMAGES, help="Number of samples from the prior."),
-    # torch seeds a generator with 64 bits; within the signed range every seed is one stream
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the draws (same seed, same image)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_GENERATOR_SEED,
+                             help="Seed of the draws (same seed, same image)."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write [ARTIFACT_DIR/samples.png or manifold.png]."),
     manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space (--latent-size 2)."),
     grid_size: int = typer.Option(20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the manifold."),

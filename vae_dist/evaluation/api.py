@@ -3,15 +3,17 @@ notebooks, scripts and the picture commands; bad input raises the one-line error
 
 from __future__ import annotations
 
+import math
+import operator
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from vae_dist.config import TrainingConfig
-from vae_dist.errors import ArtifactError, DataError, VaeDistError
+from vae_dist.errors import ArtifactError, DataError, VaeDistError, first_line
 from vae_dist.evaluation.evaluate import evaluating, iw_nll_per_image, prior_samples, reconstructions
-from vae_dist.models.protocol import Model
+from vae_dist.models.protocol import MAX_GENERATOR_SEED, MAX_IMAGES, MAX_IW_SAMPLES, Model
 from vae_dist.run.checkpoint import MANIFEST, read_manifest, verify_hashes
 from vae_dist.run.fileio import checking
 from vae_dist.run.folder import MODEL
@@ -19,18 +21,32 @@ from vae_dist.run.modelfile import load_model_file, model_results
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
-    """(N, 784), (N, 28, 28) or (N, 1, 28, 28) images, uint8 or floats in [0, 1], as floats (N, 1, 28, 28)."""
+    """N >= 1 images shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), uint8 or floats in [0, 1], as floats
+    (N, 1, 28, 28): every image the API takes comes through here."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if not 2 <= x.dim() <= 4 or x.shape[1:].numel() != 28 * 28:
-        raise DataError(f"images must be shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), got {tuple(x.shape)}")
+    if x.dim() < 2 or x.shape[1:] not in ((28 * 28,), (28, 28), (1, 28, 28)) or not len(x):
+        raise DataError(f"images must be at least one, shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), "
+                        f"got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x.reshape(-1, 1, 28, 28).float().div(255.0)
     if not x.is_floating_point():
         raise DataError(f"images must be uint8 (0..255) or floating point in [0, 1], got {x.dtype}")
-    if x.numel() and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-        raise DataError("floating-point images must lie in [0, 1] (divide uint8 pixels by 255)")
+    if not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise DataError("floating-point images must be finite and lie in [0, 1] (divide uint8 pixels by 255)")
     return x.reshape(-1, 1, 28, 28).float()
+
+
+def as_count(name: str, value: Any, low: int, high: int) -> int:
+    """``value``, an integer from ``low`` to ``high``: every count the API takes comes through here, bounded so that
+    what it makes fits in memory (and time)."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)  # an int, numpy's too; never 2.0 or True
+    except TypeError:
+        n = None
+    if n is None or not low <= n <= high:
+        raise DataError(f"{name} must be an integer from {low:,} to {high:,}, got {value!r:.40}")
+    return n
 
 
 def manifold_grid(n_per_side: int) -> torch.Tensor:
@@ -59,7 +75,12 @@ class TrainedVAE:
             raise VaeDistError(f"--model {self.config.model.kind} has no {what}")
 
     def to(self, device: str | torch.device) -> TrainedVAE:
-        self.model.to(device)
+        try:
+            if torch.device(device).type == "meta":
+                raise ValueError("the meta device holds no weights")
+            self.model.to(device)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # unknown, absent, or not built in
+            raise VaeDistError(f"cannot move the model to {device!r:.40}: {first_line(e)}") from None
         return self
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,18 +91,22 @@ class TrainedVAE:
         return mu.cpu(), logvar.cpu()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean images of latents z (N, latent)."""
+        """Mean images of latents z (N, latent), finite floats of any precision."""
         self._needs("decode", "continuous latent space to decode")
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size:
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size or not len(z):
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise DataError(f"latents must be shaped (N, {self.latent_size}), got {shape}")
-        with evaluating(self.model):
-            return torch.sigmoid(self.model.decode(z.to(self.device)).float()).cpu()
+            raise DataError(f"latents must be at least one, shaped (N, {self.latent_size}), got {shape}")
+        if not z.is_floating_point():
+            raise DataError(f"latents must be floating point, got {z.dtype}")
+        if not torch.isfinite(z).all():
+            raise DataError("latents must be finite (a NaN or an infinity decodes to no image)")
+        weight = next(self.model.parameters())
+        with evaluating(self.model):  # in the model's own precision: float64 latents meet float32 weights
+            return torch.sigmoid(self.model.decode(z.to(weight.device, weight.dtype)).float()).cpu()
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """n images from the model's prior; the same seed gives the same images."""
-        if n < 1:
-            raise DataError(f"n must be at least 1, got {n}")
+        n, seed = as_count("n", n, 1, MAX_IMAGES), as_count("seed", seed, 0, MAX_GENERATOR_SEED)
         return prior_samples(self.model, n, seed)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -90,8 +115,7 @@ class TrainedVAE:
 
     def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> torch.Tensor:
         """``steps`` decodings along the straight latent line between two images' posterior means, ends included."""
-        if steps < 2:
-            raise DataError(f"steps must be at least 2, got {steps}")
+        steps = as_count("steps", steps, 2, MAX_IMAGES)
         a, b = as_images(x_from), as_images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
@@ -105,12 +129,15 @@ class TrainedVAE:
         if self.latent_size != 2:
             raise VaeDistError(f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
                                f"{self.latent_size} (train one with --latent-size 2)")
-        return self.decode(manifold_grid(n_per_side))
+        return self.decode(manifold_grid(as_count("n_per_side", n_per_side, 1, math.isqrt(MAX_IMAGES))))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     """The model a run folder, its model.safetensors or a checkpoint folder holds, on ``device``."""
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except (TypeError, RuntimeError) as e:  # not a path; a ~user unknown here
+        raise ArtifactError(f"model path {path!r:.200} cannot be used: {first_line(e)}") from None
     with checking(p, ArtifactError, "model path"):
         is_checkpoint = p.is_dir() and (p / MANIFEST).is_file()
     if not is_checkpoint:
@@ -125,10 +152,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
 
 def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
     """-log p(x) in nats per image, averaged over ``images``, by ``evaluate --iw-samples k``'s estimator."""
-    if k < 1:
-        raise DataError(f"k must be at least 1, got {k}")
+    if not isinstance(model, TrainedVAE):
+        raise VaeDistError(f"iw_nll takes the model vae_dist.load returns, got {type(model).__name__}")
     model._needs("iw_nll", "importance-weighted log-likelihood")
-    x = as_images(images).cpu()
+    k, x = as_count("k", k, 1, MAX_IW_SAMPLES), as_images(images).cpu()
     device = model.device  # the estimator's draws come from CPU generators: it runs there
     try:
         nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k)

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 PIXELS = 28 * 28
+# The most one call may ask of a family, through the API or the CLI alike: ``sample`` makes its n images in one batch,
+# whose activations grow with n, and ``iw_nll``'s time grows with K (Burda et al. use 5000; beyond 100,000 an estimate
+# takes days for no gain).
+MAX_IMAGES, MAX_IW_SAMPLES = 10_000, 100_000
+MAX_GENERATOR_SEED = 2**63 - 1  # torch seeds a generator with 64 bits; within the signed range every seed is one stream
 
 
 class Family(NamedTuple):
