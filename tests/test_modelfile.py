@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import vae_dist
 from conftest import check_ok, main_in_process, small_train_args
 from vae_dist.config import ModelConfig, TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError
@@ -98,6 +99,41 @@ def test_a_file_that_is_not_a_vae_dist_model_is_one_line(tmp_path, make, message
         load_model_file(p)
     text = str(e.value)
     assert message in text and str(p) in text and "\n" not in text
+
+
+TINY = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "latent_size": 2}})
+
+
+@pytest.mark.parametrize("key", ["vae_dist_config", "vae_dist_results"])
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000, "nested too deeply"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+    (" " * (2 << 20) + "{}", "larger than"),
+], ids=["deep-list", "deep-object", "huge"])
+def test_metadata_too_deep_or_too_large_is_one_line(tmp_path, key, text, message):
+    p = tmp_path / MODEL
+    save_file(build(TINY).state_dict(), str(p), metadata={"format": "pt", "vae_dist_config": TINY.to_json(), key: text})
+    with pytest.raises(ArtifactError) as e:
+        vae_dist.load(p)  # the config, then the results
+    what = "config" if key == "vae_dist_config" else "results"
+    assert f"{p} carries {'an ' if what == 'config' else ''}unreadable {what}: {message}" in str(e.value)
+
+
+def test_results_that_are_not_an_object_are_one_line(tmp_path):
+    p = tmp_path / MODEL
+    save_file(build(TINY).state_dict(), str(p), metadata={"format": "pt", "vae_dist_config": TINY.to_json(),
+                                                          "vae_dist_results": "[1, 2]"})
+    with pytest.raises(ArtifactError, match="unreadable results: not a JSON object"):
+        vae_dist.load(p)
+
+
+def test_a_model_under_a_path_that_is_not_utf8_says_so(tmp_path):
+    folder = tmp_path / os.fsdecode(b"caf\xe9")  # as the OS hands Python a Latin-1 name: a surrogate escape
+    folder.mkdir()
+    save_model_file(folder / MODEL, build(TINY).state_dict(), TINY)
+    with pytest.raises(ArtifactError) as e:
+        load_model_file(folder)
+    assert "its path is not UTF-8" in str(e.value) and "not a readable safetensors file" not in str(e.value)
 
 
 def test_model_size_is_bounded_from_the_config_alone() -> None:

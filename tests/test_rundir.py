@@ -289,6 +289,12 @@ def test_a_marker_without_a_valid_run_id_is_refused_naming_it(run_id, flags, tmp
     assert snapshot(tmp_path) == before
 
 
+def test_a_marker_nested_deeper_than_the_json_parser_goes_is_one_line(tmp_path):
+    (tmp_path / MARKER).write_text("[" * 100_000)
+    with pytest.raises(ArtifactError, match=f"{tmp_path / MARKER} cannot be read"):
+        marker_run_id(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
 def test_a_crafted_run_id_in_the_marker_is_one_line_and_touches_nothing(flag, finished_run, data_dir, tmp_path, capsys):

@@ -61,7 +61,7 @@ def marker_run_id(root: Path) -> str:
         if path.is_symlink():
             raise ArtifactError(f"{path} is a symbolic link; vae_dist never reads or writes through a link")
         record = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than the parser goes
         raise ArtifactError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     run_id = record.get("run_id") if isinstance(record, dict) else None
     if not is_run_id(run_id):

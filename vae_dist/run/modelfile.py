@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save
 
-from vae_dist.config import TrainingConfig
+from vae_dist.config import MAX_CONFIG_BYTES, TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, VaeDistError, first_line
 from vae_dist.models import build, parameter_count
 from vae_dist.models.protocol import Model
@@ -47,9 +47,25 @@ def check_model_size(config: TrainingConfig, where: str, error: type[VaeDistErro
         raise error(f"{where}: the model would have {n:,} parameters, more than the {MAX_PARAMETERS:,} vae_dist builds")
 
 
+def _metadata_json(text: str) -> Any:
+    """A JSON entry of a model file's metadata. vae_dist writes a few kilobytes, shallow: bounded in size, and nested
+    too deeply for the parser (a RecursionError, not a ValueError) is refused as the ValueError of a bad one."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES:,} bytes")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 @contextlib.contextmanager
 def _reading(p: Path) -> Iterator[Any]:
     """The open safetensors file; a file that is not one, or is cut short, is one line."""
+    try:
+        str(p).encode()
+    except UnicodeEncodeError:  # a name's bytes that are not UTF-8, which safetensors cannot open
+        raise ArtifactError(f"model file {p} cannot be opened: its path is not UTF-8, and safetensors opens only "
+                            "UTF-8 paths (rename it, or the folder that holds it)") from None
     try:
         with safe_open(str(p), framework="pt") as f:
             yield f
@@ -72,7 +88,7 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
             if "vae_dist_config" not in meta:
                 raise ArtifactError(f"model file {p} was not written by vae_dist (no config in its metadata)")
             try:
-                config = TrainingConfig.from_dict(json.loads(meta["vae_dist_config"]))
+                config = TrainingConfig.from_dict(_metadata_json(meta["vae_dist_config"]))
             except (ValueError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
                 why = first_line(e) or type(e).__name__
                 raise ArtifactError(f"model file {p} carries an unreadable config: {why}") from None
@@ -98,5 +114,13 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
 def model_results(path: str | Path) -> dict[str, Any]:
     """The results a model file records (its last validation and protocol; {} if none)."""
     p = Path(path).expanduser()
-    with _reading(p / MODEL if p.is_dir() else p) as f:
-        return json.loads((f.metadata() or {}).get("vae_dist_results", "{}"))
+    p = p / MODEL if p.is_dir() else p
+    with _reading(p) as f:
+        text = (f.metadata() or {}).get("vae_dist_results", "{}")
+    try:
+        results = _metadata_json(text)
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"model file {p} carries unreadable results: {first_line(e)}") from None
+    if not isinstance(results, dict):
+        raise ArtifactError(f"model file {p} carries unreadable results: not a JSON object")
+    return results
