@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import check_ok, main_in_process, one_error_line
+from conftest import check_ok, copy_run, main_in_process, one_error_line, snapshot
 from vae_dist.evaluation import evaluate
 from vae_dist.evaluation import images
 from vae_dist.cli.app import _output_path
@@ -22,6 +22,7 @@ from vae_dist.evaluation.api import TrainedVAE, manifold_grid
 from vae_dist.evaluation.images import PADDING
 from vae_dist.models import build
 from vae_dist.models.protocol import Model
+from vae_dist.run.checkpoint import MANIFEST
 from vae_dist.run.modelfile import save_model_file
 from vae_dist.run.folder import CONFIG, MARKER, METRICS, MODEL
 from vae_dist.training.trainer import NUM_PREVIEW, NUM_SAMPLES, epoch_previews
@@ -268,6 +269,19 @@ def test_interpolate_runs_from_one_test_image_to_another(tmp_path, data_dir, cap
     assert "--from" in one_error_line(main_in_process(["interpolate", str(run), "--from", "-1", "--to", "2"], capsys))
 
 
+@pytest.mark.slow
+def test_pictures_of_a_checkpoint_go_beside_the_runs_and_change_nothing_of_it(finished_run, tmp_path, capsys) -> None:
+    run = copy_run(finished_run, tmp_path)
+    checkpoint = max((run / "checkpoints").glob("step-*"))
+    before = snapshot(run)
+    for command, name in (("sample", "samples"), ("reconstruct", "reconstructions")):
+        ran = main_in_process([command, str(checkpoint), "--num", "4"], capsys)
+        check_ok(ran)
+        assert ran.stdout.strip() == str(run / f"{name}-{checkpoint.name}.png")
+        png(run / f"{name}-{checkpoint.name}.png")
+    assert {k: v for k, v in snapshot(run).items() if not k.endswith(f"-{checkpoint.name}.png")} == before
+
+
 @pytest.mark.parametrize("args, needle", [
     (["sample", "RUN", "--num", "0"], "--num"),
     (["sample", "RUN", "--manifold", "--grid-size", "0"], "--grid-size"),
@@ -302,6 +316,32 @@ def test_a_picture_never_replaces_anything_in_a_run_but_a_picture(tmp_path, name
     assert _output_path(run, run / "samples.png", "samples.png") == run / "samples.png"
     assert _output_path(run, run / "mine.png", "samples.png") == run / "mine.png"
     assert _output_path(run, tmp_path.parent / name, "samples.png") == tmp_path.parent / name
+
+
+def test_a_checkpoints_picture_goes_beside_its_runs_named_after_it(tmp_path) -> None:
+    (tmp_path / "run").mkdir()
+    run = model_run(tmp_path / "run")
+    checkpoint = run / "checkpoints" / "step-000000016"
+    copied = tmp_path / "backup" / "step-000000016"
+    for folder in (checkpoint, copied):
+        folder.mkdir(parents=True)
+        (folder / MANIFEST).write_text("{}")
+    for name in ("samples.png", "reconstructions.png", "interpolation.png"):
+        want = run / name.replace(".png", "-step-000000016.png")
+        assert _output_path(checkpoint, None, name) == want
+        want.write_bytes(b"an earlier picture")  # which the same command may replace
+        assert _output_path(checkpoint, None, name) == want
+    assert _output_path(copied, None, "samples.png") == tmp_path / "backup" / "samples-step-000000016.png"
+    assert _output_path(checkpoint, tmp_path / "mine.png", "samples.png") == tmp_path / "mine.png"
+
+
+def test_a_default_picture_path_the_run_refuses_asks_for_out(tmp_path) -> None:
+    run = model_run(tmp_path)
+    (run / "export").mkdir()  # a model file copied into a folder of the run
+    with pytest.raises(VaeDistError) as e:
+        _output_path(run / "export" / MODEL, None, "samples.png")
+    assert str(e.value).startswith(f"the picture path {run / 'export' / 'samples.png'} is inside the run folder")
+    assert str(e.value).endswith("give --out")
 
 
 def test_a_picture_is_not_written_through_a_linked_run_folder(tmp_path) -> None:

@@ -8,6 +8,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import sys
 import typing
 from enum import Enum
@@ -31,7 +32,8 @@ if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors sta
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train and use variational autoencoders on MNIST, on one CPU or many GPUs (Accelerate).")
 MAX_GRID_SIZE, MAX_STEPS = 100, 1_000  # beyond these a PNG is absurd (and slow) long before useful
-# What the picture commands write in a run folder by default (the only names they replace there).
+# What the picture commands write in a run folder by default (the only names they replace there); a checkpoint's
+# pictures go beside them, named after it (samples-step-000000016.png).
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
 DATA_DIR_HELP = ("Folder of the run's dataset (default: the one used in training, else $VAE_DIST_DATA_DIR, else "
@@ -175,7 +177,9 @@ def evaluate(
 
 
 def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> Path:
-    """--out as given, else ``default_name`` in the artifact folder (beside the model file when given the file)."""
+    """--out as given, else ``default_name`` in the artifact folder (beside the model file when given the file; for a
+    checkpoint, named after it at the top of its run folder, or beside it outside one)."""
+    from vae_dist.run.checkpoint import MANIFEST
     if out is not None:
         target = out.expanduser()
         with checking(target, VaeDistError, "--out"):
@@ -185,6 +189,10 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
         src = artifact_dir.expanduser()
         with checking(src, VaeDistError, "artifact path"):
             folder = src if src.is_dir() else src.parent
+            if (folder / MANIFEST).is_file():  # never among a checkpoint's files: rotation deletes them
+                checkpoint = Path(os.path.abspath(folder))
+                default_name = f"{Path(default_name).stem}-{checkpoint.name}.png"
+                folder = next((p for p in checkpoint.parents if (p / MARKER).is_file()), checkpoint.parent)
             if folder.is_symlink():  # as train refuses it: a write would land where the link points
                 raise VaeDistError(f"{folder} is a symbolic link; vae_dist does not write through links (give --out)")
         target = folder / default_name
@@ -194,10 +202,12 @@ def _output_path(artifact_dir: Path, out: Optional[Path], default_name: str) -> 
         for path in (Path(os.path.abspath(target)), target.resolve()):
             run = next((p for p in path.parents if (p / MARKER).is_file()), None)
             new_file = path.name not in RUN_NAMES and not (path.exists() or path.is_symlink())
-            if run is not None and (path.parent != run or not (path.name in PICTURES or new_file)):
-                raise VaeDistError(f"--out {target} is inside the run folder {run}, where a picture is written only "
-                                   f"at its top level, as one of {', '.join(PICTURES)} or under a new name; "
-                                   "give another path")
+            picture = re.sub(r"-step-\d+(?=\.png$)", "", path.name) in PICTURES
+            if run is not None and (path.parent != run or not (picture or new_file)):
+                raise VaeDistError(f"{'--out' if out is not None else 'the picture path'} {target} is inside the run "
+                                   f"folder {run}, where a picture is written only at its top level, as one of "
+                                   f"{', '.join(PICTURES)} (or a checkpoint's, samples-step-N.png) or under a new "
+                                   f"name; give {'another path' if out is not None else '--out'}")
     return target
 
 
