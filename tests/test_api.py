@@ -38,6 +38,21 @@ def test_bad_images_are_one_line_errors(tmp_path: Path, bad, needle) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_images_go_in_in_the_models_shape() -> None:
+    from vae_dist.config import TrainingConfig
+    from vae_dist.evaluation.api import TrainedVAE
+    from vae_dist.models import build
+
+    config = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "image_shape": [3, 4, 5]}})
+    model = TrainedVAE(build(config), config, {})
+    x = torch.rand(2, 3, 4, 5)
+    assert torch.equal(model.reconstruct(x.flatten(1)), model.reconstruct(x)) and model.reconstruct(x).shape == x.shape
+    with pytest.raises(VaeDistError, match=re.escape("shaped (N, 60) or (N, 3, 4, 5), got (2, 4, 5)")):
+        model.reconstruct(x[:, 0])  # (N, H, W) is a grey model's
+    grey = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "image_shape": [1, 4, 5]}})
+    assert TrainedVAE(build(grey), grey, {}).reconstruct(x[:, 0]).shape == (2, 1, 4, 5)
+
+
 @pytest.mark.slow
 def test_a_checkpoint_folder_loads_as_the_model_it_saved(finished_run: Path) -> None:
     final = vae_dist.load(finished_run)

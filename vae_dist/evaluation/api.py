@@ -18,19 +18,23 @@ from vae_dist.run.folder import MODEL
 from vae_dist.run.modelfile import load_model_file, model_results
 
 
-def as_images(x: torch.Tensor) -> torch.Tensor:
-    """(N, 784), (N, 28, 28) or (N, 1, 28, 28) images, uint8 or floats in [0, 1], as floats (N, 1, 28, 28)."""
+def as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Images of the model's ``shape`` (C, H, W), uint8 or floats in [0, 1], shaped (N, C*H*W), (N, C, H, W) or for
+    grey images (N, H, W), as floats (N, C, H, W)."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if not 2 <= x.dim() <= 4 or x.shape[1:].numel() != 28 * 28:
-        raise DataError(f"images must be shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), got {tuple(x.shape)}")
+    c, h, w = shape
+    accepted = [(c * h * w,), *([(h, w)] if c == 1 else []), (c, h, w)]
+    if tuple(x.shape[1:]) not in accepted:
+        shown = " or ".join(f"(N, {', '.join(map(str, s))})" for s in accepted)
+        raise DataError(f"images must be shaped {shown}, got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
-        return x.reshape(-1, 1, 28, 28).float().div(255.0)
+        return x.reshape(-1, c, h, w).float().div(255.0)
     if not x.is_floating_point():
         raise DataError(f"images must be uint8 (0..255) or floating point in [0, 1], got {x.dtype}")
     if x.numel() and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
         raise DataError("floating-point images must lie in [0, 1] (divide uint8 pixels by 255)")
-    return x.reshape(-1, 1, 28, 28).float()
+    return x.reshape(-1, c, h, w).float()
 
 
 def manifold_grid(n_per_side: int) -> torch.Tensor:
@@ -44,7 +48,7 @@ def manifold_grid(n_per_side: int) -> torch.Tensor:
 
 class TrainedVAE:
     """A trained VAE (``model``, the torch module) with its config and results; its pictures are mean
-    images, float (N, 1, 28, 28) in [0, 1] on the CPU."""
+    images, float (N, C, H, W) in [0, 1] on the CPU (the config's model.image_shape)."""
 
     def __init__(self, model: Model, config: TrainingConfig, results: dict[str, Any]):
         self.model, self.config, self.results = model.eval(), config, results
@@ -58,6 +62,9 @@ class TrainedVAE:
         if getattr(self.model, ability) is None:
             raise VaeDistError(f"--model {self.config.model.kind} has no {what}")
 
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return as_images(x, self.config.model.image_shape)
+
     def to(self, device: str | torch.device) -> TrainedVAE:
         self.model.to(device)
         return self
@@ -66,7 +73,7 @@ class TrainedVAE:
         """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU."""
         self._needs("encode", "continuous latent space to encode into")
         with evaluating(self.model):
-            mu, logvar = self.model.encode(as_images(images).to(self.device))
+            mu, logvar = self.model.encode(self._images(images).to(self.device))
         return mu.cpu(), logvar.cpu()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -86,13 +93,13 @@ class TrainedVAE:
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Each image decoded from its posterior mean."""
-        return reconstructions(self.model, as_images(images))
+        return reconstructions(self.model, self._images(images))
 
     def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> torch.Tensor:
         """``steps`` decodings along the straight latent line between two images' posterior means, ends included."""
         if steps < 2:
             raise DataError(f"steps must be at least 2, got {steps}")
-        a, b = as_images(x_from), as_images(x_to)
+        a, b = self._images(x_from), self._images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
         ends = self.encode(torch.cat([a, b]))[0]
@@ -128,7 +135,7 @@ def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
     model._needs("iw_nll", "importance-weighted log-likelihood")
-    x = as_images(images).cpu()
+    x = model._images(images).cpu()
     device = model.device  # the estimator's draws come from CPU generators: it runs there
     try:
         nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k)

@@ -12,7 +12,7 @@ import torch
 
 from vae_dist.config import TrainingConfig
 from vae_dist.data import datasets, keyed, loaders
-from vae_dist.errors import VaeDistError, first_line
+from vae_dist.errors import DataError, VaeDistError, first_line
 from vae_dist.models.protocol import Model
 from vae_dist.training.tracking import Progress
 
@@ -38,13 +38,13 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def prior_samples(model: Model, n: int, seed: int) -> torch.Tensor:
-    """``n`` mean images (n, 1, 28, 28) from the prior, drawn by a generator seeded with ``seed``."""
+    """``n`` mean images (n, C, H, W) from the prior, drawn by a generator seeded with ``seed``."""
     with evaluating(model):
         return model.sample(n, torch.Generator().manual_seed(seed))
 
 
 def reconstructions(model: Model, images: torch.Tensor) -> torch.Tensor:
-    """Each of the (N, 1, 28, 28) images in [0, 1] reconstructed without sampling noise, on the CPU."""
+    """Each of the (N, C, H, W) images in [0, 1] reconstructed without sampling noise, on the CPU."""
     with evaluating(model):
         return model.reconstruct(images)
 
@@ -52,10 +52,13 @@ def reconstructions(model: Model, images: torch.Tensor) -> torch.Tensor:
 def test_images(config: TrainingConfig, data_dir: Optional[str | Path] = None,
                 limit: Optional[int] = None) -> torch.Tensor:
     """The test images (uint8) of validation, evaluate and the pictures: the first ``limit`` (None: the config's;
-    0: all), binarized by the one fixed draw unless grey-level."""
+    0: all), binarized by the one fixed draw unless grey-level; refused unless of the model's image shape."""
     folder, dataset = data_dir or config.data.data_dir, config.data.dataset
     root = Path(folder).expanduser() if folder else datasets.download(config.data.cache_dir, dataset)
     images = datasets.load_split(root, "test", dataset).images
+    if (shape := tuple(images.shape[1:])) != tuple(config.model.image_shape):
+        raise DataError(f"the {dataset} test images in {root} are {'x'.join(map(str, shape))}; the model takes "
+                        f"{'x'.join(map(str, config.model.image_shape))}")
     if config.data.binarize != "none":
         images = keyed.binarize_split(images, keyed.TEST_SEED, keyed.TEST_STREAM)
     n = limit if limit is not None else config.data.limit_eval_samples
@@ -87,10 +90,11 @@ def validate(acc: Accelerator, model: nn.Module, loader: DataLoader, noise: Opti
 def protocol(config: TrainingConfig, test_images: int, iw_samples: int = 0) -> dict[str, Any]:
     """What the numbers were measured on, and the KL weight the model was trained with."""
     name, mode, tests = config.data.dataset, config.data.binarize, datasets.DATASETS[config.data.dataset].test
+    tests = f"{tests:,} test images" if tests else "test images"  # an npy dataset's count is its file's
     out: dict[str, Any] = {"dataset": name, "data": f"grey-level {name} (pixel/255) with a Bernoulli likelihood"}
     if mode != "none":
         out["data"] = f"binarized {name}, training binarization {mode}"
-        out["test_binarization"] = f"one fixed Bernoulli draw of the {tests:,} test images (seed {keyed.TEST_SEED})"
+        out["test_binarization"] = f"one fixed Bernoulli draw of the {tests} (seed {keyed.TEST_SEED})"
     out.update(likelihood=config.loss.recon_loss, train_kl_weight=config.loss.kl_weight, test_images=test_images)
     if iw_samples:
         out["iw_samples"] = iw_samples

@@ -1,4 +1,4 @@
-"""PNG files, written atomically: grids of digits (tiled as torchvision's make_grid, written by Pillow,
+"""PNG files, written atomically: grids of images, grey or colour (tiled as torchvision's make_grid, written by Pillow,
 without importing torchvision's second) and the loss per epoch (matplotlib's Agg canvas, imported where used)."""
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ CURVES = {"train/loss": "#0072B2", "valid/loss": "#D55E00"}  # Okabe-Ito colours
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> None:
-    """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and
-    between them, into a greyscale PNG."""
+    """Tile (N, C, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and
+    between them, into a PNG: greyscale for one channel, RGB for three."""
     from PIL import Image
     tiles = images.detach().float().cpu().clamp(0.0, 1.0)
-    n, _, h, w = tiles.shape
+    n, c, h, w = tiles.shape
     cols = min(nrow, n)
-    grid = torch.zeros(math.ceil(n / cols) * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
+    grid = torch.zeros(c, math.ceil(n / cols) * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
     for i, tile in enumerate(tiles):
         y, x = (PADDING + (h + PADDING) * k for k in divmod(i, cols))
-        grid[y : y + h, x : x + w] = tile[0]
-    pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+        grid[:, y : y + h, x : x + w] = tile
+    # Pillow takes (H, W) for greyscale and (H, W, 3) for RGB.
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy()
     atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="png"))
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from vae_dist.models.protocol import PIXELS, Model, Output, reconstruction
+from vae_dist.models.protocol import Model, Output, quarter_grid, reconstruction
 
 if TYPE_CHECKING:
     from vae_dist.config import ModelConfig
@@ -44,23 +44,24 @@ class VAE(Model):
         super().__init__()
         self.likelihood = likelihood
         latent = self.latent_size = int(config.latent_size)  # type: ignore[arg-type]  # resolved by ModelConfig
+        channels, pixels = config.image_shape[0], math.prod(config.image_shape)
         if config.kind == "conv":  # the original Burn flow's: two 3x3 stride-2 convolutions and their mirror
-            c1, c2 = config.conv_channels
+            (c1, c2), (h, w) = config.conv_channels, quarter_grid(config)
             self.features = nn.Sequential(
-                nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-                nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),  # (B, c2 * 7 * 7)
+                nn.Conv2d(channels, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, H/2, W/2)
+                nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),  # (B, c2 * H/4 * W/4)
             )
-            width = c2 * 7 * 7
+            width = c2 * h * w
             # output_padding=1 makes each side exactly double (7 -> 14 -> 28); the original's came out 13, 25.
-            decoder = lambda: [nn.Linear(latent, width), nn.Unflatten(1, (c2, 7, 7)), nn.ReLU(),  # noqa: E731
+            decoder = lambda: [nn.Linear(latent, width), nn.Unflatten(1, (c2, h, w)), nn.ReLU(),  # noqa: E731
                                nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-                               nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1)]
-        else:  # an MLP and its mirror: 784 -> hidden -> (mu, logvar); latent -> reversed hidden -> 784
+                               nn.ConvTranspose2d(c1, channels, 3, stride=2, padding=1, output_padding=1)]
+        else:  # an MLP and its mirror: C*H*W -> hidden -> (mu, logvar); latent -> reversed hidden -> C*H*W
             hidden, act = [int(w) for w in config.hidden_sizes], config.activation  # type: ignore[union-attr]
-            self.features = nn.Sequential(nn.Flatten(), *_mlp([PIXELS, *hidden], act))  # type: ignore[arg-type]
+            self.features = nn.Sequential(nn.Flatten(), *_mlp([pixels, *hidden], act))  # type: ignore[arg-type]
             width = hidden[-1]
-            decoder = lambda: [*_mlp([latent, *reversed(hidden)], act), nn.Linear(hidden[0], PIXELS),  # noqa: E731
-                               nn.Unflatten(1, (1, 28, 28))]  # type: ignore[arg-type]
+            decoder = lambda: [*_mlp([latent, *reversed(hidden)], act), nn.Linear(hidden[0], pixels),  # noqa: E731
+                               nn.Unflatten(1, tuple(config.image_shape))]  # type: ignore[arg-type]
         # Created in this order: the same seed, the same weights.
         self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)
         self.decoder = nn.Sequential(*decoder())
@@ -131,7 +132,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def negative_elbo(logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str,
                   kl_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (784-pixel sums lose in bf16)."""
+    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (pixel sums lose in bf16)."""
     recon = reconstruction(logits, x, kind)
     kl = kl_divergence(mu.float(), logvar.float())
     return recon + kl_weight * kl, recon, kl
@@ -151,7 +152,7 @@ def log_importance_weights(log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Te
 def negative_iw_bound(logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor,
                       *, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-log (1/K) sum_k p(x, z_k) / q(z_k | x) per image (Burda et al. 2015); K = 1 is the ELBO.
-    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L). recon, kl: the ELBO's (mean over K, analytic KL)."""
+    logits: (B, K, C, H, W); z: (B, K, L); mu, logvar: (B, L). recon, kl: the ELBO's (mean over K, analytic KL)."""
     b, k = z.shape[:2]
     images = x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1)
     log_px_z = -reconstruction(logits.flatten(0, 1), images, kind).view(b, k)

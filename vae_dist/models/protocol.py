@@ -4,13 +4,16 @@ and a registry line; it knows nothing of devices, ranks or logging, and its nois
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PIXELS = 28 * 28
+from vae_dist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vae_dist.config import ModelConfig
 
 
 class Family(NamedTuple):
@@ -42,7 +45,7 @@ class Model(nn.Module):
         return ()
 
     def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
-        """x: (B, 1, 28, 28) in [0, 1]; noise: (B, *noise_shape(k)), drawn by the caller."""
+        """x: (B, C, H, W) in [0, 1], the config's image_shape; noise: (B, *noise_shape(k)), drawn by the caller."""
         raise NotImplementedError
 
     def summarise(self, features: torch.Tensor) -> dict[str, Any]:
@@ -50,11 +53,11 @@ class Model(nn.Module):
         return {}
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n mean images (n, 1, 28, 28) in [0, 1] from the prior; the same generator, the same images."""
+        """n mean images (n, C, H, W) in [0, 1] from the prior; the same generator, the same images."""
         raise NotImplementedError
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Each image's mean reconstruction, (B, 1, 28, 28) in [0, 1], without sampling noise."""
+        """Each image's mean reconstruction, (B, C, H, W) in [0, 1], without sampling noise."""
         raise NotImplementedError
 
     def fit_prior(self, batches: Iterable[torch.Tensor]) -> None:
@@ -63,8 +66,9 @@ class Model(nn.Module):
 
 
 def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """-log p(x|z) per image, summed over pixels: (B, 1, 28, 28) -> (B,), in float32. bce: Bernoulli on the logits;
-    mse: unit-variance Gaussian around sigmoid(logits), less the constant 784 * log(sqrt(2 pi)) (no gradient)."""
+    """-log p(x|z) per image, summed over pixels and channels: (B, C, H, W) -> (B,), in float32. bce: Bernoulli on the
+    logits (each value in [0, 1], grey or colour); mse: unit-variance Gaussian around sigmoid(logits), less the
+    constant C*H*W * log(sqrt(2 pi)) (no gradient)."""
     logits = logits.float()
     if kind == "bce":
         per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
@@ -73,3 +77,13 @@ def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Te
     else:
         raise ValueError(f"unknown reconstruction loss {kind!r}")
     return per_pixel.flatten(1).sum(dim=1)
+
+
+def quarter_grid(config: ModelConfig) -> tuple[int, int]:
+    """The (H/4, W/4) grid of a conv family's two stride-2 layers, whose mirror doubles it back to (H, W) exactly;
+    a ConfigError naming the shape where the sides are not multiples of 4."""
+    c, h, w = config.image_shape
+    if h % 4 or w % 4:
+        raise ConfigError(f"--model {config.kind} takes images whose sides are multiples of 4 (two stride-2 layers); "
+                          f"these are {c}x{h}x{w}")
+    return h // 4, w // 4

@@ -193,13 +193,13 @@ class Learner:
     def _start_epoch(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
         binarization coins (dynamic binarization only), indexed by the sample's position in the dataset."""
-        cfg, pos, device, n = self.config, self.position, self.acc.device, len(self.train_images)
+        cfg, pos, device, (n, *shape) = self.config, self.position, self.acc.device, self.train_images.shape
         self.sampler.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
         table = noise(TRAIN_NOISE, cfg.seed, pos.epoch, n, self.family.noise_shape(cfg.loss.iw_samples))
-        coins = keyed.coins(cfg.seed, keyed.train_stream(pos.epoch), n).to(device) \
+        coins = keyed.coins(cfg.seed, keyed.train_stream(pos.epoch), n, tuple(shape)).to(device) \
             if cfg.data.binarize == "dynamic" else None
         return None if table is None else table.to(device), coins
 

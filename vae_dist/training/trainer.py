@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from vae_dist import models
-from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
+from vae_dist.config import OptimizerConfig, TrainingConfig, merge, resume_mismatch
 from vae_dist.data import datasets, keyed, loaders
 from vae_dist.errors import ArtifactError, ConfigError, first_line
 from vae_dist.evaluation import evaluate, images
@@ -65,7 +65,7 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
     say = main_print(acc)
     # Everything that can fail is checked before the run folder is touched: --overwrite must not cost the
     # previous run for a wrong --data-dir, a batch larger than the data or an absurd model.
-    train_images, test_images = load_images(acc, config)
+    config, train_images, test_images = load_images(acc, config)
     loaders.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
     runtime.check_memory(config, len(train_images), len(test_images), acc.device)
@@ -138,18 +138,18 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
                             eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
 
 
-def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) uint8 images: from --data-dir, or a download by the main process while the others wait."""
+def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[TrainingConfig, torch.Tensor, torch.Tensor]:
+    """The config with the model sized to the training images (model.image_shape), and the (train, test) uint8
+    images: from --data-dir, or a download by the main process while the others wait."""
     data = config.data
     where = Path(data.data_dir).expanduser() if data.data_dir else \
         on_main_then_share(accelerator, lambda: datasets.download(data.cache_dir, data.dataset))
-    train, test = datasets.load_split(where, "train", data.dataset).images, evaluate.test_images(config, where)
-    for split in (train, test):  # the models are built for 1x28x28 images (for now)
-        if split.shape[1:] != (1, 28, 28):
-            raise ConfigError(f"{data.dataset} images are {split.shape[2]}x{split.shape[3]}; the models take 28x28")
+    train = datasets.load_split(where, "train", data.dataset).images
+    config = TrainingConfig.from_dict(merge(config.to_dict(), {"model": {"image_shape": list(train.shape[1:])}}))
+    test = evaluate.test_images(config, where)  # of the same shape, or refused
     if data.binarize == "static":  # before the limit: a sample's draw depends on its index, not on the slice
         train = keyed.binarize_split(train, config.seed, keyed.STATIC_STREAM)
-    return (train[: data.limit_train_samples] if data.limit_train_samples else train), test
+    return config, (train[: data.limit_train_samples] if data.limit_train_samples else train), test
 
 
 def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor,
