@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Opti
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
 
-from vae_dist.data.datasets import MAX_SIDE, DatasetName
+from vae_dist.data.datasets import MAX_CLASSES, MAX_SIDE, DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
 from vae_dist.schema import Section, option
@@ -47,12 +47,18 @@ class ModelFields(Section, path="model"):
     image_shape: tuple[Side, Side, Side] = option(
         (1, 28, 28), "The images' channels, rows and columns C,H,W that the model is built for; train sets it from "
         "the training data.", strict=False)
+    conditional: bool = option(False, "A conditional VAE (Sohn et al. 2015): the image's class label, one-hot, goes "
+                               "to the encoder and the decoder; needs a dataset with labels.")
+    num_classes: Optional[int] = option(None, "Classes of a --conditional model; train sets it from the data's labels.",
+                                        shown="the data's", ge=1, le=MAX_CLASSES)
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelFields":
         for name, value in REGISTRY[self.kind].defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.conditional and not REGISTRY[self.kind].cls.CONDITIONAL:
+            raise ValueError(f"--model {self.kind} has no conditional form: drop --conditional")
         return self
 
 

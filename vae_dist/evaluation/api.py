@@ -18,6 +18,9 @@ from vae_dist.run.folder import MODEL
 from vae_dist.run.modelfile import load_model_file, model_results
 
 
+INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Images of the model's ``shape`` (C, H, W), uint8 or floats in [0, 1], shaped (N, C*H*W), (N, C, H, W) or for
     grey images (N, H, W), as floats (N, C, H, W)."""
@@ -65,54 +68,83 @@ class TrainedVAE:
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         return as_images(x, self.config.model.image_shape)
 
+    def _labels(self, labels: Any, n: int) -> Optional[torch.Tensor]:
+        """A conditional model's labels as (n,) classes, from one class for all or one per image; None for another."""
+        classes = self.model.num_classes
+        if not classes:
+            if labels is not None:
+                raise DataError("this model is not conditional: it takes no labels (train one with --conditional)")
+            return None
+        try:
+            t = torch.as_tensor([] if labels is None else labels)
+        except (TypeError, ValueError, RuntimeError):  # not numbers
+            t = torch.empty(0)
+        if labels is None or t.dtype not in INTEGERS or t.shape not in ((), (n,)) or ((t < 0) | (t >= classes)).any():
+            got = labels if labels is None or t.dim() == 0 else f"{t.dtype} {list(t.shape)}"
+            raise DataError(f"this model is conditional: its labels are one class for all, or one per image ({n}), "
+                            f"each 0 to {classes - 1}; got {got}")
+        return t.long().expand(n)
+
     def to(self, device: str | torch.device) -> TrainedVAE:
         self.model.to(device)
         return self
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU."""
+    def encode(self, images: torch.Tensor, labels: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU. ``labels``: a
+        conditional model's classes of the images (one for all, or one each)."""
         self._needs("encode", "continuous latent space to encode into")
+        x = self._images(images)
+        y = self._labels(labels, x.shape[0])
         with evaluating(self.model):
-            mu, logvar = self.model.encode(self._images(images).to(self.device))
+            mu, logvar = self.model.encode(x.to(self.device), None if y is None else y.to(self.device))
         return mu.cpu(), logvar.cpu()
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean images of latents z (N, latent)."""
+    def decode(self, z: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """Mean images of latents z (N, latent) (of class ``labels``, for a conditional model)."""
         self._needs("decode", "continuous latent space to decode")
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise DataError(f"latents must be shaped (N, {self.latent_size}), got {shape}")
+        y = self._labels(labels, z.shape[0])
         with evaluating(self.model):
-            return torch.sigmoid(self.model.decode(z.to(self.device)).float()).cpu()
+            return torch.sigmoid(self.model.decode(z.to(self.device), None if y is None else y.to(self.device))
+                                 .float()).cpu()
 
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n images from the model's prior; the same seed gives the same images."""
+    def sample(self, n: int, seed: int = 0, label: Optional[int] = None) -> torch.Tensor:
+        """n images from the model's prior; the same seed gives the same images. A conditional model's are of class
+        ``label``, or without one of each class in turn, ceil(n / classes) each (a grid that wide: a row per class)."""
         if n < 1:
             raise DataError(f"n must be at least 1, got {n}")
-        return prior_samples(self.model, n, seed)
+        if label is not None:
+            self._labels(label, n)
+        return prior_samples(self.model, n, seed, label)
 
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """Each image decoded from its posterior mean."""
-        return reconstructions(self.model, self._images(images))
+    def reconstruct(self, images: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """Each image decoded from its posterior mean (given its class ``labels``, for a conditional model)."""
+        x = self._images(images)
+        return reconstructions(self.model, x, self._labels(labels, x.shape[0]))
 
-    def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        """``steps`` decodings along the straight latent line between two images' posterior means, ends included."""
+    def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10,
+                    label: Optional[int] = None) -> torch.Tensor:
+        """``steps`` decodings along the straight latent line between two images' posterior means, ends included
+        (a conditional model's all within class ``label``)."""
         if steps < 2:
             raise DataError(f"steps must be at least 2, got {steps}")
         a, b = self._images(x_from), self._images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
-        ends = self.encode(torch.cat([a, b]))[0]
+        ends = self.encode(torch.cat([a, b]), label)[0]
         t = torch.linspace(0.0, 1.0, steps, dtype=ends.dtype).unsqueeze(1)
-        return self.decode((1 - t) * ends[0] + t * ends[1])
+        return self.decode((1 - t) * ends[0] + t * ends[1], label)
 
-    def manifold(self, n_per_side: int) -> torch.Tensor:
-        """Decodings over an n x n grid of a 2-D latent space (see ``manifold_grid``)."""
+    def manifold(self, n_per_side: int, label: Optional[int] = None) -> torch.Tensor:
+        """Decodings over an n x n grid of a 2-D latent space (see ``manifold_grid``; a conditional model's of
+        class ``label``)."""
         self._needs("decode", "continuous latent space to draw a manifold of")
         if self.latent_size != 2:
             raise VaeDistError(f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
                                f"{self.latent_size} (train one with --latent-size 2)")
-        return self.decode(manifold_grid(n_per_side))
+        return self.decode(manifold_grid(n_per_side), label)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
@@ -130,15 +162,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     return TrainedVAE(model, config, dict(manifest.state.history[-1]) if manifest.state.history else {}).to(device)
 
 
-def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
-    """-log p(x) in nats per image, averaged over ``images``, by ``evaluate --iw-samples k``'s estimator."""
+def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000, labels: Any = None) -> float:
+    """-log p(x) in nats per image (a conditional model's -log p(x | label)), averaged over ``images``, by
+    ``evaluate --iw-samples k``'s estimator."""
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
     model._needs("iw_nll", "importance-weighted log-likelihood")
     x = model._images(images).cpu()
+    y = model._labels(labels, x.shape[0])
     device = model.device  # the estimator's draws come from CPU generators: it runs there
     try:
-        nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k)
+        nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k, labels=y)
     finally:
         model.model.to(device)
     return nll.mean().item()

@@ -30,21 +30,25 @@ class Output(NamedTuple):
 
 
 class Model(nn.Module):
-    """What every family provides. ``forward`` is the objective (so that DDP sees it)."""
+    """What every family provides. ``forward`` is the objective (so that DDP sees it). ``labels`` (B,) are the images'
+    classes, given to a conditional model (``num_classes`` set) and None for any other."""
 
     TERMS: ClassVar[tuple[str, ...]]  # the per-image terms, "loss" first, as metrics name them (train/kl, ...)
+    CONDITIONAL: ClassVar[bool] = False  # whether the family has a conditional form (--conditional)
     # Optional abilities: None where the family has none (the API and the CLI then say so in one line).
-    encode: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None  # images -> (mu, logvar)
-    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # latents -> pixel logits
+    encode: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None  # (images, labels) -> (mu, logvar)
+    decode: Optional[Callable[..., torch.Tensor]] = None  # (latents, labels) -> pixel logits
     iw_nll: Optional[Callable[..., torch.Tensor]] = None  # the importance-weighted -log p(x); see gaussian.VAE
     latent_size: Optional[int] = None  # of the continuous latent space that encode and decode use
+    num_classes: Optional[int] = None  # a conditional model's classes
 
     def noise_shape(self, k: int) -> tuple[int, ...]:
         """The per-image noise ``forward`` takes when trained with ``k`` importance samples
         (() for none); refuses (ConfigError) a ``k`` the family has no objective for."""
         return ()
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0,
+                labels: Optional[torch.Tensor] = None) -> Output:
         """x: (B, C, H, W) in [0, 1], the config's image_shape; noise: (B, *noise_shape(k)), drawn by the caller."""
         raise NotImplementedError
 
@@ -52,11 +56,11 @@ class Model(nn.Module):
         """Metrics of the whole test set from every image's features (valid/<name>)."""
         return {}
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """n mean images (n, C, H, W) in [0, 1] from the prior; the same generator, the same images."""
         raise NotImplementedError
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Each image's mean reconstruction, (B, C, H, W) in [0, 1], without sampling noise."""
         raise NotImplementedError
 

@@ -69,7 +69,8 @@ class VQVAE(Model):
         """(B, h*w) codes -> (B, D, h, w) their vectors."""
         return self.codebook(codes).view(codes.shape[0], *self.grid, -1).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0,
+                labels: Optional[torch.Tensor] = None) -> Output:
         z_e = self.encoder(x)
         codes = self._codes(z_e)
         e = self._embed(codes).to(z_e.dtype)
@@ -96,12 +97,12 @@ class VQVAE(Model):
         self.prior_counts.copy_(counts)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         codes = torch.multinomial(self.prior_counts.cpu(), n, replacement=True, generator=generator).T  # (n, h*w)
         return self._means(self._embed(codes.to(self.codebook.weight.device)))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         z_e = self.encoder(x.float().to(self.codebook.weight.device))
         return self._means(self._embed(self._codes(z_e)))
 

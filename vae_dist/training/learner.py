@@ -103,6 +103,7 @@ class Learner:
         self.family = model  # the unwrapped model: its protocol (terms, noise, prior)
         self.sampler = train_loader.sampler  # the order is a function of (seed, epoch)
         self.train_images = train_loader.dataset.images  # type: ignore[attr-defined]  # what fit_prior sees
+        self.train_labels = train_loader.dataset.labels  # type: ignore[attr-defined]  # a conditional model's
         prepared = accelerator.prepare(model, optimizer, train_loader, valid_loader)
         self.model, self.optimizer, self.train_loader, self.valid_loader = prepared
         self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
@@ -135,7 +136,9 @@ class Learner:
                     for images, index in batches:
                         if coins is not None:  # dynamic binarization: this epoch's draw of each sample
                             images = keyed.apply(images, coins.index_select(0, index))
-                        self._train_step(images, None if epoch_noise is None else epoch_noise.index_select(0, index))
+                        labels = None if self.train_labels is None else self.train_labels.index_select(0, index)
+                        self._train_step(images, None if epoch_noise is None else epoch_noise.index_select(0, index),
+                                         labels)
                         pos.global_step += 1
                         pos.batches_done += 1
                         progress.step()
@@ -159,10 +162,11 @@ class Learner:
                 self._end_epoch()
         return acc.unwrap_model(self.model)
 
-    def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor]) -> None:
+    def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor],
+                    labels: Optional[torch.Tensor] = None) -> None:
         """Forward (the family's objective), backward, clip, Adam step at the schedule's rate."""
         cfg, pos = self.config, self.position
-        terms = self.model(images, step_noise, kl_weight=self._kl_weight()).terms
+        terms = self.model(images, step_noise, kl_weight=self._kl_weight(), labels=labels).terms
         loss = terms["loss"].mean()
         self.acc.backward(loss)
         # The schedule spans --epochs, not --max-steps: a run stopped by max_steps and resumed takes the same rates.
