@@ -243,7 +243,8 @@ def torchvision_root(data_dir: Path) -> Path:
     """A folder torchvision's MNIST accepts (``root/MNIST/raw/`` with the four uncompressed
     files), made once under the temp dir and keyed by the data files' paths, sizes and times.
     Nothing is ever written into the data dir or the repository."""
-    sources = {name: datasets.find_idx_file(data_dir, name) for split in datasets.FILES.values() for name in split[:2]}
+    sources = {name: datasets.find_idx_files(data_dir, name)[0]
+               for split in datasets.FILES.values() for name in split[:2]}
     key = hashlib.sha256(
         "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources.values()).encode()
     ).hexdigest()[:16]

@@ -31,6 +31,8 @@ RECIPES: dict[str, str] = {
     "binarized": "the default recipe on dynamically binarized MNIST",
     "burda-vae": "Burda et al.'s one-layer model, ELBO, this trainer's schedule",
     "burda-iwae": "Burda et al.'s one-layer model trained on the IWAE bound with k = 5",
+    "burda2-vae": "Burda et al.'s two-stochastic-layer model, ELBO, the paper's optimizer and schedule",
+    "burda2-iwae": "Burda et al.'s two-stochastic-layer model, IWAE bound (k = 50), the paper's optimizer and schedule",
     "vq-vae": "the VQ-VAE (codebook 128 x 16, a 7x7 grid of codes), grey-level; no likelihood bound",
 }
 

@@ -3,7 +3,9 @@ methods; the IW-NLL as evaluate computes it; the README's example as written."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,12 @@ import torch
 
 import vae_dist
 from conftest import REPO, copy_run
+from test_learner import _learner
 from test_pictures import model_run
-from vae_dist.errors import VaeDistError
+from vae_dist.config import TrainingConfig
+from vae_dist.errors import TrainingError, VaeDistError
+from vae_dist.models import build
+from vae_dist.run.modelfile import save_model_file
 from vae_dist.evaluation.evaluate import score
 
 
@@ -39,9 +45,7 @@ def test_bad_images_are_one_line_errors(tmp_path: Path, bad, needle) -> None:
 
 
 def test_images_go_in_in_the_models_shape() -> None:
-    from vae_dist.config import TrainingConfig
     from vae_dist.evaluation.api import TrainedVAE
-    from vae_dist.models import build
 
     config = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "image_shape": [3, 4, 5]}})
     model = TrainedVAE(build(config), config, {})
@@ -51,6 +55,47 @@ def test_images_go_in_in_the_models_shape() -> None:
         model.reconstruct(x[:, 0])  # (N, H, W) is a grey model's
     grey = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "image_shape": [1, 4, 5]}})
     assert TrainedVAE(build(grey), grey, {}).reconstruct(x[:, 0]).shape == (2, 1, 4, 5)
+
+
+@pytest.mark.parametrize("ends", ["returning", "raising"])
+def test_train_gives_the_caller_its_process_settings_back(tmp_path: Path, monkeypatch, ends) -> None:
+    from vae_dist.training import trainer
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}, "flush_denormal": True})
+    save_model_file(tmp_path / "model.safetensors", build(cfg).state_dict(), cfg)
+
+    def run(config: TrainingConfig, **_) -> Path:
+        assert torch.tensor(1e-40).item() == 0.0  # the run's setting, while it runs
+        torch.ones(1 << 20).sum()  # work on the intra-op threads, as a run's
+        if ends == "raising":
+            raise TrainingError("loss became non-finite at step 3")
+        return tmp_path / "model.safetensors"
+
+    def caller() -> None:  # a fresh thread: no intra-op threads started yet, and the mode is per thread
+        torch.set_flush_denormal(False)  # the caller's: subnormals kept
+        with contextlib.suppress(TrainingError):
+            vae_dist.train(cfg)
+        tiny = torch.full((1 << 20,), 1e-20) * 1e-20  # subnormal products, on every intra-op thread
+        seen.append((torch.tensor(1e-40).item() > 0, int((tiny == 0).sum())))
+
+    monkeypatch.setattr(trainer, "train", run)
+    seen: list[tuple[bool, int]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        thread = threading.Thread(target=caller)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(True, 0)]
+
+
+def test_a_checkpoint_claims_only_the_results_of_its_own_weights(tmp_path: Path) -> None:
+    learner = _learner(tmp_path, epochs=2, checkpoint_every_steps=4)
+    learner.fit()  # keeps step 16 (6 batches into epoch 2) and step 20 (its end)
+    assert vae_dist.load(tmp_path / "checkpoints" / "step-000000016").results == {}  # not epoch 1's at step 10
+    at_end = vae_dist.load(tmp_path / "checkpoints" / "step-000000020").results
+    assert (at_end["step"], at_end["valid/loss"]) == (20, learner.position.history[-1]["valid/loss"])
 
 
 @pytest.mark.slow

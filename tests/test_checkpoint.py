@@ -8,6 +8,7 @@ import copy
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -251,6 +252,16 @@ def _ck(d: Path, keep: int = 1, run_id: str = R1) -> Checkpointer:
 def _save(ck: Checkpointer, step: int) -> Path:
     epoch0 = Position.start(ck.run_id, 1, TrainingConfig(), 3)
     return ck.save(step, epoch0.model_copy(update={"global_step": step, "batches_done": step}))
+
+
+def test_a_diverged_metric_is_saved_as_json_null_and_read_back_as_nan(tmp_path):
+    row = {**ROW, "valid/loss": float("nan"), "valid/kl": float("inf")}
+    state = Position.start(R1, 1, TrainingConfig(), 3).model_copy(update={"epoch": 1, "global_step": 10,
+                                                                          "history": [row]})
+    path = _ck(tmp_path).save(10, state)
+    json.loads((path / MANIFEST).read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    (read,) = read_manifest(path).state.history
+    assert math.isnan(read["valid/loss"]) and math.isnan(read["valid/kl"]) and read["valid/recon"] == ROW["valid/recon"]
 
 
 def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):

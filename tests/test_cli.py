@@ -119,7 +119,7 @@ def _other_value(o) -> tuple[list[str], object]:
     if ann is float:
         value = (o.default or 0.25) * 0.5
         return [o.flag, repr(value)], value
-    return [o.flag, "some/where"], "some/where"
+    return [o.flag, "/some/where"], "/some/where"
 
 
 @pytest.mark.parametrize("o", OPTIONS, ids=[o.dotted for o in OPTIONS])
@@ -167,11 +167,17 @@ def test_a_saved_config_is_a_config_file_and_flags_override_it(tmp_path):
     assert parse_train_args(["--config", str(p), "--batch-size", "64"]).data.batch_size == 64
 
 
-def test_a_new_architecture_by_flag_brings_its_own_defaults(tmp_path):
+@pytest.mark.parametrize("given", [{"latent_size": 12}, {"kind": "burda", "hidden_sizes": [300, 100]},
+                                   {"activation": "tanh", "latent_size": 50}])
+def test_model_by_flag_keeps_the_files_architecture_and_fills_only_what_it_leaves_unset(given, tmp_path):
     p = tmp_path / "config.json"
-    p.write_text(TrainingConfig().to_json())  # deep-mlp: latent 50, widths 512,256
+    p.write_text(json.dumps({"model": given}))
     model = build_config(p, False, {"model.kind": "mlp"}).model
-    assert (model.latent_size, model.hidden_sizes) == (20, (400,))
+    mlp = REGISTRY["mlp"].defaults
+    assert model.kind == "mlp"
+    for name in ("latent_size", "hidden_sizes", "activation"):
+        expected = given.get(name, mlp[name])
+        assert getattr(model, name) == (tuple(expected) if isinstance(expected, list) else expected), name
     assert build_config(p, False, {"model.kind": "mlp", "model.latent_size": 7}).model.latent_size == 7
 
 
@@ -203,6 +209,8 @@ USER_ERRORS = {
     "learning-rate-negative": (["train", "--learning-rate", "-1"], ["learning_rate"]),
     "betas-bad-separator": (["train", "--betas", "0.9;0.99"], ["--betas", "separated by commas"]),
     "iw-with-kl-weight": (["train", "--iw-train-samples", "5", "--kl-weight", "0.5"], ["--kl-weight 1"]),
+    "eps-flushed-to-zero": (["train", "--eps", "1e-40"], ["optimizer.eps", "float32"]),
+    "seed-past-the-digit-limit": (["train", "--seed", "9" * 5000], ["--seed"]),
     "evaluate-no-argument": (["evaluate"], ["artifact_dir"]),
     "evaluate-iw-negative": (["evaluate", "somewhere", "--iw-samples", "-1"], ["--iw-samples"]),
     "evaluate-limit-0": (["evaluate", "somewhere", "--limit-eval-samples", "0"], ["--limit-eval-samples"]),
@@ -244,6 +252,30 @@ def test_a_precision_the_run_cannot_train_in_is_one_line_and_creates_nothing(
     art = tmp_path / "run"
     assert needle in one_error_line(main_in_process(small_train_args(data_dir, art, *flags), capsys))
     assert not art.exists()
+
+
+@pytest.mark.slow  # trains a small run
+def test_the_data_folder_comes_from_the_environment_and_is_found_from_any_folder(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    from vae_dist.data import datasets
+
+    def no_download(*_):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(datasets, "download", no_download)
+    (tmp_path / "mnist").symlink_to(data_dir.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, "mnist")  # relative: config.json keeps it absolute
+    args = [a for a in small_train_args(data_dir, tmp_path / "run") if a not in ("--data-dir", str(data_dir))]
+    check_ok(main_in_process(args, capsys))
+    monkeypatch.delenv(datasets.DATA_DIR_ENV)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    check_ok(main_in_process(["evaluate", str(tmp_path / "run"), "--json"], capsys))
+    (tmp_path / "mnist").unlink()
+    assert f"{tmp_path / 'mnist'} does not exist" in one_error_line(
+        main_in_process(["evaluate", str(tmp_path / "run")], capsys))
 
 
 def test_evaluate_without_a_model_is_one_line(tmp_path, capsys):

@@ -4,12 +4,16 @@ config file reader, merge and the resume compatibility check."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
 import typing
 from pathlib import Path
 
 import pytest
 
 from vae_dist.config import RESUMABLE_FIELDS, DataConfig, TrainingConfig, merge, options, read_config_file, resume_mismatch
+from vae_dist.data.datasets import DATA_DIR_ENV
 from vae_dist.errors import ConfigError
 
 NON_DEFAULT = {
@@ -35,6 +39,17 @@ def test_json_round_trip(data, tmp_path):
     assert isinstance(back.optimizer.betas, tuple) and isinstance(back.model.hidden_sizes, tuple)
 
 
+def test_the_data_folder_is_kept_absolute_and_unset_is_the_environments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # config.json leads evaluate and the pictures to it from any folder
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert TrainingConfig.from_dict({"data": {"data_dir": "mnist"}}).data.data_dir == str(tmp_path / "mnist")
+    assert TrainingConfig().data.data_dir is None  # the download
+    monkeypatch.setenv(DATA_DIR_ENV, "shared/mnist")
+    for data in ({}, {"data": {"data_dir": None}}):  # a new run, and one trained on the download
+        assert TrainingConfig.from_dict(data).data.data_dir == str(tmp_path / "shared" / "mnist")
+    assert TrainingConfig.from_dict({"data": {"data_dir": "/given"}}).data.data_dir == "/given"
+
+
 def test_read_config_file_refusals(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_config_file(tmp_path / "missing.json")
@@ -48,6 +63,33 @@ def test_read_config_file_refusals(tmp_path):
     bad.write_text(" " * (1 << 20) + "{}")  # bounded: a device file would never end
     with pytest.raises(ConfigError, match="larger than"):
         read_config_file(bad)
+
+
+@pytest.mark.parametrize("text", ['{"seed": 1, "seed": 2}', '{"data": {"batch_size": 8, "batch_size": 16}}'])
+def test_a_json_key_given_twice_is_refused_as_yaml_refuses_it(text, tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(text)  # json keeps the last value without a word
+    with pytest.raises(ConfigError, match=r"gives the key '(seed|batch_size)' twice$"):
+        read_config_file(p)
+
+
+@pytest.mark.parametrize("name", ["c.json", "c.yaml"])
+def test_an_integer_past_pythons_digit_limit_is_one_line(name, tmp_path):
+    p = tmp_path / name
+    p.write_text(json.dumps({"data": {"batch_size": 0}}).replace("0", "9" * 5000))  # a ValueError inside the parser
+    with pytest.raises(ConfigError, match=r"holds an integer of more than \d+ digits$"):
+        read_config_file(p)
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path):
+    fifo = tmp_path / "c.json"
+    os.mkfifo(fifo)  # open() would wait for a writer for ever: read in a thread, so a hang fails the test
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ConfigError, read_config_file, fifo).value),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert outcome and str(outcome[0]) == f"config file {fifo} is not a regular file"
 
 
 # --- refusals: one line that names the field ------------------------------------------------
@@ -69,10 +111,12 @@ REFUSALS = [
     ({"seed": 2**32}, "seed: must be ≤ 4294967295, got 4294967296"),
     ({"optimizer": {"betas": [0.9, 1.0]}}, "optimizer.betas: must be < 1.0, got 1.0"),
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: must have exactly 2 items"),
+    ({"optimizer": {"betas": [1e-40, 0.9]}}, "optimizer.betas: 1e-40 is below float32's smallest normal number"),
     ({"model": {"hidden_sizes": []}}, "model.hidden_sizes: must have at least 1 item(s), got []"),
     ({"model": {"hidden_sizes": [8] * 17}}, "model.hidden_sizes: must have at most 16 items, got [8"),
-    ({"model": {"kind": "resnet"}}, "model.kind: must be one of 'deep-mlp', 'conv', 'mlp', 'burda' or 'vq-vae', got 'resnet'"),
+    ({"model": {"kind": "resnet"}}, "model.kind: must be one of 'deep-mlp', 'conv', 'mlp', 'burda', 'burda-2layer' or 'vq-vae', got 'resnet'"),
     ({"artifact_dir": ""}, "artifact_dir: must not be empty"),
+    ({"data": {"data_dir": ""}}, "data.data_dir: must not be empty"),
     ({"loss": {"iw_samples": 5, "kl_weight": 0.5}}, "loss: the importance-weighted bound has no KL weight"),
 ]
 
@@ -120,6 +164,15 @@ def test_every_float_option_refuses_non_finite_values(dotted, value):
     # diverged after --overwrite had cleared the previous run.
     with pytest.raises(ConfigError, match=rf"^{dotted}: must be a finite number"):
         TrainingConfig.from_dict(_set(dotted, value))
+
+
+@pytest.mark.parametrize("value, where", [(1e-40, "below float32's smallest normal"), (1e39, "above float32's")])
+@pytest.mark.parametrize("dotted", FLOATS)
+def test_every_float_option_refuses_what_float32_cannot_hold(dotted, value, where):
+    # Rates and weights are applied in float32 and subnormals are flushed: --eps 1e-40 trained on an eps of 0.
+    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: {re.escape(repr(value))} is {where}"):
+        TrainingConfig.from_dict(_set(dotted, value))
+    assert TrainingConfig.from_dict(_set(dotted, 1.2e-38))  # float32's smallest normal is 1.1754944e-38
 
 
 @pytest.mark.parametrize("dotted", STRINGS)
@@ -191,6 +244,38 @@ def test_yaml_config_reads_as_json_would_and_refuses_in_one_line(tmp_path):
     bad.write_text("cpu: yes\n")  # YAML 1.1's yes is not a boolean here: strict validation refuses it
     with pytest.raises(ConfigError, match="cpu: must be true or false, got 'yes'"):
         TrainingConfig.from_dict(read_config_file(bad))
+
+
+# YAML 1.1 reads these as numbers JSON would not: 0123 octal (83), 1:30 base 60 (90), hex, octal, binary,
+# underscores, a leading +, .inf. Here they are strings, refused where the schema wants a number.
+@pytest.mark.parametrize("line, message", [
+    ("seed: 0123", "seed: must be an integer, got '0123'"),
+    ("epochs: 1:30", "epochs: must be an integer, got '1:30'"),
+    ("seed: 0x1F", "seed: must be an integer, got '0x1F'"),
+    ("seed: 0o17", "seed: must be an integer, got '0o17'"),
+    ("seed: 0b101", "seed: must be an integer, got '0b101'"),
+    ("epochs: 1_000", "epochs: must be an integer, got '1_000'"),
+    ("epochs: +3", "epochs: must be an integer, got '+3'"),
+    ("optimizer: {learning_rate: .inf}", "optimizer.learning_rate: must be a number, got '.inf'"),
+    ("optimizer: {learning_rate: 1_0.5}", "optimizer.learning_rate: must be a number, got '1_0.5'"),
+    ("optimizer: {learning_rate: 1:30.5}", "optimizer.learning_rate: must be a number, got '1:30.5'"),
+])
+def test_yaml_numbers_only_in_jsons_forms(line, message, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        TrainingConfig.from_dict(read_config_file(p))
+
+
+def test_yaml_reads_what_json_would_and_refuses_tags(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 7\nepochs: -0\nwandb_project: 2024-01-01\nartifact_dir: 0123\n"
+                 "optimizer: {learning_rate: 2.5E-3, betas: [0.5, 0.9]}\n")
+    assert read_config_file(p) == {"seed": 7, "epochs": 0, "wandb_project": "2024-01-01", "artifact_dir": "0123",
+                                   "optimizer": {"learning_rate": 2.5e-3, "betas": [0.5, 0.9]}}
+    p.write_text("seed: !!int 0123\n")  # an explicit tag would bring YAML 1.1's octal back
+    with pytest.raises(ConfigError, match="not valid YAML: tags are not allowed in a config at line 1"):
+        read_config_file(p)
 
 
 def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monkeypatch):

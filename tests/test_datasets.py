@@ -106,6 +106,32 @@ def test_layouts(layout, data_dir, tmp_path, test_split):
     assert torch.equal(split.images, test_split.images) and torch.equal(split.labels, test_split.labels)
 
 
+def _stale_plain(folder: Path) -> Path:
+    """A plain copy of the test images beside the .gz, all black: an older extraction."""
+    (folder / TEST_IMAGES).write_bytes(_header(10000) + bytes(10000 * 784))
+    return folder / TEST_IMAGES
+
+
+@pytest.mark.parametrize("where", ["beside", "under-raw"])
+def test_two_copies_that_differ_are_refused_naming_both(where, tmp_path):
+    gz = write_idx_dataset(tmp_path, splits=("test",)) / f"{TEST_IMAGES}.gz"
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    stale = _stale_plain(tmp_path if where == "beside" else raw)
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path, "test")
+    assert str(gz) in str(e.value) and str(stale) in str(e.value) and "differ" in str(e.value)
+
+
+def test_identical_copies_as_torchvision_leaves_them_are_read(tmp_path):
+    raw = write_idx_dataset(tmp_path / "MNIST" / "raw", splits=("test",))
+    for name in (TEST_IMAGES, TEST_LABELS):  # torchvision keeps each .gz beside the file it extracts
+        (raw / name).write_bytes(gzip.decompress((raw / f"{name}.gz").read_bytes()))
+    (raw / f"{TEST_IMAGES}.gz").rename(tmp_path / f"{TEST_IMAGES}.gz")  # and one more copy, flat
+    split = load_split(tmp_path, "test")
+    assert torch.equal(split.images, read_idx(tmp_path / f"{TEST_IMAGES}.gz", IMAGE_MAGIC, 10000))
+
+
 def test_a_small_valid_file_parses(tmp_path):
     p = tmp_path / "tiny-images"
     pixels = np.arange(2 * 28 * 28, dtype=np.uint32).astype(np.uint8)

@@ -107,3 +107,22 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(TrainingError, match=r"^loss became non-finite at step 7; the last good checkpoint .*step-000000005 is kept$"):
         learner.fit()
     assert [p.name for p in (tmp_path / folder.CHECKPOINTS).iterdir()] == ["step-000000005"]  # nothing NaN written
+
+
+def test_weights_turned_nan_by_a_last_step_are_never_saved_validated_or_called_good(tmp_path):
+    # The epoch's last (10th) step makes a weight NaN; every loss it computed was finite.
+    learner = _learner(tmp_path, epochs=1, checkpoint_every_steps=5)
+    step = learner.step_optimizer.step
+
+    def diverging_step():
+        step()
+        if learner.position.global_step == 9:  # counted after the step
+            with torch.no_grad():
+                next(learner.model.parameters()).view(-1)[0] = float("nan")
+
+    learner.step_optimizer.step = diverging_step
+    with pytest.raises(TrainingError, match=r"^weights became non-finite at step 10; the last good checkpoint "
+                                            r".*step-000000005 is kept$"):
+        learner.fit()
+    assert [p.name for p in (tmp_path / folder.CHECKPOINTS).iterdir()] == ["step-000000005"]
+    assert not (tmp_path / folder.METRICS).exists()  # nothing validated or drawn from them

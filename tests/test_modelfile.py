@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import check_ok, main_in_process, small_train_args
@@ -40,6 +41,14 @@ def test_model_file_round_trip_from_file_alone(tmp_path, kind, latent):
     assert torch.equal(model.eval()(x, eps).terms["loss"], loaded(x, eps).terms["loss"])
 
 
+def test_a_diverged_result_is_recorded_as_json_null(tmp_path):
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
+    save_model_file(tmp_path / MODEL, build(cfg).state_dict(), cfg, results={"valid/loss": float("nan"), "step": 3})
+    with safe_open(str(tmp_path / MODEL), "pt") as f:
+        text = f.metadata()["vae_dist_results"]
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {"valid/loss": None, "step": 3}
+
+
 def _foreign(p):
     save_file({"w": torch.zeros(3)}, str(p), metadata={"format": "pt"})
 
@@ -64,6 +73,14 @@ def _unreadable_config(p):
     save_file({"w": torch.zeros(3)}, str(p), metadata={"format": "pt", "vae_dist_config": "[1, 2"})
 
 
+def _diverged(p):
+    # A weight turned NaN by a last step, the rest finite: nothing should be drawn from it.
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
+    state = build(cfg).state_dict()
+    state["decoder.2.weight"][3, 0] = float("nan")
+    save_model_file(p, state, cfg)
+
+
 @pytest.mark.parametrize("make, message", [
     (None, "no trained model"),
     (_foreign, "not written by vae_dist"),
@@ -71,7 +88,8 @@ def _unreadable_config(p):
     (_truncated, "not a readable safetensors file"),
     (_other_config, "does not match its config"),
     (_unreadable_config, "carries an unreadable config"),
-], ids=["missing", "foreign", "garbage", "truncated", "other-config", "unreadable-config"])
+    (_diverged, "holds non-finite weights"),
+], ids=["missing", "foreign", "garbage", "truncated", "other-config", "unreadable-config", "diverged"])
 def test_a_file_that_is_not_a_vae_dist_model_is_one_line(tmp_path, make, message):
     p = tmp_path / MODEL
     if make is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_learner import _learner, _untimed, _weights
 
 from conftest import (
@@ -123,10 +123,21 @@ def _code_in_the_optimizer_state(folder: Path) -> None:
     _edit_manifest(folder, record)
 
 
+def _nan_weights(folder: Path) -> None:
+    """A weight turned NaN, sealed (sizes and hashes right) as a save that did not check the weights would."""
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    save_file(weights, path)
+    _edit_manifest(folder, lambda m: (m["files"].update({path.name: path.stat().st_size}),
+                                      m["sha256"].update({path.name: file_sha256(path)})))
+
+
 DAMAGE = {
     "same-size corrupt bytes": (_zero_tensor_bytes, "does not match its SHA-256"),
     "an edited position": (lambda f: _edit_manifest(f, lambda m: m["state"]["history"].clear()), "no valid manifest"),
     "code in a pickle": (_code_in_the_optimizer_state, "UnpicklingError"),
+    "non-finite weights": (_nan_weights, "its weights are not finite"),
 }
 
 
@@ -143,6 +154,14 @@ def test_an_unusable_newest_checkpoint_falls_back_to_the_older_one(tmp_path, one
     # Steps 9 and 10 taken again from step 8: the same model as the uninterrupted run.
     assert learner.position.global_step == 10
     assert torch.equal(_weights(learner.model), one_epoch[1])
+
+
+def test_a_nonfinite_loss_after_a_fallback_names_the_checkpoint_resumed_from(tmp_path, one_epoch, monkeypatch):
+    root = copy_run(one_epoch[0], tmp_path)
+    _zero_tensor_bytes(root / rundir.CHECKPOINTS / "step-000000010")  # complete, but it fails to load
+    monkeypatch.setenv("VAE_DIST_TEST_NAN_AT", "9")
+    with pytest.raises(TrainingError, match=r"step 9; the last good checkpoint .*step-000000008 is kept$"):
+        _learner(root, epochs=1, resume=True).fit()
 
 
 def test_no_usable_checkpoint_is_an_error_that_starts_nothing_over(tmp_path, one_epoch):
@@ -196,6 +215,16 @@ def test_max_steps_below_the_checkpoint_is_refused_before_writing(preempted):
     with pytest.raises(ConfigError, match=r"--max-steps 5 .*step 8"):
         _learner(preempted, epochs=1, max_steps=5, resume=True).fit()
     assert sorted(str(p) for p in preempted.rglob("*")) == before
+
+
+def test_fewer_epochs_than_the_checkpoint_has_reached_are_refused_before_writing(tmp_path):
+    _learner(tmp_path, epochs=2, max_steps=13, checkpoint_every_steps=6).fit()
+    shutil.rmtree(tmp_path / rundir.CHECKPOINTS / "step-000000013")  # the newest: step 12, 2 batches into epoch 2
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--epochs 1 is below epoch 2, which step-000000012 has reached, 2 batches "
+                                          r"into it; give at least 2$"):
+        _learner(tmp_path, epochs=1, resume=True)
+    assert snapshot(tmp_path) == before
 
 
 def test_resume_at_an_epoch_end_with_another_process_count_ends_the_schedules_on_time(tmp_path):

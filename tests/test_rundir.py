@@ -412,6 +412,12 @@ def test_metrics_are_rewritten_whole(tmp_path):
     assert read_metrics(tmp_path) == rows[:1]
 
 
+def test_a_diverged_metric_is_written_as_json_null(tmp_path):
+    write_metrics(tmp_path, [{"epoch": 1, "valid/loss": float("nan"), "valid/kl": float("inf"), "valid/recon": 1.5}])
+    row = json.loads((tmp_path / METRICS).read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert row == {"epoch": 1, "valid/loss": None, "valid/kl": None, "valid/recon": 1.5}
+
+
 def test_atomic_write_leaves_the_old_file_or_the_new_one_and_no_debris(tmp_path):
     target = tmp_path / "f"
     atomic_write(target, lambda f: f.write(b"old"))

@@ -35,3 +35,14 @@ def test_kl_warm_up_ramps_linearly_to_the_weight():
     assert kl_weight(LossConfig(kl_weight=0.5, kl_warmup_epochs=0.0), 0, 0, 10) == 0.5
     # The importance-weighted bound trains unweighted from the first step.
     assert kl_weight(LossConfig(iw_samples=5), 0, 0, 10) == 1.0
+
+
+@pytest.mark.parametrize("warmup_epochs", [1e-30, 1e-3, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 1.7, 3.0])
+def test_the_rate_never_exceeds_the_peak(warmup_epochs):
+    # A short warm-up or few steps per epoch (a large global batch): the warm-up ends within a step.
+    for steps_per_epoch in (1, 2, 3, 4, 7, 10, 64):
+        cfg = OptimizerConfig(learning_rate=2e-3, schedule="cosine", warmup_epochs=warmup_epochs)
+        rates = [learning_rate(cfg, e, b, steps_per_epoch, 5) for e in range(5) for b in range(steps_per_epoch)]
+        assert all(0 < r <= 2e-3 for r in rates), (steps_per_epoch, max(rates))
+        if warmup_epochs * steps_per_epoch <= 1:  # less than a step of warm-up is none
+            assert rates[0] == 2e-3

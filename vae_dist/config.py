@@ -3,8 +3,12 @@ the CLI generates ``train``'s options from it and the resume check reads the res
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
+import stat
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Optional
@@ -12,9 +16,10 @@ from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Opti
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
 
-from vae_dist.data.datasets import MAX_CLASSES, MAX_SIDE, DatasetName
+from vae_dist.data.datasets import DATA_DIR_ENV, MAX_CLASSES, MAX_SIDE, DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
+from vae_dist.run.fileio import dumps
 from vae_dist.schema import Section, option
 
 CONFIG_FILE = "config.json"  # the run's own config, in its artifact folder
@@ -88,8 +93,10 @@ class DataConfig(Section, path="data"):
     dataset: DatasetName = option("mnist", "The images: IDX files from --data-dir, else downloaded by torchvision; "
                                   "npy = your own train.npy and test.npy in --data-dir (see README).")
     data_dir: Optional[str] = option(None, "Folder with the dataset's four IDX files (gzipped or not, flat or under "
-                                     "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown="download", resumable=True)
-    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without --data-dir.", resumable=True)
+                                     "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown=f"${DATA_DIR_ENV}, else "
+                                     "download", resumable=True, min_length=1, validate_default=True)
+    cache_dir: str = option("~/.cache/vae_dist", "Where the dataset is downloaded without a data folder.",
+                            resumable=True)
     batch_size: int = option(64, "Training batch per process; the global batch is batch size x processes.", ge=1,
                              le=1 << 20)
     eval_batch_size: int = option(
@@ -102,6 +109,14 @@ class DataConfig(Section, path="data"):
         "literature trains); static = one fixed draw. Any binarization evaluates on one fixed draw of the test set.")
     limit_eval_samples: Optional[int] = option(None, "Use only the first N test images.", shown="all", ge=1,
                                                resumable=True)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: Optional[str]) -> Optional[str]:
+        # Unset, the environment's folder (else the download); absolute, so that config.json leads evaluate and
+        # the pictures to it from any working directory.
+        value = value or os.environ.get(DATA_DIR_ENV) or None
+        return str(Path(os.path.expanduser(value)).absolute()) if value else None
 
 
 class LossConfig(Section, path="loss"):
@@ -179,7 +194,7 @@ class TrainingConfig(Section):
         return cls.from_dict(read_config_file(path))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -187,6 +202,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     is_yaml = p.suffix.lower() in (".yaml", ".yml")
     try:
+        if not stat.S_ISREG(p.stat().st_mode):  # opening a FIFO would wait for a writer for ever
+            raise ConfigError(f"config file {p} is not a regular file")
         with p.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device file would never end
         text = raw.decode("utf-8")
@@ -197,11 +214,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
     try:
-        data = yaml.load(text, Loader=StrictLoader) if is_yaml else json.loads(text)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=StrictLoader) if is_yaml else json.loads(  # noqa: S506 (a SafeLoader)
+            text, object_pairs_hook=functools.partial(_unique_keys, p))
     except RecursionError:
         raise ConfigError(f"config file {p} is nested too deeply") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except ValueError:  # json and yaml read digits with int(), which refuses more than Python's limit
+        raise ConfigError(f"config file {p} holds an integer of more than {sys.get_int_max_str_digits()} digits") \
+            from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}" if mark else ""
@@ -214,14 +235,27 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: json keeps a repeated key's last value without a word."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ConfigError(f"config file {path} gives the key {key!r} twice")
+        seen.add(key)
+    return dict(pairs)
+
+
 class StrictLoader(yaml.SafeLoader):
-    """YAML read as JSON would be: ``1e-3`` a float, only true/false booleans (``wandb_mode: off`` a string), unique
-    string keys, no anchors or aliases (a config needs none; they let a small file expand into a huge tree)."""
+    """YAML read as JSON would be: numbers only in JSON's forms (``1e-3`` a float; ``0123``, ``1:30``, ``0x1F``,
+    ``1_000``, ``.inf`` and dates are strings, which the schema refuses where it wants a number), only true/false
+    booleans (``wandb_mode: off`` a string), unique string keys, no tags (``!!int 0123``), anchors or aliases
+    (a config needs none; aliases let a small file expand into a huge tree)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases are not allowed in a config", mark)
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) or getattr(event, "tag", None):
+            what = "tags" if getattr(event, "tag", None) else "anchors and aliases"
+            raise yaml.constructor.ConstructorError(None, None, f"{what} are not allowed in a config", event.start_mark)
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
@@ -235,15 +269,15 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# The class's own resolver table, without YAML 1.1's yes/no/on/off booleans.
+# The class's own resolver table: YAML's null, and JSON's booleans and numbers; any other plain scalar is a string.
 StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:null"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+for _tag, _form in [("bool", r"true|True|TRUE|false|False|FALSE"), ("int", r"-?(?:0|[1-9][0-9]*)"),
+                    ("float", r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")]:  # int first: "5" is an int
+    StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_form})$"),
+                                       list("tTfF" if _tag == "bool" else "-0123456789"))
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

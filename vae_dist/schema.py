@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vae_dist.errors import ConfigError
 
+FLOAT32_TINY, FLOAT32_MAX = 2.0**-126, (2 - 2.0**-23) * 2.0**127  # float32's smallest and largest normal numbers
+
 
 def option(default: Any, help: str, *, flag: Optional[str] = None, resumable: bool = False,
            shown: Optional[str] = None, **constraints: Any) -> Any:
@@ -33,6 +35,20 @@ class Section(BaseModel):
     def _no_nul(cls, value: Any) -> Any:
         if isinstance(value, str) and "\x00" in value:  # the OS refuses it with a ValueError of its own
             raise ValueError("must not contain a NUL byte")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _float32(cls, value: Any) -> Any:
+        # Rates, weights and guards are applied in float32, and the trainer flushes subnormals to zero: a value
+        # float32 cannot hold would act as 0 or infinity.
+        for x in value if isinstance(value, tuple) else (value,):
+            if isinstance(x, float) and 0 < abs(x) < FLOAT32_TINY:
+                raise ValueError(f"{x!r} is below float32's smallest normal number ({FLOAT32_TINY:.4g}) and would act "
+                                 "as 0")
+            if isinstance(x, float) and abs(x) > FLOAT32_MAX:
+                raise ValueError(f"{x!r} is above float32's largest number ({FLOAT32_MAX:.4g}) and would act as "
+                                 "infinity")
         return value
 
     def __init__(self, **data: Any) -> None:

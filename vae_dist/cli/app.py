@@ -19,7 +19,6 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendo
 
 from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
 from vae_dist.errors import ConfigError, VaeDistError
-from vae_dist.models import REGISTRY
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
 from vae_dist.run.folder import MARKER, RUN_NAMES
 
@@ -32,7 +31,8 @@ MAX_IMAGES, MAX_GRID_SIZE, MAX_STEPS = 10_000, 100, 1_000  # beyond these a PNG 
 # What the picture commands write in a run folder by default (the only names they replace there).
 PICTURES = ("samples.png", "manifold.png", "reconstructions.png", "interpolation.png")
 ARTIFACT_HELP = "A folder written by `train`, its model.safetensors, or one of its checkpoints/step-N folders."
-DATA_DIR_HELP = "Folder of the run's dataset (default: the one used in training)."
+DATA_DIR_HELP = ("Folder of the run's dataset (default: the one used in training, else $VAE_DIST_DATA_DIR, else "
+                 "the download).")
 
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
@@ -49,12 +49,9 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     for name, value in base.items():  # a section given as null or a string is refused, not merged over
         if isinstance(overrides.get(name), dict) and not isinstance(value, dict):
             raise ConfigError(f"{name}: must be a JSON object, got {value!r}")
-    merged = merge(base, overrides)
-    kind = overrides.get("model", {}).get("kind")
-    if kind is not None and kind != base.get("model", {}).get("kind"):
-        for name in REGISTRY[kind].defaults.keys() - overrides["model"]:  # a new architecture brings its own defaults
-            merged["model"][name] = None
-    return TrainingConfig.from_dict(merged)
+    # Each flag sets its own field: --model keeps the file's latent_size and widths; what neither gives
+    # takes the family's defaults (ModelFields).
+    return TrainingConfig.from_dict(merge(base, overrides))
 
 
 class Command(typer.core.TyperCommand):

@@ -33,7 +33,7 @@ class IdxDataset(NamedTuple):
 
     def read(self, data_dir: Path, split: str, dataset: str) -> Split:
         count = getattr(self, split)
-        return Split(*(read_idx(find_idx_file(data_dir, name, dataset), magic, count, dataset)
+        return Split(*(_read_copies(find_idx_files(data_dir, name, dataset), magic, count, dataset)
                        for name, magic in zip(FILES[split], (IMAGE_MAGIC, LABEL_MAGIC))), self.classes)
 
 
@@ -67,7 +67,7 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 # What reading a damaged file (or gzip stream) raises: all become one DataError line.
 READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
-# Where tests, benchmarks and smoke runs find the offline copy of MNIST (see README).
+# The data folder when none is given (config.DataConfig; else the download), and the tests' and benchmarks'.
 DATA_DIR_ENV = "VAE_DIST_DATA_DIR"
 
 
@@ -76,15 +76,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[2].parent / "shared" / "mnist"))
 
 
-def find_idx_file(data_dir: Path, name: str, dataset: str = "mnist") -> Path:
-    """Find ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``<TorchvisionName>/raw/``."""
+def find_idx_files(data_dir: Path, name: str, dataset: str = "mnist") -> list[Path]:
+    """Every copy of ``name`` (or ``name.gz``) directly in ``data_dir`` or under ``<TorchvisionName>/raw/``."""
     raw = data_dir / DATASETS[dataset].torchvision / "raw"
-    for folder in (data_dir, raw):
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            with checking(candidate, DataError, f"{dataset} file"):
-                if candidate.is_file():
-                    return candidate
-    raise DataError(f"{dataset} file {name}(.gz) not found in {data_dir} (looked there and in {raw})")
+    found = []
+    for candidate in (folder / file for folder in (data_dir, raw) for file in (name, f"{name}.gz")):
+        with checking(candidate, DataError, f"{dataset} file"):
+            if candidate.is_file():
+                found.append(candidate)
+    if not found:
+        raise DataError(f"{dataset} file {name}(.gz) not found in {data_dir} (looked there and in {raw})")
+    return found
 
 
 def _read_at_most(f: BinaryIO, n: int) -> bytearray:
@@ -194,6 +196,18 @@ def load_split(data_dir: str | Path, split: str, dataset: str = "mnist") -> Spli
             what = "is not a directory" if data_dir.exists() else "does not exist"
             raise DataError(f"data directory {data_dir} {what}")
     return DATASETS[dataset].read(data_dir, split, dataset)
+
+
+def _read_copies(paths: list[Path], magic: int, count: int, dataset: str) -> torch.Tensor:
+    """The items of the first copy, refused unless every other copy holds the same: torchvision's download keeps
+    the .gz beside the file it extracts, and a stale copy beside a newer one must not be read in its place."""
+    import torch
+
+    items = read_idx(paths[0], magic, count, dataset)
+    for other in paths[1:]:
+        if not torch.equal(read_idx(other, magic, count, dataset), items):
+            raise DataError(f"{dataset} files {paths[0]} and {other} differ; remove the one that should not be read")
+    return items
 
 
 def torchvision_class(dataset: str) -> Any:  # imported here: torchvision costs most of a second

@@ -159,7 +159,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     if problem or manifest is None:
         raise ArtifactError(f"checkpoint {p} is unusable: {problem}")
     model, config = load_model_file(p / MODEL, config=manifest.state.config)
-    return TrainedVAE(model, config, dict(manifest.state.history[-1]) if manifest.state.history else {}).to(device)
+    return TrainedVAE(model, config, manifest.state.results()).to(device)
 
 
 def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000, labels: Any = None) -> float:
@@ -179,8 +179,10 @@ def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000, labels: Any =
 
 
 def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = False) -> TrainedVAE:
-    """Train as ``vae-dist train`` does with this config; returns the trained model."""
+    """Train as ``vae-dist train`` does with this config; returns the trained model. The process's settings
+    (subnormals flushed) are the caller's again when it returns or raises."""
     from vae_dist.training import runtime
     from vae_dist.training.trainer import train as run_training
-    runtime.prepare_process(config.flush_denormal)
-    return load(run_training(config, resume=resume, overwrite=overwrite))
+    with runtime.borrowed_process(config.flush_denormal):
+        path = run_training(config, resume=resume, overwrite=overwrite)
+    return load(path)

@@ -3,7 +3,6 @@ and the previews' pictures. Random numbers are keyed by the image's index (any p
 
 from __future__ import annotations
 
-import json
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -14,6 +13,7 @@ from vae_dist.config import TrainingConfig
 from vae_dist.data import datasets, keyed, loaders
 from vae_dist.errors import DataError, VaeDistError, first_line
 from vae_dist.models.protocol import Model
+from vae_dist.run.fileio import dumps
 from vae_dist.training.tracking import Progress
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
@@ -180,5 +180,5 @@ def iw_nll_per_image(model: Model, images: torch.Tensor, indices: torch.Tensor, 
 
 
 def json_result(result: dict[str, Any]) -> str:
-    """The result as one line of strict JSON: a non-finite number (a diverged model's NaN loss) becomes null."""
-    return json.dumps(json.loads(json.dumps(result), parse_constant=lambda name: None), allow_nan=False)
+    """The result as one line of JSON (a diverged model's NaN loss: null)."""
+    return dumps(result)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vae_dist.models import gaussian, vqvae
+from vae_dist.models import burda2, gaussian, vqvae
 from vae_dist.models.protocol import Family, Model
 
 if TYPE_CHECKING:
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, Family] = {
     **{name: Family(gaussian.VAE, defaults, gaussian.HELP) for name, defaults in gaussian.ARCHITECTURES.items()},
+    "burda-2layer": burda2.FAMILY,
     "vq-vae": vqvae.FAMILY,
 }
 

@@ -109,6 +109,7 @@ class Checkpointer:
             raise ValueError(f"not a run id: {run_id!r}")
         self.accelerator, self.directory, self.keep, self.log = accelerator, directory, keep, log
         self.every_steps, self.run_id, self.saves = every_steps, run_id, 0
+        self.last: Optional[Path] = None  # the newest this run saved or resumed from (not one that failed to load)
 
     def maybe_save(self, global_step: int, mid_epoch: bool, state: Callable[[], Position]) -> Optional[Path]:
         """Every rank: save every ``every_steps`` steps mid-epoch; ``state`` (a collective) is called only then."""
@@ -150,6 +151,7 @@ class Checkpointer:
             raise failure from None
         self.saves += 1
         on_main_then_share(acc, lambda: self._seal(tmp, final, global_step, state))
+        self.last = final
         self.log(f"checkpoint {final} written in {time.perf_counter() - t0:.2f} s")
         return final
 
@@ -196,9 +198,10 @@ class Checkpointer:
         for name in rotation_plan(kept, self.keep) + sorted(complete.keys() - kept.keys()):
             shutil.rmtree(self.directory / name, ignore_errors=True)
 
-    def load_latest(self) -> Optional[Found]:
-        """Restore the newest usable checkpoint (None if none); one that fails to load is said in one line and the
-        previous one tried. Accelerate loads with ``weights_only=True`` and safetensors: nothing is unpickled."""
+    def load_latest(self, check: Callable[[], Optional[str]] = lambda: None) -> Optional[Found]:
+        """Restore the newest usable checkpoint (None if none); one that fails to load, or whose loaded state fails
+        ``check`` (its problem, else None), is said in one line and the previous one tried. Accelerate loads with
+        ``weights_only=True`` and safetensors: nothing is unpickled."""
         candidates = self.complete()
         good = {f.path.name for f in candidates}  # the other step-* folders are said, never judged silently
         broken = sorted(p.name for p in self._folders() if p.name not in good)
@@ -217,10 +220,12 @@ class Checkpointer:
             if not any_rank(self.accelerator, error is not None):
                 try:
                     self.accelerator.load_state(str(found.path))
+                    error = check()
                 except Exception as e:  # corrupt archive, wrong shapes, ...
                     error = f"{type(e).__name__}: {first_line(e)}"
                 if not any_rank(self.accelerator, error is not None):
                     on_main_then_share(self.accelerator, self.remove_leftovers)
+                    self.last = found.path
                     return found
             then = f"falling back to {older.path.name}" if older else "no older checkpoint left"
             self.log(f"checkpoint {found.path.name} is unusable ({error or 'failed on another rank'}); {then}")

@@ -1,15 +1,23 @@
-"""Atomic file writes, and lines to stdout and stderr that a full or closed stream cannot make fatal."""
+"""JSON as vae_dist writes it, atomic file writes, and lines to stdout and stderr that a full or closed stream
+cannot make fatal."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from vae_dist.errors import OutputError, VaeDistError
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """JSON as every file and result vae_dist writes holds it: a non-finite number (a diverged metric) is null,
+    never the NaN or Infinity that json.dumps writes and JSON readers refuse."""
+    return json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), allow_nan=False, **kw)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 
 from vae_dist.config import CONFIG_FILE, TrainingConfig
 from vae_dist.errors import ArtifactError
-from vae_dist.run.fileio import atomic_write, checking, print_out
+from vae_dist.run.fileio import atomic_write, checking, dumps, print_out
 
 MARKER = ".vae_dist"  # proves the folder is vae_dist's, and holds the run's id
 # Held (flock) by a training's main process; never deleted: two processes could then lock two files of one name.
@@ -139,7 +139,7 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
         if lock is not None:
             lock.acquire(root)
         if not resume:
-            write_run_file(root / MARKER, json.dumps({"created_by": "vae_dist", "run_id": run_id}).encode() + b"\n")
+            write_run_file(root / MARKER, dumps({"created_by": "vae_dist", "run_id": run_id}).encode() + b"\n")
         # Writable now, not after an hour of training; under no name, so never through a planted link.
         with tempfile.TemporaryFile(dir=root) as probe:
             probe.write(b"ok")
@@ -186,7 +186,7 @@ def write_config(root: Path, config: TrainingConfig) -> None:
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl whole: appending would repeat epochs after a resume from a checkpoint older than it."""
-    write_run_file(root / METRICS, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode())
+    write_run_file(root / METRICS, "".join(dumps(row, sort_keys=True) + "\n" for row in history).encode())
 
 
 def read_metrics(root: Path) -> list[dict[str, Any]]:

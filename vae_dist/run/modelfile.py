@@ -16,7 +16,7 @@ from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, VaeDistError, first_line
 from vae_dist.models import build, parameter_count
 from vae_dist.models.protocol import Model
-from vae_dist.run.fileio import checking
+from vae_dist.run.fileio import checking, dumps
 from vae_dist.run.folder import MODEL, write_run_file
 
 MAX_PARAMETERS = 1_000_000_000  # larger models are refused before any memory is allocated for them
@@ -28,7 +28,7 @@ def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], config: Tra
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {"format": "pt", "vae_dist_config": config.to_json()}
     if results is not None:
-        metadata["vae_dist_results"] = json.dumps(results, sort_keys=True)
+        metadata["vae_dist_results"] = dumps(results, sort_keys=True)
     write_run_file(path, save(tensors, metadata=metadata))
 
 
@@ -87,6 +87,9 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
                    else f"{name} has shape {list(got[name])} where the model has {list(want[name])}")
             raise ArtifactError(f"model file {p} does not match its config: {why}")
         state = strip_compile_prefix({k: f.get_tensor(k) for k in f.keys()})
+    # A diverged run's weights (NaN, inf) would draw black pictures and score NaN without a word.
+    if bad := sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()):
+        raise ArtifactError(f"model file {p} holds non-finite weights ({bad[0]}): its training diverged")
     model = build(config)
     model.load_state_dict(state)  # the names and shapes were checked above
     return model.eval(), config

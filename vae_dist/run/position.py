@@ -3,27 +3,29 @@ a key missing, unknown or of the wrong type, or a position the trainer cannot ha
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Union
+import math
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator, with_config
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, model_validator, with_config
 from typing_extensions import TypedDict
 
 from vae_dist.config import TrainingConfig, resume_mismatch
 from vae_dist.errors import CheckpointError, ConfigError, TrainingError
 
 Count = Annotated[int, Field(ge=0)]
-# One epoch's metrics (metrics.jsonl's rows): these keys and split/name numbers (a diverged one inf or NaN).
+# A diverged metric: NaN in memory, null in JSON (as every file vae_dist writes has it: fileio.dumps).
+NonFinite = Annotated[None, AfterValidator(lambda _: math.nan)]
+# One epoch's metrics (metrics.jsonl's rows): these keys and split/name numbers.
 Row = with_config(ConfigDict(strict=True))(TypedDict("Row", {  # type: ignore[call-overload]
     "epoch": Annotated[int, Field(ge=1)], "step": Count, "complete_epoch": bool,
     "protocol": dict[str, Union[str, int, float]],
-}, extra_items=Union[int, float]))
+}, extra_items=Union[int, float, NonFinite]))
 # Saved as config.json's object; one the schema refuses is a ConfigError: read_manifest's unusable checkpoint.
 SavedConfig = Annotated[TrainingConfig, PlainSerializer(TrainingConfig.to_dict)]
 
 
 class Position(BaseModel):
-    # inf and NaN are written as such (JSON constants) so that a row keeps them.
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, ser_json_inf_nan="constants")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # a row's inf or NaN: written null
     epoch: Count  # epochs finished; the one in progress is epoch + 1
     batches_done: Count  # optimizer steps already taken in the epoch in progress
     global_step: Count
@@ -53,10 +55,20 @@ class Position(BaseModel):
             raise ValueError("the epoch in progress's row must lie inside it")
         return self
 
+    def results(self) -> dict[str, Any]:
+        """What the weights here scored (validation, protocol), from the row of this step; {} between validations."""
+        row = next((r for r in self.history if r["step"] == self.global_step), {})
+        return {k: v for k, v in row.items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
+
     def check_resumable(self, name: str, config: TrainingConfig, num_processes: int, steps_per_epoch: int) -> None:
         """Whether a run of ``config``, ``num_processes`` ranks and ``steps_per_epoch`` can continue from here."""
         if mismatch := resume_mismatch(self.config, config, saved_as=f"{name} was trained with"):
             raise ConfigError(f"cannot resume: {mismatch}")
+        reached = self.epoch + (self.batches_done > 0)  # counting the epoch in progress
+        if config.epochs < reached:  # the run would end at once, its weights passing for an earlier epoch's
+            into = f", {self.batches_done} batches into it" if self.batches_done else ""
+            raise ConfigError(f"--epochs {config.epochs} is below epoch {reached}, which {name} has reached{into}; "
+                              f"give at least {reached}")
         if config.max_steps is not None and self.global_step > config.max_steps:
             raise ConfigError(f"--max-steps {config.max_steps} is below step {self.global_step}, where {name} "
                               f"stopped; give at least {self.global_step}")

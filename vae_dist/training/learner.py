@@ -184,7 +184,8 @@ class Learner:
     def restore(self) -> None:
         """Load the newest usable checkpoint and take its position, or refuse it (another config, --max-steps
         below it, ...). Apart from the lock, the run folder is untouched until this has passed."""
-        if (found := self.checkpointer.load_latest()) is None:
+        found = self.checkpointer.load_latest(lambda: None if self._finite_weights() else "its weights are not finite")
+        if found is None:
             self.say("--resume: no checkpoint written yet; starting from step 0")
             return
         found.manifest.state.check_resumable(found.path.name, self.config, self.acc.num_processes, self.steps_per_epoch)
@@ -216,13 +217,22 @@ class Learner:
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t
 
+    def _finite_weights(self) -> torch.Tensor:
+        """() bool on the device. The largest |w| of each tensor: one fused kernel, and exact where a sum of
+        squares of large finite weights would overflow."""
+        return torch.stack(torch._foreach_norm(list(self.model.parameters()), float("inf"))).isfinite().all()
+
     def _check_finite(self) -> None:
-        """Raise on every rank if any rank saw a non-finite loss; names the first such step."""
-        bad = self.acc.gather(self.meter.first_nonfinite_step())
-        if (bad := bad[bad >= 0]).numel():
-            last = self.checkpointer.complete()
-            kept = f"; the last good checkpoint {last[0].path} is kept" if last else ""
-            raise TrainingError(f"loss became non-finite at step {int(bad.min())}{kept}")
+        """Raise on every rank if any rank saw a non-finite loss or holds a non-finite weight (a last step can turn
+        the weights NaN with a finite loss): one gather. Every checkpoint was checked so before it was saved."""
+        weights_bad = (~self._finite_weights()).long().view(1)
+        found = self.acc.gather(torch.cat([self.meter.first_nonfinite_step(), weights_bad])).view(-1, 2).tolist()
+        loss = [step for step, _ in found if step >= 0]
+        if loss or any(bad for _, bad in found):
+            last = self.checkpointer.last
+            what = f"loss became non-finite at step {min(loss)}" if loss else \
+                f"weights became non-finite at step {self.position.global_step}"
+            raise TrainingError(what + (f"; the last good checkpoint {last} is kept" if last else ""))
 
     def _log_train(self, progress: Progress) -> None:
         self._check_finite()

@@ -8,9 +8,9 @@ import ctypes
 import ctypes.util
 import math
 import os
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import psutil  # an Accelerate dependency
 import torch
@@ -31,6 +31,22 @@ def prepare_process(flush_denormal: bool) -> None:
     # torch's worker threads copy it when they start, so it comes first. A no-op on CPUs without the mode.
     torch.set_flush_denormal(flush_denormal)
     keep_freed_memory()
+
+
+@contextmanager
+def borrowed_process(flush_denormal: bool) -> Iterator[None]:
+    """prepare_process's settings in a caller's process (the API's train), the caller's own back when the block ends
+    or raises. Only those that can be undone: glibc's allocator policy cannot be read back, so it is not changed."""
+    flushing = torch.tensor(1e-40).item() == 0.0  # torch has no getter: a subnormal reads back as zero when flushed
+    # The mode is per thread, and a thread starts in its creator's: the intra-op threads start here (if not yet) in the
+    # caller's mode, so that only this thread's needs undoing; the run's work on them does not flush (slower only
+    # where subnormals arise).
+    torch.ones(1 << 17).sum()
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(flushing)
 
 
 def keep_freed_memory() -> bool:

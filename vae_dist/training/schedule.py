@@ -26,8 +26,8 @@ def learning_rate(cfg: OptimizerConfig, epoch: int, batch: int, steps_per_epoch:
     if cfg.schedule == "burda":
         return cfg.learning_rate * burda_factor(step / steps_per_epoch)
     warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.learning_rate * (step + 1) / warmup
+    if step < warmup:  # at most the peak: a warm-up shorter than a step is none, not a rate of peak / warm-up
+        return cfg.learning_rate * min(1.0, (step + 1) / warmup)
     progress = (step - warmup) / max(1.0, total - warmup)
     return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

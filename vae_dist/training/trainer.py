@@ -215,8 +215,7 @@ def export(acc: Accelerator, config: TrainingConfig, learner: Learner, tracker: 
     state = modelfile.strip_compile_prefix(acc.get_state_dict(learner.model))  # the plain model's names
     path = root / folder.MODEL
     def finish() -> None:
-        history = learner.position.history
-        last = {k: v for k, v in history[-1].items() if k.startswith("valid/") or k in ("epoch", "step", "protocol")}
+        history, last = learner.position.history, learner.position.results()
         modelfile.save_model_file(path, state, config, results=last)
         tracker.record_results(path, config, history, last)
         tracker.finish()
