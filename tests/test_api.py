@@ -45,6 +45,19 @@ def test_bad_images_are_one_line_errors(tmp_path: Path, bad, needle) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_images_go_in_in_the_models_shape() -> None:
+    from vae_dist.evaluation.api import TrainedVAE
+
+    config = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "image_shape": [3, 4, 5]}})
+    model = TrainedVAE(build(config), config, {})
+    x = torch.rand(2, 3, 4, 5)
+    assert torch.equal(model.reconstruct(x.flatten(1)), model.reconstruct(x)) and model.reconstruct(x).shape == x.shape
+    with pytest.raises(VaeDistError, match=re.escape("shaped (N, 60) or (N, 3, 4, 5), got (2, 4, 5)")):
+        model.reconstruct(x[:, 0])  # (N, H, W) is a grey model's
+    grey = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8], "image_shape": [1, 4, 5]}})
+    assert TrainedVAE(build(grey), grey, {}).reconstruct(x[:, 0]).shape == (2, 1, 4, 5)
+
+
 @pytest.mark.parametrize("ends", ["returning", "raising"])
 def test_train_gives_the_caller_its_process_settings_back(tmp_path: Path, monkeypatch, ends) -> None:
     from vae_dist.training import trainer

@@ -53,6 +53,13 @@ def test_the_architecture_is_the_papers():
     assert parameter_count(_config(latent_size=10)) < by_hand and parameter_count(_config(hidden_sizes=[100])) < by_hand
 
 
+def test_the_model_is_built_for_its_image_shape():
+    torch.manual_seed(0)
+    model, x = build(_config(latent_size=L, hidden_sizes=[16], image_shape=[3, 8, 4])), torch.rand(2, 3, 8, 4)
+    assert model.q1.body[0].in_features == 3 * 8 * 4 and model(x, torch.randn(2, H1 + L)).terms["loss"].shape == (2,)
+    assert model.reconstruct(x).shape == x.shape and model.sample(5, torch.Generator()).shape == (5, 3, 8, 4)
+
+
 def test_the_elbo_is_the_one_sample_estimate_and_k_1_of_the_iw_bound():
     model, x, eps = _small(), _binary(4), torch.randn(4, H1 + L)
     q1 = model.q1(x.flatten(1))

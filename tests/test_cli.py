@@ -121,7 +121,7 @@ def _other_value(o) -> tuple[list[str], object]:
         return [o.flag, value], value
     if typing.get_origin(ann) is tuple:
         value = {"model.conv_channels": (8, 24), "model.hidden_sizes": (64, 32, 16), "model.vq_vae.channels": (8, 24),
-                 "report_to": ("wandb", "tensorboard")}.get(o.dotted, (0.5, 0.75))
+                 "model.image_shape": (3, 32, 32), "report_to": ("wandb", "tensorboard")}.get(o.dotted, (0.5, 0.75))
         return [o.flag, ",".join(map(str, value))], value
     if ann is int:
         value = (o.default or 1) + 2

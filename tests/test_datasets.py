@@ -1,12 +1,15 @@
 """The dataset table and its IDX files: the real MNIST files in each layout found, one-line
 refusals for broken ones, bounded reads of hostile ones, the download through each row's
-torchvision class, and a test-written Fashion-MNIST trained on and named in every record."""
+torchvision class, and a test-written Fashion-MNIST trained on and named in every record;
+your own images as NumPy files, read and refused the same way, and a colour dataset trained on."""
 
 from __future__ import annotations
 
 import functools
 import gzip
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -22,11 +25,14 @@ import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
 from conftest import check_ok, main_in_process, one_error_line, small_train_args
-from vae_dist.config import options
+from vae_dist.config import TrainingConfig, options
 from vae_dist.data import keyed
 from vae_dist.data.datasets import (
-    DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_SIDE, download, load_split, read_idx, torchvision_class,
+    DATASETS, FILES, IMAGE_MAGIC, LABEL_MAGIC, MAX_CLASSES, MAX_SIDE, download, load_split, read_idx,
+    torchvision_class,
 )
 from vae_dist.errors import DataError
 
@@ -248,8 +254,8 @@ def test_the_download_and_the_class_names_come_from_the_rows_torchvision_class(t
 
 
 @pytest.mark.slow  # imports torchvision
-def test_every_row_is_a_torchvision_class_with_the_four_files_and_its_classes():
-    for name, row in DATASETS.items():
+def test_every_idx_row_is_a_torchvision_class_with_the_four_files_and_its_classes():
+    for name, row in ((name, row) for name, row in DATASETS.items() if row.torchvision is not None):  # npy: none
         checksummed = {file for file, _md5 in torchvision_class(name).resources}
         assert checksummed == {f"{f}.gz" for pair in FILES.values() for f in pair}, name
         assert len(torchvision_class(name).classes) == row.classes, name
@@ -282,13 +288,6 @@ def test_the_image_size_comes_from_the_header(tmp_path):
     images = load_split(tmp_path, "test", "kmnist").images
     assert images.shape == (10000, 1, 32, 20) and images[1, 0, 0, :3].tolist() == [1, 2, 3]
     assert keyed.binarize_split(images, 0, 1).shape == images.shape  # the coins follow the size
-
-
-def test_training_refuses_images_the_models_do_not_take_before_writing_anything(tmp_path, capsys):
-    write_idx_dataset(tmp_path / "data", side=9)
-    art = tmp_path / "run"
-    line = one_error_line(main_in_process(small_train_args(tmp_path / "data", art, "--dataset", "kmnist"), capsys))
-    assert line == "error: kmnist images are 9x9; the models take 28x28" and not art.exists()
 
 
 def test_the_loss_curves_title_names_the_dataset(tmp_path, monkeypatch):
@@ -326,3 +325,144 @@ def test_fashion_mnist_trains_and_every_record_and_command_follows_it(tmp_path, 
     check_ok(ran)
     assert json.loads(ran.stdout)["protocol"] == rows[-1]["protocol"]
     check_ok(main_in_process(["reconstruct", str(art), "--num", "8"], capsys))  # the test images, from FashionMNIST/raw
+
+
+# --- your own images: NumPy files ---------------------------------------------------------------
+
+
+def write_npy_dataset(folder: Path, shape=(3, 32, 32), train: int = 64, test: int = 32, labels: bool = True) -> Path:
+    """train.npy and test.npy of ``shape`` images (image i a gradient shifted by i) and, with ``labels``, their
+    <split>_labels.npy (image i's label i % 10)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("test", test)):
+        pixels = math.prod(shape)
+        images = np.stack([(np.arange(pixels) + i) % 251 for i in range(n)]).astype(np.uint8).reshape(n, *shape)
+        np.save(folder / f"{split}.npy", images)
+        if labels:
+            np.save(folder / f"{split}_labels.npy", np.arange(n) % 10)
+    return folder
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)  # the pickled case must be writable to be refused
+    return buf.getvalue()
+
+
+def _forged(shape: tuple, body: bytes = b"", descr: str = "|u1") -> bytes:
+    """A valid .npy header declaring ``shape``, then ``body``."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"shape": shape, "fortran_order": False, "descr": descr})
+    return buf.getvalue() + body
+
+
+def test_npy_images_are_grey_or_colour_with_labels_or_without(tmp_path):
+    grey = np.arange(2 * 5 * 7, dtype=np.uint8).reshape(2, 5, 7)
+    np.save(tmp_path / "test.npy", grey)
+    split = load_split(tmp_path, "test", "npy")
+    assert split.images.shape == (2, 1, 5, 7) and torch.equal(split.images[:, 0], torch.from_numpy(grey))
+    assert split.labels is None and split.classes is None
+    colour = np.asfortranarray(np.arange(2 * 3 * 4 * 6, dtype=np.uint8).reshape(2, 3, 4, 6))  # stored column-major
+    np.save(tmp_path / "test.npy", colour)
+    np.save(tmp_path / "test_labels.npy", np.array([4, 1], dtype=">i2"))  # any integer type and byte order
+    split = load_split(tmp_path, "test", "npy")
+    assert split.images.dtype == torch.uint8
+    assert torch.equal(split.images, torch.from_numpy(np.ascontiguousarray(colour)))
+    assert split.labels.tolist() == [4, 1] and split.classes == 5
+
+
+# (the file, what it holds, words the message has), over a valid test split of 32 3x32x32 images
+NPY_BROKEN = {
+    "not-npy": ("test.npy", b"P5 32 32 255\n", ["cannot be read", "magic"]),
+    "header-length-forged": ("test.npy", b"\x93NUMPY\x02\x00" + struct.pack("<I", 1 << 31),
+                             ["claims 2147483648 bytes"]),
+    "header-cut": ("test.npy", _forged((32, 32, 32))[:30], ["cannot be read"]),
+    "float-images": ("test.npy", _npy(np.zeros((2, 4, 4), np.float32)), ["float32 [2, 4, 4]", "must be uint8"]),
+    "pickled-objects": ("test.npy", _npy(np.array([{"a": 1}, None], dtype=object)), ["object", "must be uint8"]),
+    "one-axis-short": ("test.npy", _npy(np.zeros((2, 16), np.uint8)), ["uint8 [2, 16]", "(N, H, W) or (N, C, H, W)"]),
+    "channels-last": ("test.npy", _npy(np.zeros((2, 8, 8, 3), np.uint8)), ["[2, 8, 8, 3]", "channels first"]),
+    "no-images": ("test.npy", _npy(np.zeros((0, 4, 4), np.uint8)), ["at least one image"]),
+    "side-too-large": ("test.npy", _forged((1, 1, MAX_SIDE + 1)), [f"[1, 1, {MAX_SIDE + 1}]", f"1 to {MAX_SIDE}"]),
+    "count-forged": ("test.npy", _forged((10**12, 28, 28), bytes(784)), ["truncated", "784 bytes", "784000000000000"]),
+    "padded": ("test.npy", _npy(np.zeros((32, 3, 32, 32), np.uint8)) + b"\0", ["padded"]),
+    "labels-float": ("test_labels.npy", _npy(np.zeros(32)), ["float64 [32]", "32 integers"]),
+    "labels-too-few": ("test_labels.npy", _npy(np.zeros(31, np.int64)), ["int64 [31]", "32 integers"]),
+    "label-too-large": ("test_labels.npy", _npy(np.eye(1, 32, 3, dtype=np.int64)[0] * MAX_CLASSES),
+                        [f"label {MAX_CLASSES} at item 3", f"0 to {MAX_CLASSES - 1}"]),
+    "label-negative": ("test_labels.npy", _npy(-np.ones(32, np.int8)), ["label -1 at item 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NPY_BROKEN))
+def test_a_broken_npy_file_is_one_data_error(case, tmp_path):
+    name, content, words = NPY_BROKEN[case]
+    write_npy_dataset(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as ei:
+        load_split(tmp_path, "test", "npy")
+    msg = str(ei.value)
+    assert "\n" not in msg and f"npy file {tmp_path / name}" in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_a_missing_or_endless_npy_file_is_one_data_error(tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"npy file {tmp_path / 'test.npy'} not found")):
+        load_split(tmp_path, "test", "npy")
+    (tmp_path / "test.npy").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_split(tmp_path, "test", "npy")
+
+
+def test_npy_has_no_download(tmp_path):
+    with pytest.raises(DataError, match="^--dataset npy has no download: give --data-dir"):
+        download(tmp_path, "npy")  # where training and evaluate go without --data-dir
+
+
+def test_a_conv_model_refuses_a_shape_it_cannot_serve_before_writing_anything(tmp_path, capsys):
+    data, art = write_npy_dataset(tmp_path / "data", shape=(3, 30, 30), train=8, test=4), tmp_path / "run"
+    args = small_train_args(data, art, "--dataset", "npy", "--batch-size", "4", "--model", "conv")
+    ran = main_in_process(args, capsys)
+    assert one_error_line(ran) == ("error: --model conv takes images whose sides are multiples of 4 (two stride-2 "
+                                   "layers); these are 3x30x30") and not art.exists()
+
+
+def test_the_test_images_must_have_the_models_shape(tmp_path):
+    from vae_dist.evaluation.evaluate import test_images
+
+    data = write_npy_dataset(tmp_path, shape=(1, 30, 30), train=1, test=4)
+    config = TrainingConfig.from_dict({"data": {"dataset": "npy", "data_dir": str(data)},
+                                       "model": {"image_shape": [3, 30, 30]}})
+    line = f"the npy test images in {data} are 1x30x30; the model takes 3x30x30"
+    with pytest.raises(DataError, match=re.escape(line)):
+        test_images(config)
+
+
+@pytest.mark.slow  # trains 3 steps and runs every command on the result
+def test_a_colour_npy_dataset_trains_and_every_command_follows_it(tmp_path, capsys):
+    import vae_dist
+
+    data, art = write_npy_dataset(tmp_path / "data"), tmp_path / "run"
+    args = small_train_args(data, art, "--dataset", "npy", "--model", "conv", "--conv-channels", "4,8", "--latent-size",
+                            "4", "--batch-size", "16", "--max-steps", "3", "--binarize", "dynamic")
+    ran = main_in_process(args, capsys)
+    check_ok(ran)
+    assert "on 64 npy images" in ran.stdout
+    assert json.loads((art / "config.json").read_text())["model"]["image_shape"] == [3, 32, 32]
+    with Image.open(art / "images" / "epoch-001-samples.png") as img:
+        assert img.mode == "RGB" and img.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 colour tiles of 32 + 2 padding
+    ran = main_in_process(["evaluate", str(art), "--json"], capsys)
+    check_ok(ran)
+    result = json.loads(ran.stdout)
+    assert result["samples"] == 32 and result["protocol"]["dataset"] == "npy"
+    for command in (["sample", str(art), "--num", "4"], ["reconstruct", str(art), "--num", "4"],
+                    ["interpolate", str(art), "--from", "0", "--to", "1", "--steps", "3"]):
+        check_ok(main_in_process(command, capsys))
+    with Image.open(art / "samples.png") as img:
+        assert img.mode == "RGB"
+    model = vae_dist.load(art)
+    test = torch.from_numpy(np.load(data / "test.npy"))
+    assert model.sample(2, seed=0).shape == (2, 3, 32, 32)
+    assert torch.allclose(model.reconstruct(test[:2]), model.reconstruct(test[:2].flatten(1).float() / 255))
+    with pytest.raises(DataError, match=re.escape("(N, 3072) or (N, 3, 32, 32), got (2, 32, 32)")):
+        model.reconstruct(test[:2, 0])  # a grey image for a colour model

@@ -6,7 +6,6 @@ test_distributed.)"""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ def _config(**data) -> TrainingConfig:
 
 def test_the_test_images_are_one_fixed_draw_whatever_the_run(monkeypatch) -> None:
     split = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
-    monkeypatch.setattr(evaluate.datasets, "load_split", lambda root, name, dataset: SimpleNamespace(images=split))
+    monkeypatch.setattr(evaluate.datasets, "load_split", lambda root, name, dataset: evaluate.datasets.Split(split))
     assert torch.equal(evaluate.test_images(_config(binarize="none")), split)
     static = evaluate.test_images(_config(binarize="static", seed=1))
     dynamic = evaluate.test_images(_config(binarize="dynamic", seed=99))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vae_dist.config import TrainingConfig
+from vae_dist.errors import ConfigError
 from vae_dist.models import build, parameter_count
 from vae_dist.models.gaussian import gaussian_log_prob, kl_divergence
 from vae_dist.models.protocol import reconstruction
@@ -43,6 +44,20 @@ def test_decoder_makes_28x28_and_noise_has_the_objectives_shape(kind):
     for noise in (torch.zeros(3, 2), torch.zeros(3, 5, 2)):
         out = model(_images(3), noise)
         assert all(t.shape == (3,) for t in out.terms.values()) and out.features.shape == (3, 2)
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_the_model_is_built_for_its_image_shape(kind):
+    torch.manual_seed(0)
+    model = build(_config(kind, latent_size=2, hidden_sizes=[16], conv_channels=[4, 8], image_shape=[3, 32, 32]))
+    assert model.decode(torch.zeros(5, 2)).shape == (5, 3, 32, 32)
+    x = torch.rand(5, 3, 32, 32)
+    assert model(x, torch.zeros(5, 2)).terms["loss"].shape == (5,) and model.reconstruct(x).shape == x.shape
+    if kind == "mlp":  # C*H*W inputs
+        assert model.features[1].in_features == 3 * 32 * 32
+    else:
+        with pytest.raises(ConfigError, match=r"^--model conv takes images whose sides are multiples of 4 .* 3x30x32$"):
+            build(_config(kind, image_shape=[3, 30, 32]))
 
 
 def test_reparameterisation_formula():

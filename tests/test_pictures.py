@@ -154,6 +154,19 @@ def test_row_labels_go_in_a_margin_left_of_the_unchanged_grid(tmp_path) -> None:
     assert not labelled[:, :left].any(axis=1)[[PADDING + r * step - 1 for r in range(4)]].any()  # inside its row
 
 
+def test_a_colour_grid_is_an_rgb_png_and_a_grey_one_greyscale(tmp_path) -> None:
+    colour = torch.zeros(3, 3, 4, 5)
+    colour[0, 0], colour[1, 1], colour[2] = 1.0, 1.0, 0.5  # red, green, grey
+    images.save_grid(colour, tmp_path / "colour.png", nrow=2)
+    images.save_grid(colour[:, :1], tmp_path / "grey.png", nrow=2)
+    with Image.open(tmp_path / "colour.png") as rgb, Image.open(tmp_path / "grey.png") as grey:
+        assert rgb.mode == "RGB" and grey.mode == "L" and rgb.size == grey.size == (2 * 7 + 2, 2 * 6 + 2)
+        pixels = np.asarray(rgb)
+        assert pixels[2, 2].tolist() == [255, 0, 0] and pixels[2, 9].tolist() == [0, 255, 0]
+        assert pixels[8, 2].tolist() == [128] * 3 and pixels[0, 0].tolist() == [0, 0, 0]  # the padding is black
+        assert np.asarray(grey)[2, 2] == 255 and np.asarray(grey)[2, 9] == 0
+
+
 def test_loss_series_skip_only_what_cannot_be_drawn() -> None:
     history = [
         {"epoch": 3, "train/loss": 5.0, "valid/loss": 6.0},

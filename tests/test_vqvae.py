@@ -16,10 +16,11 @@ from vae_dist.errors import VaeDistError
 from vae_dist.models import build
 
 
-def _model(codes: int = 16):
+def _model(codes: int = 16, image_shape=(1, 28, 28)):
     torch.manual_seed(0)
-    return build(TrainingConfig.from_dict({"model": {"kind": "vq-vae", "latent_size": 4, "vq_vae": {
-        "codebook_size": codes, "channels": [4, 8], "commitment": 0.5}}}))
+    return build(TrainingConfig.from_dict({"model": {"kind": "vq-vae", "latent_size": 4, "image_shape": image_shape,
+                                                     "vq_vae": {"codebook_size": codes, "channels": [4, 8],
+                                                                "commitment": 0.5}}}))
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -53,6 +54,15 @@ def test_the_prior_is_fitted_on_the_training_codes_and_sampled_by_seed():
     assert a.shape == (6, 1, 28, 28) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
     used = model.summarise(codes)
     assert used["codes_used"] == int((counts.sum(dim=0) > 0).sum()) and 1 <= used["perplexity"] <= 8
+
+
+def test_the_grid_of_codes_is_a_quarter_of_the_image_and_the_decoder_gives_its_channels():
+    model, x = _model(codes=8, image_shape=(3, 32, 16)), torch.rand(3, 3, 32, 16)
+    model.fit_prior([x])
+    assert model(x, None).features.shape == (3, 8 * 4) and model.prior_counts.shape == (8 * 4, 8)
+    assert model.reconstruct(x).shape == x.shape and model.sample(2, torch.Generator()).shape == (2, 3, 32, 16)
+    with pytest.raises(VaeDistError, match=r"^--model vq-vae takes images whose sides are multiples of 4 .* 1x30x28$"):
+        _model(image_shape=(1, 30, 28))
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Iterator, Literal, NamedTuple, Opti
 import yaml
 from pydantic import Field, create_model, field_validator, model_validator
 
-from vae_dist.data.datasets import DATA_DIR_ENV, DatasetName
+from vae_dist.data.datasets import DATA_DIR_ENV, MAX_CLASSES, MAX_SIDE, DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
 from vae_dist.run.fileio import dumps
@@ -30,6 +30,7 @@ MAX_SEED = 2**32 - 1  # numpy's seed (which accelerate.set_seed also sets) is 32
 Channels = Annotated[int, Field(strict=True, ge=1, le=1024)]
 Beta = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
 Width = Annotated[int, Field(strict=True, ge=1, le=16384)]
+Side = Annotated[int, Field(strict=True, ge=1, le=MAX_SIDE)]
 
 
 def _by_kind(field: str, show: Callable[[Any], str] = str) -> str:
@@ -48,12 +49,21 @@ class ModelFields(Section, path="model"):
                                                            shown=_by_kind("activation"))
     conv_channels: tuple[Channels, Channels] = option((16, 32), "Channels of the conv encoder's two stride-2 layers, "
                                                       "e.g. 16,32 (the decoder mirrors them).", strict=False)
+    image_shape: tuple[Side, Side, Side] = option(
+        (1, 28, 28), "The images' channels, rows and columns C,H,W that the model is built for; train sets it from "
+        "the training data.", strict=False)
+    conditional: bool = option(False, "A conditional VAE (Sohn et al. 2015): the image's class label, one-hot, goes "
+                               "to the encoder and the decoder; needs a dataset with labels.")
+    num_classes: Optional[int] = option(None, "Classes of a --conditional model; train sets it from the data's labels.",
+                                        shown="the data's", ge=1, le=MAX_CLASSES)
 
     @model_validator(mode="after")
     def _architecture_defaults(self) -> "ModelFields":
         for name, value in REGISTRY[self.kind].defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.conditional and not REGISTRY[self.kind].cls.CONDITIONAL:
+            raise ValueError(f"--model {self.kind} has no conditional form: drop --conditional")
         return self
 
 
@@ -80,7 +90,8 @@ class OptimizerConfig(Section, path="optimizer"):
 
 
 class DataConfig(Section, path="data"):
-    dataset: DatasetName = option("mnist", "The images: IDX files from --data-dir, else downloaded by torchvision.")
+    dataset: DatasetName = option("mnist", "The images: IDX files from --data-dir, else downloaded by torchvision; "
+                                  "npy = your own train.npy and test.npy in --data-dir (see README).")
     data_dir: Optional[str] = option(None, "Folder with the dataset's four IDX files (gzipped or not, flat or under "
                                      "torchvision's <Name>/raw/, e.g. MNIST/raw/).", shown=f"${DATA_DIR_ENV}, else "
                                      "download", resumable=True, min_length=1, validate_default=True)

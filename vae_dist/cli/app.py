@@ -163,10 +163,10 @@ def evaluate(
     importance-weighted NLL (K = 5000 is the literature's). On the CPU; under `accelerate launch --multi_gpu
     -m vae_dist evaluate ...` the test split is sharded across the processes (each sample counted once)."""
     from vae_dist.evaluation.api import load
-    from vae_dist.evaluation.evaluate import json_result, score, test_images
+    from vae_dist.evaluation.evaluate import json_result, score, test_split
     model = load(artifact_dir)
-    images = test_images(model.config, data_dir, limit_eval_samples)
-    result = score(model.model, model.config, images, iw_samples=iw_samples)
+    images, labels, _ = test_split(model.config, data_dir, limit_eval_samples)
+    result = score(model.model, model.config, images, iw_samples=iw_samples, labels=labels)
     if os.environ.get("RANK", "0") != "0":
         return  # under accelerate launch, one process reports
     if as_json:
@@ -221,13 +221,13 @@ def _save(tiles: "torch.Tensor", path: Path, nrow: int, row_labels: tuple[str, .
 
 
 def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Optional[Path],
-                           default_name: str) -> tuple[Any, Path, "torch.Tensor"]:
-    """The model, where its picture goes, and the whole test split (floats in [0, 1])."""
+                           default_name: str) -> tuple[Any, Path, "torch.Tensor", Optional["torch.Tensor"]]:
+    """The model, where its picture goes, the whole test split (floats in [0, 1]) and a conditional model's labels."""
     from vae_dist.evaluation.api import load
-    from vae_dist.evaluation.evaluate import test_images
+    from vae_dist.evaluation.evaluate import test_split
     model = load(artifact_dir)  # limit 0: the whole test split, not the slice the model was validated on
-    test = test_images(model.config, data_dir, 0).float().div(255.0)  # 0: all of them
-    return model, _output_path(artifact_dir, out, default_name), test
+    images, labels, _ = test_split(model.config, data_dir, 0)  # 0: all of them
+    return model, _output_path(artifact_dir, out, default_name), images.float().div(255.0), labels
 
 
 def sample(
@@ -238,14 +238,19 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write [ARTIFACT_DIR/samples.png or manifold.png]."),
     manifold: bool = typer.Option(False, "--manifold", help="Decode a grid over a 2-D latent space (--latent-size 2)."),
     grid_size: int = typer.Option(20, "--grid-size", min=1, max=MAX_GRID_SIZE, help="Images per side of the manifold."),
+    label: Optional[int] = typer.Option(None, "--label", help="A conditional model's class to draw (default: each "
+                                        "class in turn, one row per class)."),
 ) -> None:
     """Decode random draws from the prior into a grid of digits."""
     from vae_dist.evaluation.api import load
+    from vae_dist.evaluation.evaluate import class_row
     model = load(artifact_dir)
     if manifold:
-        _save(model.manifold(grid_size), _output_path(artifact_dir, out, "manifold.png"), grid_size)
+        _save(model.manifold(grid_size, label), _output_path(artifact_dir, out, "manifold.png"), grid_size)
     else:
-        _save(model.sample(num, seed), _output_path(artifact_dir, out, "samples.png"), math.ceil(math.sqrt(num)))
+        per_class = model.model.num_classes and label is None
+        _save(model.sample(num, seed, label), _output_path(artifact_dir, out, "samples.png"),
+              class_row(model.model, num) if per_class else math.ceil(math.sqrt(num)))
 
 
 def reconstruct(
@@ -256,11 +261,11 @@ def reconstruct(
 ) -> None:
     """The first N test images, each above its reconstruction (decoded posterior mean)."""
     from vae_dist.evaluation.images import SIDE_BY_SIDE, side_by_side
-    model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
+    model, target, test, labels = _model_and_test_images(artifact_dir, data_dir, out, "reconstructions.png")
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
     x, nrow = test[:num], min(8, num)
-    _save(side_by_side(x, model.reconstruct(x), nrow), target, nrow, SIDE_BY_SIDE)
+    _save(side_by_side(x, model.reconstruct(x, None if labels is None else labels[:num]), nrow), target, nrow, SIDE_BY_SIDE)
 
 
 def interpolate(
@@ -271,14 +276,16 @@ def interpolate(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: ARTIFACT_DIR/interpolation.png)."),
 ) -> None:
-    """One row: test image I, the decodings along the straight latent line from I to J, image J."""
+    """One row: test image I, the decodings along the straight latent line from I to J, image J (a conditional
+    model's within image I's class)."""
     import torch
-    model, target, test = _model_and_test_images(artifact_dir, data_dir, out, "interpolation.png")
+    model, target, test, labels = _model_and_test_images(artifact_dir, data_dir, out, "interpolation.png")
     for flag, index in (("--from", index_from), ("--to", index_to)):
         if not 0 <= index < test.shape[0]:
             raise VaeDistError(f"{flag} {index} is not a test image index (0 to {test.shape[0] - 1})")
     ends = test[[index_from, index_to]]
-    _save(torch.cat([ends[:1], model.interpolate(ends[:1], ends[1:], steps), ends[1:]]), target, steps + 2)
+    label = None if labels is None else int(labels[index_from])
+    _save(torch.cat([ends[:1], model.interpolate(ends[:1], ends[1:], steps, label), ends[1:]]), target, steps + 2)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -15,10 +15,12 @@ from vae_dist.training.distributed import STOP_SIGNALS
 
 
 class MnistImages(Dataset):
-    """Items are ``(image, index)``: the index keys the sample's noise, whatever rank holds it."""
+    """Items are ``(image, index)``: the index keys the sample's noise, whatever rank holds it, and gives its label
+    (``labels[index]``, kept beside the images; None unless the model is conditional)."""
 
-    def __init__(self, images: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
         self.images = images.float().div_(255.0) if images.dtype == torch.uint8 else images
+        self.labels = None if labels is None else labels.long().to(self.images.device)
 
     def __len__(self) -> int:
         return self.images.shape[0]

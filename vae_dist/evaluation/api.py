@@ -20,21 +20,26 @@ from vae_dist.run.folder import MODEL
 from vae_dist.run.modelfile import load_model_file, model_results
 
 
-def as_images(x: torch.Tensor) -> torch.Tensor:
-    """N >= 1 images shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), uint8 or floats in [0, 1], as floats
-    (N, 1, 28, 28): every image the API takes comes through here."""
+INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """N >= 1 images of the model's ``shape`` (C, H, W), uint8 or floats in [0, 1], shaped (N, C*H*W), (N, C, H, W)
+    or for grey images (N, H, W), as floats (N, C, H, W): every image the API takes comes through here."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2 or x.shape[1:] not in ((28 * 28,), (28, 28), (1, 28, 28)) or not len(x):
-        raise DataError(f"images must be at least one, shaped (N, 784), (N, 28, 28) or (N, 1, 28, 28), "
-                        f"got {tuple(x.shape)}")
+    c, h, w = shape
+    accepted = [(c * h * w,), *([(h, w)] if c == 1 else []), (c, h, w)]
+    if tuple(x.shape[1:]) not in accepted or not len(x):
+        shown = " or ".join(f"(N, {', '.join(map(str, s))})" for s in accepted)
+        raise DataError(f"images must be at least one, shaped {shown}, got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
-        return x.reshape(-1, 1, 28, 28).float().div(255.0)
+        return x.reshape(-1, c, h, w).float().div(255.0)
     if not x.is_floating_point():
         raise DataError(f"images must be uint8 (0..255) or floating point in [0, 1], got {x.dtype}")
     if not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
         raise DataError("floating-point images must be finite and lie in [0, 1] (divide uint8 pixels by 255)")
-    return x.reshape(-1, 1, 28, 28).float()
+    return x.reshape(-1, c, h, w).float()
 
 
 def as_count(name: str, value: Any, low: int, high: int) -> int:
@@ -60,7 +65,7 @@ def manifold_grid(n_per_side: int) -> torch.Tensor:
 
 class TrainedVAE:
     """A trained VAE (``model``, the torch module) with its config and results; its pictures are mean
-    images, float (N, 1, 28, 28) in [0, 1] on the CPU."""
+    images, float (N, C, H, W) in [0, 1] on the CPU (the config's model.image_shape)."""
 
     def __init__(self, model: Model, config: TrainingConfig, results: dict[str, Any]):
         self.model, self.config, self.results = model.eval(), config, results
@@ -74,6 +79,26 @@ class TrainedVAE:
         if getattr(self.model, ability) is None:
             raise VaeDistError(f"--model {self.config.model.kind} has no {what}")
 
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        return as_images(x, self.config.model.image_shape)
+
+    def _labels(self, labels: Any, n: int) -> Optional[torch.Tensor]:
+        """A conditional model's labels as (n,) classes, from one class for all or one per image; None for another."""
+        classes = self.model.num_classes
+        if not classes:
+            if labels is not None:
+                raise DataError("this model is not conditional: it takes no labels (train one with --conditional)")
+            return None
+        try:
+            t = torch.as_tensor([] if labels is None else labels)
+        except (TypeError, ValueError, RuntimeError):  # not numbers
+            t = torch.empty(0)
+        if labels is None or t.dtype not in INTEGERS or t.shape not in ((), (n,)) or ((t < 0) | (t >= classes)).any():
+            got = labels if labels is None or t.dim() == 0 else f"{t.dtype} {list(t.shape)}"
+            raise DataError(f"this model is conditional: its labels are one class for all, or one per image ({n}), "
+                            f"each 0 to {classes - 1}; got {got}")
+        return t.long().expand(n)
+
     def to(self, device: str | torch.device) -> TrainedVAE:
         try:
             if torch.device(device).type == "meta":
@@ -83,15 +108,19 @@ class TrainedVAE:
             raise VaeDistError(f"cannot move the model to {device!r:.40}: {first_line(e)}") from None
         return self
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU."""
+    def encode(self, images: torch.Tensor, labels: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior q(z | x): its means and log-variances, each (N, latent), on the CPU. ``labels``: a
+        conditional model's classes of the images (one for all, or one each)."""
         self._needs("encode", "continuous latent space to encode into")
+        x = self._images(images)
+        y = self._labels(labels, x.shape[0])
         with evaluating(self.model):
-            mu, logvar = self.model.encode(as_images(images).to(self.device))
+            mu, logvar = self.model.encode(x.to(self.device), None if y is None else y.to(self.device))
         return mu.cpu(), logvar.cpu()
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean images of latents z (N, latent), finite floats of any precision."""
+    def decode(self, z: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """Mean images of latents z (N, latent), finite floats of any precision (of class ``labels``, for a
+        conditional model)."""
         self._needs("decode", "continuous latent space to decode")
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.latent_size or not len(z):
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
@@ -100,36 +129,45 @@ class TrainedVAE:
             raise DataError(f"latents must be floating point, got {z.dtype}")
         if not torch.isfinite(z).all():
             raise DataError("latents must be finite (a NaN or an infinity decodes to no image)")
+        y = self._labels(labels, z.shape[0])
         weight = next(self.model.parameters())
         with evaluating(self.model):  # in the model's own precision: float64 latents meet float32 weights
-            return torch.sigmoid(self.model.decode(z.to(weight.device, weight.dtype)).float()).cpu()
+            return torch.sigmoid(self.model.decode(z.to(weight.device, weight.dtype),
+                                                   None if y is None else y.to(weight.device)).float()).cpu()
 
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n images from the model's prior; the same seed gives the same images."""
+    def sample(self, n: int, seed: int = 0, label: Optional[int] = None) -> torch.Tensor:
+        """n images from the model's prior; the same seed gives the same images. A conditional model's are of class
+        ``label``, or without one of each class in turn, ceil(n / classes) each (a grid that wide: a row per class)."""
         n, seed = as_count("n", n, 1, MAX_IMAGES), as_count("seed", seed, 0, MAX_GENERATOR_SEED)
-        return prior_samples(self.model, n, seed)
+        if label is not None:
+            self._labels(label, n)
+        return prior_samples(self.model, n, seed, label)
 
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """Each image decoded from its posterior mean."""
-        return reconstructions(self.model, as_images(images))
+    def reconstruct(self, images: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """Each image decoded from its posterior mean (given its class ``labels``, for a conditional model)."""
+        x = self._images(images)
+        return reconstructions(self.model, x, self._labels(labels, x.shape[0]))
 
-    def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10) -> torch.Tensor:
-        """``steps`` decodings along the straight latent line between two images' posterior means, ends included."""
+    def interpolate(self, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10,
+                    label: Optional[int] = None) -> torch.Tensor:
+        """``steps`` decodings along the straight latent line between two images' posterior means, ends included
+        (a conditional model's all within class ``label``)."""
         steps = as_count("steps", steps, 2, MAX_IMAGES)
-        a, b = as_images(x_from), as_images(x_to)
+        a, b = self._images(x_from), self._images(x_to)
         if a.shape[0] != 1 or b.shape[0] != 1:
             raise DataError("interpolate takes one image at each end")
-        ends = self.encode(torch.cat([a, b]))[0]
+        ends = self.encode(torch.cat([a, b]), label)[0]
         t = torch.linspace(0.0, 1.0, steps, dtype=ends.dtype).unsqueeze(1)
-        return self.decode((1 - t) * ends[0] + t * ends[1])
+        return self.decode((1 - t) * ends[0] + t * ends[1], label)
 
-    def manifold(self, n_per_side: int) -> torch.Tensor:
-        """Decodings over an n x n grid of a 2-D latent space (see ``manifold_grid``)."""
+    def manifold(self, n_per_side: int, label: Optional[int] = None) -> torch.Tensor:
+        """Decodings over an n x n grid of a 2-D latent space (see ``manifold_grid``; a conditional model's of
+        class ``label``)."""
         self._needs("decode", "continuous latent space to draw a manifold of")
         if self.latent_size != 2:
             raise VaeDistError(f"a manifold picture needs a model with a 2-dimensional latent space; this one has "
                                f"{self.latent_size} (train one with --latent-size 2)")
-        return self.decode(manifold_grid(as_count("n_per_side", n_per_side, 1, math.isqrt(MAX_IMAGES))))
+        return self.decode(manifold_grid(as_count("n_per_side", n_per_side, 1, math.isqrt(MAX_IMAGES))), label)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
@@ -150,15 +188,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> TrainedVAE:
     return TrainedVAE(model, config, manifest.state.results()).to(device)
 
 
-def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000) -> float:
-    """-log p(x) in nats per image, averaged over ``images``, by ``evaluate --iw-samples k``'s estimator."""
+def iw_nll(model: TrainedVAE, images: torch.Tensor, k: int = 5000, labels: Any = None) -> float:
+    """-log p(x) in nats per image (a conditional model's -log p(x | label)), averaged over ``images``, by
+    ``evaluate --iw-samples k``'s estimator."""
     if not isinstance(model, TrainedVAE):
         raise VaeDistError(f"iw_nll takes the model vae_dist.load returns, got {type(model).__name__}")
     model._needs("iw_nll", "importance-weighted log-likelihood")
-    k, x = as_count("k", k, 1, MAX_IW_SAMPLES), as_images(images).cpu()
+    k, x = as_count("k", k, 1, MAX_IW_SAMPLES), model._images(images).cpu()
+    y = model._labels(labels, x.shape[0])
     device = model.device  # the estimator's draws come from CPU generators: it runs there
     try:
-        nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k)
+        nll = iw_nll_per_image(model.model.cpu(), x, torch.arange(x.shape[0]), k, labels=y)
     finally:
         model.model.to(device)
     return nll.mean().item()

@@ -1,4 +1,4 @@
-"""PNG files, written atomically: grids of digits (tiled as torchvision's make_grid, written by Pillow,
+"""PNG files, written atomically: grids of images, grey or colour (tiled as torchvision's make_grid, written by Pillow,
 without importing torchvision's second) and the loss per epoch (matplotlib's Agg canvas, imported where used)."""
 
 from __future__ import annotations
@@ -16,27 +16,30 @@ CURVES = {"train/loss": "#0072B2", "valid/loss": "#D55E00"}  # Okabe-Ito colours
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int, row_labels: Sequence[str] = ()) -> None:
-    """Tile (N, 1, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and
-    between them, into a greyscale PNG; ``row_labels`` name the rows in turn, in a margin on their left."""
+    """Tile (N, C, H, W) images in [0, 1], ``nrow`` per row with a PADDING-pixel black gap around and between
+    them, into a PNG (greyscale for one channel, RGB for three); ``row_labels`` name the rows in turn, in a
+    margin on their left."""
     from PIL import Image, ImageDraw, ImageFont
     tiles = images.detach().float().cpu().clamp(0.0, 1.0)
-    n, _, h, w = tiles.shape
+    n, c, h, w = tiles.shape
     cols, rows = min(nrow, n), math.ceil(n / min(nrow, n))
-    grid = torch.zeros(rows * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
+    grid = torch.zeros(c, rows * (h + PADDING) + PADDING, cols * (w + PADDING) + PADDING)
     for i, tile in enumerate(tiles):
         y, x = (PADDING + (h + PADDING) * k for k in divmod(i, cols))
-        grid[y : y + h, x : x + w] = tile[0]
-    picture = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy())
+        grid[:, y : y + h, x : x + w] = tile
+    # Pillow takes (H, W) for greyscale and (H, W, 3) for RGB.
+    picture = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy())
     if row_labels:
         font = ImageFont.load_default()
         margin = max(math.ceil(font.getlength(label)) for label in row_labels) + 2 * PADDING
-        labelled = Image.new("L", (margin + picture.width, picture.height))
+        labelled = Image.new(picture.mode, (margin + picture.width, picture.height))
         labelled.paste(picture, (margin, 0))
         draw = ImageDraw.Draw(labelled)
         for row in range(rows):
             label = row_labels[row % len(row_labels)]
             top, bottom = draw.textbbox((0, 0), label, font=font)[1::2]
-            draw.text((PADDING, PADDING + row * (h + PADDING) + (h - top - bottom) // 2), label, fill=255, font=font)
+            draw.text((PADDING, PADDING + row * (h + PADDING) + (h - top - bottom) // 2), label,
+                      fill=255 if c == 1 else (255,) * 3, font=font)
         picture = labelled
     atomic_write(path, lambda f: picture.save(f, format="png"))
 

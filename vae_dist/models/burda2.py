@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vae_dist.models.gaussian import ACTIVE_UNIT_THRESHOLD, IW_CHUNK, _mlp, gaussian_log_prob
-from vae_dist.models.protocol import PIXELS, Family, Model, Output, reconstruction
+from vae_dist.models.protocol import Family, Model, Output, reconstruction
 
 if TYPE_CHECKING:
     from vae_dist.config import ModelConfig
@@ -44,18 +44,20 @@ class TwoLayerVAE(Model):
         self.likelihood = likelihood
         hidden, act = [int(w) for w in config.hidden_sizes], str(config.activation)  # type: ignore[union-attr]
         top = self.latent_size = int(config.latent_size)  # type: ignore[arg-type]  # resolved by ModelConfig
+        pixels = math.prod(config.image_shape)
         # Created in this order: the same seed, the same weights.
-        self.q1 = GaussianLayer([PIXELS, *hidden, H1], act)  # q(h1 | x)
+        self.q1 = GaussianLayer([pixels, *hidden, H1], act)  # q(h1 | x)
         self.q2 = GaussianLayer([H1, H1, H1, top], act)  # q(h2 | h1)
         self.p1 = GaussianLayer([top, H1, H1, H1], act)  # p(h1 | h2)
-        self.px = nn.Sequential(*_mlp([H1, *reversed(hidden)], act), nn.Linear(hidden[0], PIXELS),
-                                nn.Unflatten(1, (1, 28, 28)))  # p(x | h1): logits
+        self.px = nn.Sequential(*_mlp([H1, *reversed(hidden)], act), nn.Linear(hidden[0], pixels),
+                                nn.Unflatten(1, tuple(config.image_shape)))  # p(x | h1): logits
 
     def noise_shape(self, k: int) -> tuple[int, ...]:
         """Each sample's standard normal noise for h1, then for h2."""
         return (k, H1 + self.latent_size) if k > 1 else (H1 + self.latent_size,)  # type: ignore[operator]
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0,
+                labels: Optional[torch.Tensor] = None) -> Output:
         """noise: (B, H1 + L) for the ELBO, (B, K, H1 + L) for the K-sample importance-weighted bound."""
         q1 = self.q1(x.flatten(1))
         eps = torch.randn(x.shape[0], *self.noise_shape(1), device=x.device) if noise is None else noise.to(q1[0].dtype)
@@ -84,22 +86,22 @@ class TwoLayerVAE(Model):
         h1, h2 = int(active[:H1].sum().item()), int(active[H1:].sum().item())
         return {"active_units": h1 + h2, "active_units_h1": h1, "active_units_h2": h2}
 
-    def encode(self, x: torch.Tensor) -> Pair:  # type: ignore[override]
+    def encode(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Pair:  # type: ignore[override]
         """q(h2 | h1) at h1 = the mean of q(h1 | x): the top layer, the latent space of interpolate and manifold."""
         return self.q2(self.q1(x.flatten(1))[0])
 
-    def decode(self, h2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def decode(self, h2: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
         """Pixel logits of p(x | h1) at h1 = the mean of p(h1 | h2)."""
         return self.px(self.p1(h2)[0])
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h2 from the prior, then h1 drawn from p(h1 | h2) with the same generator (as the paper's samples)."""
         h2 = torch.randn(n, self.latent_size, generator=generator).to(self._device())  # type: ignore[arg-type]
         mu, logvar = self.p1(h2)
         h1 = mu + torch.randn(n, H1, generator=generator).to(mu.device) * torch.exp(0.5 * logvar)
         return torch.sigmoid(self.px(h1).float()).cpu()
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """p(x | h1)'s mean at h1 = the mean of q(h1 | x)."""
         mu1 = self.q1(x.float().to(self._device()).flatten(1))[0]
         return torch.sigmoid(self.px(mu1).float()).cpu()
@@ -107,7 +109,8 @@ class TwoLayerVAE(Model):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator]) -> torch.Tensor:  # type: ignore
+    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator],  # type: ignore[override]
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """-log p(x) per image (float64, (B,)) from k importance samples, image i's from ``generators[i]``, IW_CHUNK
         at a time (as gaussian.VAE.iw_nll)."""
         q1 = self.q1(x.flatten(1))

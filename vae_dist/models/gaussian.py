@@ -1,6 +1,8 @@
 """The Gaussian VAE family: an encoder to N(mu, diag(exp(logvar))), a standard normal prior,
 a Bernoulli (or unit Gaussian) decoder; four architectures (deep-mlp, conv, mlp, burda) and
-two objectives, the negative ELBO and Burda et al.'s importance-weighted bound."""
+two objectives, the negative ELBO and Burda et al.'s importance-weighted bound. Conditional
+(--conditional), it is Sohn et al. (2015)'s CVAE: the one-hot class joins the encoder's input
+and the decoder's latent."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import math
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vae_dist.models.protocol import PIXELS, Model, Output, reconstruction
+from vae_dist.errors import ConfigError
+from vae_dist.models.protocol import Model, Output, quarter_grid, reconstruction
 
 if TYPE_CHECKING:
     from vae_dist.config import ModelConfig
@@ -39,82 +43,102 @@ def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
 
 class VAE(Model):
     TERMS = ("loss", "recon", "kl")
+    CONDITIONAL = True
 
     def __init__(self, config: ModelConfig, likelihood: str):
         super().__init__()
-        self.likelihood = likelihood
+        if config.conditional and not config.num_classes:
+            raise ConfigError("a conditional model needs model.num_classes (train sets it from the data's labels)")
+        self.likelihood, self.conv = likelihood, config.kind == "conv"
         latent = self.latent_size = int(config.latent_size)  # type: ignore[arg-type]  # resolved by ModelConfig
-        if config.kind == "conv":  # the original Burn flow's: two 3x3 stride-2 convolutions and their mirror
-            c1, c2 = config.conv_channels
-            self.features = nn.Sequential(
-                nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-                nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),  # (B, c2 * 7 * 7)
+        self.num_classes = config.num_classes if config.conditional else None
+        channels, pixels, extra = config.image_shape[0], math.prod(config.image_shape), self.num_classes or 0
+        if self.conv:  # the original Burn flow's: two 3x3 stride-2 convolutions and their mirror
+            (c1, c2), (h, w) = config.conv_channels, quarter_grid(config)
+            self.features = nn.Sequential(  # a conditional model's label: `extra` constant planes beside the channels
+                nn.Conv2d(channels + extra, c1, 3, stride=2, padding=1), nn.ReLU(),  # (B, c1, H/2, W/2)
+                nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),  # (B, c2 * H/4 * W/4)
             )
-            width = c2 * 7 * 7
+            width = c2 * h * w
             # output_padding=1 makes each side exactly double (7 -> 14 -> 28); the original's came out 13, 25.
-            decoder = lambda: [nn.Linear(latent, width), nn.Unflatten(1, (c2, 7, 7)), nn.ReLU(),  # noqa: E731
+            decoder = lambda: [nn.Linear(latent + extra, width), nn.Unflatten(1, (c2, h, w)), nn.ReLU(),  # noqa: E731
                                nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-                               nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1)]
-        else:  # an MLP and its mirror: 784 -> hidden -> (mu, logvar); latent -> reversed hidden -> 784
+                               nn.ConvTranspose2d(c1, channels, 3, stride=2, padding=1, output_padding=1)]
+        else:  # an MLP and its mirror: C*H*W -> hidden -> (mu, logvar); latent -> reversed hidden -> C*H*W
             hidden, act = [int(w) for w in config.hidden_sizes], config.activation  # type: ignore[union-attr]
-            self.features = nn.Sequential(nn.Flatten(), *_mlp([PIXELS, *hidden], act))  # type: ignore[arg-type]
+            self.features = nn.Sequential(nn.Flatten(), *_mlp([pixels + extra, *hidden], act))  # type: ignore[arg-type]
             width = hidden[-1]
-            decoder = lambda: [*_mlp([latent, *reversed(hidden)], act), nn.Linear(hidden[0], PIXELS),  # noqa: E731
-                               nn.Unflatten(1, (1, 28, 28))]  # type: ignore[arg-type]
+            decoder = lambda: [*_mlp([latent + extra, *reversed(hidden)], act), nn.Linear(hidden[0], pixels),  # noqa
+                               nn.Unflatten(1, tuple(config.image_shape))]  # type: ignore[arg-type]
         # Created in this order: the same seed, the same weights.
         self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)
         self.decoder = nn.Sequential(*decoder())
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def encode(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None  # type: ignore[override]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_classes:  # the one-hot label after the pixels, or as constant planes beside the channels
+            y = self._one_hot(labels, x)
+            x = torch.cat([x, y[:, :, None, None].expand(-1, -1, *x.shape[2:])], 1) if self.conv else \
+                torch.cat([x.flatten(1), y], 1)
         h = self.features(x)
         return self.mu(h), self.logvar(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        return self.decoder(torch.cat([z, self._one_hot(labels, z)], 1) if self.num_classes else z)
+
+    def _one_hot(self, labels: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        assert labels is not None, "a conditional model takes labels"
+        return F.one_hot(labels.long(), self.num_classes).to(like.dtype)  # type: ignore[arg-type]
 
     def noise_shape(self, k: int) -> tuple[int, ...]:
         return (k, self.latent_size) if k > 1 else (self.latent_size,)
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0,
+                labels: Optional[torch.Tensor] = None) -> Output:
         """noise: (B, L) for the ELBO, (B, K, L) for the K-sample importance-weighted bound."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, labels)
         eps = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         if eps.dim() == 3:  # K samples each: (B, K, L) latents, decoded as one batch of B*K
             z = mu.unsqueeze(1) + eps * torch.exp(0.5 * logvar).unsqueeze(1)
-            logits = self.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+            each = None if labels is None else labels.repeat_interleave(z.shape[1])
+            logits = self.decode(z.flatten(0, 1), each).unflatten(0, z.shape[:2])
             total, recon, kl = negative_iw_bound(logits, z, mu, logvar, x, kind=self.likelihood)
         else:
             z = mu + eps * torch.exp(0.5 * logvar)
-            total, recon, kl = negative_elbo(self.decode(z), mu, logvar, x, kind=self.likelihood, kl_weight=kl_weight)
+            total, recon, kl = negative_elbo(self.decode(z, labels), mu, logvar, x, kind=self.likelihood,
+                                             kl_weight=kl_weight)
         return Output({"loss": total, "recon": recon, "kl": kl}, mu.float())
 
     def summarise(self, features: torch.Tensor) -> dict[str, Any]:
         active = int((features.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum().item()) if features.shape[0] > 1 else 0
         return {"active_units": active}
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self._means(torch.randn(n, self.latent_size, generator=generator))
+    def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._means(torch.randn(n, self.latent_size, generator=generator), labels)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self._means(self.encode(x.float().to(self._device()))[0])
+    def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        labels = None if labels is None else labels.to(self._device())
+        return self._means(self.encode(x.float().to(self._device()), labels)[0], labels)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def _means(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decode(z.to(self._device())).float()).cpu()
+    def _means(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        labels = None if labels is None else labels.to(self._device())
+        return torch.sigmoid(self.decode(z.to(self._device()), labels).float()).cpu()
 
-    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator]) -> torch.Tensor:  # type: ignore
+    def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator],  # type: ignore[override]
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """-log p(x) per image (float64, (B,)) from k importance samples (Burda et al. 2015), image i's from
         ``generators[i]``, IW_CHUNK at a time; log p(x|z) is minus the training reconstruction term."""
-        mu, logvar = self.encode(x)  # (B, L)
+        mu, logvar = self.encode(x, labels)  # (B, L)
         b = x.shape[0]
         running = torch.full((b,), -math.inf, dtype=torch.float64)
         for k0 in range(0, k, IW_CHUNK):
             kk = min(IW_CHUNK, k - k0)
             eps = torch.stack([torch.randn(kk, mu.shape[1], generator=g) for g in generators], dim=1)  # (kk, B, L)
             z = mu + eps * torch.exp(0.5 * logvar)
-            logits = self.decode(z.reshape(kk * b, -1))
+            logits = self.decode(z.reshape(kk * b, -1), None if labels is None else labels.repeat(kk))
             log_px_z = -reconstruction(logits, x.repeat(kk, 1, 1, 1), self.likelihood).view(kk, b)
             log_w = log_importance_weights(log_px_z, z, mu, logvar)  # (kk, B)
             running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
@@ -131,7 +155,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def negative_elbo(logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, *, kind: str,
                   kl_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (784-pixel sums lose in bf16)."""
+    """(recon + kl_weight * kl, recon, kl) per image; in float32 even under autocast (pixel sums lose in bf16)."""
     recon = reconstruction(logits, x, kind)
     kl = kl_divergence(mu.float(), logvar.float())
     return recon + kl_weight * kl, recon, kl
@@ -151,7 +175,7 @@ def log_importance_weights(log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Te
 def negative_iw_bound(logits: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor,
                       *, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-log (1/K) sum_k p(x, z_k) / q(z_k | x) per image (Burda et al. 2015); K = 1 is the ELBO.
-    logits: (B, K, 1, 28, 28); z: (B, K, L); mu, logvar: (B, L). recon, kl: the ELBO's (mean over K, analytic KL)."""
+    logits: (B, K, C, H, W); z: (B, K, L); mu, logvar: (B, L). recon, kl: the ELBO's (mean over K, analytic KL)."""
     b, k = z.shape[:2]
     images = x.unsqueeze(1).expand(b, k, *x.shape[1:]).flatten(0, 1)
     log_px_z = -reconstruction(logits.flatten(0, 1), images, kind).view(b, k)

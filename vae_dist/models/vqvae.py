@@ -1,11 +1,12 @@
-"""The VQ-VAE (van den Oord et al. 2017): a conv encoder to a 7x7 grid of vectors, each replaced by its nearest
-code of a learned codebook, and the mirror decoder. The gradient passes the quantisation straight through; the
-codebook learns from ||sg[z_e] - e||^2, the encoder is held to it by beta * ||z_e - sg[e]||^2 (both summed per image).
-No KL term, no likelihood bound. The prior is a categorical per grid position, fitted on the training set's codes
-every epoch end (the paper's PixelCNN's simplest stand-in)."""
+"""The VQ-VAE (van den Oord et al. 2017): a conv encoder to an (H/4)x(W/4) grid of vectors (7x7 on MNIST), each
+replaced by its nearest code of a learned codebook, and the mirror decoder. The gradient passes the quantisation
+straight through; the codebook learns from ||sg[z_e] - e||^2, the encoder is held to it by beta * ||z_e - sg[e]||^2
+(both summed per image). No KL term, no likelihood bound. The prior is a categorical per grid position, fitted on the
+training set's codes every epoch end (the paper's PixelCNN's simplest stand-in)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Iterable, Optional
 
 import torch
@@ -14,20 +15,19 @@ from pydantic import Field
 from torch import nn
 
 from vae_dist.errors import ConfigError
-from vae_dist.models.protocol import Family, Model, Output, reconstruction
+from vae_dist.models.protocol import Family, Model, Output, quarter_grid, reconstruction
 from vae_dist.schema import Section, option
 
 if TYPE_CHECKING:
     from vae_dist.config import ModelConfig
 
-GRID = 7  # 28 -> 14 -> 7
 Channels = Annotated[int, Field(strict=True, ge=1, le=1024)]
 
 
 class VQOptions(Section):
     path: ClassVar[str] = "model.vq_vae"
 
-    # A batch of B images holds B x 49 x K distances (at the validation batch of 1,000: 400 MB for K = 2048).
+    # A batch of B MNIST images holds B x 49 x K distances (at the validation batch of 1,000: 400 MB for K = 2048).
     codebook_size: int = option(128, "vq-vae: codes in the codebook.", ge=2, le=2048)
     commitment: float = option(0.25, "vq-vae: weight beta of the commitment term.", flag="--commitment-cost", ge=0.0)
     channels: tuple[Channels, Channels] = option(
@@ -42,17 +42,18 @@ class VQVAE(Model):
         super().__init__()
         opts: VQOptions = config.vq_vae  # type: ignore[attr-defined]
         dim, (c1, c2), codes = int(config.latent_size), opts.channels, opts.codebook_size  # type: ignore[arg-type]
-        self.likelihood, self.beta = likelihood, opts.commitment
-        self.encoder = nn.Sequential(nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-                                     nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c2, 7, 7)
-                                     nn.Conv2d(c2, dim, 1))  # (B, D, 7, 7)
+        self.likelihood, self.beta, self.grid = likelihood, opts.commitment, quarter_grid(config)
+        channels = config.image_shape[0]
+        self.encoder = nn.Sequential(nn.Conv2d(channels, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, H/2, W/2)
+                                     nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),  # (B, c2, H/4, W/4)
+                                     nn.Conv2d(c2, dim, 1))  # (B, D, H/4, W/4)
         self.codebook = nn.Embedding(codes, dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codes, 1.0 / codes)
         self.decoder = nn.Sequential(nn.Conv2d(dim, c2, 3, padding=1), nn.ReLU(),
-                                     nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, 14, 14)
-                                     nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1))  # (B, 1, 28, 28) logits
+                                     nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),  # (B, c1, H/2, W/2)
+                                     nn.ConvTranspose2d(c1, channels, 4, stride=2, padding=1))  # (B, C, H, W) logits
         # Code counts per grid position over the training set (+1 each): the prior.
-        self.register_buffer("prior_counts", torch.ones(GRID * GRID, codes))
+        self.register_buffer("prior_counts", torch.ones(math.prod(self.grid), codes))
 
     def noise_shape(self, k: int) -> tuple[int, ...]:
         if k > 1:
@@ -60,15 +61,16 @@ class VQVAE(Model):
         return ()
 
     def _codes(self, z_e: torch.Tensor) -> torch.Tensor:
-        """(B, D, 7, 7) -> (B, 49) the index of each vector's nearest code (in float32)."""
+        """(B, D, h, w) -> (B, h*w) the index of each vector's nearest code (in float32)."""
         flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
         return torch.cdist(flat, self.codebook.weight.float()).argmin(dim=1).view(z_e.shape[0], -1)
 
     def _embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, 49) codes -> (B, D, 7, 7) their vectors."""
-        return self.codebook(codes).view(codes.shape[0], GRID, GRID, -1).permute(0, 3, 1, 2)
+        """(B, h*w) codes -> (B, D, h, w) their vectors."""
+        return self.codebook(codes).view(codes.shape[0], *self.grid, -1).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0) -> Output:
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor], *, kl_weight: float = 1.0,
+                labels: Optional[torch.Tensor] = None) -> Output:
         z_e = self.encoder(x)
         codes = self._codes(z_e)
         e = self._embed(codes).to(z_e.dtype)
@@ -90,17 +92,17 @@ class VQVAE(Model):
     def fit_prior(self, batches: Iterable[torch.Tensor]) -> None:
         counts = torch.ones_like(self.prior_counts)
         for x in batches:
-            codes = self._codes(self.encoder(x))  # (B, 49)
+            codes = self._codes(self.encoder(x))  # (B, h*w)
             counts += F.one_hot(codes, self.codebook.num_embeddings).sum(dim=0).to(counts.dtype)
         self.prior_counts.copy_(counts)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        codes = torch.multinomial(self.prior_counts.cpu(), n, replacement=True, generator=generator).T  # (n, 49)
+    def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        codes = torch.multinomial(self.prior_counts.cpu(), n, replacement=True, generator=generator).T  # (n, h*w)
         return self._means(self._embed(codes.to(self.codebook.weight.device)))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         z_e = self.encoder(x.float().to(self.codebook.weight.device))
         return self._means(self._embed(self._codes(z_e)))
 
@@ -108,7 +110,7 @@ class VQVAE(Model):
         return torch.sigmoid(self.decoder(e).float()).cpu()
 
 
-FAMILY = Family(VQVAE, {"latent_size": 16}, "vq-vae = van den Oord et al. (2017)'s VQ-VAE: a conv encoder to a 7x7 "
-                "grid of codes from a learned codebook (straight-through gradient, commitment loss, --latent-size = "
+FAMILY = Family(VQVAE, {"latent_size": 16}, "vq-vae = van den Oord et al. (2017)'s VQ-VAE: a conv encoder to a "
+                "(H/4)x(W/4) grid of codes from a learned codebook (straight-through gradient, commitment loss, --latent-size = "
                 "the code vectors' size), sampled from a per-position categorical prior over the codes fitted on the "
                 "training set", VQOptions)

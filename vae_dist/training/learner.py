@@ -104,6 +104,7 @@ class Learner:
         self.family = model  # the unwrapped model: its protocol (terms, noise, prior)
         self.sampler = train_loader.sampler  # the order is a function of (seed, epoch)
         self.train_images = train_loader.dataset.images  # type: ignore[attr-defined]  # what fit_prior sees
+        self.train_labels = train_loader.dataset.labels  # type: ignore[attr-defined]  # a conditional model's
         prepared = accelerator.prepare(model, optimizer, train_loader, valid_loader)
         self.model, self.optimizer, self.train_loader, self.valid_loader = prepared
         self.step_optimizer = stepping_optimizer(accelerator, self.optimizer)
@@ -135,7 +136,9 @@ class Learner:
                     for images, index in batches:
                         if coins is not None:  # dynamic binarization: this epoch's draw of each sample
                             images = keyed.apply(images, coins.index_select(0, index))
-                        self._train_step(images, None if epoch_noise is None else epoch_noise.index_select(0, index))
+                        labels = None if self.train_labels is None else self.train_labels.index_select(0, index)
+                        self._train_step(images, None if epoch_noise is None else epoch_noise.index_select(0, index),
+                                         labels)
                         pos.global_step += 1
                         pos.batches_done += 1
                         progress.step()
@@ -169,10 +172,11 @@ class Learner:
         return Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", per_epoch, pos.batches_done, self.acc.is_main_process,
                         steps, validations * (pos.history[-1]["valid_seconds"] if pos.history else 0.0))
 
-    def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor]) -> None:
+    def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor],
+                    labels: Optional[torch.Tensor] = None) -> None:
         """Forward (the family's objective), backward, clip, Adam step at the schedule's rate."""
         cfg, pos = self.config, self.position
-        terms = self.model(images, step_noise, kl_weight=self._kl_weight()).terms
+        terms = self.model(images, step_noise, kl_weight=self._kl_weight(), labels=labels).terms
         loss = terms["loss"].mean()
         self.acc.backward(loss)
         # The schedule spans --epochs, not --max-steps: a run stopped by max_steps and resumed takes the same rates.
@@ -210,13 +214,13 @@ class Learner:
     def _start_epoch(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
         binarization coins (dynamic binarization only), indexed by the sample's position in the dataset."""
-        cfg, pos, device, n = self.config, self.position, self.acc.device, len(self.train_images)
+        cfg, pos, device, (n, *shape) = self.config, self.position, self.acc.device, self.train_images.shape
         self.sampler.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
         table = noise(TRAIN_NOISE, cfg.seed, pos.epoch, n, self.family.noise_shape(cfg.loss.iw_samples))
-        coins = keyed.coins(cfg.seed, keyed.train_stream(pos.epoch), n).to(device) \
+        coins = keyed.coins(cfg.seed, keyed.train_stream(pos.epoch), n, tuple(shape)).to(device) \
             if cfg.data.binarize == "dynamic" else None
         return None if table is None else table.to(device), coins
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -22,7 +23,7 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # blocks under 32 MB (glibc's largest) from the
 TRIM_THRESHOLD_BYTES = 1 << 30  # up to 1 GB of freed heap kept for reuse
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-PIXELS, FLOAT = 28 * 28, 4  # bytes of a float32
+FLOAT = 4  # bytes of a float32
 
 
 def prepare_process(flush_denormal: bool) -> None:
@@ -80,12 +81,13 @@ def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device:
     # training images (float32, uint8 and the coins), the test images and noise, a step's output and its gradient.
     flag = {o.dotted: o.flag for o in options()}
     k, latent = config.loss.iw_samples, config.model.latent_size or 0
+    pixels = math.prod(config.model.image_shape)
     need = [("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
              num_train * k * latent * FLOAT),
             ("the training images", flag["data.limit_train_samples"],
-             num_train * PIXELS * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))),
-            ("the test images", "--limit-eval-samples", num_valid * (PIXELS * (FLOAT + 1) + latent * FLOAT)),
-            ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * PIXELS * FLOAT)]
+             num_train * pixels * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))),
+            ("the test images", "--limit-eval-samples", num_valid * (pixels * (FLOAT + 1) + latent * FLOAT)),
+            ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * pixels * FLOAT)]
     share = 1 if device.type == "cuda" else max(1, local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     total, free = sum(n for _, _, n in need) * share, available_memory(device)
     if total > free:

@@ -9,7 +9,7 @@ import time
 import typing
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 # Imported before any process group exists: its functions take `group=group.WORLD` as a default argument,
@@ -19,8 +19,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from vae_dist import models
-from vae_dist.config import OptimizerConfig, TrainingConfig, resume_mismatch
+from vae_dist.config import OptimizerConfig, TrainingConfig, merge, resume_mismatch
 from vae_dist.data import datasets, keyed, loaders
+from vae_dist.data.datasets import Split
 from vae_dist.errors import ArtifactError, ConfigError, first_line
 from vae_dist.evaluation import evaluate, images
 from vae_dist.models.protocol import Model
@@ -65,7 +66,8 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
     say = main_print(acc)
     # Everything that can fail is checked before the run folder is touched: --overwrite must not cost the
     # previous run for a wrong --data-dir, a batch larger than the data or an absurd model.
-    train_images, test_images = load_images(acc, config)
+    config, train, test = load_images(acc, config)
+    train_images, test_images = train.images, test.images
     loaders.check_batch_fits(len(train_images), config.data.batch_size, acc.num_processes)
     modelfile.check_model_size(config, "config")
     runtime.check_memory(config, len(train_images), len(test_images), acc.device)
@@ -85,15 +87,15 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
         f"({pixels}, {config.loss.recon_loss} likelihood), {n} process(es) on {acc.device.type}: "
         f"global batch {batch * n} = {batch} per process x {n}, {len(train_images) // (batch * n)} steps per epoch")
     tracker = Tracker(acc, say)
-    train_loader = loaders.make_loader(loaders.MnistImages(train_images), batch, shuffle_seed=config.seed,
+    train_loader = loaders.make_loader(loaders.MnistImages(train_images, train.labels), batch, shuffle_seed=config.seed,
                                        drop_last=True, num_workers=workers)
-    valid_loader = loaders.make_loader(loaders.MnistImages(test_images), config.data.eval_batch_size,
+    valid_loader = loaders.make_loader(loaders.MnistImages(test_images, test.labels), config.data.eval_batch_size,
                                        shuffle_seed=None, drop_last=False, num_workers=workers)
     checkpointer = Checkpointer(acc, root / folder.CHECKPOINTS, config.keep_checkpoints, say,
                                 every_steps=config.checkpoint_every_steps, run_id=run_id)
     learner = Learner(acc, model, optimizer, config, train_loader, valid_loader, artifact_dir=root, tracker=tracker,
                       checkpointer=checkpointer, run_id=run_id,
-                      on_epoch_end=epoch_previews(root, tracker, say, test_images, config.seed))
+                      on_epoch_end=epoch_previews(root, tracker, say, test.images, config.seed, test.labels))
     if resume:
         learner.restore()  # what it refuses leaves config.json as it was
     on_main_then_share(acc, lambda: folder.write_config(root, config))
@@ -140,34 +142,43 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
                             eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
 
 
-def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) uint8 images: from --data-dir, or a download by the main process while the others wait."""
-    data = config.data
+def load_images(accelerator: Accelerator, config: TrainingConfig) -> tuple[TrainingConfig, Split, Split]:
+    """The config with the model sized to the training data (model.image_shape, and a conditional model's
+    num_classes), and the train and test splits (uint8 images; labels for a conditional model, else None): from
+    --data-dir, or a download by the main process while the others wait."""
+    data, conditional = config.data, config.model.conditional
     where = Path(data.data_dir).expanduser() if data.data_dir else \
         on_main_then_share(accelerator, lambda: datasets.download(data.cache_dir, data.dataset))
-    train, test = datasets.load_split(where, "train", data.dataset).images, evaluate.test_images(config, where)
-    for split in (train, test):  # the models are built for 1x28x28 images (for now)
-        if split.shape[1:] != (1, 28, 28):
-            raise ConfigError(f"{data.dataset} images are {split.shape[2]}x{split.shape[3]}; the models take 28x28")
+    train, labels, classes = datasets.load_split(where, "train", data.dataset)
+    if conditional and labels is None:
+        raise ConfigError(f"--conditional needs class labels, and the {data.dataset} training images in {where} have "
+                          "none (npy: add train_labels.npy and test_labels.npy)")
+    sized = {"image_shape": list(train.shape[1:]), "num_classes": classes if conditional else None}
+    config = TrainingConfig.from_dict(merge(config.to_dict(), {"model": sized}))
+    test = evaluate.test_split(config, where)  # of the same shape and classes, or refused
     if data.binarize == "static":  # before the limit: a sample's draw depends on its index, not on the slice
         train = keyed.binarize_split(train, config.seed, keyed.STATIC_STREAM)
-    return (train[: data.limit_train_samples] if data.limit_train_samples else train), test
+    first = slice(data.limit_train_samples)
+    return config, Split(train[first], labels[first] if conditional else None, classes), test
 
 
 def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], test_images: torch.Tensor,
-                   seed: int) -> Callable[[Model, int, int], None]:
+                   seed: int, test_labels: Optional[torch.Tensor] = None) -> Callable[[Model, int, int], None]:
     """The Learner's on_epoch_end: test images above their reconstructions, and samples from the prior
-    (the same latents every epoch), as PNGs under images/ and to the trackers."""
+    (the same latents every epoch; a conditional model's one row of 8 per class), as PNGs under images/ and to
+    the trackers."""
     originals = test_images[:NUM_PREVIEW].float().div(255.0).cpu()
+    labels = None if test_labels is None else test_labels[:NUM_PREVIEW].cpu()
     def write(model: Model, epoch: int, step: int) -> None:
-        recon = images.side_by_side(originals, evaluate.reconstructions(model, originals))
+        samples = 8 * model.num_classes if model.num_classes else NUM_SAMPLES
+        recon = images.side_by_side(originals, evaluate.reconstructions(model, originals, labels))
         grids = {"valid/reconstructions": (recon, images.SIDE_BY_SIDE),
-                 "prior/samples": (evaluate.prior_samples(model, NUM_SAMPLES, seed), ())}  # not valid/samples: a count
+                 "prior/samples": (evaluate.prior_samples(model, samples, seed), ())}  # not valid/samples: a count
         written = {}
-        for key, (tiles, labels) in grids.items():
+        for key, (tiles, row_labels) in grids.items():
             path = folder.epoch_picture(root, epoch, key.split("/")[1])
             try:
-                images.save_grid(tiles, path, nrow=8, row_labels=labels)
+                images.save_grid(tiles, path, nrow=8, row_labels=row_labels)
                 written[key] = str(path)
             except OSError as e:  # a preview is not worth a run
                 say(f"preview {path} not written ({e.strerror or e}); training goes on")
