@@ -91,6 +91,15 @@ def test_train_gives_the_caller_its_process_settings_back(tmp_path: Path, monkey
     assert seen == [(True, 0)]
 
 
+def test_train_can_be_called_again_in_one_process(tmp_path: Path, monkeypatch) -> None:
+    # A submodule named like the function (vae_dist.train) once shadowed it after the first call.
+    from vae_dist.training import trainer
+    cfg = TrainingConfig.from_dict({"model": {"kind": "mlp", "hidden_sizes": [8]}})
+    save_model_file(tmp_path / "model.safetensors", build(cfg).state_dict(), cfg)
+    monkeypatch.setattr(trainer, "train", lambda config, **_: tmp_path / "model.safetensors")
+    assert [type(vae_dist.train(cfg)).__name__ for _ in range(2)] == ["TrainedVAE"] * 2
+
+
 def test_a_checkpoint_claims_only_the_results_of_its_own_weights(tmp_path: Path) -> None:
     learner = _learner(tmp_path, epochs=2, checkpoint_every_steps=4)
     learner.fit()  # keeps step 16 (6 batches into epoch 2) and step 20 (its end)
