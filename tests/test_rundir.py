@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import check_ok, copy_run, main_in_process, one_error_line, small_train_args
+from conftest import REPO, check_ok, cli_env, copy_run, main_in_process, one_error_line, small_train_args
 from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError
 from vae_dist.run.checkpoint import MANIFEST
@@ -403,6 +406,47 @@ def test_a_training_over_a_locked_folder_is_refused_before_moving_it(finished_ru
         holder.release()
     assert f"in use by another vae_dist run (pid {os.getpid()})" in line
     assert snapshot(tmp_path) == before
+
+
+def test_a_forked_child_does_not_hold_the_lock_after_its_parent(tmp_path: Path) -> None:
+    holder = RunLock()
+    holder.acquire(tmp_path)
+    stay, go = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as a loader worker: it outlives a killed trainer for seconds
+        os.close(go)
+        os.read(stay, 1)
+        os._exit(0)
+    try:
+        holder.release()  # as the kernel does for a killed trainer
+        again = RunLock()
+        again.acquire(tmp_path)  # while the child still lives
+        again.release()
+    finally:
+        os.close(go)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.slow  # a real training, killed with its loader workers alive
+def test_a_killed_training_frees_its_folder_at_once(data_dir, tmp_path):
+    import psutil
+
+    art = tmp_path / "run"
+    args = [sys.executable, "-m", "vae_dist", *small_train_args(data_dir, art, "--num-workers", "2", "--epochs", "50")]
+    trainer = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(trainer.pid).children()) < 2:  # its workers: the training runs
+            assert trainer.poll() is None and time.monotonic() < deadline, "no loader workers started"
+            time.sleep(0.1)
+        workers = psutil.Process(trainer.pid).children()
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert any(w.is_running() for w in workers)  # orphaned, they notice their parent's death later
+    lock = RunLock()
+    lock.acquire(art)
+    lock.release()
 
 
 # --- the small files -----------------------------------------------------------------------

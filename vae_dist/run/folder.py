@@ -152,8 +152,10 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
 
 class RunLock:
     """An exclusive, non-blocking flock on the folder's lock file, which holds the holder's pid for the refusal to
-    name; the kernel drops it when the process dies."""
+    name; the kernel drops it when the process dies. A forked child (a loader worker) closes its copy at once: a
+    flock lasts while any copy is open, so the orphaned workers of a killed run would hold it on."""
     fd: Optional[int] = None
+    held: set[int] = set()  # every RunLock's descriptor in this process
 
     def acquire(self, root: Path) -> None:
         try:
@@ -173,11 +175,22 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        RunLock.held.add(fd)
 
     def release(self) -> None:
-        if self.fd is not None:
+        if self.fd in RunLock.held:  # not in a forked child, which closed it at once
+            RunLock.held.discard(self.fd)
             os.close(self.fd)  # closing the last descriptor releases the flock
-            self.fd = None
+        self.fd = None
+
+    @staticmethod
+    def close_in_child() -> None:
+        for fd in RunLock.held:
+            os.close(fd)
+        RunLock.held.clear()
+
+
+os.register_at_fork(after_in_child=RunLock.close_in_child)
 
 
 def write_config(root: Path, config: TrainingConfig) -> None:
