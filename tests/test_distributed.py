@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, check_ok, cli_env, free_port, main_in_process, one_error_line, one_thread, output, run_ranks
+from conftest import (REPO, check_ok, cli_env, free_port, main_in_process, one_error_line, one_thread, output, run_ranks,
+                      small_train_args)
 
 # 640 images, 2 epochs: 10 global steps of 64 per epoch, 20 in all, across an epoch
 # boundary (a new permutation, noise table and binarization draw). 501 test images at an
@@ -263,3 +264,118 @@ def test_a_killed_rank_ends_its_peer_in_one_line_and_the_run_resumes_to_the_same
         assert row["step"] == want["step"] and row["train/samples"] == TRAIN_SAMPLES  # no step re-taken or skipped
         for key in ("train/loss", "valid/loss"):
             assert row[key] == pytest.approx(want[key], rel=1e-9, abs=0), (row["epoch"], key)
+
+
+# ------------------------------------------------------------------ the launcher's environment
+
+
+def launcher_env(argv: list[str], multi: bool) -> dict[str, str]:
+    """The ACCELERATE_* variables that `accelerate launch ARGV` gives its processes, by Accelerate's own code."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*argv, "train.py"]))
+    env = prepare_multi_gpu_env(args) if multi else prepare_simple_launcher_cmd_env(args)[1]
+    return {name: value for name, value in env.items() if name.startswith("ACCELERATE_")}
+
+
+@pytest.mark.parametrize("argv, multi", [
+    (["--config_file", "launch/accelerate_cpu.yaml"], False),
+    (["--config_file", "launch/accelerate_cpu.yaml", "--multi_gpu", "--main_process_port", "0"], True),
+    (["--config_file", "accelerate_config.yaml", "--main_process_port", "0"], True),
+    (["--multi_gpu", "--num_processes", "2", "--mixed_precision", "bf16", "--main_process_port", "0"], True),
+    (["--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "--debug",
+      "--enable_cpu_affinity", "--cpu"], False),
+], ids=["cpu-yaml", "cpu-yaml-multi", "gpu-yaml", "multi-gpu", "one-process-flags"])
+def test_what_accelerate_launch_sets_for_the_repos_launch_configs_is_followed(argv, multi, monkeypatch, tmp_path):
+    from vae_dist.training.distributed import launch_env
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no default config of this machine's user
+    env = launcher_env(argv, multi)
+    assert "ACCELERATE_MIXED_PRECISION" in env and "ACCELERATE_DYNAMO_BACKEND" in env
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launch_env() == (0, 1)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4"),  # other weights, with config.json a plain run's
+    ("ACCELERATE_USE_DEEPSPEED", "true"),  # a traceback without deepspeed
+    ("ACCELERATE_USE_FSDP", "true"),
+    ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR"),  # compiled without --compile
+    ("ACCELERATE_SETTING_OF_A_LATER_VERSION", "1"),
+])
+def test_an_accelerate_setting_vae_dist_does_not_implement_is_one_line_and_creates_nothing(
+    name, value, data_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv(name, value)
+    art = tmp_path / "run"
+    line = one_error_line(main_in_process(small_train_args(data_dir, art), capsys))
+    assert line.startswith(f"error: {name}={value}: ") and "unset it" in line, line
+    assert not art.exists()
+
+
+@pytest.fixture
+def fresh_process_state():
+    """Accelerate keeps one process state per process, made by the first Accelerator: a fresh one, before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_wait_for_the_other_processes_is_said_and_bounded_like_any_collective(
+    data_dir, tmp_path, capsys, monkeypatch, fresh_process_state
+):
+    from vae_dist.training.distributed import COLLECTIVE_TIMEOUT
+
+    bounds = []
+
+    def no_peer(*args, **kwargs):  # torch's rendezvous, which no other process joins
+        bounds.append(kwargs.get("timeout"))
+        raise torch.distributed.DistStoreError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_peer)
+    port = str(free_port())
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port).items():
+        monkeypatch.setenv(name, value)
+    art = tmp_path / "run"
+    ran = main_in_process(small_train_args(data_dir, art), capsys)
+    line = one_error_line(ran)
+    assert bounds == [COLLECTIVE_TIMEOUT]  # gloo's own is 30 minutes
+    assert f"waiting for the 2 processes of this run to meet at 127.0.0.1:{port}" in ran.stderr, ran.stderr
+    assert f"127.0.0.1:{port}" in line and "1/2 clients joined" in line, line
+    assert not art.exists()
+
+
+def test_a_stray_rank_in_a_one_process_command_is_ignored_and_an_impossible_one_refused(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    """RANK counts only with WORLD_SIZE > 1, as for Accelerate: a stray RANK=1 made evaluate print nothing, and a
+    stopped one-process training end without its line."""
+    from test_pictures import model_run
+    from vae_dist.training import trainer
+
+    run = model_run(tmp_path, data_dir=data_dir)
+    evaluate = ["evaluate", str(run), "--limit-eval-samples", "20", "--json"]
+    monkeypatch.setenv("RANK", "1")
+    for world in (None, "1"):
+        if world:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        ran = main_in_process(evaluate, capsys)
+        check_ok(ran)
+        assert json.loads(ran.stdout)["samples"] == 20
+
+    def stopped(accelerator, config):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "load_images", stopped)
+    ran = main_in_process(small_train_args(data_dir, tmp_path / "train"), capsys)
+    assert ran.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in ran.stderr, ran.stderr
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    assert "RANK=2 is not below WORLD_SIZE=2" in one_error_line(main_in_process(evaluate, capsys))

@@ -164,10 +164,11 @@ def evaluate(
     -m vae_dist evaluate ...` the test split is sharded across the processes (each sample counted once)."""
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import json_result, score, test_split
+    from vae_dist.training.distributed import launch_env
     model = load(artifact_dir)
     images, labels, _ = test_split(model.config, data_dir, limit_eval_samples)
     result = score(model.model, model.config, images, iw_samples=iw_samples, labels=labels)
-    if os.environ.get("RANK", "0") != "0":
+    if launch_env()[0] != 0:
         return  # under accelerate launch, one process reports
     if as_json:
         return print_out(json_result(result))
@@ -290,7 +291,7 @@ def interpolate(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
-    from vae_dist.training.distributed import Preempted, lost_process, lost_process_line
+    from vae_dist.training.distributed import Preempted, launch_env, lost_process, lost_process_line
     open_standard_streams()
     try:
         # standalone_mode=False returns typer.Exit's code (a second Ctrl-C's 130) instead of raising it.
@@ -303,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print_err(message if isinstance(e, NoArgsIsHelpError) else f"error: {one_line(message)}")
         sys.exit(2)
     except Preempted as e:
-        if os.environ.get("RANK", "0") == "0":
+        if launch_env()[0] == 0:  # checked when the run started
             print_err(e.line)
         sys.exit(128 + e.signum)
     except (KeyboardInterrupt, typer.Abort):

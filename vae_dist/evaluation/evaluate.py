@@ -136,7 +136,9 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
     from accelerate import Accelerator
     if iw_samples and model.iw_nll is None:
         raise VaeDistError(f"--model {config.model.kind} has no importance-weighted log-likelihood; drop --iw-samples")
+    from vae_dist.training.distributed import join_processes
     try:
+        join_processes(cpu=True)
         acc = Accelerator(cpu=True)
     except (ValueError, RuntimeError) as e:  # e.g. an ACCELERATE_* variable it cannot read
         raise VaeDistError(f"cannot set up the accelerator: {first_line(e)}") from None

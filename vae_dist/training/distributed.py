@@ -1,24 +1,35 @@
-"""No rank left hanging: a stop signal as a request every rank honours together (SIGTERM, SIGINT, SIGHUP), and work
-the main process does alone shared with every rank, its error included, so none waits at a barrier for a failed one."""
+"""No rank left hanging: a stop signal as a request every rank honours together (SIGTERM, SIGINT, SIGHUP), work
+the main process does alone shared with every rank, its error included, so none waits at a barrier for a failed one,
+and the processes' meeting bounded in time, from a launcher's environment that vae_dist follows entirely."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from vae_dist import errors
-from vae_dist.run.fileio import print_out
+from vae_dist.run.fileio import print_err, print_out
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # the wait for the others, and any collective (not torch's 30 minutes)
+# The ACCELERATE_* settings vae_dist follows: `accelerate launch`'s --cpu, --mixed_precision (checked by the trainer),
+# --debug, --enable_cpu_affinity, and Accelerate's log output. Any other would change the run behind config.json's
+# back (gradient accumulation, DeepSpeed, FSDP, Megatron-LM, dynamo, ...) or fail in a traceback: refused unless
+# off, as the launcher sets those it always exports (ACCELERATE_DYNAMO_BACKEND=NO, ..._USE_FULLGRAPH=False, ...).
+FOLLOWED_ENV = ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DEBUG_MODE", "ACCELERATE_CPU_AFFINITY",
+                "ACCELERATE_LOG_LEVEL", "ACCELERATE_ENABLE_RICH")
+OFF_VALUES = ("", "no", "false", "default")
 
 
 def signal_name(signum: int) -> str:
@@ -153,3 +164,39 @@ def lost_process_line(e: BaseException) -> str:
     cause = cause.split(". ")[0].rstrip(".")  # before gloo's and NCCL's generic advice
     return (f"another process of this run stopped or cannot be reached ({cause}); start the run again on every "
             "process, with --resume to continue from its last checkpoint")
+
+
+def launch_env() -> tuple[int, int]:
+    """(rank, number of processes) as the launcher set them, checked, with any ACCELERATE_* setting vae_dist does not
+    implement refused. RANK counts only with WORLD_SIZE > 1, as for Accelerate: a stray RANK=1 in a one-process
+    command does not make it a silent non-main process."""
+    for name, value in sorted(os.environ.items()):
+        if name.startswith("ACCELERATE_") and name not in FOLLOWED_ENV and value.strip().lower() not in OFF_VALUES:
+            raise errors.ConfigError(f"{name}={value}: vae_dist does not implement this Accelerate setting (it runs "
+                                     "plain DDP or CPU processes); unset it")
+    rank, world = os.environ.get("RANK") or "0", os.environ.get("WORLD_SIZE") or "1"
+    if not (rank.isdigit() and world.isdigit() and int(world) > 0):
+        raise errors.ConfigError(f"RANK={rank} and WORLD_SIZE={world} must be whole numbers, WORLD_SIZE at least 1")
+    if int(world) > 1 and int(rank) >= int(world):
+        raise errors.ConfigError(f"RANK={rank} is not below WORLD_SIZE={world}")
+    return (int(rank) if int(world) > 1 else 0), int(world)
+
+
+def join_processes(cpu: bool) -> None:
+    """Set up Accelerate's process state; with WORLD_SIZE > 1 meet the other processes first, saying where (once
+    per machine) and waiting at most COLLECTIVE_TIMEOUT, also the bound of every later collective."""
+    rank, world = launch_env()
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    minutes = f"{COLLECTIVE_TIMEOUT.total_seconds() / 60:g} minutes"
+    if world > 1 and not dist.is_initialized() and os.environ.get("LOCAL_RANK", "0") == "0":
+        print_err(f"rank {rank}: waiting for the {world} processes of this run to meet at {where} (at most {minutes})")
+    try:
+        # Here, not through the Accelerator's InitProcessGroupKwargs, which passes on only what differs from its
+        # defaults: a timeout of NCCL's 10 minutes was dropped, and gloo waited torch's 30.
+        PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
+    except RuntimeError as e:
+        if not lost_process(e):
+            raise
+        raise errors.VaeDistError(f"rank {rank}: the {world} processes of this run did not all meet at {where} "
+                                  f"({errors.first_line(e).rstrip('.')}); start each of them within {minutes} of the "
+                                  "first, or unset WORLD_SIZE to run one process") from None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 import typing
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,7 +15,7 @@ import torch
 # so imported later (DDP does) they would hold the group until teardown, whose gloo threads can abort a rank.
 import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 
 from vae_dist import models
 from vae_dist.config import OptimizerConfig, TrainingConfig, merge, resume_mismatch
@@ -29,11 +28,11 @@ from vae_dist.run import folder, modelfile
 from vae_dist.run.checkpoint import TMP_PREFIX, Checkpointer
 from vae_dist.run.fileio import print_out
 from vae_dist.training import runtime
-from vae_dist.training.distributed import Preempted, StopRequest, main_print, max_over_ranks, on_main_then_share
+from vae_dist.training.distributed import (Preempted, StopRequest, join_processes, launch_env, main_print,
+                                           max_over_ranks, on_main_then_share)
 from vae_dist.training.learner import Learner
 from vae_dist.training.tracking import Tracker, check_report_to, close_trackers, format_summary
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # not torch's 30 for a rank that died elsewhere
 NUM_PREVIEW = 32  # each epoch's pictures: this many test images above their reconstructions
 NUM_SAMPLES = 64  # and this many samples from the prior
 PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # the launcher's --mixed_precision
@@ -113,11 +112,11 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
-    world, cpu = int(os.environ.get("WORLD_SIZE", "1")), config.cpu
+    (rank, world), cpu = launch_env(), config.cpu
     if not cpu and world > 1 and not torch.cuda.is_available():
         # Else `accelerate launch --multi_gpu` without a GPU starts N trainings that each believe they are the main one.
         cpu = True
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print_out(f"no GPU found: running the {world} processes as CPU (gloo) ranks (pass --cpu to say so)",
                       required=False)
     # Accelerate takes any ACCELERATE_MIXED_PRECISION, and fp16 on the CPU, without a word.
@@ -130,8 +129,8 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     if precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise ConfigError(f"{named} needs a GPU; on the CPU use bf16 or no")
     try:
+        join_processes(cpu)
         return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
-                           kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
                            dynamo_backend="inductor" if config.compile else None)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot set up the accelerator: {first_line(e)}") from None
