@@ -4,12 +4,16 @@ table can be tens of GB), refused in one line before the run starts; a compiler 
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from conftest import copy_run, main_in_process, one_error_line, small_train_args
+from conftest import REPO, cli_env, copy_run, main_in_process, one_error_line, run_cli, small_train_args
 from test_rundir import snapshot
 from vae_dist.training import runtime
 from vae_dist.config import TrainingConfig
@@ -32,6 +36,57 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_naming_the_option_and_both
     runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=1)
     with pytest.raises(ConfigError, match="for its 64 processes on this machine"):
         runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=64)
+
+
+def address_space_limit(monkeypatch, above_mapped: float) -> int:
+    """As if `ulimit -v` allowed this process ``above_mapped`` bytes more than it has mapped; returns the limit."""
+    limit = psutil.Process().memory_info().vms + int(above_mapped)
+    real = psutil.Process.rlimit
+    monkeypatch.setattr(psutil.Process, "rlimit", lambda self, which, *new: (limit, limit)
+                        if which == psutil.RLIMIT_AS and not new else real(self, which, *new))
+    return limit
+
+
+def test_an_address_space_limit_counts_in_the_memory_check(monkeypatch):
+    address_space_limit(monkeypatch, 0.1e9)
+    with pytest.raises(ConfigError, match=r"but 0\.1 GB is available: lower --limit-train-samples"):
+        runtime.check_memory(TrainingConfig(), 60_000, 10_000, CPU)
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 188160000 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["MemoryError", "torch"])
+def test_an_allocation_that_fails_is_one_line_naming_the_limit(failure, tmp_path, capsys, monkeypatch):
+    from vae_dist.training import trainer
+
+    limit = address_space_limit(monkeypatch, 1e9)
+
+    def loading(accelerator, config):
+        raise failure
+
+    monkeypatch.setattr(trainer, "load_images", loading)
+    art = tmp_path / "run"
+    line = one_error_line(main_in_process(small_train_args(tmp_path / "mnist", art), capsys))
+    assert f"out of memory under an address-space limit (ulimit -v) of {limit / 1e9:.1f} GB" in line, line
+    assert not art.exists()
+
+
+@pytest.mark.slow  # processes under a real `ulimit -v`
+def test_a_run_under_ulimit_v_that_cannot_fit_is_one_line_and_creates_nothing(data_dir, tmp_path):
+    """The limit counts what a process has mapped (torch's libraries: gigabytes); the run's noise table (2.4 GB) does
+    not fit in the 1.5 GB left, which only the allocation itself used to find, in a traceback."""
+    mapped = subprocess.run([sys.executable, "-c", "import psutil, vae_dist.cli.app; "
+                             "print(psutil.Process().memory_info().vms)"], env=cli_env(), capture_output=True,
+                            text=True, check=True, cwd=REPO)
+    limit = int(mapped.stdout) + int(1.5e9)
+    art = tmp_path / "run"
+    ran = run_cli(small_train_args(data_dir, art, "--limit-train-samples", "60000", "--model", "burda",
+                                   "--iw-train-samples", "200"),
+                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert "lower --iw-train-samples" in one_error_line(ran)
+    assert not art.exists()
 
 
 @pytest.mark.slow  # a real run folder and the real MNIST files

@@ -292,6 +292,7 @@ def interpolate(
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
     from vae_dist.training.distributed import Preempted, launch_env, lost_process, lost_process_line
+    from vae_dist.training.runtime import out_of_memory_line
     open_standard_streams()
     try:
         # standalone_mode=False returns typer.Exit's code (a second Ctrl-C's 130) instead of raising it.
@@ -310,10 +311,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         print_err("interrupted")
         sys.exit(130)
-    except RuntimeError as e:  # only torch raises these: a lost peer is one line, anything else its traceback
-        if not lost_process(e):
+    except (RuntimeError, MemoryError) as e:  # torch's: a lost peer or memory is one line, anything else its traceback
+        line = lost_process_line(e) if lost_process(e) else out_of_memory_line(e)
+        if line is None:
             raise
-        print_err(f"error: {one_line(lost_process_line(e))}")
+        print_err(f"error: {one_line(line)}")
         sys.exit(2)
     finally:
         for stream in (sys.stdout, sys.stderr):

@@ -16,7 +16,7 @@ import psutil  # an Accelerate dependency
 import torch
 
 from vae_dist.config import TrainingConfig, options
-from vae_dist.errors import ConfigError
+from vae_dist.errors import ConfigError, first_line
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 32 << 20  # blocks under 32 MB (glibc's largest) from the heap
@@ -64,13 +64,39 @@ def keep_freed_memory() -> bool:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free where the tables live: the GPU's on CUDA, else the host's, or less under a cgroup v2 limit."""
+    """Bytes free where the tables live: the GPU's on CUDA, else the host's, or less under a cgroup v2 limit or
+    an address-space limit (ulimit -v), which counts what the process has mapped (torch's libraries too)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     free, cgroup = psutil.virtual_memory().available, Path("/sys/fs/cgroup")
     with suppress(OSError, ValueError):  # no cgroup v2, or no limit: memory.max reads "max"
         free = min(free, int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
+    if (limit := address_space_limit()) is not None:
+        free = min(free, limit - psutil.Process().memory_info().vms)
     return free
+
+
+def address_space_limit() -> Optional[int]:
+    """This process's RLIMIT_AS (`ulimit -v`) in bytes; None without one."""
+    soft = psutil.Process().rlimit(psutil.RLIMIT_AS)[0]
+    return None if soft == psutil.RLIM_INFINITY else soft
+
+
+def out_of_memory_line(e: BaseException) -> Optional[str]:
+    """The one line for a failed allocation (MemoryError, torch's "can't allocate memory", CUDA's out of memory),
+    naming the limit the process ran under; None for any other error."""
+    if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+        return None
+    cause = first_line(e).split("DefaultCPUAllocator: ")[-1]  # after torch's "[enforce fail at ...]"
+    limit = address_space_limit()
+    if isinstance(e, torch.OutOfMemoryError):
+        under = "on the GPU"
+    elif limit is not None:
+        under = f"under an address-space limit (ulimit -v) of {limit / 1e9:.1f} GB"
+    else:
+        under = f"with {available_memory(torch.device('cpu')) / 1e9:.1f} GB of memory available"
+    return (f"out of memory {under} ({cause or type(e).__name__}): lower --batch-size, --iw-train-samples or "
+            "--limit-train-samples, or give the process more memory")
 
 
 def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device: torch.device,
