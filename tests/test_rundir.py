@@ -411,13 +411,15 @@ def test_a_training_over_a_locked_folder_is_refused_before_moving_it(finished_ru
 def test_a_forked_child_does_not_hold_the_lock_after_its_parent(tmp_path: Path) -> None:
     holder = RunLock()
     holder.acquire(tmp_path)
-    stay, go = os.pipe()
+    (stay, go), (started, running) = os.pipe(), os.pipe()
     pid = os.fork()
     if pid == 0:  # as a loader worker: it outlives a killed trainer for seconds
         os.close(go)
+        os.write(running, b"1")
         os.read(stay, 1)
         os._exit(0)
     try:
+        os.read(started, 1)  # the child runs
         holder.release()  # as the kernel does for a killed trainer
         again = RunLock()
         again.acquire(tmp_path)  # while the child still lives
@@ -425,6 +427,8 @@ def test_a_forked_child_does_not_hold_the_lock_after_its_parent(tmp_path: Path) 
     finally:
         os.close(go)
         os.waitpid(pid, 0)
+        for fd in (stay, started, running):
+            os.close(fd)
 
 
 @pytest.mark.slow  # a real training, killed with its loader workers alive
@@ -439,6 +443,7 @@ def test_a_killed_training_frees_its_folder_at_once(data_dir, tmp_path):
         while len(psutil.Process(trainer.pid).children()) < 2:  # its workers: the training runs
             assert trainer.poll() is None and time.monotonic() < deadline, "no loader workers started"
             time.sleep(0.1)
+        time.sleep(0.5)  # a moment for them to run their at-fork handlers (microseconds)
         workers = psutil.Process(trainer.pid).children()
     finally:
         trainer.kill()
