@@ -24,8 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (REPO, check_ok, cli_env, free_port, main_in_process, one_error_line, one_thread, output, run_ranks,
-                      small_train_args)
+from conftest import (REPO, check_ok, cli_env, free_port, main_in_process, one_error_line, one_thread, output,
+                      run_ranks, small_train_args)
 
 # 640 images, 2 epochs: 10 global steps of 64 per epoch, 20 in all, across an epoch
 # boundary (a new permutation, noise table and binarization draw). 501 test images at an

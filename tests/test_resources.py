@@ -55,8 +55,8 @@ def test_an_address_space_limit_counts_in_the_memory_check(monkeypatch):
 
 @pytest.mark.parametrize("failure", [
     MemoryError(),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
-                 "allocate 188160000 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 188160000 bytes. Error code 12 (Cannot allocate memory)"),
 ], ids=["MemoryError", "torch"])
 def test_an_allocation_that_fails_is_one_line_naming_the_limit(failure, tmp_path, capsys, monkeypatch):
     from vae_dist.training import trainer
