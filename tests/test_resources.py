@@ -38,6 +38,14 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_naming_the_option_and_both
         runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=64)
 
 
+def test_the_noise_table_is_sized_by_the_familys_own_noise(monkeypatch):
+    # burda-2layer draws noise for both stochastic layers (100 + 50 per sample), not latent_size's 50.
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 1.5e9)
+    two = TrainingConfig.from_dict({"model": {"kind": "burda-2layer"}, "loss": {"iw_samples": 50}})
+    with pytest.raises(ConfigError, match=r"\(1\.8 GB for the noise table\)"):
+        runtime.check_memory(two, 60_000, 10_000, CPU)
+
+
 def address_space_limit(monkeypatch, above_mapped: float) -> int:
     """As if `ulimit -v` allowed this process ``above_mapped`` bytes more than it has mapped; returns the limit."""
     limit = psutil.Process().memory_info().vms + int(above_mapped)

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import psutil  # an Accelerate dependency
 import torch
 
+from vae_dist import models
 from vae_dist.config import TrainingConfig, options
 from vae_dist.errors import ConfigError, first_line
 
@@ -103,13 +104,17 @@ def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device:
                  local_processes: Optional[int] = None) -> None:
     """ConfigError naming the option to lower when the run will not fit. On the CPU each process of this
     machine (default: LOCAL_WORLD_SIZE) holds its own tables in the same memory."""
-    # (what, the option that sizes it, bytes) one process holds at once: an epoch's noise table (N x K x latent), the
-    # training images (float32, uint8 and the coins), the test images and noise, a step's output and its gradient.
+    # (what, the option that sizes it, bytes) one process holds at once: an epoch's noise table (N x the family's
+    # noise_shape(K)), the training images (float32, uint8 and the coins), the test images and noise, a step's output
+    # and its gradient.
     flag = {o.dotted: o.flag for o in options()}
-    k, latent = config.loss.iw_samples, config.model.latent_size or 0
+    k = config.loss.iw_samples
+    with torch.device("meta"):  # the family's own noise per image, with no weights allocated
+        model = models.build(config)
+    per_image, latent = math.prod(model.noise_shape(k)), math.prod(model.noise_shape(1))
     pixels = math.prod(config.model.image_shape)
     need = [("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
-             num_train * k * latent * FLOAT),
+             num_train * per_image * FLOAT),
             ("the training images", flag["data.limit_train_samples"],
              num_train * pixels * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))),
             ("the test images", "--limit-eval-samples", num_valid * (pixels * (FLOAT + 1) + latent * FLOAT)),
