@@ -24,11 +24,13 @@ T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # the wait for the others, and any collective (not torch's 30 minutes)
 # The ACCELERATE_* settings vae_dist follows: `accelerate launch`'s --cpu, --mixed_precision (checked by the trainer),
-# --debug, --enable_cpu_affinity, and Accelerate's log output. Any other would change the run behind config.json's
-# back (gradient accumulation, DeepSpeed, FSDP, Megatron-LM, dynamo, ...) or fail in a traceback: refused unless
-# off, as the launcher sets those it always exports (ACCELERATE_DYNAMO_BACKEND=NO, ..._USE_FULLGRAPH=False, ...).
+# --debug, --enable_cpu_affinity, Accelerate's log output, and how --compile compiles (its mode, e.g. reduce-overhead
+# for CUDA graphs, full graph, dynamic shapes). Any other would change the run behind config.json's back (gradient
+# accumulation, DeepSpeed, FSDP, Megatron-LM, a dynamo backend without --compile, ...) or fail in a traceback:
+# refused unless off, as the launcher sets those it always exports (ACCELERATE_DYNAMO_BACKEND=NO, ...).
 FOLLOWED_ENV = ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DEBUG_MODE", "ACCELERATE_CPU_AFFINITY",
-                "ACCELERATE_LOG_LEVEL", "ACCELERATE_ENABLE_RICH")
+                "ACCELERATE_LOG_LEVEL", "ACCELERATE_ENABLE_RICH", "ACCELERATE_DYNAMO_MODE",
+                "ACCELERATE_DYNAMO_USE_FULLGRAPH", "ACCELERATE_DYNAMO_USE_DYNAMIC")
 OFF_VALUES = ("", "no", "false", "default")
 
 
