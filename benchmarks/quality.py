@@ -109,7 +109,8 @@ def run(args, config, train_args) -> int:
             test_elbo=scored["loss"], test_recon=scored["recon"], iw_nll=iw.get("iw_nll"),
             iw_images_elbo=iw.get("loss"), score_s=time.perf_counter() - t0,
             protocol=scored["protocol"], iw_protocol=iw.get("protocol"),
-            whole_set={key: v for key, v in scored.items() if key in ("active_units", "codes_used", "perplexity")},
+            whole_set={key: v for key, v in scored.items()
+                       if key.startswith("active_units") or key in ("codes_used", "perplexity")},  # per layer too
             curve=[{"epoch": row["epoch"], "valid_loss": row["valid/loss"]} for row in rows],
         )
         emit(r)
