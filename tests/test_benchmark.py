@@ -107,13 +107,15 @@ def test_quality_lists_its_recipes(bench, capsys):
 
 @pytest.mark.slow
 def test_quality_trains_a_recipe_and_scores_it_with_its_protocol(run_json):
-    out = run_json("quality.py", "--recipe", "burda-iwae", "--iw-samples", "20", "--epochs", "1", *TINY)
+    out = run_json("quality.py", "--recipe", "burda-iwae", "--iw-samples", "20", "--iw-images", "40", "--epochs", "1",
+                   *TINY)
     # The recipe's flags reached the config; the pass-through ones came after them.
     assert out["config"]["model"]["kind"] == "burda" and out["config"]["loss"]["iw_samples"] == 5
     assert out["config"]["data"]["binarize"] == "dynamic" and out["epochs"] == len(out["curve"]) == 1
     assert out["test_elbo"] == pytest.approx(out["curve"][-1]["valid_loss"], rel=1e-6)  # as training logged it
-    assert 0 < out["iw_nll"] < out["test_elbo"]  # a tighter bound
-    assert out["protocol"]["iw_samples"] == 20 and out["protocol"]["test_images"] == 100
+    assert 0 < out["iw_nll"] < out["iw_images_elbo"]  # a tighter bound, on the same images
+    assert out["protocol"]["test_images"] == 100 and "iw_samples" not in out["protocol"]
+    assert out["iw_protocol"]["iw_samples"] == 20 and out["iw_protocol"]["test_images"] == 40
     assert "binarized" in out["protocol"]["data"]
 
 
