@@ -28,9 +28,9 @@ def _config(kind: str = "mlp", **model) -> TrainingConfig:
     return TrainingConfig.from_dict({"model": {"kind": kind, **model}})
 
 
-def _small(kind: str = "mlp", latent: int = 3):
+def _small(kind: str = "mlp", latent: int = 3, activation: str = "relu"):
     torch.manual_seed(0)
-    return build(_config(kind, latent_size=latent, hidden_sizes=[16], conv_channels=[4, 8]))
+    return build(_config(kind, latent_size=latent, hidden_sizes=[16], conv_channels=[4, 8], activation=activation))
 
 
 # --- the model -----------------------------------------------------------------------------
@@ -155,8 +155,9 @@ def test_iw_bound_tightens_with_more_samples_and_the_estimate_is_below_it():
     assert nll < bound[50]
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "silu"])
 @pytest.mark.parametrize("k", [1, 5])
-def test_the_training_objective_reaches_every_parameter(k):
-    model, x = _small(), _binary(3)
+def test_the_training_objective_reaches_every_parameter(k, activation):
+    model, x = _small(activation=activation), _binary(3)
     model(x, torch.randn(3, 3) if k == 1 else torch.randn(3, k, 3)).terms["loss"].mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters())

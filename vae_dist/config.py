@@ -19,6 +19,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from vae_dist.data.datasets import DATA_DIR_ENV, MAX_CLASSES, MAX_SIDE, DatasetName
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
+from vae_dist.models.gaussian import ACTIVATIONS
 from vae_dist.run.fileio import dumps
 from vae_dist.schema import Section, option
 
@@ -45,8 +46,8 @@ class ModelFields(Section, path="model"):
     hidden_sizes: Optional[tuple[Width, ...]] = option(
         None, "Hidden layer widths of the MLP encoders, e.g. 512,256 (the decoders mirror them).",
         shown=_by_kind("hidden_sizes", lambda v: ",".join(map(str, v))), strict=False, min_length=1, max_length=16)
-    activation: Optional[Literal["relu", "tanh"]] = option(None, "Activation of the MLP hidden layers.",
-                                                           shown=_by_kind("activation"))
+    activation: Optional[Literal[tuple(ACTIVATIONS)]] = option(  # type: ignore[valid-type]
+        None, "Activation of the MLP hidden layers.", shown=_by_kind("activation"))
     conv_channels: tuple[Channels, Channels] = option((16, 32), "Channels of the conv encoder's two stride-2 layers, "
                                                       "e.g. 16,32 (the decoder mirrors them).", strict=False)
     image_shape: tuple[Side, Side, Side] = option(

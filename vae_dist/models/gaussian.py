@@ -33,7 +33,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 HELP = ("deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the original Burn flow's stride-2 conv "
         "encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 tanh, "
         "Burda et al. (2015)'s one-stochastic-layer model")
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}  # --activation
 
 
 def _mlp(sizes: list[int], activation: str) -> list[nn.Module]:
