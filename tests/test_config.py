@@ -204,7 +204,7 @@ def test_merge_is_deep_and_does_not_mutate():
         ({"loss": {"recon_loss": "mse"}}, "loss.recon_loss is 'mse'"),
         ({"data": {"limit_train_samples": 100}}, "data.limit_train_samples is 100"),
         # The architecture is named first; what follows from it is listed after.
-        ({"model": {"kind": "mlp"}}, "model.kind is 'mlp' but the run being resumed used 'deep-mlp' (and model.hidden_sizes"),
+        ({"model": {"kind": "mlp"}}, "model.kind is 'mlp' but the run being resumed used 'deep-mlp' (and model.activation, model.hidden_sizes"),
     ],
 )
 def test_resume_mismatch_names_what_shapes_the_model_or_data(change, message):

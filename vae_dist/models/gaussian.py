@@ -25,12 +25,12 @@ IW_CHUNK = 400  # importance samples per image per pass: bounds memory whatever 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # --model names of this family, with what their fields left unset mean.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "deep-mlp": {"latent_size": 50, "hidden_sizes": (512, 256), "activation": "relu"},
+    "deep-mlp": {"latent_size": 50, "hidden_sizes": (512, 256), "activation": "gelu"},
     "conv": {"latent_size": 64},
     "mlp": {"latent_size": 20, "hidden_sizes": (400,), "activation": "relu"},
     "burda": {"latent_size": 50, "hidden_sizes": (200, 200), "activation": "tanh"},
 }
-HELP = ("deep-mlp = 784-512-256-50 ReLU (this trainer's recipe); conv = the original Burn flow's stride-2 conv "
+HELP = ("deep-mlp = 784-512-256-50 GELU (this trainer's recipe); conv = the original Burn flow's stride-2 conv "
         "encoder and its mirror; mlp = 784-400-20 ReLU, the PyTorch example; burda = 784-200-200-50 tanh, "
         "Burda et al. (2015)'s one-stochastic-layer model")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}  # --activation
