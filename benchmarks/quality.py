@@ -29,6 +29,7 @@ RECIPES: dict[str, str] = {
     "canonical-model": "the PyTorch example's model and optimizer in this trainer, grey-level",
     "burn-original": "the original Burn flow's conv VAE and optimizer, grey-level",
     "binarized": "the default recipe on dynamically binarized MNIST",
+    "binarized-warmup": "the binarized recipe with the KL warm-up over 8 of its 10 epochs",
     "burda-vae": "Burda et al.'s one-layer model, ELBO, this trainer's schedule",
     "burda-iwae": "Burda et al.'s one-layer model trained on the IWAE bound with k = 5",
     "vq-vae": "the VQ-VAE (codebook 128 x 16, a 7x7 grid of codes), grey-level; no likelihood bound",

@@ -211,7 +211,7 @@ def test_every_recipe_in_configs_is_a_quality_recipe_and_builds_its_config(monke
         ran = parse_train_args(["--config", path, *quality.BASE])
         file_only = parse_train_args(["--config", path])
         assert ran.to_dict() | {"epochs": 0, "wandb_mode": None} == file_only.to_dict() | {"epochs": 0, "wandb_mode": None}
-        kinds.add((ran.model.kind, ran.data.binarize, ran.loss.iw_samples, ran.optimizer.learning_rate))
+        kinds.add(ran.to_json())
     assert len(kinds) == len(quality.RECIPES)  # no two recipes train the same thing
     sys.modules.pop("quality", None)
 
