@@ -91,11 +91,13 @@ def valid_noise(model: Model, seed: int, n: int) -> Optional[torch.Tensor]:
     return keyed.noise(keyed.EVAL_NOISE, seed, 0, n, model.noise_shape(1))
 
 
-def validate(acc: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor]) -> dict[str, Any]:
+def validate(acc: Accelerator, model: nn.Module, loader: DataLoader, noise: Optional[torch.Tensor],
+             family: Model) -> dict[str, Any]:
     """The family's terms (KL weight 1: the true negative ELBO) as exact means over the test split, and its whole-set
     metrics. Each sample counts once (``gather_for_metrics`` drops repeats), with its noise ``noise[index]`` (and its
-    label, for a conditional model)."""
-    family, labels = acc.unwrap_model(model), loader.dataset.labels  # type: ignore[attr-defined]
+    label, for a conditional model). ``model`` as prepared (DDP, compiled), ``family`` the module it wraps: not
+    ``acc.unwrap_model``, whose check for a compiled module imports torch._dynamo, a second or more per process."""
+    labels = loader.dataset.labels  # type: ignore[attr-defined]
     rows, features = [], []
     with evaluating(model):
         for images_batch, index in loader:
@@ -147,7 +149,8 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
                                      shuffle_seed=None, drop_last=False, num_workers=0)
         model = model.to(acc.device)  # no DDP wrapper: evaluation has no gradients to sync
         table = valid_noise(model, config.seed, images.shape[0])
-        v = validate(acc, model, acc.prepare_data_loader(loader), None if table is None else table.to(acc.device))
+        v = validate(acc, model, acc.prepare_data_loader(loader), None if table is None else table.to(acc.device),
+                     model)
         result = {**{k.removeprefix("valid/"): value for k, value in v.items()}, "processes": acc.num_processes}
         if iw_samples:
             mine = torch.arange(acc.process_index, images.shape[0], acc.num_processes)  # this rank's shard

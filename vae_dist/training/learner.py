@@ -160,7 +160,7 @@ class Learner:
                     progress.close()  # also on errors, so the message does not land on the bar's line
                 epoch_noise = coins = None  # freed before the next epoch draws its own (N x K x latent)
                 self._end_epoch()
-        return acc.unwrap_model(self.model)
+        return self.family  # the module the prepared one wraps (see evaluate.validate)
 
     def _progress(self) -> Progress:
         """This epoch's progress, with the run's steps left and its validations to come (at the last one's time)."""
@@ -276,7 +276,7 @@ class Learner:
         *sums, count = self._reduce(self.meter.totals()).tolist()
         train_seconds = self.meter.seconds()
         self.family.fit_prior(self.train_images.split(self.config.data.eval_batch_size))
-        valid = validate(acc, self.model, self.valid_loader, self.valid_noise)
+        valid = validate(acc, self.model, self.valid_loader, self.valid_noise, self.family)
         valid_seconds = self.meter.seconds() - train_seconds
         row: dict[str, Any] = {
             "epoch": pos.epoch + 1, "step": pos.global_step, "complete_epoch": epoch_done,
@@ -291,7 +291,7 @@ class Learner:
         self.tracker.log({k: v for k, v in row.items() if k not in ("epoch", "step", "complete_epoch", "protocol")},
                          step=pos.global_step)
         if self.on_epoch_end is not None and acc.is_main_process:
-            self.on_epoch_end(acc.unwrap_model(self.model), pos.epoch + 1, pos.global_step)
+            self.on_epoch_end(self.family, pos.epoch + 1, pos.global_step)
         parts = ", ".join(f"{t} {row['valid/' + t]:.3f}" for t in terms[1:])
         self.say(f"epoch {pos.epoch + 1}: train/loss {row['train/loss']:.3f}  valid/loss {row['valid/loss']:.3f} "
                  f"({parts})  {row['epoch_seconds']:.1f} s, {row['samples_per_second']:,.0f} samples/s")
