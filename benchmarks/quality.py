@@ -86,7 +86,7 @@ def run(args, config, train_args) -> int:
     import torch
 
     from vae_dist.run.modelfile import load_model_file
-    from vae_dist.evaluation.evaluate import score, test_images
+    from vae_dist.evaluation.evaluate import score, test_split
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -97,7 +97,7 @@ def run(args, config, train_args) -> int:
         log(f"quality: recipe {args.recipe}: {' '.join(train_args)}")
         rows, wall = common.run_trainer(config)
         model, saved = load_model_file(Path(config.artifact_dir))
-        images = test_images(saved, None, None)
+        images = test_split(saved, None, None).images
         k = args.iw_samples if model.iw_nll is not None else 0  # a family without an IW-NLL: its test loss only
         scored = score(model, saved, images)
         if k:

@@ -428,14 +428,14 @@ def test_a_conv_model_refuses_a_shape_it_cannot_serve_before_writing_anything(tm
 
 
 def test_the_test_images_must_have_the_models_shape(tmp_path):
-    from vae_dist.evaluation.evaluate import test_images
+    from vae_dist.evaluation.evaluate import test_split
 
     data = write_npy_dataset(tmp_path, shape=(1, 30, 30), train=1, test=4)
     config = TrainingConfig.from_dict({"data": {"dataset": "npy", "data_dir": str(data)},
                                        "model": {"image_shape": [3, 30, 30]}})
     line = f"the npy test images in {data} are 1x30x30; the model takes 3x30x30"
     with pytest.raises(DataError, match=re.escape(line)):
-        test_images(config)
+        test_split(config).images
 
 
 @pytest.mark.slow  # trains 3 steps and runs every command on the result

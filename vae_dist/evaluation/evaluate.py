@@ -80,12 +80,6 @@ def test_split(config: TrainingConfig, data_dir: Optional[str | Path] = None,
     return datasets.Split(images[first], labels[first] if model.conditional else None, classes)
 
 
-def test_images(config: TrainingConfig, data_dir: Optional[str | Path] = None,
-                limit: Optional[int] = None) -> torch.Tensor:
-    """``test_split``'s images."""
-    return test_split(config, data_dir, limit).images
-
-
 def valid_noise(model: Model, seed: int, n: int) -> Optional[torch.Tensor]:
     """Validation's per-image noise on the CPU: one table for every epoch and for ``evaluate``, so they compare."""
     return keyed.noise(keyed.EVAL_NOISE, seed, 0, n, model.noise_shape(1))
