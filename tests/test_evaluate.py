@@ -23,9 +23,9 @@ def _config(**data) -> TrainingConfig:
 def test_the_test_images_are_one_fixed_draw_whatever_the_run(monkeypatch) -> None:
     split = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     monkeypatch.setattr(evaluate.datasets, "load_split", lambda root, name, dataset: evaluate.datasets.Split(split))
-    assert torch.equal(evaluate.test_split(_config(binarize="none").images), split)
-    static = evaluate.test_split(_config(binarize="static", seed=1).images)
-    dynamic = evaluate.test_split(_config(binarize="dynamic", seed=99).images)
+    assert torch.equal(evaluate.test_split(_config(binarize="none")).images, split)
+    static = evaluate.test_split(_config(binarize="static", seed=1)).images
+    dynamic = evaluate.test_split(_config(binarize="dynamic", seed=99)).images
     assert torch.equal(static, dynamic) and set(static.unique().tolist()) == {0, 255}
     # None: the run's own limit (its validation slice); 0: all of them; N: the first N
     limited = _config(binarize="static", limit_eval_samples=30)
