@@ -146,7 +146,7 @@ def test_burda_2layer_end_to_end(data_dir, tmp_path, capsys):
     assert result["loss"] == pytest.approx(row["valid/loss"]) and result["iw_nll"] < result["loss"]
 
     model = vae_dist.load(art)
-    x = evaluate.test_images(model.config, limit=50).float().div(255.0)
+    x = evaluate.test_split(model.config, limit=50).images.float().div(255.0)
     fresh = build(model.config).eval()
     with torch.no_grad():  # the trained model's ELBO against its untrained twin's, the same noise
         eps = torch.randn(50, *fresh.noise_shape(1), generator=torch.Generator().manual_seed(0))

@@ -217,7 +217,7 @@ def test_training_writes_each_epochs_previews_and_the_loss_curves(finished_run: 
     samples = png(finished_run / "images" / "epoch-001-samples.png")
     left = margin(recon, 2 * NUM_PREVIEW, 8)  # the rows' labels
     assert samples.size == grid_size(NUM_SAMPLES, 8)
-    test = evaluate.test_images(TrainingConfig(), data_dir, 0)
+    test = evaluate.test_split(TrainingConfig(), data_dir, 0).images
     for i in (0, 9, NUM_PREVIEW - 1):
         row, col = 2 * (i // 8), i % 8
         assert np.array_equal(tile(recon, row, col, left), test[i, 0].numpy())
@@ -258,7 +258,7 @@ def test_reconstruct_puts_test_images_above_their_reconstructions(tmp_path, data
     assert ran.stdout.strip() == str(run / "reconstructions.png")  # beside the model file
     img = png(run / "reconstructions.png")
     left = margin(img, 4 * 8, 8)  # 12 images: 2 rows of originals, each above its reconstructions, labelled
-    test = evaluate.test_images(TrainingConfig(), data_dir, 0)
+    test = evaluate.test_split(TrainingConfig(), data_dir, 0).images
     for i in (0, 11):
         row, col = 2 * (i // 8), i % 8
         assert np.array_equal(tile(img, row, col, left), test[i, 0].numpy())
@@ -273,7 +273,7 @@ def test_interpolate_runs_from_one_test_image_to_another(tmp_path, data_dir, cap
     check_ok(main_in_process(["interpolate", str(run), "--from", "3", "--to", "7", "--steps", "5"], capsys))
     img = png(run / "interpolation.png")
     assert img.size == grid_size(5 + 2, 7)  # one row: the image, 5 decodings, the other image
-    test = evaluate.test_images(TrainingConfig(), data_dir, 0)
+    test = evaluate.test_split(TrainingConfig(), data_dir, 0).images
     assert np.array_equal(tile(img, 0, 0), test[3, 0].numpy())
     assert np.array_equal(tile(img, 0, 6), test[7, 0].numpy())
     assert all(tile(img, 0, c).std() > 0 for c in range(1, 6))
