@@ -4,6 +4,7 @@ ranks), and a folder's snapshot."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -20,6 +21,15 @@ import torch
 from vae_dist.data.datasets import DATA_DIR_ENV, default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What the imports made lives as long as the session: out of the collector's sight (here, and before the
+    # collection for torch's), each full collection scans only what the tests make.
+    gc.freeze()
+
+
+gc.freeze()
 
 
 @pytest.fixture(scope="session")

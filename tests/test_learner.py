@@ -28,13 +28,9 @@ CHECKPOINT_RUN_ID = "0123abcd"  # the id the checkpoints of every run built here
 
 def _images(n: int, seed: int) -> torch.Tensor:
     # Blobs of ink on a blank page: learnable, unlike uniform noise.
-    g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(n, 1, 28, 28)
-    centres = torch.randint(6, 22, (n, 2), generator=g)
+    cy, cx = torch.randint(6, 22, (n, 2), generator=torch.Generator().manual_seed(seed)).T.reshape(2, n, 1, 1, 1)
     yy, xx = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")
-    for i, (cy, cx) in enumerate(centres.tolist()):
-        x[i, 0] = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 12.0)
-    return (x * 255).to(torch.uint8)
+    return (torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 12.0) * 255).to(torch.uint8)
 
 
 def _learner(tmp_path, *, resume: bool = False, log=None, run_id: str = "", ranks: int = 1, **overrides) -> Learner:

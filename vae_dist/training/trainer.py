@@ -53,7 +53,8 @@ def train(config: TrainingConfig, *, resume: bool = False, overwrite: bool = Fal
         finally:
             try:
                 close_trackers(acc, main_print(acc))  # each failure one line, so end_training() cannot fail on one
-                acc.free_memory()  # drops the prepared model: DDP holds the process group
+                if acc.num_processes > 1:  # drops the prepared model: DDP holds the process group (a full gc.collect)
+                    acc.free_memory()
                 acc.end_training()  # joins gloo's threads now: left to the teardown, they can abort a finished rank
             finally:
                 lock.release()
