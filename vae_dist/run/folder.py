@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from vae_dist.config import CONFIG_FILE, TrainingConfig
+from vae_dist.config import CONFIG_FILE
 from vae_dist.errors import ArtifactError
 from vae_dist.run.fileio import atomic_write, checking, dumps, print_out
 
@@ -34,10 +34,6 @@ def new_run_id() -> str:
 
 def is_run_id(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(RUN_ID, value) is not None
-
-
-def epoch_picture(root: Path, epoch: int, name: str) -> Path:
-    return root / IMAGES / f"epoch-{epoch:03d}-{name}.png"
 
 
 def previous_run_folder(root: Path, run_id: str) -> Path:
@@ -188,10 +184,6 @@ class RunLock:
 
 
 os.register_at_fork(after_in_child=RunLock.close_in_child)
-
-
-def write_config(root: Path, config: TrainingConfig) -> None:
-    write_run_file(root / CONFIG, config.to_json().encode())
 
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:
