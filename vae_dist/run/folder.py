@@ -178,9 +178,8 @@ class RunLock:
 
     @staticmethod
     def close_in_child() -> None:
-        for fd in RunLock.held:
-            os.close(fd)
-        RunLock.held.clear()
+        while RunLock.held:
+            os.close(RunLock.held.pop())
 
 
 os.register_at_fork(after_in_child=RunLock.close_in_child)
