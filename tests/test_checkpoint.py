@@ -348,3 +348,12 @@ def test_a_crafted_run_id_in_a_manifest_makes_an_unusable_checkpoint_never_a_pat
     _save(_ck(d, keep=1), 2)  # rotation: the crafted one is nobody's, so it stays, and so does outside
     assert sorted(p.name for p in d.iterdir()) == ["step-000000001", "step-000000002"]
     assert (outside / "step-000000001" / "thesis.tex").read_text() == "mine"
+
+
+def test_a_checkpoints_folder_that_is_a_link_is_refused_and_nothing_behind_it_deleted(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / f"{TMP_PREFIX}step-000000006-{R1}").mkdir(parents=True)  # named as this run's leftover
+    (tmp_path / "checkpoints").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        _save(_ck(tmp_path / "checkpoints"), 7)
+    assert [p.name for p in outside.iterdir()] == [f"{TMP_PREFIX}step-000000006-{R1}"]

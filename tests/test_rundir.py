@@ -34,8 +34,8 @@ from vae_dist.run.folder import (
     prepare_artifact_dir,
     previous_run_folder,
     read_metrics,
-    write_config,
     write_metrics,
+    write_run_file,
 )
 
 PREV, NEW = "0000aaaa", "0000bbbb"  # run ids
@@ -61,7 +61,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def _previous_run(root: Path) -> None:
     prepare_artifact_dir(root, overwrite=False, resume=False, run_id=PREV)
-    write_config(root, TrainingConfig())
+    write_run_file(root / CONFIG, TrainingConfig().to_json().encode())
     write_metrics(root, [{"epoch": 1, "step": 10}])
     (root / MODEL).write_bytes(b"weights")
     (root / CHECKPOINTS / "step-000000010").mkdir(parents=True)

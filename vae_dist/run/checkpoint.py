@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from vae_dist.errors import CheckpointError, ConfigError, first_line
 from vae_dist.run.fileio import atomic_write
 from vae_dist.run.folder import RUN_ID, is_run_id
-from vae_dist.run.position import Position
+from vae_dist.run.position import Count, Position
 from vae_dist.training.distributed import any_rank, on_main_then_share
 
 MANIFEST = "MANIFEST.json"
@@ -29,15 +29,14 @@ REPLACED = "-replaced"  # the suffix a step's checkpoint has while that step is 
 FORMAT = 3  # 3: the run id in every manifest
 # Test hook: SIGKILL the main process after the N-th save's state files, before its manifest.
 KILL_HOOK_ENV = "VAE_DIST_TEST_KILL_IN_CHECKPOINT"
-Size = Annotated[int, Field(ge=0)]
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     format: Literal[FORMAT]  # a format no release wrote, earlier or later, is unusable
-    global_step: Size
+    global_step: Count
     run_id: Annotated[str, Field(pattern=f"^{RUN_ID}$")]  # the run that wrote it: only its own are rotated or resumed
-    files: Annotated[dict[str, Size], Field(min_length=1)]  # relative paths inside the folder
+    files: Annotated[dict[str, Count], Field(min_length=1)]  # relative paths inside the folder
     sha256: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
     state: Position
 
@@ -127,9 +126,10 @@ class Checkpointer:
 
     def remove_leftovers(self) -> None:
         """Main process: delete this run's unfinished writes (a kill, a second Ctrl-C)."""
-        if not self.directory.is_symlink():
-            for p in self.directory.glob(f"{TMP_PREFIX}step-*-{self.run_id}"):
-                shutil.rmtree(p, ignore_errors=True)  # refuses a link, not following it
+        if self.directory.is_symlink():  # a link at tmp or final is renamed or refused, never followed
+            raise CheckpointError(f"{self.directory} is a symbolic link; vae_dist does not write through links")
+        for p in self.directory.glob(f"{TMP_PREFIX}step-*-{self.run_id}"):
+            shutil.rmtree(p, ignore_errors=True)  # refuses a link, not following it
 
     def save(self, global_step: int, state: Position) -> Path:
         """Collective: write a checkpoint, returning its folder; a failure on any rank is one CheckpointError on all."""
@@ -156,8 +156,6 @@ class Checkpointer:
         return final
 
     def _start(self, tmp: Path) -> None:
-        if self.directory.is_symlink():  # a link at tmp or final is renamed or refused, never followed
-            raise CheckpointError(f"{self.directory} is a symbolic link; vae_dist does not write through links")
         try:
             self.remove_leftovers()  # this run's interrupted saves, this one's name among them
             tmp.mkdir(parents=True)

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from vae_dist.config import CONFIG_FILE, TrainingConfig
+from vae_dist.config import CONFIG_FILE
 from vae_dist.errors import ArtifactError
 from vae_dist.run.fileio import atomic_write, checking, dumps, print_out
 
@@ -36,12 +36,7 @@ def is_run_id(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(RUN_ID, value) is not None
 
 
-def epoch_picture(root: Path, epoch: int, name: str) -> Path:
-    return root / IMAGES / f"epoch-{epoch:03d}-{name}.png"
-
-
 def previous_run_folder(root: Path, run_id: str) -> Path:
-    """Where --overwrite moves the run ``run_id`` out of ``root``: beside it."""
     root = Path(os.path.abspath(root))  # "." or "run/.." have no name of their own
     return root.parent / f"{root.name}.previous-{run_id}"
 
@@ -71,13 +66,12 @@ def marker_run_id(root: Path) -> str:
 
 def check_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool) -> Path:
     """Everything prepare_artifact_dir refuses, checked without changing anything."""
+    return _check(path, overwrite=overwrite, resume=resume)[0]
+
+
+def _check(path: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, Optional[Path]]:
+    """check_artifact_dir's checks; returns the folder and where --overwrite moves the previous run, if there is one."""
     root = Path(path).expanduser()
-    _check(root, overwrite=overwrite, resume=resume)
-    return root
-
-
-def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
-    """check_artifact_dir's checks; returns where --overwrite moves the previous run, if there is one."""
     if overwrite and resume:
         raise ArtifactError("--overwrite and --resume cannot be used together")
     with checking(root, ArtifactError, "artifact directory"):
@@ -108,14 +102,14 @@ def _check(root: Path, *, overwrite: bool, resume: bool) -> Optional[Path]:
             if why:
                 raise ArtifactError(
                     f"--overwrite cannot move the previous run {root} aside: {why}; nothing was changed")
-            return aside
+            return root, aside
         # A link where a training writes: a write through it would land outside the folder.
         links = [p for name in RUN_NAMES if (p := root / name).is_symlink()] or [
             p for sub in (root / CHECKPOINTS, root / IMAGES) if sub.is_dir() for p in sub.iterdir() if p.is_symlink()]
         if links:
             raise ArtifactError(f"artifact directory {root} holds a symbolic link where vae_dist writes ({links[0]}); "
                                 "vae_dist never writes through a link: remove it or choose another --artifact-dir")
-    return None
+    return root, None
 
 
 def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, lock: Optional[RunLock] = None,
@@ -123,8 +117,7 @@ def prepare_artifact_dir(path: str | Path, *, overwrite: bool, resume: bool, loc
     """Main process: check the folder (check_artifact_dir), lock it with ``lock`` and, unless resuming, mark it as
     run ``run_id``'s. --overwrite first moves a previous run aside under its lock (a training still running there
     is never moved), released only once the new folder is locked: a second training is refused throughout."""
-    root = Path(path).expanduser()
-    aside = _check(root, overwrite=overwrite, resume=resume)
+    root, aside = _check(path, overwrite=overwrite, resume=resume)
     old = RunLock()
     try:
         if aside is not None:
@@ -185,16 +178,11 @@ class RunLock:
 
     @staticmethod
     def close_in_child() -> None:
-        for fd in RunLock.held:
-            os.close(fd)
-        RunLock.held.clear()
+        while RunLock.held:
+            os.close(RunLock.held.pop())
 
 
 os.register_at_fork(after_in_child=RunLock.close_in_child)
-
-
-def write_config(root: Path, config: TrainingConfig) -> None:
-    write_run_file(root / CONFIG, config.to_json().encode())
 
 
 def write_metrics(root: Path, history: Iterable[dict[str, Any]]) -> None:

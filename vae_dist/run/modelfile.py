@@ -59,8 +59,13 @@ def _metadata_json(text: str) -> Any:
 
 
 @contextlib.contextmanager
-def _reading(p: Path) -> Iterator[Any]:
-    """The open safetensors file; a file that is not one, or is cut short, is one line."""
+def _reading(path: str | Path) -> Iterator[tuple[Path, Any]]:
+    """The model file at ``path`` or in the folder ``path``, open; one that is not a readable one is one line."""
+    p = Path(path).expanduser()
+    with checking(p, ArtifactError, "model path"):
+        p = p / MODEL if p.is_dir() else p
+        if not p.is_file():
+            raise ArtifactError(f"no trained model at {p} (train first, or give the artifact directory)")
     try:
         str(p).encode()
     except UnicodeEncodeError:  # a name's bytes that are not UTF-8, which safetensors cannot open
@@ -68,7 +73,7 @@ def _reading(p: Path) -> Iterator[Any]:
                             "UTF-8 paths (rename it, or the folder that holds it)") from None
     try:
         with safe_open(str(p), framework="pt") as f:
-            yield f
+            yield p, f
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         why = first_line(e) or type(e).__name__
         raise ArtifactError(f"model file {p} is not a readable safetensors file: {why}") from None
@@ -77,12 +82,7 @@ def _reading(p: Path) -> Iterator[Any]:
 def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -> tuple[Model, TrainingConfig]:
     """The model, on the CPU, and its config from a model.safetensors file or its folder. ``config``: the file's own
     when None; a checkpoint's weights file (Accelerate's) carries none: its manifest gives it."""
-    p = Path(path).expanduser()
-    with checking(p, ArtifactError, "model path"):
-        p = p / MODEL if p.is_dir() else p
-        if not p.is_file():
-            raise ArtifactError(f"no trained model at {p} (train first, or give the artifact directory)")
-    with _reading(p) as f:
+    with _reading(path) as (p, f):
         meta = f.metadata() or {}
         if config is None:
             if "vae_dist_config" not in meta:
@@ -113,14 +113,12 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
 
 def model_results(path: str | Path) -> dict[str, Any]:
     """The results a model file records (its last validation and protocol; {} if none)."""
-    p = Path(path).expanduser()
-    p = p / MODEL if p.is_dir() else p
-    with _reading(p) as f:
+    with _reading(path) as (p, f):
         text = (f.metadata() or {}).get("vae_dist_results", "{}")
     try:
         results = _metadata_json(text)
+        if not isinstance(results, dict):
+            raise ValueError("not a JSON object")
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise ArtifactError(f"model file {p} carries unreadable results: {first_line(e)}") from None
-    if not isinstance(results, dict):
-        raise ArtifactError(f"model file {p} carries unreadable results: not a JSON object")
     return results

@@ -98,7 +98,7 @@ def _train(acc: Accelerator, config: TrainingConfig, lock: folder.RunLock, stop:
                       on_epoch_end=epoch_previews(root, tracker, say, test.images, config.seed, test.labels))
     if resume:
         learner.restore()  # what it refuses leaves config.json as it was
-    on_main_then_share(acc, lambda: folder.write_config(root, config))
+    on_main_then_share(acc, lambda: folder.write_run_file(root / folder.CONFIG, config.to_json().encode()))
     tracker.start(config, run_id, root, first_step=learner.position.global_step)
     t0 = time.perf_counter()
     # From the first step to the end of the export a stop is a request: the export finishes, then the run
@@ -176,7 +176,7 @@ def epoch_previews(root: Path, tracker: Tracker, say: Callable[[str], None], tes
                  "prior/samples": (evaluate.prior_samples(model, samples, seed), ())}  # not valid/samples: a count
         written = {}
         for key, (tiles, row_labels) in grids.items():
-            path = folder.epoch_picture(root, epoch, key.split("/")[1])
+            path = root / folder.IMAGES / f"epoch-{epoch:03d}-{key.split('/')[1]}.png"
             try:
                 images.save_grid(tiles, path, nrow=8, row_labels=row_labels)
                 written[key] = str(path)
