@@ -13,7 +13,6 @@ from vae_dist.config import TrainingConfig
 from vae_dist.data import datasets, keyed, loaders
 from vae_dist.errors import DataError, VaeDistError, first_line
 from vae_dist.models.protocol import Model
-from vae_dist.run.fileio import dumps
 from vae_dist.training.tracking import Progress
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
@@ -176,8 +175,3 @@ def iw_nll_per_image(model: Model, images: torch.Tensor, indices: torch.Tensor, 
                                                          None if labels is None else labels[idx])
             progress.step()
     return out
-
-
-def json_result(result: dict[str, Any]) -> str:
-    """The result as one line of JSON (a diverged model's NaN loss: null)."""
-    return dumps(result)
