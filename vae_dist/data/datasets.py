@@ -214,7 +214,7 @@ def torchvision_class(dataset: str) -> Any:  # imported here: torchvision costs 
 
 def download(cache_dir: str | Path, dataset: str = "mnist") -> Path:
     """Download ``dataset`` through torchvision (checksummed); the folder to read. On one process while the others
-    wait (trainer.data_dir_for): torchvision writes in place."""
+    wait (trainer.load_images): torchvision writes in place."""
     if DATASETS[dataset].torchvision is None:
         raise DataError(f"--dataset {dataset} has no download: give --data-dir, the folder holding its files")
     root = Path(cache_dir).expanduser()
