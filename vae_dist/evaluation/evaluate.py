@@ -150,8 +150,7 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
             nll = torch.zeros(images.shape[0], dtype=torch.float64)  # each image's, exact after a sum with 0s
             nll[mine] = iw_nll_per_image(model, images.float().div(255.0), mine, iw_samples, labels=labels,
                                          show=acc.is_main_process)
-            if acc.num_processes > 1:
-                nll = acc.reduce(nll, reduction="sum")
+            nll = acc.reduce(nll, reduction="sum")  # one process: a copy
             result.update(iw_nll=nll.sum().item() / images.shape[0], iw_samples=iw_samples)
         result["protocol"] = protocol(config, images.shape[0], iw_samples)
     finally:
