@@ -21,7 +21,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendo
 from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
 from vae_dist.errors import ConfigError, VaeDistError, one_line
 from vae_dist.models.protocol import MAX_GENERATOR_SEED, MAX_IMAGES, MAX_IW_SAMPLES
-from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
+from vae_dist.run.fileio import checking, dumps, flush_or_silence, open_standard_streams, print_err, print_out
 from vae_dist.run.folder import MARKER, RUN_NAMES
 
 if TYPE_CHECKING:  # torch is imported where used: `--help` and usage errors stay fast
@@ -168,7 +168,7 @@ def evaluate(
     importance-weighted NLL (K = 5000 is the literature's). On the CPU; under `accelerate launch --multi_gpu
     -m vae_dist evaluate ...` the test split is sharded across the processes (each sample counted once)."""
     from vae_dist.evaluation.api import load
-    from vae_dist.evaluation.evaluate import json_result, score, test_split
+    from vae_dist.evaluation.evaluate import score, test_split
     from vae_dist.training.distributed import launch_env
     model = load(artifact_dir)
     images, labels, _ = test_split(model.config, data_dir, limit_eval_samples)
@@ -176,7 +176,7 @@ def evaluate(
     if launch_env()[0] != 0:
         return  # under accelerate launch, one process reports
     if as_json:
-        return print_out(json_result(result))
+        return print_out(dumps(result))  # one line; a diverged model's NaN: null
     for k, v in result.items():
         v = "; ".join(f"{name} {value}" for name, value in v.items()) if isinstance(v, dict) else v
         print_out(f"{k:>12}: {v:.4f}" if isinstance(v, float) else f"{k:>12}: {v}")

@@ -32,9 +32,19 @@ class IdxDataset(NamedTuple):
     classes: int = 10
 
     def read(self, data_dir: Path, split: str, dataset: str) -> Split:
-        count = getattr(self, split)
-        return Split(*(_read_copies(find_idx_files(data_dir, name, dataset), magic, count, dataset)
-                       for name, magic in zip(FILES[split], (IMAGE_MAGIC, LABEL_MAGIC))), self.classes)
+        """Each file's first copy, refused unless every other copy holds the same: torchvision's download keeps the
+        .gz beside the file it extracts, and a stale copy beside a newer one must not be read in its place."""
+        import torch
+
+        count, items = getattr(self, split), []
+        for name, magic in zip(FILES[split], (IMAGE_MAGIC, LABEL_MAGIC)):
+            first, *others = find_idx_files(data_dir, name, dataset)
+            items.append(read_idx(first, magic, count, dataset))
+            for other in others:
+                if not torch.equal(read_idx(other, magic, count, dataset), items[-1]):
+                    raise DataError(f"{dataset} files {first} and {other} differ; "
+                                    "remove the one that should not be read")
+        return Split(*items, self.classes)
 
 
 class NpyDataset(NamedTuple):
@@ -198,25 +208,13 @@ def load_split(data_dir: str | Path, split: str, dataset: str = "mnist") -> Spli
     return DATASETS[dataset].read(data_dir, split, dataset)
 
 
-def _read_copies(paths: list[Path], magic: int, count: int, dataset: str) -> torch.Tensor:
-    """The items of the first copy, refused unless every other copy holds the same: torchvision's download keeps
-    the .gz beside the file it extracts, and a stale copy beside a newer one must not be read in its place."""
-    import torch
-
-    items = read_idx(paths[0], magic, count, dataset)
-    for other in paths[1:]:
-        if not torch.equal(read_idx(other, magic, count, dataset), items):
-            raise DataError(f"{dataset} files {paths[0]} and {other} differ; remove the one that should not be read")
-    return items
-
-
 def torchvision_class(dataset: str) -> Any:  # imported here: torchvision costs most of a second
     return getattr(importlib.import_module("torchvision.datasets"), DATASETS[dataset].torchvision)
 
 
 def download(cache_dir: str | Path, dataset: str = "mnist") -> Path:
     """Download ``dataset`` through torchvision (checksummed); the folder to read. On one process while the others
-    wait (trainer.data_dir_for): torchvision writes in place."""
+    wait (trainer.load_images): torchvision writes in place."""
     if DATASETS[dataset].torchvision is None:
         raise DataError(f"--dataset {dataset} has no download: give --data-dir, the folder holding its files")
     root = Path(cache_dir).expanduser()

@@ -76,7 +76,6 @@ def check_batch_fits(num_train: int, batch_size: int, num_processes: int) -> Non
 
 def make_loader(dataset: MnistImages, batch_size: int, *, shuffle_seed: Optional[int], drop_last: bool,
                 num_workers: int) -> DataLoader:
-    """A DataLoader over ``dataset``; shuffled by EpochShuffleSampler when a seed is given."""
     return DataLoader(
         dataset, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers, collate_fn=passthrough_collate,
         sampler=EpochShuffleSampler(len(dataset), shuffle_seed) if shuffle_seed is not None else None,

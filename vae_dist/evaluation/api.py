@@ -73,7 +73,7 @@ class TrainedVAE:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def _needs(self, ability: str, what: str) -> None:
         if getattr(self.model, ability) is None:
@@ -115,7 +115,7 @@ class TrainedVAE:
         x = self._images(images)
         y = self._labels(labels, x.shape[0])
         with evaluating(self.model):
-            mu, logvar = self.model.encode(x.to(self.device), None if y is None else y.to(self.device))
+            mu, logvar = self.model.encode(x.to(self.device), y)
         return mu.cpu(), logvar.cpu()
 
     def decode(self, z: torch.Tensor, labels: Any = None) -> torch.Tensor:
@@ -132,8 +132,7 @@ class TrainedVAE:
         y = self._labels(labels, z.shape[0])
         weight = next(self.model.parameters())
         with evaluating(self.model):  # in the model's own precision: float64 latents meet float32 weights
-            return torch.sigmoid(self.model.decode(z.to(weight.device, weight.dtype),
-                                                   None if y is None else y.to(weight.device)).float()).cpu()
+            return torch.sigmoid(self.model.decode(z.to(weight.device, weight.dtype), y).float()).cpu()
 
     def sample(self, n: int, seed: int = 0, label: Optional[int] = None) -> torch.Tensor:
         """n images from the model's prior; the same seed gives the same images. A conditional model's are of class

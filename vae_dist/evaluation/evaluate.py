@@ -13,7 +13,6 @@ from vae_dist.config import TrainingConfig
 from vae_dist.data import datasets, keyed, loaders
 from vae_dist.errors import DataError, VaeDistError, first_line
 from vae_dist.models.protocol import Model
-from vae_dist.run.fileio import dumps
 from vae_dist.training.tracking import Progress
 
 if TYPE_CHECKING:  # accelerate is imported where it is used: the CLI's errors come before it
@@ -151,8 +150,7 @@ def score(model: Model, config: TrainingConfig, images: torch.Tensor, *, iw_samp
             nll = torch.zeros(images.shape[0], dtype=torch.float64)  # each image's, exact after a sum with 0s
             nll[mine] = iw_nll_per_image(model, images.float().div(255.0), mine, iw_samples, labels=labels,
                                          show=acc.is_main_process)
-            if acc.num_processes > 1:
-                nll = acc.reduce(nll, reduction="sum")
+            nll = acc.reduce(nll, reduction="sum")  # one process: a copy
             result.update(iw_nll=nll.sum().item() / images.shape[0], iw_samples=iw_samples)
         result["protocol"] = protocol(config, images.shape[0], iw_samples)
     finally:
@@ -176,8 +174,3 @@ def iw_nll_per_image(model: Model, images: torch.Tensor, indices: torch.Tensor, 
                                                          None if labels is None else labels[idx])
             progress.step()
     return out
-
-
-def json_result(result: dict[str, Any]) -> str:
-    """The result as one line of JSON (a diverged model's NaN loss: null)."""
-    return dumps(result)

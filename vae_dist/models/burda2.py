@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from vae_dist.models.gaussian import ACTIVE_UNIT_THRESHOLD, IW_CHUNK, _mlp, gaussian_log_prob
+from vae_dist.models.gaussian import ACTIVE_UNIT_THRESHOLD, _mlp, gaussian_log_prob, importance_sampled
 from vae_dist.models.protocol import Family, Model, Output, reconstruction
 
 if TYPE_CHECKING:
@@ -96,31 +96,26 @@ class TwoLayerVAE(Model):
 
     def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h2 from the prior, then h1 drawn from p(h1 | h2) with the same generator (as the paper's samples)."""
-        h2 = torch.randn(n, self.latent_size, generator=generator).to(self._device())  # type: ignore[arg-type]
+        h2 = torch.randn(n, self.latent_size, generator=generator).to(self.device)  # type: ignore[arg-type]
         mu, logvar = self.p1(h2)
         h1 = mu + torch.randn(n, H1, generator=generator).to(mu.device) * torch.exp(0.5 * logvar)
         return torch.sigmoid(self.px(h1).float()).cpu()
 
     def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """p(x | h1)'s mean at h1 = the mean of q(h1 | x)."""
-        mu1 = self.q1(x.float().to(self._device()).flatten(1))[0]
+        mu1 = self.q1(x.float().to(self.device).flatten(1))[0]
         return torch.sigmoid(self.px(mu1).float()).cpu()
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator],  # type: ignore[override]
                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """-log p(x) per image (float64, (B,)) from k importance samples, image i's from ``generators[i]``, IW_CHUNK
-        at a time (as gaussian.VAE.iw_nll)."""
+        """``importance_sampled``'s -log p(x), as gaussian.VAE.iw_nll's."""
         q1 = self.q1(x.flatten(1))
-        running = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
-        for k0 in range(0, k, IW_CHUNK):
-            kk = min(IW_CHUNK, k - k0)
-            eps = torch.stack([torch.randn(kk, *self.noise_shape(1), generator=g) for g in generators])  # (B, kk, D)
+
+        def log_weights(eps: torch.Tensor) -> torch.Tensor:
             recon, kl, _ = self._samples(x, q1, eps.to(q1[0].device))
-            running = torch.logaddexp(running, torch.logsumexp(-(recon + kl).double().cpu(), dim=1))
-        return -(running - math.log(k))
+            return -(recon + kl)
+
+        return importance_sampled(k, generators, *self.noise_shape(1), log_weights)
 
 
 # --- the objective: pure functions of tensors, in nats per image -----------------------

@@ -7,7 +7,7 @@ and the decoder's latent."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class VAE(Model):
 
     def _one_hot(self, labels: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         assert labels is not None, "a conditional model takes labels"
-        return F.one_hot(labels.long(), self.num_classes).to(like.dtype)  # type: ignore[arg-type]
+        return F.one_hot(labels.long().to(like.device), self.num_classes).to(like.dtype)  # type: ignore[arg-type]
 
     def noise_shape(self, k: int) -> tuple[int, ...]:
         return (k, self.latent_size) if k > 1 else (self.latent_size,)
@@ -117,32 +117,35 @@ class VAE(Model):
         return self._means(torch.randn(n, self.latent_size, generator=generator), labels)
 
     def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        labels = None if labels is None else labels.to(self._device())
-        return self._means(self.encode(x.float().to(self._device()), labels)[0], labels)
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self._means(self.encode(x.float().to(self.device), labels)[0], labels)
 
     def _means(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        labels = None if labels is None else labels.to(self._device())
-        return torch.sigmoid(self.decode(z.to(self._device()), labels).float()).cpu()
+        return torch.sigmoid(self.decode(z.to(self.device), labels).float()).cpu()
 
     def iw_nll(self, x: torch.Tensor, k: int, generators: list[torch.Generator],  # type: ignore[override]
                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """-log p(x) per image (float64, (B,)) from k importance samples (Burda et al. 2015), image i's from
-        ``generators[i]``, IW_CHUNK at a time; log p(x|z) is minus the training reconstruction term."""
+        """``importance_sampled``'s -log p(x); log p(x|z) is minus the training reconstruction term."""
         mu, logvar = self.encode(x, labels)  # (B, L)
-        b = x.shape[0]
-        running = torch.full((b,), -math.inf, dtype=torch.float64)
-        for k0 in range(0, k, IW_CHUNK):
-            kk = min(IW_CHUNK, k - k0)
-            eps = torch.stack([torch.randn(kk, mu.shape[1], generator=g) for g in generators], dim=1)  # (kk, B, L)
-            z = mu + eps * torch.exp(0.5 * logvar)
+
+        def log_weights(eps: torch.Tensor) -> torch.Tensor:  # decoded as kk batches of the B images
+            z = mu + eps.transpose(0, 1).contiguous() * torch.exp(0.5 * logvar)  # (kk, B, L)
+            kk, b = z.shape[:2]
             logits = self.decode(z.reshape(kk * b, -1), None if labels is None else labels.repeat(kk))
             log_px_z = -reconstruction(logits, x.repeat(kk, 1, 1, 1), self.likelihood).view(kk, b)
-            log_w = log_importance_weights(log_px_z, z, mu, logvar)  # (kk, B)
-            running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
-        return -(running - math.log(k))
+            return log_importance_weights(log_px_z, z, mu, logvar).T
+
+        return importance_sampled(k, generators, mu.shape[1], log_weights)
+
+
+def importance_sampled(k: int, generators: list[torch.Generator], size: int,
+                       log_weights: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """-log p(x) per image (float64, (B,)) from k importance samples (Burda et al. 2015), IW_CHUNK at a time, image i's
+    from ``generators[i]``: ``log_weights`` maps their noise (B, kk, size) to log p(x, z) - log q(z | x), (B, kk)."""
+    running = torch.full((len(generators),), -math.inf, dtype=torch.float64)
+    for k0 in range(0, k, IW_CHUNK):
+        eps = torch.stack([torch.randn(min(IW_CHUNK, k - k0), size, generator=g) for g in generators])
+        running = torch.logaddexp(running, torch.logsumexp(log_weights(eps).double().cpu(), dim=1))
+    return -(running - math.log(k))
 
 
 # --- the objective: pure functions of tensors, in nats per image -----------------------

@@ -48,6 +48,10 @@ class Model(nn.Module):
     latent_size: Optional[int] = None  # of the continuous latent space that encode and decode use
     num_classes: Optional[int] = None  # a conditional model's classes
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def noise_shape(self, k: int) -> tuple[int, ...]:
         """The per-image noise ``forward`` takes when trained with ``k`` importance samples
         (() for none); refuses (ConfigError) a ``k`` the family has no objective for."""
@@ -79,13 +83,9 @@ def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Te
     """-log p(x|z) per image, summed over pixels and channels: (B, C, H, W) -> (B,), in float32. bce: Bernoulli on the
     logits (each value in [0, 1], grey or colour); mse: unit-variance Gaussian around sigmoid(logits), less the
     constant C*H*W * log(sqrt(2 pi)) (no gradient)."""
-    logits = logits.float()
-    if kind == "bce":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    elif kind == "mse":
-        per_pixel = 0.5 * (torch.sigmoid(logits) - x).pow(2)
-    else:
-        raise ValueError(f"unknown reconstruction loss {kind!r}")
+    logits = logits.float()  # kind is the config's loss.recon_loss, "bce" or "mse"
+    per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none") if kind == "bce" else \
+        0.5 * (torch.sigmoid(logits) - x).pow(2)
     return per_pixel.flatten(1).sum(dim=1)
 
 

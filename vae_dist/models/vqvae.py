@@ -96,21 +96,18 @@ class VQVAE(Model):
             counts += F.one_hot(codes, self.codebook.num_embeddings).sum(dim=0).to(counts.dtype)
         self.prior_counts.copy_(counts)
 
-    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         codes = torch.multinomial(self.prior_counts.cpu(), n, replacement=True, generator=generator).T  # (n, h*w)
-        return self._means(self._embed(codes.to(self.codebook.weight.device)))
+        return self._means(self._embed(codes.to(self.device)))
 
-    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z_e = self.encoder(x.float().to(self.codebook.weight.device))
-        return self._means(self._embed(self._codes(z_e)))
+        return self._means(self._embed(self._codes(self.encoder(x.float().to(self.device)))))
 
     def _means(self, e: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decoder(e).float()).cpu()
 
 
 FAMILY = Family(VQVAE, {"latent_size": 16}, "vq-vae = van den Oord et al. (2017)'s VQ-VAE: a conv encoder to a "
-                "(H/4)x(W/4) grid of codes from a learned codebook (straight-through gradient, commitment loss, --latent-size = "
-                "the code vectors' size), sampled from a per-position categorical prior over the codes fitted on the "
-                "training set", VQOptions)
+                "(H/4)x(W/4) grid of codes from a learned codebook (straight-through gradient, commitment loss, "
+                "--latent-size = the code vectors' size), sampled from a per-position categorical prior over the codes "
+                "fitted on the training set", VQOptions)
