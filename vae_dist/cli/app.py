@@ -311,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except Preempted as e:
         if launch_env()[0] == 0:  # checked when the run started
-            print_err(e.line)
+            print_err(str(e))
         sys.exit(128 + e.signum)
     except (KeyboardInterrupt, typer.Abort):
         print_err("interrupted")
