@@ -102,7 +102,6 @@ class Learner:
         self.acc, self.config, self.artifact_dir = accelerator, config, artifact_dir
         self.tracker, self.checkpointer, self.on_epoch_end = tracker, checkpointer, on_epoch_end
         self.family = model  # the unwrapped model: its protocol (terms, noise, prior)
-        self.sampler = train_loader.sampler  # the order is a function of (seed, epoch)
         self.train_images = train_loader.dataset.images  # type: ignore[attr-defined]  # what fit_prior sees
         self.train_labels = train_loader.dataset.labels  # type: ignore[attr-defined]  # a conditional model's
         prepared = accelerator.prepare(model, optimizer, train_loader, valid_loader)
@@ -215,8 +214,7 @@ class Learner:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
         binarization coins (dynamic binarization only), indexed by the sample's position in the dataset."""
         cfg, pos, device, (n, *shape) = self.config, self.position, self.acc.device, self.train_images.shape
-        self.sampler.set_epoch(pos.epoch)  # type: ignore[attr-defined]
-        self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
+        self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]  # reaches the sampler: its order
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
         table = noise(TRAIN_NOISE, cfg.seed, pos.epoch, n, self.family.noise_shape(cfg.loss.iw_samples))
@@ -229,9 +227,6 @@ class Learner:
 
     def _max_steps_reached(self) -> bool:
         return self.config.max_steps is not None and self.position.global_step >= self.config.max_steps
-
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t
 
     def _finite_weights(self) -> torch.Tensor:
         """() bool on the device. The largest |w| of each tensor: one fused kernel, and exact where a sum of
@@ -252,7 +247,7 @@ class Learner:
 
     def _log_train(self, progress: Progress) -> None:
         self._check_finite()
-        objective, count = self._reduce(self.meter.take_interval()).tolist()
+        objective, count = self.acc.reduce(self.meter.take_interval(), reduction="sum").tolist()
         loss = objective / max(count, 1.0)
         progress.report(loss, self.meter.samples / self.meter.seconds())  # a report follows a step: seconds > 0
         self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
@@ -260,7 +255,7 @@ class Learner:
     def _checkpoint_state(self) -> Position:
         """The position to save, with the partial epoch's sums reduced over ranks. Collective."""
         self._check_finite()
-        self.position.train_sums = [float(v) for v in self._reduce(self.meter.totals()).tolist()]
+        self.position.train_sums = [float(v) for v in self.acc.reduce(self.meter.totals(), reduction="sum").tolist()]
         return self.position
 
     def _save(self) -> Path:
@@ -273,7 +268,7 @@ class Learner:
         if not epoch_done and not self._max_steps_reached():  # else the same epoch would loop for ever
             raise TrainingError(f"the training loader ended after {pos.batches_done} of {self.steps_per_epoch} batches")
         self._check_finite()
-        *sums, count = self._reduce(self.meter.totals()).tolist()
+        *sums, count = self.acc.reduce(self.meter.totals(), reduction="sum").tolist()
         train_seconds = self.meter.seconds()
         self.family.fit_prior(self.train_images.split(self.config.data.eval_batch_size))
         valid = validate(acc, self.model, self.valid_loader, self.valid_noise, self.family)
