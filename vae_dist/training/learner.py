@@ -133,11 +133,7 @@ class Learner:
                     batches = faults.inject(batches, acc.process_index, pos.global_step)
                 try:
                     for images, index in batches:
-                        if coins is not None:  # dynamic binarization: this epoch's draw of each sample
-                            images = keyed.apply(images, coins.index_select(0, index))
-                        labels = None if self.train_labels is None else self.train_labels.index_select(0, index)
-                        self._train_step(images, None if epoch_noise is None else epoch_noise.index_select(0, index),
-                                         labels)
+                        self._train_step(images, index, epoch_noise, coins)
                         pos.global_step += 1
                         pos.batches_done += 1
                         progress.step()
@@ -171,10 +167,13 @@ class Learner:
         return Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", per_epoch, pos.batches_done, self.acc.is_main_process,
                         steps, validations * (pos.history[-1]["valid_seconds"] if pos.history else 0.0))
 
-    def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor],
-                    labels: Optional[torch.Tensor] = None) -> None:
-        """Forward (the family's objective), backward, clip, Adam step at the schedule's rate."""
+    def _train_step(self, images: torch.Tensor, index: torch.Tensor, epoch_noise: Optional[torch.Tensor],
+                    coins: Optional[torch.Tensor]) -> None:
+        """Forward (the family's objective; noise, coins and labels looked up by sample index), backward, clip, Adam."""
         cfg, pos = self.config, self.position
+        if coins is not None:  # dynamic binarization: this epoch's draw of each sample
+            images = keyed.apply(images, coins.index_select(0, index))
+        step_noise, labels = (None if t is None else t.index_select(0, index) for t in (epoch_noise, self.train_labels))
         terms = self.model(images, step_noise, kl_weight=self._kl_weight(), labels=labels).terms
         loss = terms["loss"].mean()
         self.acc.backward(loss)
