@@ -13,7 +13,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
-from torch import nn
 from torch.utils.data import DataLoader
 
 from vae_dist.config import TrainingConfig
@@ -114,9 +113,9 @@ class Learner:
         self.position = Position.start(run_id, accelerator.num_processes, config, len(model.TERMS))
         self.meter = TrainMeter(accelerator.device, len(model.TERMS))
 
-    def fit(self, stop: Optional[StopRequest] = None) -> nn.Module:
-        """Train for ``config.epochs`` (or ``max_steps``); returns the unwrapped model. ``stop``: a
-        StopRequest the caller keeps past this call (a stop after the last step is still seen)."""
+    def fit(self, stop: Optional[StopRequest] = None) -> None:
+        """Train for ``config.epochs`` (or ``max_steps``). ``stop``: a StopRequest the caller keeps past this
+        call (a stop after the last step is still seen)."""
         cfg, pos, acc = self.config, self.position, self.acc
         if self._max_steps_reached() and (not pos.history or pos.history[-1].get("step") != pos.global_step):
             # Resumed at max_steps with no row for this step (a stop's checkpoint): end the epoch as max_steps would.
@@ -155,7 +154,6 @@ class Learner:
                     progress.close()  # also on errors, so the message does not land on the bar's line
                 epoch_noise = coins = None  # freed before the next epoch draws its own (N x K x latent)
                 self._end_epoch()
-        return self.family  # the module the prepared one wraps (see evaluate.validate)
 
     def _progress(self) -> Progress:
         """This epoch's progress, with the run's steps left and its validations to come (at the last one's time)."""
