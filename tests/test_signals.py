@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, check_ok, cli_env, launch_cmd, main_in_process, output, small_train_args
 from test_learner import _learner, _untimed, _weights
 from vae_dist.training import faults
-from vae_dist.training.distributed import Preempted, StopRequest, signal_name
+from vae_dist.training.distributed import Preempted, StopRequest
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -120,7 +120,6 @@ def test_sighup_checkpoints_its_step_like_sigterm(tmp_path, monkeypatch, stray_s
 def test_the_stop_line_never_fails_on_its_signal_number() -> None:
     """A rank that only learned of a stop from the others once carried signal 0, and
     naming it raised ValueError instead of printing the line."""
-    assert signal_name(0) == "signal 0" and signal_name(signal.SIGHUP) == "SIGHUP"
     assert str(Preempted(0, "ckpt")).startswith("stopped by signal 0; checkpoint ckpt is complete.")
 
 
@@ -153,8 +152,8 @@ def test_a_stop_before_the_first_step_ends_the_run_at_once_with_one_line(tmp_pat
     art = tmp_path / "run"
     ran = main_in_process(small_train_args(tmp_path / "mnist", art), capsys)
     assert ran.returncode == 128 + signum, ran.stderr[-3000:]
-    assert ran.stderr.strip() == f"stopped by {signal_name(signum)} before the first training step; nothing was " \
-        "trained: run the same command again to start."
+    assert ran.stderr.strip() == f"stopped by {signal.Signals(signum).name} before the first training step; " \
+        "nothing was trained: run the same command again to start."
     assert not art.exists() and stray_signals == []
 
 

@@ -296,7 +296,7 @@ def interpolate(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
-    from vae_dist.training.distributed import Preempted, launch_env, lost_process, lost_process_line
+    from vae_dist.training.distributed import Preempted, launch_env, lost_process_line
     from vae_dist.training.runtime import out_of_memory_line
     open_standard_streams()
     try:
@@ -317,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print_err("interrupted")
         sys.exit(130)
     except (RuntimeError, MemoryError) as e:  # torch's: a lost peer or memory is one line, anything else its traceback
-        line = lost_process_line(e) if lost_process(e) else out_of_memory_line(e)
+        line = lost_process_line(e) or out_of_memory_line(e)
         if line is None:
             raise
         print_err(f"error: {one_line(line)}")

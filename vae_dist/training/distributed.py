@@ -31,13 +31,6 @@ FOLLOWED_ENV = ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_
 OFF_VALUES = ("", "no", "false", "default")  # the launcher always exports some (ACCELERATE_DYNAMO_BACKEND=NO, ...)
 
 
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:  # a rank that only learned of a stop from the others carries 0
-        return f"signal {signum}"
-
-
 class Preempted(Exception):
     """Raised on every rank once the run is checkpointed for a stop request. ``finished``: the stop came
     after training; ``checkpoint`` is then the complete model file, and there is nothing to resume.
@@ -48,7 +41,10 @@ class Preempted(Exception):
         self.signum, self.checkpoint, self.finished = signum, checkpoint, finished
 
     def __str__(self) -> str:  # the one line the CLI prints for it (on rank 0)
-        name = signal_name(self.signum)
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:  # a rank that only learned of a stop from the others carries 0
+            name = f"signal {self.signum}"
         if not self.checkpoint:
             return f"stopped by {name} before the first training step; nothing was trained: run the same command " \
                    "again to start."
@@ -140,15 +136,12 @@ def main_print(accelerator: Accelerator) -> Callable[[str], None]:
     return lambda message: print_out(message, required=False) if accelerator.is_main_process else None
 
 
-def lost_process(e: BaseException) -> bool:
-    """Whether ``e`` is a collective or the store failing because another process of the run died or cannot
-    be reached: torch's DistError types, or gloo's RuntimeError naming its transport ("gloo/transport/...")."""
-    return isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)) or \
-        isinstance(e, RuntimeError) and "gloo/transport/" in str(e)
-
-
-def lost_process_line(e: BaseException) -> str:
-    """The one line for a ``lost_process`` error: what happened, its cause, what to do."""
+def lost_process_line(e: BaseException) -> Optional[str]:
+    """The one line for a collective or the store failing because another process of the run died or cannot be
+    reached (torch's DistError types, or gloo's RuntimeError naming its transport); None for any other error."""
+    if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError))
+            or isinstance(e, RuntimeError) and "gloo/transport/" in str(e)):
+        return None
     cause = re.sub(r"^\[[^\]]*\]\s*", "", errors.first_line(e))  # gloo's "[file.cc:561] " prefix
     cause = cause.split(". ")[0].rstrip(".")  # before gloo's and NCCL's generic advice
     return (f"another process of this run stopped or cannot be reached ({cause}); start the run again on every "
@@ -184,7 +177,7 @@ def join_processes(cpu: bool) -> None:
         # defaults: a timeout of NCCL's 10 minutes was dropped, and gloo waited torch's 30.
         PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
     except RuntimeError as e:
-        if not lost_process(e):
+        if lost_process_line(e) is None:
             raise
         raise errors.VaeDistError(f"rank {rank}: the {world} processes of this run did not all meet at {where} "
                                   f"({errors.first_line(e).rstrip('.')}); start each of them within {minutes} of the "
