@@ -33,9 +33,11 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_naming_the_option_and_both
     assert float(e.value.args[0].split("about ")[1].split(" GB")[0]) * 1e9 >= 60_000 * 5000 * 50 * 4  # the table alone
     # A table that fits once, on the CPU, does not fit once per process of the machine.
     k50 = TrainingConfig.from_dict({**burda, "loss": {"iw_samples": 50}})
-    runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    runtime.check_memory(k50, 60_000, 10_000, CPU)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     with pytest.raises(ConfigError, match="for its 64 processes on this machine"):
-        runtime.check_memory(k50, 60_000, 10_000, CPU, local_processes=64)
+        runtime.check_memory(k50, 60_000, 10_000, CPU)
 
 
 def test_the_noise_table_is_sized_by_the_familys_own_noise(monkeypatch):

@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, check_ok, cli_env, launch_cmd, main_in_process, output, small_train_args
 from test_learner import _learner, _untimed, _weights
 from vae_dist.training import faults
-from vae_dist.training.distributed import Preempted, StopRequest, signal_name
+from vae_dist.training.distributed import Preempted, StopRequest
 
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -67,10 +67,10 @@ def test_stop_request_semantics(stray_signals) -> None:
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM changes nothing
-        assert stop.requested and stop.signum == signal.SIGTERM
+        assert stop.signum == signal.SIGTERM
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGHUP)  # a closed terminal: a stop request, not the end
-        assert stop.requested and stop.signum == signal.SIGHUP
+        assert stop.signum == signal.SIGHUP
     with pytest.raises(KeyboardInterrupt):
         with StopRequest() as stop:
             os.kill(os.getpid(), signal.SIGINT)
@@ -112,7 +112,7 @@ def test_sighup_checkpoints_its_step_like_sigterm(tmp_path, monkeypatch, stray_s
         _learner(tmp_path / "run").fit()
     assert stopped.value.signum == signal.SIGHUP  # the CLI exits 128 + 1
     assert Path(stopped.value.checkpoint).name == "step-000000004"
-    assert stopped.value.line == (f"stopped by SIGHUP; checkpoint {stopped.value.checkpoint} is complete. "
+    assert str(stopped.value) == (f"stopped by SIGHUP; checkpoint {stopped.value.checkpoint} is complete. "
                                   "Continue with the same command plus --resume.")
     assert stray_signals == []
 
@@ -120,8 +120,7 @@ def test_sighup_checkpoints_its_step_like_sigterm(tmp_path, monkeypatch, stray_s
 def test_the_stop_line_never_fails_on_its_signal_number() -> None:
     """A rank that only learned of a stop from the others once carried signal 0, and
     naming it raised ValueError instead of printing the line."""
-    assert signal_name(0) == "signal 0" and signal_name(signal.SIGHUP) == "SIGHUP"
-    assert Preempted(0, "ckpt").line.startswith("stopped by signal 0; checkpoint ckpt is complete.")
+    assert str(Preempted(0, "ckpt")).startswith("stopped by signal 0; checkpoint ckpt is complete.")
 
 
 def test_a_stop_after_the_last_step_is_kept_for_the_caller(tmp_path, stray_signals) -> None:
@@ -153,8 +152,8 @@ def test_a_stop_before_the_first_step_ends_the_run_at_once_with_one_line(tmp_pat
     art = tmp_path / "run"
     ran = main_in_process(small_train_args(tmp_path / "mnist", art), capsys)
     assert ran.returncode == 128 + signum, ran.stderr[-3000:]
-    assert ran.stderr.strip() == f"stopped by {signal_name(signum)} before the first training step; nothing was " \
-        "trained: run the same command again to start."
+    assert ran.stderr.strip() == f"stopped by {signal.Signals(signum).name} before the first training step; " \
+        "nothing was trained: run the same command again to start."
     assert not art.exists() and stray_signals == []
 
 
@@ -164,10 +163,9 @@ def test_the_main_processs_stop_reaches_the_other_ranks_as_the_same_stop() -> No
     import pickle
 
     from vae_dist.training.distributed import as_seen_by_the_others
-    from vae_dist.training.distributed import StoppedBeforeStart
 
-    seen = pickle.loads(pickle.dumps(as_seen_by_the_others(StoppedBeforeStart(signal.SIGTERM))))  # as broadcast
-    assert type(seen) is StoppedBeforeStart and seen.signum == signal.SIGTERM
+    seen = pickle.loads(pickle.dumps(as_seen_by_the_others(Preempted(signal.SIGTERM))))  # as broadcast
+    assert type(seen) is Preempted and seen.signum == signal.SIGTERM and "before the first training step" in str(seen)
     ran = pickle.loads(pickle.dumps(as_seen_by_the_others(Preempted(signal.SIGINT, "ckpt", finished=True))))
     assert (ran.signum, ran.checkpoint, ran.finished) == (signal.SIGINT, "ckpt", True)
 

@@ -61,7 +61,7 @@ def test_only_the_trackers_report_to_names_start(report_to, env, started, tmp_pa
         assert [t.name for t in acc.trackers] == started
         assert tracker.run is None  # no W&B run
     finally:
-        tracker.finish()
+        tracking.close_trackers(acc)
         acc.end_training()
     assert acc.trackers == []
 
@@ -93,7 +93,7 @@ def test_wandb_failing_at_start_neither_fails_nor_holds_up_the_run(key, tmp_path
         assert len(said) == 1 and "training continues without it" in said[0], said
         assert acc.trackers == []  # no tracker kept: nothing left for end_training() to fail on
         tracker.log({"train/loss": 1.0}, step=1)
-        tracker.finish()
+        tracking.close_trackers(acc, said.append)
         assert len(said) == 1
     finally:
         acc.end_training()
@@ -132,7 +132,7 @@ def test_a_tensorboard_that_cannot_write_costs_one_line_and_no_traceback(tmp_pat
     try:
         for step in (1, 2, 3):
             tracker.log({"train/loss": 1.0}, step=step)
-        tracker.finish()
+        tracking.close_trackers(acc, said.append)
     finally:
         acc.end_training()
     assert [line.split(" (")[0] for line in said] == ["TensorBoard log failed at step 1", "TensorBoard did not close cleanly"]

@@ -296,7 +296,7 @@ def interpolate(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `vae-dist` and `python -m vae_dist`."""
-    from vae_dist.training.distributed import Preempted, launch_env, lost_process, lost_process_line
+    from vae_dist.training.distributed import Preempted, launch_env, lost_process_line
     from vae_dist.training.runtime import out_of_memory_line
     open_standard_streams()
     try:
@@ -311,13 +311,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except Preempted as e:
         if launch_env()[0] == 0:  # checked when the run started
-            print_err(e.line)
+            print_err(str(e))
         sys.exit(128 + e.signum)
     except (KeyboardInterrupt, typer.Abort):
         print_err("interrupted")
         sys.exit(130)
     except (RuntimeError, MemoryError) as e:  # torch's: a lost peer or memory is one line, anything else its traceback
-        line = lost_process_line(e) if lost_process(e) else out_of_memory_line(e)
+        line = lost_process_line(e) or out_of_memory_line(e)
         if line is None:
             raise
         print_err(f"error: {one_line(line)}")

@@ -1,6 +1,5 @@
-"""No rank left hanging: a stop signal as a request every rank honours together (SIGTERM, SIGINT, SIGHUP), work
-the main process does alone shared with every rank, its error included, so none waits at a barrier for a failed one,
-and the processes' meeting bounded in time, from a launcher's environment that vae_dist follows entirely."""
+"""No rank left hanging: stop signals as a request every rank honours together, work the main process does alone
+shared with every rank (its error included), and the processes' meeting bounded in time, as the launcher set it."""
 
 from __future__ import annotations
 
@@ -23,52 +22,40 @@ from vae_dist.run.fileio import print_err, print_out
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # the wait for the others, and any collective (not torch's 30 minutes)
-# The ACCELERATE_* settings vae_dist follows: `accelerate launch`'s --cpu, --mixed_precision (checked by the trainer),
-# --debug, --enable_cpu_affinity, Accelerate's log output, and how --compile compiles (its mode, e.g. reduce-overhead
-# for CUDA graphs, full graph, dynamic shapes). Any other would change the run behind config.json's back (gradient
-# accumulation, DeepSpeed, FSDP, Megatron-LM, a dynamo backend without --compile, ...) or fail in a traceback:
-# refused unless off, as the launcher sets those it always exports (ACCELERATE_DYNAMO_BACKEND=NO, ...).
+# The ACCELERATE_* settings followed: `accelerate launch`'s --cpu, --mixed_precision (checked by the trainer), --debug,
+# --enable_cpu_affinity, log output, and how --compile compiles. Any other (gradient accumulation, DeepSpeed, FSDP, a
+# dynamo backend without --compile, ...) would change the run behind config.json's back: refused unless off.
 FOLLOWED_ENV = ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DEBUG_MODE", "ACCELERATE_CPU_AFFINITY",
                 "ACCELERATE_LOG_LEVEL", "ACCELERATE_ENABLE_RICH", "ACCELERATE_DYNAMO_MODE",
                 "ACCELERATE_DYNAMO_USE_FULLGRAPH", "ACCELERATE_DYNAMO_USE_DYNAMIC")
-OFF_VALUES = ("", "no", "false", "default")
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:  # a rank that only learned of a stop from the others carries 0
-        return f"signal {signum}"
+OFF_VALUES = ("", "no", "false", "default")  # the launcher always exports some (ACCELERATE_DYNAMO_BACKEND=NO, ...)
 
 
 class Preempted(Exception):
     """Raised on every rank once the run is checkpointed for a stop request. ``finished``: the stop came
-    after training; ``checkpoint`` is then the complete model file, and there is nothing to resume."""
+    after training; ``checkpoint`` is then the complete model file, and there is nothing to resume.
+    No ``checkpoint``: a stop during the set-up, raised at once on the rank that got it; nothing was trained."""
 
     def __init__(self, signum: int, checkpoint: str = "", finished: bool = False):
         super().__init__(signum, checkpoint, finished)  # all of them: it is pickled between ranks (on_main_then_share)
         self.signum, self.checkpoint, self.finished = signum, checkpoint, finished
 
     def __str__(self) -> str:  # the one line the CLI prints for it (on rank 0)
-        name = signal_name(self.signum)
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:  # a rank that only learned of a stop from the others carries 0
+            name = f"signal {self.signum}"
+        if not self.checkpoint:
+            return f"stopped by {name} before the first training step; nothing was trained: run the same command " \
+                   "again to start."
         if self.finished:
             return f"stopped by {name} after training finished; {self.checkpoint} is complete, nothing to resume."
         return f"stopped by {name}; checkpoint {self.checkpoint} is complete. Continue with the same command plus " \
                "--resume."
 
-    line = property(lambda self: str(self))
-
-
-class StoppedBeforeStart(Preempted):
-    """A stop during the set-up: nothing was trained or checkpointed; raised at once, on the rank that got it."""
-
-    def __str__(self) -> str:
-        return (f"stopped by {signal_name(self.signum)} before the first training step; nothing was trained: "
-                "run the same command again to start.")
-
 
 class StopRequest:
-    """While entered, STOP_SIGNALS set ``signum`` (or raise StoppedBeforeStart while ``at_once``); the loop
+    """While entered, STOP_SIGNALS set ``signum`` (or raise Preempted while ``at_once``); the loop
     checkpoints after its step and the CLI exits 128 + the signal. A second SIGINT stops at once."""
 
     def __init__(self, *, at_once: bool = False) -> None:
@@ -76,13 +63,9 @@ class StopRequest:
         self.at_once = at_once
         self._previous: dict[int, Any] = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def _handle(self, signum: int, frame: Any) -> None:
         if self.at_once:
-            raise StoppedBeforeStart(signum)
+            raise Preempted(signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
@@ -153,15 +136,12 @@ def main_print(accelerator: Accelerator) -> Callable[[str], None]:
     return lambda message: print_out(message, required=False) if accelerator.is_main_process else None
 
 
-def lost_process(e: BaseException) -> bool:
-    """Whether ``e`` is a collective or the store failing because another process of the run died or cannot
-    be reached: torch's DistError types, or gloo's RuntimeError naming its transport ("gloo/transport/...")."""
-    return isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)) or \
-        isinstance(e, RuntimeError) and "gloo/transport/" in str(e)
-
-
-def lost_process_line(e: BaseException) -> str:
-    """The one line for a ``lost_process`` error: what happened, its cause, what to do."""
+def lost_process_line(e: BaseException) -> Optional[str]:
+    """The one line for a collective or the store failing because another process of the run died or cannot be
+    reached (torch's DistError types, or gloo's RuntimeError naming its transport); None for any other error."""
+    if not (isinstance(e, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError))
+            or isinstance(e, RuntimeError) and "gloo/transport/" in str(e)):
+        return None
     cause = re.sub(r"^\[[^\]]*\]\s*", "", errors.first_line(e))  # gloo's "[file.cc:561] " prefix
     cause = cause.split(". ")[0].rstrip(".")  # before gloo's and NCCL's generic advice
     return (f"another process of this run stopped or cannot be reached ({cause}); start the run again on every "
@@ -197,7 +177,7 @@ def join_processes(cpu: bool) -> None:
         # defaults: a timeout of NCCL's 10 minutes was dropped, and gloo waited torch's 30.
         PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
     except RuntimeError as e:
-        if not lost_process(e):
+        if lost_process_line(e) is None:
             raise
         raise errors.VaeDistError(f"rank {rank}: the {world} processes of this run did not all meet at {where} "
                                   f"({errors.first_line(e).rstrip('.')}); start each of them within {minutes} of the "

@@ -13,7 +13,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
-from torch import nn
 from torch.utils.data import DataLoader
 
 from vae_dist.config import TrainingConfig
@@ -102,7 +101,6 @@ class Learner:
         self.acc, self.config, self.artifact_dir = accelerator, config, artifact_dir
         self.tracker, self.checkpointer, self.on_epoch_end = tracker, checkpointer, on_epoch_end
         self.family = model  # the unwrapped model: its protocol (terms, noise, prior)
-        self.sampler = train_loader.sampler  # the order is a function of (seed, epoch)
         self.train_images = train_loader.dataset.images  # type: ignore[attr-defined]  # what fit_prior sees
         self.train_labels = train_loader.dataset.labels  # type: ignore[attr-defined]  # a conditional model's
         prepared = accelerator.prepare(model, optimizer, train_loader, valid_loader)
@@ -115,9 +113,9 @@ class Learner:
         self.position = Position.start(run_id, accelerator.num_processes, config, len(model.TERMS))
         self.meter = TrainMeter(accelerator.device, len(model.TERMS))
 
-    def fit(self, stop: Optional[StopRequest] = None) -> nn.Module:
-        """Train for ``config.epochs`` (or ``max_steps``); returns the unwrapped model. ``stop``: a
-        StopRequest the caller keeps past this call (a stop after the last step is still seen)."""
+    def fit(self, stop: Optional[StopRequest] = None) -> None:
+        """Train for ``config.epochs`` (or ``max_steps``). ``stop``: a StopRequest the caller keeps past this
+        call (a stop after the last step is still seen)."""
         cfg, pos, acc = self.config, self.position, self.acc
         if self._max_steps_reached() and (not pos.history or pos.history[-1].get("step") != pos.global_step):
             # Resumed at max_steps with no row for this step (a stop's checkpoint): end the epoch as max_steps would.
@@ -134,11 +132,7 @@ class Learner:
                     batches = faults.inject(batches, acc.process_index, pos.global_step)
                 try:
                     for images, index in batches:
-                        if coins is not None:  # dynamic binarization: this epoch's draw of each sample
-                            images = keyed.apply(images, coins.index_select(0, index))
-                        labels = None if self.train_labels is None else self.train_labels.index_select(0, index)
-                        self._train_step(images, None if epoch_noise is None else epoch_noise.index_select(0, index),
-                                         labels)
+                        self._train_step(images, index, epoch_noise, coins)
                         pos.global_step += 1
                         pos.batches_done += 1
                         progress.step()
@@ -160,7 +154,6 @@ class Learner:
                     progress.close()  # also on errors, so the message does not land on the bar's line
                 epoch_noise = coins = None  # freed before the next epoch draws its own (N x K x latent)
                 self._end_epoch()
-        return self.family  # the module the prepared one wraps (see evaluate.validate)
 
     def _progress(self) -> Progress:
         """This epoch's progress, with the run's steps left and its validations to come (at the last one's time)."""
@@ -172,10 +165,13 @@ class Learner:
         return Progress(f"epoch {pos.epoch + 1}/{cfg.epochs}", per_epoch, pos.batches_done, self.acc.is_main_process,
                         steps, validations * (pos.history[-1]["valid_seconds"] if pos.history else 0.0))
 
-    def _train_step(self, images: torch.Tensor, step_noise: Optional[torch.Tensor],
-                    labels: Optional[torch.Tensor] = None) -> None:
-        """Forward (the family's objective), backward, clip, Adam step at the schedule's rate."""
+    def _train_step(self, images: torch.Tensor, index: torch.Tensor, epoch_noise: Optional[torch.Tensor],
+                    coins: Optional[torch.Tensor]) -> None:
+        """Forward (the family's objective; noise, coins and labels looked up by sample index), backward, clip, Adam."""
         cfg, pos = self.config, self.position
+        if coins is not None:  # dynamic binarization: this epoch's draw of each sample
+            images = keyed.apply(images, coins.index_select(0, index))
+        step_noise, labels = (None if t is None else t.index_select(0, index) for t in (epoch_noise, self.train_labels))
         terms = self.model(images, step_noise, kl_weight=self._kl_weight(), labels=labels).terms
         loss = terms["loss"].mean()
         self.acc.backward(loss)
@@ -215,8 +211,7 @@ class Learner:
         """Set the epoch's order and start its sums. Returns its per-sample noise, (N, L) or (N, K, L), and
         binarization coins (dynamic binarization only), indexed by the sample's position in the dataset."""
         cfg, pos, device, (n, *shape) = self.config, self.position, self.acc.device, self.train_images.shape
-        self.sampler.set_epoch(pos.epoch)  # type: ignore[attr-defined]
-        self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]
+        self.train_loader.set_epoch(pos.epoch)  # type: ignore[attr-defined]  # reaches the sampler: its order
         # A resumed partial epoch's sums (already reduced over ranks) are carried by rank 0.
         self.meter.start_epoch(pos.train_sums if pos.batches_done and self.acc.is_main_process else None)
         table = noise(TRAIN_NOISE, cfg.seed, pos.epoch, n, self.family.noise_shape(cfg.loss.iw_samples))
@@ -229,9 +224,6 @@ class Learner:
 
     def _max_steps_reached(self) -> bool:
         return self.config.max_steps is not None and self.position.global_step >= self.config.max_steps
-
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t.clone(), reduction="sum") if self.acc.num_processes > 1 else t
 
     def _finite_weights(self) -> torch.Tensor:
         """() bool on the device. The largest |w| of each tensor: one fused kernel, and exact where a sum of
@@ -252,7 +244,7 @@ class Learner:
 
     def _log_train(self, progress: Progress) -> None:
         self._check_finite()
-        objective, count = self._reduce(self.meter.take_interval()).tolist()
+        objective, count = self.acc.reduce(self.meter.take_interval(), reduction="sum").tolist()
         loss = objective / max(count, 1.0)
         progress.report(loss, self.meter.samples / self.meter.seconds())  # a report follows a step: seconds > 0
         self.tracker.log({"train/step_loss": loss}, step=self.position.global_step)
@@ -260,7 +252,7 @@ class Learner:
     def _checkpoint_state(self) -> Position:
         """The position to save, with the partial epoch's sums reduced over ranks. Collective."""
         self._check_finite()
-        self.position.train_sums = [float(v) for v in self._reduce(self.meter.totals()).tolist()]
+        self.position.train_sums = [float(v) for v in self.acc.reduce(self.meter.totals(), reduction="sum").tolist()]
         return self.position
 
     def _save(self) -> Path:
@@ -273,7 +265,7 @@ class Learner:
         if not epoch_done and not self._max_steps_reached():  # else the same epoch would loop for ever
             raise TrainingError(f"the training loader ended after {pos.batches_done} of {self.steps_per_epoch} batches")
         self._check_finite()
-        *sums, count = self._reduce(self.meter.totals()).tolist()
+        *sums, count = self.acc.reduce(self.meter.totals(), reduction="sum").tolist()
         train_seconds = self.meter.seconds()
         self.family.fit_prior(self.train_images.split(self.config.data.eval_batch_size))
         valid = validate(acc, self.model, self.valid_loader, self.valid_noise, self.family)

@@ -1,6 +1,5 @@
-"""What the machine gives a run: process-wide CPU settings, applied by the entry point (the CLI, the benchmarks)
-before any tensor work, and the memory a config's tables need, checked before the run starts (a K-sample noise
-table can be tens of GB: the one line names the option to lower and both sizes)."""
+"""What the machine gives a run: process-wide CPU settings, applied by the entry point before any tensor work, and
+the memory a config's tables need, checked before the run starts (a K-sample noise table can be tens of GB)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import psutil  # an Accelerate dependency
 import torch
 
 from vae_dist import models
-from vae_dist.config import TrainingConfig, options
+from vae_dist.config import TrainingConfig
 from vae_dist.errors import ConfigError, first_line
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -100,26 +99,24 @@ def out_of_memory_line(e: BaseException) -> Optional[str]:
             "--limit-train-samples, or give the process more memory")
 
 
-def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device: torch.device,
-                 local_processes: Optional[int] = None) -> None:
+def check_memory(config: TrainingConfig, num_train: int, num_valid: int, device: torch.device) -> None:
     """ConfigError naming the option to lower when the run will not fit. On the CPU each process of this
-    machine (default: LOCAL_WORLD_SIZE) holds its own tables in the same memory."""
+    machine (LOCAL_WORLD_SIZE) holds its own tables in the same memory."""
     # (what, the option that sizes it, bytes) one process holds at once: an epoch's noise table (N x the family's
     # noise_shape(K)), the training images (float32, uint8 and the coins), the test images and noise, a step's output
     # and its gradient.
-    flag = {o.dotted: o.flag for o in options()}
     k = config.loss.iw_samples
     with torch.device("meta"):  # the family's own noise per image, with no weights allocated
         model = models.build(config)
     per_image, latent = math.prod(model.noise_shape(k)), math.prod(model.noise_shape(1))
     pixels = math.prod(config.model.image_shape)
-    need = [("the noise table", flag["loss.iw_samples" if k > 1 else "data.limit_train_samples"],
+    need = [("the noise table", "--iw-train-samples" if k > 1 else "--limit-train-samples",
              num_train * per_image * FLOAT),
-            ("the training images", flag["data.limit_train_samples"],
+            ("the training images", "--limit-train-samples",
              num_train * pixels * (FLOAT + 1 + (2 if config.data.binarize == "dynamic" else 0))),
             ("the test images", "--limit-eval-samples", num_valid * (pixels * (FLOAT + 1) + latent * FLOAT)),
-            ("a step's output", flag["data.batch_size"], 2 * config.data.batch_size * k * pixels * FLOAT)]
-    share = 1 if device.type == "cuda" else max(1, local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            ("a step's output", "--batch-size", 2 * config.data.batch_size * k * pixels * FLOAT)]
+    share = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     total, free = sum(n for _, _, n in need) * share, available_memory(device)
     if total > free:
         what, option, biggest = max(need, key=lambda item: item[2])

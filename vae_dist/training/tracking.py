@@ -1,7 +1,5 @@
-"""What a run shows. Progress: a live bar on a terminal, else a line every few seconds (a log file under SLURM, CI or
-nohup would fill with redrawn bars); the end-of-run summary table; and the ``--report-to`` trackers (W&B, TensorBoard)
-through Accelerate's tracker classes, on the main process only: a bounded start, every failure one printed line,
-training never stopped by one."""
+"""What a run shows: progress (a live bar on a terminal, else a line every few seconds), the summary table, and the
+``--report-to`` trackers (W&B, TensorBoard) on the main process: a bounded start, each failure one line, never fatal."""
 
 from __future__ import annotations
 
@@ -207,9 +205,6 @@ class Tracker:
             self.run.log_artifact(artifact)
         except Exception as e:
             self.say(f"W&B: the model artifact or summary was not logged ({_why(e)}); the model is saved")
-
-    def finish(self) -> None:
-        close_trackers(self.accelerator, self.say)  # not end_training(): the process group is still needed
 
 
 class Progress:

@@ -220,7 +220,7 @@ def export(acc: Accelerator, config: TrainingConfig, learner: Learner, tracker: 
         history, last = learner.position.history, learner.position.results()
         modelfile.save_model_file(path, state, config, results=last)
         tracker.record_results(path, config, history, last)
-        tracker.finish()
+        close_trackers(acc, say)  # not end_training(): the process group is still needed
         try:
             images.save_loss_curves(history, root / folder.LOSS_CURVES)
         except OSError as e:  # the model is saved: a picture is not worth failing the run
