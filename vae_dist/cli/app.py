@@ -59,16 +59,6 @@ def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any
     return TrainingConfig.from_dict(merge(base, overrides))
 
 
-class Command(typer.core.TyperCommand):
-    """A flag takes no value: no <bool> after any, Typer's own --help included."""
-
-    def get_params(self, ctx: typer.Context) -> list:
-        params = super().get_params(ctx)
-        for p in filter(lambda p: getattr(p, "is_flag", False), params):
-            p.metavar = ""
-        return params
-
-
 def _keyword(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
@@ -328,4 +318,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 for _command in (train, evaluate, sample, reconstruct, interpolate):
-    app.command(cls=Command)(_command)
+    app.command()(_command)
