@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import typing
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -69,9 +68,6 @@ def _parameter(o: Option) -> inspect.Parameter:
     default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
     if ann is bool:
         decls = [f"{o.flag}/--no-{o.flag[2:]}"]
-    elif typing.get_origin(ann) is typing.Literal:
-        choices = {v: v for v in typing.get_args(ann)}
-        ann = Enum(o.dotted.title().replace(".", ""), choices, type=str)  # type: ignore[misc]
     elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
         ann, extra = str, {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
     shown = o.shown if o.shown is not None else default is not None
@@ -88,9 +84,7 @@ def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
         if ctx.get_parameter_source(name).name in ("DEFAULT", "DEFAULT_MAP"):
             continue
         value, inner = values[name], (typing.get_args(o.annotation) or (None,))[0]
-        if isinstance(value, Enum):
-            value = value.value
-        elif typing.get_origin(o.annotation) is tuple and typing.get_origin(inner) is not typing.Literal:
+        if typing.get_origin(o.annotation) is tuple and typing.get_origin(inner) is not typing.Literal:
             item = typing.get_args(inner)[0]  # "16,32" -> [16, 32]; a tuple of names (report_to) splits its own text
             try:
                 value = [item(v) for v in value.split(",")]
