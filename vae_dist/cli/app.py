@@ -68,30 +68,23 @@ def _parameter(o: Option) -> inspect.Parameter:
     default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
     if ann is bool:
         decls = [f"{o.flag}/--no-{o.flag[2:]}"]
-    elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
-        ann, extra = str, {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
+    elif typing.get_origin(ann) is tuple:  # "16,32"
+        inner = typing.get_args(ann)[0]
+        extra = {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
+        if typing.get_origin(inner) is not typing.Literal:  # a tuple of names (report_to) splits its own text
+            extra["parser"] = functools.partial(_numbers, o.flag, typing.get_args(inner)[0])  # Annotated[int, ...]
+        ann = str
     shown = o.shown if o.shown is not None else default is not None
     option = typer.Option(default, *decls, help=o.help, show_default=shown, **extra)
     return _keyword(o.dotted.replace(".", "__"), Optional[ann], option)
 
 
-def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The options given, as {dotted field name: value}; one left at its default is not given, so the config
-    file's value, or the resumed run's, stays."""
-    out = {}
-    for o in options():
-        name = o.dotted.replace(".", "__")
-        if ctx.get_parameter_source(name).name in ("DEFAULT", "DEFAULT_MAP"):
-            continue
-        value, inner = values[name], (typing.get_args(o.annotation) or (None,))[0]
-        if typing.get_origin(o.annotation) is tuple and typing.get_origin(inner) is not typing.Literal:
-            item = typing.get_args(inner)[0]  # "16,32" -> [16, 32]; a tuple of names (report_to) splits its own text
-            try:
-                value = [item(v) for v in value.split(",")]
-            except ValueError:
-                raise ConfigError(f"{o.flag} takes {item.__name__}s separated by commas (got {value!r})") from None
-        out[o.dotted] = value
-    return out
+def _numbers(flag: str, item: type, text: str) -> list[Any]:
+    """"16,32" -> [16, 32]."""
+    try:
+        return [item(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} takes {item.__name__}s separated by commas (got {text!r})") from None
 
 
 def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,8 +102,11 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ]
 
     @functools.wraps(fn)
-    def command(ctx: typer.Context, **values: Any) -> Any:
-        return fn(values.pop("config_file"), values.pop("resume"), values.pop("overwrite"), _flags(ctx, values))
+    def command(ctx: typer.Context, config_file: Optional[Path], resume: bool, overwrite: bool, **values: Any) -> Any:
+        # An option left at its default is not given, so the config file's value, or the resumed run's, stays.
+        flags = {name.replace("__", "."): value for name, value in values.items()
+                 if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+        return fn(config_file, resume, overwrite, flags)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
