@@ -211,8 +211,8 @@ def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Opt
     """The model, where its picture goes, the whole test split (floats in [0, 1]) and a conditional model's labels."""
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import test_split
-    model = load(artifact_dir)  # limit 0: the whole test split, not the slice the model was validated on
-    images, labels, _ = test_split(model.config, data_dir, 0)  # 0: all of them
+    model = load(artifact_dir)
+    images, labels, _ = test_split(model.config, data_dir, 0)  # 0: the whole split, not the slice validated on
     return model, _output_path(artifact_dir, out, default_name), images.float().div(255.0), labels
 
 
@@ -251,7 +251,8 @@ def reconstruct(
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
     x, nrow = test[:num], min(8, num)
-    _save(side_by_side(x, model.reconstruct(x, None if labels is None else labels[:num]), nrow), target, nrow, SIDE_BY_SIDE)
+    decoded = model.reconstruct(x, None if labels is None else labels[:num])
+    _save(side_by_side(x, decoded, nrow), target, nrow, SIDE_BY_SIDE)
 
 
 def interpolate(
