@@ -2,7 +2,7 @@
 real default in --help, each flag setting its field), how a config is built from
 defaults, a file and flags, and bad input as one `error:` line with exit status 2.
 
-Everything runs through ``vae_dist.cli.main`` in this process; real processes only
+Everything runs through ``vae_dist.cli.app.main`` in this process; real processes only
 where the process is the point (the two entry points, a stdout that cannot be written).
 """
 
