@@ -208,6 +208,14 @@ def test_a_section_that_is_not_an_object_is_one_line_even_with_flags(tmp_path, s
             build_config(config, False, flags)
 
 
+def test_a_family_section_that_is_not_an_object_is_one_line_with_its_flag(tmp_path):
+    # The rule holds at every depth: a flag of model.vq_vae does not replace the file's null section.
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"kind": "vq-vae", "vq_vae": None}}))
+    with pytest.raises(ConfigError, match=r"^model\.vq_vae: must be a JSON object, got None"):
+        build_config(config, False, {"model.vq_vae.codebook_size": 64})
+
+
 # --- bad input: one line, exit 2, nothing touched ---------------------------------------------
 
 USER_ERRORS = {

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
-from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
+from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, options, read_config_file
 from vae_dist.errors import ConfigError, VaeDistError, one_line
 from vae_dist.models.protocol import MAX_GENERATOR_SEED, MAX_IMAGES, MAX_IW_SAMPLES
 from vae_dist.run.fileio import checking, flush_or_silence, open_standard_streams, print_err, print_out
@@ -41,21 +41,22 @@ DATA_DIR_HELP = ("Folder of the run's dataset (default: the one used in training
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
     """Defaults <- config file (or, on --resume, the run's config.json) <- ``flags`` ({dotted name: value})."""
-    base: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    overrides: dict[str, Any] = {}
-    for dotted, value in flags.items():
-        *parents, leaf = dotted.split(".")
-        functools.reduce(lambda tree, p: tree.setdefault(p, {}), parents, overrides)[leaf] = value
+    tree: dict[str, Any] = read_config_file(config_file) if config_file else {}
     if resume and not config_file:
-        saved = Path(overrides.get("artifact_dir") or TrainingConfig().artifact_dir).expanduser() / CONFIG_FILE
+        saved = Path(flags.get("artifact_dir") or TrainingConfig().artifact_dir).expanduser() / CONFIG_FILE
         with checking(saved, ConfigError, "the run's config"):
-            base = read_config_file(saved) if saved.is_file() else base
-    for name, value in base.items():  # a section given as null or a string is refused, not merged over
-        if isinstance(overrides.get(name), dict) and not isinstance(value, dict):
-            raise ConfigError(f"{name}: must be a JSON object, got {value!r}")
+            tree = read_config_file(saved) if saved.is_file() else tree
     # Each flag sets its own field: --model keeps the file's latent_size and widths; what neither gives
     # takes the family's defaults (ModelFields).
-    return TrainingConfig.from_dict(merge(base, overrides))
+    for dotted, value in flags.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for depth, name in enumerate(sections, 1):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):  # a section given as null or a string is refused, not merged over
+                raise ConfigError(f"{'.'.join(sections[:depth])}: must be a JSON object, got {node!r}")
+        node[leaf] = value
+    return TrainingConfig.from_dict(tree)
 
 
 def _keyword(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
