@@ -20,15 +20,11 @@ def option(default: Any, help: str, *, flag: Optional[str] = None, resumable: bo
 
 
 class Section(BaseModel):
-    """Base of every section; ``class DataConfig(Section, path="data")`` names ``data.batch_size`` in its errors."""
+    """Base of every section; ``path = "data"`` in a section's body names ``data.batch_size`` in its errors."""
 
     # No infinities or NaN: an infinite rate or weight passes every bound and then trains nothing.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
     path: ClassVar[str] = ""
-
-    def __init_subclass__(cls, path: str = "", **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.path = path or cls.path
 
     @field_validator("*", mode="after")
     @classmethod
