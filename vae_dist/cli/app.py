@@ -89,8 +89,8 @@ def _numbers(flag: str, item: type, text: str) -> list[Any]:
 
 
 def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give ``fn(config_file, resume, overwrite, flags)`` a Typer signature: --config, --resume, --overwrite and
-    one option per config field."""
+    """Give ``fn(config, resume, overwrite)`` a Typer signature: --config, --resume, --overwrite and one option per
+    config field, from which ``build_config`` makes the config."""
     params = [
         _keyword("ctx", typer.Context),
         _keyword("config_file", Optional[Path], typer.Option(None, "--config", help=(
@@ -107,7 +107,7 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         # An option left at its default is not given, so the config file's value, or the resumed run's, stays.
         flags = {name.replace("__", "."): value for name, value in values.items()
                  if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
-        return fn(config_file, resume, overwrite, flags)
+        return fn(build_config(config_file, resume, flags), resume, overwrite)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -115,9 +115,8 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @with_config_options
-def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dict[str, Any]) -> None:
+def train(cfg: TrainingConfig, resume: bool, overwrite: bool) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
-    cfg = build_config(config_file, resume, flags)
     from vae_dist.training import runtime, trainer
     runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
     trainer.train(cfg, resume=resume, overwrite=overwrite)
@@ -126,8 +125,7 @@ def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dic
 @functools.cache
 def _config_parser() -> Any:  # built once: a parse is then a fraction of the build's cost
     parser = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    parser.command()(with_config_options(lambda config_file, resume, _, flags: build_config(config_file, resume,
-                                                                                             flags)))
+    parser.command()(with_config_options(lambda config, resume, overwrite: config))
     return typer.main.get_command(parser)
 
 
