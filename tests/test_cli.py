@@ -2,7 +2,7 @@
 real default in --help, each flag setting its field), how a config is built from
 defaults, a file and flags, and bad input as one `error:` line with exit status 2.
 
-Everything runs through ``vae_dist.cli.main`` in this process; real processes only
+Everything runs through ``vae_dist.cli.app.main`` in this process; real processes only
 where the process is the point (the two entry points, a stdout that cannot be written).
 """
 
@@ -206,6 +206,14 @@ def test_a_section_that_is_not_an_object_is_one_line_even_with_flags(tmp_path, s
     for flags in ({"model.kind": "conv"}, {}):
         with pytest.raises(ConfigError, match="^model: must be a JSON object"):
             build_config(config, False, flags)
+
+
+def test_a_family_section_that_is_not_an_object_is_one_line_with_its_flag(tmp_path):
+    # The rule holds at every depth: a flag of model.vq_vae does not replace the file's null section.
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"kind": "vq-vae", "vq_vae": None}}))
+    with pytest.raises(ConfigError, match=r"^model\.vq_vae: must be a JSON object, got None"):
+        build_config(config, False, {"model.vq_vae.codebook_size": 64})
 
 
 # --- bad input: one line, exit 2, nothing touched ---------------------------------------------

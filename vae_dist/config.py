@@ -39,7 +39,8 @@ def _by_kind(field: str, show: Callable[[Any], str] = str) -> str:
     return ", ".join(f"{name} {show(f.defaults[field])}" for name, f in REGISTRY.items() if field in f.defaults)
 
 
-class ModelFields(Section, path="model"):
+class ModelFields(Section):
+    path = "model"
     kind: Literal[tuple(REGISTRY)] = option(  # type: ignore[valid-type]
         "deep-mlp", "Model: " + "; ".join(dict.fromkeys(f.help for f in REGISTRY.values())) + ".", flag="--model")
     latent_size: Optional[int] = option(None, "Latent dimensions.", shown=_by_kind("latent_size"), ge=1, le=4096)
@@ -75,7 +76,8 @@ ModelConfig = create_model("ModelConfig", __base__=ModelFields, **{  # type: ign
 })
 
 
-class OptimizerConfig(Section, path="optimizer"):
+class OptimizerConfig(Section):
+    path = "optimizer"
     learning_rate: float = option(2e-3, "Adam step size (the peak of a schedule).", gt=0.0)
     betas: tuple[Beta, Beta] = option((0.9, 0.999), "Adam's moment decay rates, e.g. 0.9,0.999.", strict=False)
     eps: float = option(1e-8, "Adam's denominator guard.", gt=0.0)
@@ -90,7 +92,8 @@ class OptimizerConfig(Section, path="optimizer"):
     warmup_epochs: float = option(0.1, "Linear learning-rate warm-up of the cosine schedule, in epochs.", ge=0.0)
 
 
-class DataConfig(Section, path="data"):
+class DataConfig(Section):
+    path = "data"
     dataset: DatasetName = option("mnist", "The images: IDX files from --data-dir, else downloaded by torchvision; "
                                   "npy = your own train.npy and test.npy in --data-dir (see README).")
     data_dir: Optional[str] = option(None, "Folder with the dataset's four IDX files (gzipped or not, flat or under "
@@ -120,7 +123,8 @@ class DataConfig(Section, path="data"):
         return str(Path(os.path.expanduser(value)).absolute()) if value else None
 
 
-class LossConfig(Section, path="loss"):
+class LossConfig(Section):
+    path = "loss"
     recon_loss: Literal["bce", "mse"] = option(
         "bce", "Likelihood: bce = Bernoulli; mse = Gaussian with unit variance (up to a constant).")
     kl_weight: float = option(1.0, "Weight of the KL term (1 is the true ELBO; beta-VAE uses > 1).", ge=0.0)

@@ -20,29 +20,21 @@ def option(default: Any, help: str, *, flag: Optional[str] = None, resumable: bo
 
 
 class Section(BaseModel):
-    """Base of every section; ``class DataConfig(Section, path="data")`` names ``data.batch_size`` in its errors."""
+    """Base of every section; ``path = "data"`` in a section's body names ``data.batch_size`` in its errors."""
 
     # No infinities or NaN: an infinite rate or weight passes every bound and then trains nothing.
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
     path: ClassVar[str] = ""
 
-    def __init_subclass__(cls, path: str = "", **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.path = path or cls.path
-
     @field_validator("*", mode="after")
     @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        if isinstance(value, str) and "\x00" in value:  # the OS refuses it with a ValueError of its own
-            raise ValueError("must not contain a NUL byte")
-        return value
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _float32(cls, value: Any) -> Any:
-        # Rates, weights and guards are applied in float32, and the trainer flushes subnormals to zero: a value
-        # float32 cannot hold would act as 0 or infinity.
+    def _holdable(cls, value: Any) -> Any:
+        # What the layers below cannot hold: a NUL byte (the OS refuses it with a ValueError of its own), and a float
+        # outside float32's normal range (rates, weights and guards are applied in float32, subnormals flushed to
+        # zero: it would act as 0 or infinity).
         for x in value if isinstance(value, tuple) else (value,):
+            if isinstance(x, str) and "\x00" in x:
+                raise ValueError("must not contain a NUL byte")
             if isinstance(x, float) and 0 < abs(x) < FLOAT32_TINY:
                 raise ValueError(f"{x!r} is below float32's smallest normal number ({FLOAT32_TINY:.4g}) and would act "
                                  "as 0")

@@ -11,14 +11,13 @@ import os
 import re
 import sys
 import typing
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
-from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, merge, options, read_config_file
+from vae_dist.config import CONFIG_FILE, Option, TrainingConfig, options, read_config_file
 from vae_dist.errors import ConfigError, VaeDistError, one_line
 from vae_dist.models.protocol import MAX_GENERATOR_SEED, MAX_IMAGES, MAX_IW_SAMPLES
 from vae_dist.run.fileio import checking, dumps, flush_or_silence, open_standard_streams, print_err, print_out
@@ -42,31 +41,22 @@ DATA_DIR_HELP = ("Folder of the run's dataset (default: the one used in training
 
 def build_config(config_file: Optional[Path], resume: bool, flags: dict[str, Any]) -> TrainingConfig:
     """Defaults <- config file (or, on --resume, the run's config.json) <- ``flags`` ({dotted name: value})."""
-    base: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    overrides: dict[str, Any] = {}
-    for dotted, value in flags.items():
-        *parents, leaf = dotted.split(".")
-        functools.reduce(lambda tree, p: tree.setdefault(p, {}), parents, overrides)[leaf] = value
+    tree: dict[str, Any] = read_config_file(config_file) if config_file else {}
     if resume and not config_file:
-        saved = Path(overrides.get("artifact_dir") or TrainingConfig().artifact_dir).expanduser() / CONFIG_FILE
+        saved = Path(flags.get("artifact_dir") or TrainingConfig().artifact_dir).expanduser() / CONFIG_FILE
         with checking(saved, ConfigError, "the run's config"):
-            base = read_config_file(saved) if saved.is_file() else base
-    for name, value in base.items():  # a section given as null or a string is refused, not merged over
-        if isinstance(overrides.get(name), dict) and not isinstance(value, dict):
-            raise ConfigError(f"{name}: must be a JSON object, got {value!r}")
+            tree = read_config_file(saved) if saved.is_file() else tree
     # Each flag sets its own field: --model keeps the file's latent_size and widths; what neither gives
     # takes the family's defaults (ModelFields).
-    return TrainingConfig.from_dict(merge(base, overrides))
-
-
-class Command(typer.core.TyperCommand):
-    """A flag takes no value: no <bool> after any, Typer's own --help included."""
-
-    def get_params(self, ctx: typer.Context) -> list:
-        params = super().get_params(ctx)
-        for p in filter(lambda p: getattr(p, "is_flag", False), params):
-            p.metavar = ""
-        return params
+    for dotted, value in flags.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for depth, name in enumerate(sections, 1):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):  # a section given as null or a string is refused, not merged over
+                raise ConfigError(f"{'.'.join(sections[:depth])}: must be a JSON object, got {node!r}")
+        node[leaf] = value
+    return TrainingConfig.from_dict(tree)
 
 
 def _keyword(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
@@ -79,40 +69,28 @@ def _parameter(o: Option) -> inspect.Parameter:
     default = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
     if ann is bool:
         decls = [f"{o.flag}/--no-{o.flag[2:]}"]
-    elif typing.get_origin(ann) is typing.Literal:
-        choices = {v: v for v in typing.get_args(ann)}
-        ann = Enum(o.dotted.title().replace(".", ""), choices, type=str)  # type: ignore[misc]
-    elif typing.get_origin(ann) is tuple:  # "16,32", split by _flags
-        ann, extra = str, {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
+    elif typing.get_origin(ann) is tuple:  # "16,32"
+        inner = typing.get_args(ann)[0]
+        extra = {"metavar": "A,B,..." if Ellipsis in typing.get_args(ann) else "A,B"}
+        if typing.get_origin(inner) is not typing.Literal:  # a tuple of names (report_to) splits its own text
+            extra["parser"] = functools.partial(_numbers, o.flag, typing.get_args(inner)[0])  # Annotated[int, ...]
+        ann = str
     shown = o.shown if o.shown is not None else default is not None
     option = typer.Option(default, *decls, help=o.help, show_default=shown, **extra)
     return _keyword(o.dotted.replace(".", "__"), Optional[ann], option)
 
 
-def _flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The options given, as {dotted field name: value}; one left at its default is not given, so the config
-    file's value, or the resumed run's, stays."""
-    out = {}
-    for o in options():
-        name = o.dotted.replace(".", "__")
-        if ctx.get_parameter_source(name).name in ("DEFAULT", "DEFAULT_MAP"):
-            continue
-        value, inner = values[name], (typing.get_args(o.annotation) or (None,))[0]
-        if isinstance(value, Enum):
-            value = value.value
-        elif typing.get_origin(o.annotation) is tuple and typing.get_origin(inner) is not typing.Literal:
-            item = typing.get_args(inner)[0]  # "16,32" -> [16, 32]; a tuple of names (report_to) splits its own text
-            try:
-                value = [item(v) for v in value.split(",")]
-            except ValueError:
-                raise ConfigError(f"{o.flag} takes {item.__name__}s separated by commas (got {value!r})") from None
-        out[o.dotted] = value
-    return out
+def _numbers(flag: str, item: type, text: str) -> list[Any]:
+    """"16,32" -> [16, 32]."""
+    try:
+        return [item(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} takes {item.__name__}s separated by commas (got {text!r})") from None
 
 
 def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Give ``fn(config_file, resume, overwrite, flags)`` a Typer signature: --config, --resume, --overwrite and
-    one option per config field."""
+    """Give ``fn(config, resume, overwrite)`` a Typer signature: --config, --resume, --overwrite and one option per
+    config field, from which ``build_config`` makes the config."""
     params = [
         _keyword("ctx", typer.Context),
         _keyword("config_file", Optional[Path], typer.Option(None, "--config", help=(
@@ -125,8 +103,11 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ]
 
     @functools.wraps(fn)
-    def command(ctx: typer.Context, **values: Any) -> Any:
-        return fn(values.pop("config_file"), values.pop("resume"), values.pop("overwrite"), _flags(ctx, values))
+    def command(ctx: typer.Context, config_file: Optional[Path], resume: bool, overwrite: bool, **values: Any) -> Any:
+        # An option left at its default is not given, so the config file's value, or the resumed run's, stays.
+        flags = {name.replace("__", "."): value for name, value in values.items()
+                 if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+        return fn(build_config(config_file, resume, flags), resume, overwrite)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -134,9 +115,8 @@ def with_config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @with_config_options
-def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dict[str, Any]) -> None:
+def train(cfg: TrainingConfig, resume: bool, overwrite: bool) -> None:
     """Train a VAE; writes config.json, metrics.jsonl, checkpoints/ and model.safetensors."""
-    cfg = build_config(config_file, resume, flags)
     from vae_dist.training import runtime, trainer
     runtime.prepare_process(cfg.flush_denormal)  # process-wide, so here and before any tensor work
     trainer.train(cfg, resume=resume, overwrite=overwrite)
@@ -145,8 +125,7 @@ def train(config_file: Optional[Path], resume: bool, overwrite: bool, flags: dic
 @functools.cache
 def _config_parser() -> Any:  # built once: a parse is then a fraction of the build's cost
     parser = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    parser.command()(with_config_options(lambda config_file, resume, _, flags: build_config(config_file, resume,
-                                                                                             flags)))
+    parser.command()(with_config_options(lambda config, resume, overwrite: config))
     return typer.main.get_command(parser)
 
 
@@ -231,8 +210,8 @@ def _model_and_test_images(artifact_dir: Path, data_dir: Optional[str], out: Opt
     """The model, where its picture goes, the whole test split (floats in [0, 1]) and a conditional model's labels."""
     from vae_dist.evaluation.api import load
     from vae_dist.evaluation.evaluate import test_split
-    model = load(artifact_dir)  # limit 0: the whole test split, not the slice the model was validated on
-    images, labels, _ = test_split(model.config, data_dir, 0)  # 0: all of them
+    model = load(artifact_dir)
+    images, labels, _ = test_split(model.config, data_dir, 0)  # 0: the whole split, not the slice validated on
     return model, _output_path(artifact_dir, out, default_name), images.float().div(255.0), labels
 
 
@@ -271,7 +250,8 @@ def reconstruct(
     if num > test.shape[0]:
         raise VaeDistError(f"--num {num} is more than the {test.shape[0]} test images")
     x, nrow = test[:num], min(8, num)
-    _save(side_by_side(x, model.reconstruct(x, None if labels is None else labels[:num]), nrow), target, nrow, SIDE_BY_SIDE)
+    decoded = model.reconstruct(x, None if labels is None else labels[:num])
+    _save(side_by_side(x, decoded, nrow), target, nrow, SIDE_BY_SIDE)
 
 
 def interpolate(
@@ -328,4 +308,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 for _command in (train, evaluate, sample, reconstruct, interpolate):
-    app.command(cls=Command)(_command)
+    app.command()(_command)
