@@ -77,4 +77,5 @@ def explain(error: ValidationError, prefix: str = "") -> str:
     if kind == "value_error":
         return f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}"
     what = _WORDS[kind].format(**(e.get("ctx") or {})) if kind in _WORDS else f"must be valid ({e['msg']})"
-    return f"{loc}: {what}, got {got!r}"
+    shown = repr(got)  # a value can be a file's worth: the line quotes its start
+    return f"{loc}: {what}, got {shown if len(shown) <= 80 else shown[:80] + '…'}"
