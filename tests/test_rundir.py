@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -292,10 +293,20 @@ def test_a_marker_without_a_valid_run_id_is_refused_naming_it(run_id, flags, tmp
     assert snapshot(tmp_path) == before
 
 
-def test_a_marker_nested_deeper_than_the_json_parser_goes_is_one_line(tmp_path):
-    (tmp_path / MARKER).write_text("[" * 100_000)
-    with pytest.raises(ArtifactError, match=f"{tmp_path / MARKER} cannot be read"):
-        marker_run_id(tmp_path)
+@pytest.mark.parametrize("make, why", [
+    (lambda p: p.write_text("[" * 100_000), ""),  # nested deeper than the JSON parser goes
+    (lambda p: p.write_text(" " * (2 << 20) + "{}"), "larger than 1,048,576 bytes"),
+    (os.mkfifo, "not a regular file"),  # open() would wait for a writer for ever
+])
+def test_a_marker_that_is_not_a_record_is_one_line_at_once(make, why, tmp_path):
+    make(tmp_path / MARKER)
+    outcome: list[BaseException] = []  # read in a thread, so that a hang fails the test
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ArtifactError, marker_run_id, tmp_path).value),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert outcome and str(outcome[0]).startswith(f"{tmp_path / MARKER} cannot be read")
+    assert str(outcome[0]).endswith(why)
 
 
 @pytest.mark.slow

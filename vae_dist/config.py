@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import re
-import stat
 import sys
 import typing
 from pathlib import Path
@@ -20,11 +19,10 @@ from vae_dist.data.datasets import DATA_DIR_ENV, MAX_CLASSES, MAX_SIDE, DatasetN
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.models import REGISTRY
 from vae_dist.models.gaussian import ACTIVATIONS
-from vae_dist.run.fileio import dumps
+from vae_dist.run.fileio import dumps, read_record
 from vae_dist.schema import Section, option
 
 CONFIG_FILE = "config.json"  # the run's own config, in its artifact folder
-MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; more is not a config (or is /dev/zero)
 MAX_SEED = 2**32 - 1  # numpy's seed (which accelerate.set_seed also sets) is 32 bits
 
 # JSON has no tuples: a field of numbers takes a list (strict=False on it), each item strict (no "3", no true).
@@ -207,17 +205,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     is_yaml = p.suffix.lower() in (".yaml", ".yml")
     try:
-        if not stat.S_ISREG(p.stat().st_mode):  # opening a FIFO would wait for a writer for ever
-            raise ConfigError(f"config file {p} is not a regular file")
-        with p.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: a device file would never end
-        text = raw.decode("utf-8")
+        raw = read_record(p)
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(f"config file {p} cannot be read: {e}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    except ValueError as e:
+        raise ConfigError(f"config file {p} is {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}") from None
     try:
         data = yaml.load(text, Loader=StrictLoader) if is_yaml else json.loads(  # noqa: S506 (a SafeLoader)
             text, object_pairs_hook=functools.partial(_unique_keys, p))

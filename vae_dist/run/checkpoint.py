@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError
 
 from vae_dist.errors import CheckpointError, ConfigError, first_line
-from vae_dist.run.fileio import atomic_write
+from vae_dist.run.fileio import atomic_write, read_record
 from vae_dist.run.folder import RUN_ID, is_run_id
 from vae_dist.run.position import Count, Position
 from vae_dist.training.distributed import any_rank, on_main_then_share
@@ -64,7 +64,7 @@ def rotation_plan(complete: dict[str, int], keep: int) -> list[str]:
 def read_manifest(folder: Path) -> Optional[Manifest]:
     """The manifest of a complete folder whose files all have their recorded sizes, else None (hashes: at load)."""
     try:
-        manifest = Manifest.model_validate_json((folder / MANIFEST).read_bytes())
+        manifest = Manifest.model_validate_json(read_record(folder / MANIFEST))
         intact = all(not (folder / rel).is_symlink() and (folder / rel).stat().st_size == size
                      for rel, size in manifest.files.items())
     except (OSError, ValueError, ConfigError):  # ValidationError is a ValueError; ConfigError: the saved config

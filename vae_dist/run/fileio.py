@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -18,6 +19,21 @@ def dumps(obj: Any, **kw: Any) -> str:
     """JSON as every file and result vae_dist writes holds it: a non-finite number (a diverged metric) is null,
     never the NaN or Infinity that json.dumps writes and JSON readers refuse."""
     return json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), allow_nan=False, **kw)
+
+
+MAX_RECORD_BYTES = 1 << 20  # a config, a run's marker or a manifest is kilobytes; more is not one (or is /dev/zero)
+
+
+def read_record(path: str | os.PathLike[str]) -> bytes:
+    """A small file read whole (a config, a run's marker, a checkpoint's manifest); a ValueError saying why it is not
+    one: a FIFO or device would block the open or never end, and a huge file would fill the memory."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError("not a regular file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECORD_BYTES + 1)
+    if len(raw) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
+    return raw
 
 
 @contextlib.contextmanager

@@ -12,11 +12,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save
 
-from vae_dist.config import MAX_CONFIG_BYTES, TrainingConfig
+from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, VaeDistError, first_line
 from vae_dist.models import build, parameter_count
 from vae_dist.models.protocol import Model
-from vae_dist.run.fileio import checking, dumps
+from vae_dist.run.fileio import MAX_RECORD_BYTES, checking, dumps
 from vae_dist.run.folder import MODEL, write_run_file
 
 MAX_PARAMETERS = 1_000_000_000  # larger models are refused before any memory is allocated for them
@@ -50,8 +50,8 @@ def check_model_size(config: TrainingConfig, where: str, error: type[VaeDistErro
 def _metadata_json(text: str) -> Any:
     """A JSON entry of a model file's metadata. vae_dist writes a few kilobytes, shallow: bounded in size, and nested
     too deeply for the parser (a RecursionError, not a ValueError) is refused as the ValueError of a bad one."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ValueError(f"larger than {MAX_CONFIG_BYTES:,} bytes")
+    if len(text) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
     try:
         return json.loads(text)
     except RecursionError:
