@@ -274,6 +274,18 @@ def test_a_precision_the_run_cannot_train_in_is_one_line_and_creates_nothing(
     assert not art.exists()
 
 
+@pytest.mark.slow  # trains four small runs
+def test_each_run_in_one_process_trains_in_its_own_precision(data_dir, tmp_path, capsys):
+    """Accelerate keeps a run's precision for the process: the run after a bf16 one trained in bf16 unasked (and said
+    so in config.json), or was refused for asking for float32."""
+    for i, (flags, used) in enumerate([(["--mixed-precision", "bf16"], "bf16"), ([], "no"),
+                                       (["--mixed-precision", "bf16"], "bf16"), (["--mixed-precision", "no"], "no")]):
+        art = tmp_path / str(i)
+        tiny = ("--limit-train-samples", "64", "--limit-eval-samples", "32", "--batch-size", "32", "--max-steps", "1")
+        check_ok(main_in_process(small_train_args(data_dir, art, *tiny, *flags), capsys))
+        assert json.loads((art / "config.json").read_text())["mixed_precision"] == used
+
+
 @pytest.mark.slow  # trains a small run
 def test_the_data_folder_comes_from_the_environment_and_is_found_from_any_folder(
     data_dir, tmp_path, capsys, monkeypatch

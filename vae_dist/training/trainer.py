@@ -15,6 +15,7 @@ import torch
 # so imported later (DDP does) they would hold the group until teardown, whose gloo threads can abort a rank.
 import torch.distributed.nn  # noqa: F401
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from vae_dist import models
@@ -129,9 +130,12 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
             raise ConfigError(f"{named}: must be one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise ConfigError(f"{named} needs a GPU; on the CPU use bf16 or no")
+    # Accelerate keeps the precision and the compile backend of the process's first Accelerator: a run after another
+    # in one process (the API, a notebook) would inherit them silently, or be refused for asking for its own.
+    AcceleratorState._reset_state()
     try:
         join_processes(cpu)
-        return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
+        return Accelerator(cpu=cpu, mixed_precision=precision,
                            dynamo_backend="inductor" if config.compile else None)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot set up the accelerator: {first_line(e)}") from None
