@@ -118,6 +118,7 @@ REFUSALS = [
     ({"artifact_dir": ""}, "artifact_dir: must not be empty"),
     ({"data": {"data_dir": ""}}, "data.data_dir: must not be empty"),
     ({"loss": {"iw_samples": 5, "kl_weight": 0.5}}, "loss: the importance-weighted bound has no KL weight"),
+    ({"artifact_dir": "run-\udcff"}, "artifact_dir: must be text (a name whose bytes are not UTF-8"),  # from argv
     ({"seed": "7" * 100_000}, "seed: must be an integer, got '" + "7" * 79 + "…"),  # a file's worth: its start
 ]
 

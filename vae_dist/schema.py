@@ -60,6 +60,7 @@ _WORDS = {
     "too_short": "must have at least {min_length} item(s)", "too_long": "must have at most {max_length} items",
     "int_type": "must be an integer", "float_type": "must be a number", "finite_number": "must be a finite number",
     "bool_type": "must be true or false", "string_type": "must be a string", "model_type": "must be a JSON object",
+    "string_unicode": "must be text (a name whose bytes are not UTF-8 cannot be recorded in config.json)",
 }
 
 
