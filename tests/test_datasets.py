@@ -16,6 +16,7 @@ import shutil
 import resource
 import struct
 import sys
+import threading
 import time
 import types
 import typing
@@ -412,6 +413,14 @@ def test_a_missing_or_endless_npy_file_is_one_data_error(tmp_path):
     (tmp_path / "test.npy").symlink_to("/dev/zero")
     with pytest.raises(DataError, match="is not a regular file"):
         load_split(tmp_path, "test", "npy")
+    (tmp_path / "test.npy").unlink()
+    os.mkfifo(tmp_path / "test.npy")  # open() would wait for a writer for ever: read in a thread, so a hang fails
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(DataError, load_split, tmp_path, "test", "npy").value), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert outcome and str(outcome[0]).endswith("is not a regular file")
 
 
 def test_npy_has_no_download(tmp_path):

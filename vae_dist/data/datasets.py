@@ -152,9 +152,9 @@ def read_npy(path: Path, dataset: str, count: Optional[int] = None) -> torch.Ten
 
     what = f"{dataset} file {path}"
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before the open, which would wait for a FIFO's writer for ever
+            raise DataError(f"{what} is not a regular file")
         with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise DataError(f"{what} is not a regular file")
             version = np.lib.format.read_magic(f)
             length = _read_at_most(f, 2 if version == (1, 0) else 4)  # the header's length field
             if (n := int.from_bytes(length, "little")) > MAX_NPY_HEADER:
