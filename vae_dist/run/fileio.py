@@ -36,6 +36,17 @@ def read_record(path: str | os.PathLike[str]) -> bytes:
     return raw
 
 
+def loads_record(text: str | bytes) -> Any:
+    """A record's JSON (read_record's bytes, a model file's metadata entry), as bounded; nested too deeply for the
+    parser (a RecursionError, not a ValueError) is refused as the ValueError of a bad one."""
+    if len(text) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 @contextlib.contextmanager
 def checking(path: str | os.PathLike[str], error: type[VaeDistError], what: str) -> Iterator[None]:
     """Around the checks of one input path (``is_dir()``, listing...): an OSError is one ``error`` line (pathlib

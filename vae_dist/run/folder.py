@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 
 from vae_dist.config import CONFIG_FILE
 from vae_dist.errors import ArtifactError
-from vae_dist.run.fileio import atomic_write, checking, dumps, print_out, read_record
+from vae_dist.run.fileio import atomic_write, checking, dumps, loads_record, print_out, read_record
 
 MARKER = ".vae_dist"  # proves the folder is vae_dist's, and holds the run's id
 # Held (flock) by a training's main process; never deleted: two processes could then lock two files of one name.
@@ -55,8 +55,8 @@ def marker_run_id(root: Path) -> str:
     try:
         if path.is_symlink():
             raise ArtifactError(f"{path} is a symbolic link; vae_dist never reads or writes through a link")
-        record = json.loads(read_record(path))
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than the parser goes
+        record = loads_record(read_record(path))
+    except (OSError, ValueError) as e:
         raise ArtifactError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     run_id = record.get("run_id") if isinstance(record, dict) else None
     if not is_run_id(run_id):

@@ -4,7 +4,6 @@ so the one file rebuilds the model with no pickle and no config.json beside it."
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -16,7 +15,7 @@ from vae_dist.config import TrainingConfig
 from vae_dist.errors import ArtifactError, ConfigError, VaeDistError, first_line
 from vae_dist.models import build, parameter_count
 from vae_dist.models.protocol import Model
-from vae_dist.run.fileio import MAX_RECORD_BYTES, checking, dumps
+from vae_dist.run.fileio import checking, dumps, loads_record
 from vae_dist.run.folder import MODEL, write_run_file
 
 MAX_PARAMETERS = 1_000_000_000  # larger models are refused before any memory is allocated for them
@@ -45,17 +44,6 @@ def check_model_size(config: TrainingConfig, where: str, error: type[VaeDistErro
         raise error(f"{where}: the model cannot be sized ({e})") from None
     if n > MAX_PARAMETERS:
         raise error(f"{where}: the model would have {n:,} parameters, more than the {MAX_PARAMETERS:,} vae_dist builds")
-
-
-def _metadata_json(text: str) -> Any:
-    """A JSON entry of a model file's metadata. vae_dist writes a few kilobytes, shallow: bounded in size, and nested
-    too deeply for the parser (a RecursionError, not a ValueError) is refused as the ValueError of a bad one."""
-    if len(text) > MAX_RECORD_BYTES:
-        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
 
 
 @contextlib.contextmanager
@@ -88,7 +76,7 @@ def load_model_file(path: str | Path, config: Optional[TrainingConfig] = None) -
             if "vae_dist_config" not in meta:
                 raise ArtifactError(f"model file {p} was not written by vae_dist (no config in its metadata)")
             try:
-                config = TrainingConfig.from_dict(_metadata_json(meta["vae_dist_config"]))
+                config = TrainingConfig.from_dict(loads_record(meta["vae_dist_config"]))
             except (ValueError, ConfigError, RecursionError) as e:  # JSONDecodeError is a ValueError
                 why = first_line(e) or type(e).__name__
                 raise ArtifactError(f"model file {p} carries an unreadable config: {why}") from None
@@ -116,7 +104,7 @@ def model_results(path: str | Path) -> dict[str, Any]:
     with _reading(path) as (p, f):
         text = (f.metadata() or {}).get("vae_dist_results", "{}")
     try:
-        results = _metadata_json(text)
+        results = loads_record(text)
         if not isinstance(results, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:  # JSONDecodeError is a ValueError
